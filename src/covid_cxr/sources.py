@@ -1,0 +1,395 @@
+"""Adapters from each public chest X-ray source's own layout to covid-cxr's rows.
+
+Each reader returns a :class:`SourceRead`: one row per image it keeps (columns
+:data:`SOURCE_COLUMNS`) and one record per file or metadata row it does not use, with
+the reason. Nothing is dropped silently. Labels are mapped onto :data:`LABELS`; the
+source's own wording is kept in ``finding``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from covid_cxr.errors import SourceError
+from covid_cxr.images import is_image_file
+
+log = logging.getLogger(__name__)
+
+LABELS = ("normal", "covid", "pneumonia", "other")
+"""Labels a source row can carry in the manifest."""
+
+SOURCE_COLUMNS = ["path", "label", "finding", "source", "patient_id", "view", "source_split"]
+
+FRONTAL_VIEWS = {"pa", "ap", "ap supine", "ap semi erect", "ap erect", "ap semi-erect", "pa erect"}
+NON_FRONTAL_VIEWS = {"l", "lateral", "ll", "rl", "axial", "coronal", "sagittal"}
+
+_PNEUMONIA_WORDS = ("pneumonia", "bacteria", "viral", "virus", "streptococcus", "klebsiella", "e.coli",
+                    "legionella", "mycoplasma", "pneumocystis", "influenza", "varicella", "sars", "mers",
+                    "chlamydophila", "nocardia", "aspergillosis", "herpes", "staphylococcus")
+
+
+@dataclass
+class SourceRead:
+    """What a reader found in one source folder."""
+
+    source: str
+    images: pd.DataFrame
+    dropped: list[dict] = field(default_factory=list)
+    """One dict per unused file or metadata row: ``{"source", "item", "reason"}``."""
+    notes: list[str] = field(default_factory=list)
+    """Facts a user must know about this source (printed in the ingest report)."""
+
+    def drop(self, item: str | Path, reason: str) -> None:
+        self.dropped.append({"source": self.source, "item": str(item), "reason": reason})
+
+
+def label_from_finding(finding: str) -> str | None:
+    """Map a source's finding text onto :data:`LABELS`; None when the row is unlabelled."""
+    f = " ".join(str(finding).split()).lower()
+    if f in ("", "nan", "todo", "none", "unknown"):
+        return None
+    if "covid-19" in f or "covid19" in f or "sars-cov-2" in f:
+        return "covid"
+    if f in ("no finding", "normal"):
+        return "normal"
+    if any(word in f for word in _PNEUMONIA_WORDS):
+        return "pneumonia"
+    return "other"
+
+
+def view_kind(view: str) -> str:
+    """'frontal', 'non-frontal' or 'unknown' for a view string such as 'AP Supine' or 'L'."""
+    v = " ".join(str(view).replace("_", " ").split()).lower()
+    if v in ("", "nan"):
+        return "unknown"
+    if v in FRONTAL_VIEWS:
+        return "frontal"
+    if v in NON_FRONTAL_VIEWS:
+        return "non-frontal"
+    return "unknown"
+
+
+def read_metadata_csv(path: Path, required: list[str]) -> tuple[pd.DataFrame, str]:
+    """Read a metadata CSV as strings, trying UTF-8 then Windows-1252. Returns (frame, encoding).
+
+    Raises:
+        SourceError: the file is missing or lacks a required column.
+    """
+    if not path.is_file():
+        raise SourceError(f"{path} not found: point --source at the folder that holds the source's metadata.csv")
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:  # pragma: no cover - cp1252 decodes almost anything
+        raise SourceError(f"{path}: cannot decode as UTF-8 or Windows-1252")
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise SourceError(f"{path} has no column {', '.join(repr(m) for m in missing)} "
+                          f"(columns: {', '.join(c for c in df.columns if c)}); is this the right source's metadata.csv?")
+    return df, encoding
+
+
+def _require_dir(root: Path, what: str) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise SourceError(f"{what} folder {root} does not exist; pass --source NAME=PATH with the unpacked download")
+    return root.resolve()
+
+
+def _frame(rows: list[dict], source: str) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=SOURCE_COLUMNS)
+    df["source"] = source
+    return df
+
+
+def _read_metadata_source(root: Path, source: str, image_column: str | None,
+                          resolve: Callable[[Path, dict], Path | None], extra_required: list[str]) -> SourceRead:
+    """Shared logic of the Cohen-style sources (Cohen, Actualmed, Figure1)."""
+    root = _require_dir(root, source)
+    meta = root / "metadata.csv"
+    required = ["patientid", "finding", "view", "modality"] + extra_required
+    df, encoding = read_metadata_csv(meta, required)
+    out = SourceRead(source, _frame([], source))
+    if encoding != "utf-8":
+        out.notes.append(f"{meta.name} is {encoding}-encoded, not UTF-8")
+    by_path: dict[Path, dict] = {}
+    referenced: set[Path] = set()
+    for i, row in df.iterrows():
+        item = f"{meta}:row {i + 2}"
+        if image_column and not row[image_column].strip():
+            out.drop(item, "metadata row names no image file")
+            continue
+        path = resolve(root, row)
+        if path is None or not path.is_file():
+            out.drop(item, f"image file {path.name if path else '?'} listed in metadata.csv is missing")
+            continue
+        referenced.add(path)
+        modality = row["modality"].strip()
+        if modality and modality.lower() not in ("x-ray", "xray", "cr", "dx"):
+            out.drop(path, f"modality {modality} (only X-rays are used)")
+            continue
+        kind = view_kind(row["view"])
+        if kind == "non-frontal":
+            out.drop(path, f"non-frontal view {row['view'].strip()}")
+            continue
+        label = label_from_finding(row["finding"])
+        if label is None:
+            out.drop(path, f"unlabelled finding {row['finding'].strip()!r}")
+            continue
+        patient = row["patientid"].strip() or path.stem
+        if path in by_path:
+            # The same image listed twice (Cohen lists some under two patient ids):
+            # one image, and both ids join one patient group.
+            prev = by_path[path]
+            ids = set(prev["patient_id"].split(";")) | {patient}
+            prev["patient_id"] = ";".join(sorted(ids))
+            if prev["label"] != label:
+                out.notes.append(f"{path.name}: listed twice with findings {prev['finding']!r} and "
+                                 f"{row['finding']!r}; kept the first")
+            out.drop(f"{item} ({path.name}, patient ids {prev['patient_id']})",
+                     "second metadata row for an image already listed (merged; its patient ids form one patient)")
+            continue
+        by_path[path] = {"path": str(path), "label": label, "finding": " ".join(row["finding"].split()),
+                         "patient_id": patient, "view": row["view"].strip() or "unknown", "source_split": ""}
+    unknown_views = sum(1 for r in by_path.values() if r["view"] == "unknown")
+    if unknown_views:
+        out.notes.append(f"{unknown_views} images have no view in metadata.csv; kept as view 'unknown'")
+    for folder in sorted({p.parent for p in referenced} | {root / "images"}):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f.resolve() not in referenced:
+                out.drop(f, "not listed in metadata.csv" if is_image_file(f) else "not an image file")
+    out.images = _frame(list(by_path.values()), source)
+    return out
+
+
+def read_cohen(root: str | Path) -> SourceRead:
+    """Cohen et al., covid-chestxray-dataset: ``metadata.csv`` + ``images/<filename>``.
+
+    Keeps X-ray frontal views (PA, AP, AP Supine, AP semi erect, AP erect); ``patientid`` is the patient.
+    """
+
+    def resolve(r: Path, row: dict) -> Path:
+        folder = row.get("folder", "").strip() or "images"
+        return (r / folder / row["filename"].strip()).resolve()
+
+    return _read_metadata_source(Path(root), "cohen", "filename", resolve, ["filename"])
+
+
+def read_actualmed(root: str | Path) -> SourceRead:
+    """Actualmed COVID-19 Chest X-ray Dataset: ``metadata.csv`` (``imagename``) + ``images/``."""
+
+    def resolve(r: Path, row: dict) -> Path:
+        return (r / "images" / row["imagename"].strip()).resolve()
+
+    return _read_metadata_source(Path(root), "actualmed", "imagename", resolve, ["imagename"])
+
+
+def read_figure1(root: str | Path) -> SourceRead:
+    """Figure 1 COVID-19 Chest X-ray Dataset: ``metadata.csv`` + ``images/<patientid>.<ext>``."""
+
+    def resolve(r: Path, row: dict) -> Path | None:
+        pid = row["patientid"].strip()
+        for f in sorted((r / "images").glob(f"{glob_escape(pid)}.*")):
+            if is_image_file(f):
+                return f.resolve()
+        return r / "images" / f"{pid}.(jpg|png)"
+
+    return _read_metadata_source(Path(root), "figure1", None, resolve, [])
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+RADIOGRAPHY_CLASSES = {
+    "covid": ("covid", "COVID-19"),
+    "covid-19": ("covid", "COVID-19"),
+    "normal": ("normal", "Normal"),
+    "viral pneumonia": ("pneumonia", "Viral Pneumonia"),
+    "lung_opacity": ("other", "Lung Opacity (non-COVID)"),
+    "lung opacity": ("other", "Lung Opacity (non-COVID)"),
+}
+
+
+def _find_class_root(root: Path, known: set[str], depth: int = 3) -> Path | None:
+    """The folder at or below ``root`` (breadth first) whose subfolders include known class names."""
+    level = [root]
+    for _ in range(depth + 1):
+        nxt = []
+        for d in level:
+            subs = [s for s in d.iterdir() if s.is_dir() and s.name != "__MACOSX"]
+            if any(s.name.lower() in known for s in subs):
+                return d
+            nxt.extend(sorted(subs))
+        level = nxt
+    return None
+
+
+def read_radiography(root: str | Path) -> SourceRead:
+    """COVID-19 Radiography Database (Kaggle), in each published layout.
+
+    * current: ``<Class>/images/*.png`` with ``<Class>/masks/`` beside (COVID, Normal,
+      Lung_Opacity, Viral Pneumonia);
+    * flat: ``COVID-19_Radiography_Dataset/COVID/COVID-1.png``;
+    * oldest: ``COVID-19/``, ``NORMAL/``, ``Viral Pneumonia/`` with names like ``NORMAL (12).png``.
+
+    The database has no patient ids: each image is treated as its own patient.
+    """
+    root = _require_dir(Path(root), "radiography")
+    base = _find_class_root(root, set(RADIOGRAPHY_CLASSES))
+    if base is None:
+        raise SourceError(f"{root}: no COVID/, Normal/, COVID-19/ or 'Viral Pneumonia/' folder found; "
+                          "point --source radiography=PATH at the unpacked COVID-19 Radiography Database")
+    out = SourceRead("radiography", _frame([], "radiography"))
+    out.notes.append("no patient ids: each image is treated as its own patient, so images of one patient "
+                     "may fall in different splits")
+    rows = []
+    for cls_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        mapped = RADIOGRAPHY_CLASSES.get(cls_dir.name.lower())
+        if mapped is None:
+            for f in sorted(cls_dir.rglob("*")):
+                if f.is_file():
+                    out.drop(f, f"folder {cls_dir.name!r} is not a class of this database")
+            continue
+        label, finding = mapped
+        for f in sorted(cls_dir.rglob("*")):
+            if not f.is_file():
+                continue
+            rel = f.relative_to(cls_dir)
+            if "masks" in rel.parts[:-1]:
+                out.drop(f, "lung segmentation mask, not an X-ray")
+            elif not is_image_file(f):
+                out.drop(f, "not an image file")
+            else:
+                rows.append({"path": str(f.resolve()), "label": label, "finding": finding,
+                             "patient_id": f"{cls_dir.name}/{f.stem}", "view": "unknown", "source_split": ""})
+    for f in sorted(base.iterdir()):
+        if f.is_file():
+            out.drop(f, "not in a class folder" if is_image_file(f) else "not an image file")
+    out.images = _frame(rows, "radiography")
+    return out
+
+
+_MOONEY_PATIENT = (re.compile(r"^(person\d+)_", re.I), re.compile(r"^(NORMAL2-IM-\d+)-", re.I),
+                   re.compile(r"^(IM-\d+)-", re.I))
+
+
+def mooney_patient(filename: str) -> str | None:
+    """Patient id from a Mooney file name (``person1_virus_6.jpeg`` -> ``person1``), or None."""
+    for pattern in _MOONEY_PATIENT:
+        m = pattern.match(filename)
+        if m:
+            return m.group(1)
+    return None
+
+
+def read_mooney(root: str | Path) -> SourceRead:
+    """Kermany/Mooney Chest X-Ray Images (Pneumonia): ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/``.
+
+    All patients are children (1-5 years). The original train/val/test split is kept in
+    ``source_split`` only; covid-cxr makes its own patient-level split.
+    """
+    root = _require_dir(Path(root), "mooney")
+    out = SourceRead("mooney", _frame([], "mooney"))
+    out.notes.append("pediatric (children aged 1-5): a normal class drawn from here against adult COVID "
+                     "images lets a model learn age instead of disease")
+    rows, unparsed = [], 0
+    files = sorted(f for f in root.rglob("*") if f.is_file() and "__MACOSX" not in f.parts)
+    for f in files:
+        cls = f.parent.name.upper()
+        if cls not in ("NORMAL", "PNEUMONIA"):
+            out.drop(f, "not in a NORMAL/ or PNEUMONIA/ folder")
+            continue
+        if not is_image_file(f):
+            out.drop(f, "not an image file")
+            continue
+        patient = mooney_patient(f.name)
+        if patient is None:
+            unparsed += 1
+            patient = f.stem
+        name = f.name.lower()
+        finding = "Normal" if cls == "NORMAL" else (
+            "Bacterial pneumonia" if "bacteria" in name else "Viral pneumonia" if "virus" in name else "Pneumonia")
+        split = f.parent.parent.name.lower()
+        rows.append({"path": str(f.resolve()), "label": "normal" if cls == "NORMAL" else "pneumonia",
+                     "finding": finding, "patient_id": patient, "view": "unknown",
+                     "source_split": split if split in ("train", "val", "test") else ""})
+    if not rows:
+        raise SourceError(f"{root}: no images in NORMAL/ or PNEUMONIA/ folders; point --source mooney=PATH at "
+                          "the unpacked chest_xray folder (or its parent)")
+    if unparsed:
+        out.notes.append(f"{unparsed} file names did not match personN_/IM-N-/NORMAL2-IM-N-; "
+                         "each was treated as its own patient")
+    out.images = _frame(rows, "mooney")
+    return out
+
+
+FOLDER_LABELS = {"covid": "covid", "covid-19": "covid", "covid19": "covid", "normal": "normal",
+                 "pneumonia": "pneumonia", "other": "other"}
+
+
+def read_folder(root: str | Path) -> SourceRead:
+    """A generic ``ROOT/<label>/...`` image folder (e.g. a hospital's own export or the demo phantoms).
+
+    Subfolder names are labels (covid, normal, pneumonia, other; ``COVID-19`` is accepted).
+    Each image is its own patient. The source is named after the folder.
+    """
+    root = _require_dir(Path(root), "folder")
+    name = root.name
+    out = SourceRead(name, _frame([], name))
+    out.notes.append("generic folder source: no patient ids, each image is its own patient")
+    rows = []
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root)
+        if len(rel.parts) == 1:
+            if is_image_file(f):
+                out.drop(f, "image not inside a <label>/ folder")
+            continue  # README files etc. beside the class folders
+        label = FOLDER_LABELS.get(rel.parts[0].lower())
+        if label is None:
+            out.drop(f, f"folder {rel.parts[0]!r} is not one of {', '.join(sorted(FOLDER_LABELS))}")
+        elif not is_image_file(f):
+            out.drop(f, "not an image file")
+        else:
+            rows.append({"path": str(f.resolve()), "label": label, "finding": rel.parts[0],
+                         "patient_id": str(rel.with_suffix("")), "view": "unknown", "source_split": ""})
+    out.images = _frame(rows, name)
+    return out
+
+
+READERS: dict[str, Callable[[str | Path], SourceRead]] = {
+    "cohen": read_cohen,
+    "mooney": read_mooney,
+    "radiography": read_radiography,
+    "actualmed": read_actualmed,
+    "figure1": read_figure1,
+    "folder": read_folder,
+}
+"""``--source NAME=PATH`` names and their readers."""
+
+PATIENT_METADATA_PRIORITY = ("cohen", "figure1", "actualmed", "mooney", "radiography")
+"""When one image appears in several sources, the copy from the first source here is kept:
+sources with real patient ids come first."""
+
+
+def read_source(name: str, root: str | Path) -> SourceRead:
+    """Read one source by its ``--source`` name."""
+    try:
+        reader = READERS[name]
+    except KeyError:
+        raise SourceError(f"unknown source {name!r}; use one of: {', '.join(READERS)}") from None
+    result = reader(root)
+    log.info("%s: %d images kept, %d items not used", result.source, len(result.images), len(result.dropped))
+    return result

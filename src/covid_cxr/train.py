@@ -1,0 +1,338 @@
+"""``covid-cxr train``: fine-tune DenseNet-121 on a manifest's train split.
+
+The loop is shaped for ``torchrun``: device and rank come from the environment, every
+rank draws its own shard of each epoch, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from covid_cxr.config import TrainConfig, write_yaml
+from covid_cxr.data import EpochSampler, StackDataset, worker_init
+from covid_cxr.errors import CheckpointError, CovidCxrError
+from covid_cxr.images import load_resized_stack
+from covid_cxr.manifest import read_manifest
+from covid_cxr.metrics import roc_auc
+from covid_cxr.model import backbone_parameters, build_model, read_checkpoint, save_checkpoint, unwrap
+from covid_cxr.transforms import AugmentSpec, PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+# Options that may differ between an interrupted run and its --resume.
+RESUME_FREE_OPTIONS = ("resume", "workers", "progress", "device")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: device and rank, from the environment (torchrun sets RANK etc.)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CovidCxrError("--device cuda requested but CUDA is not available; use --device cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(device=dev, rank=rank, world_size=world)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (initialisation); data order and augmentation use their own seeds."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(rt: Runtime, enabled: bool) -> torch.dtype | None:
+    """bf16 on CUDA where supported, else fp16; None (full precision) on CPU."""
+    if not enabled or rt.device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warm-up to 1, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, device: torch.device,
+                    dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+                    progress: bool = False, desc: str = "train") -> dict:
+    """One pass over ``loader``. Returns {"loss", "accuracy", "images"} averaged over samples."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    frozen = getattr(model, "_covid_cxr_frozen", False)
+    if frozen:  # keep frozen BatchNorm statistics fixed
+        unwrap(model).features.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
+    for x, y, _ in bar:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        n = y.shape[0]
+        total_loss += float(loss.detach()) * n
+        correct += int((logits.argmax(1) == y).sum())
+        seen += n
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
+                        lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen}
+
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device,
+                   dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N, K) and targets (N,) in dataset order."""
+    model.eval()
+    probs, targets, order = [], [], []
+    for x, y, idx in loader:
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits = model(x)
+        probs.append(torch.softmax(logits.float(), 1).cpu())
+        targets.append(y)
+        order.append(idx)
+    order_t = torch.cat(order)
+    inv = torch.argsort(order_t)
+    return torch.cat(probs)[inv].numpy(), torch.cat(targets)[inv].numpy()
+
+
+def validation_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
+    """Loss, accuracy and ROC AUC (one-vs-rest macro for more than two classes)."""
+    eps = 1e-7
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], eps, 1.0))))
+    return {"loss": loss, "accuracy": float(np.mean(probs.argmax(1) == targets)),
+            "auc": roc_auc(targets, probs)}
+
+
+def _load_split(df: pd.DataFrame, split: str, labels: list[str], size: int, workers: int,
+                progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    rows = df[(df["split"] == split) & df["label"].isin(labels)]
+    targets = rows["label"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
+    images = load_resized_stack(rows["path"].tolist(), size, workers=max(1, workers), progress=progress,
+                                desc=f"decoding {split}")
+    return images, targets
+
+
+def _check_run_dir(cfg: TrainConfig) -> dict | None:
+    """Refuse to overwrite a run; on --resume return the last checkpoint after checking its config."""
+    out = Path(cfg.out)
+    last = out / "last.pt"
+    if not cfg.resume:
+        if last.exists() or (out / "best.pt").exists():
+            raise CovidCxrError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        return None
+    if not last.exists():
+        raise CheckpointError(f"--resume: {last} not found; start the run without --resume")
+    ckpt = read_checkpoint(last)
+    saved = ckpt.get("config", {})
+    now = cfg.to_dict()
+    diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE_OPTIONS and saved.get(k) != now[k]}
+    if diff:
+        raise CovidCxrError(f"--resume: options differ from the interrupted run {diff} (saved, now); resume with "
+                            "the same options or start a new --out")
+    return ckpt
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader workers: as requested, else 0 on CPU and up to 8 on CUDA."""
+    if requested is not None:
+        return requested
+    return 0 if device.type == "cpu" else min(8, len(os.sched_getaffinity(0)))
+
+
+def _make_loader(ds: StackDataset, sampler, cfg: TrainConfig, rt: Runtime) -> DataLoader:
+    workers = loader_workers(cfg.workers, rt.device)
+    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=rt.device.type == "cuda", worker_init_fn=worker_init if workers else None,
+                      persistent_workers=False)
+
+
+def _class_weights(targets: np.ndarray, k: int) -> torch.Tensor:
+    counts = np.bincount(targets, minlength=k).astype(np.float64)
+    if (counts == 0).any():
+        raise CovidCxrError(f"the train split has no images of some class (counts {counts.tolist()})")
+    return torch.tensor(len(targets) / (k * counts), dtype=torch.float32)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train a model as configured; returns a summary (best epoch, best validation AUC, paths)."""
+    rt = setup_runtime(cfg.device)
+    resume_ckpt = _check_run_dir(cfg)
+    seed_everything(cfg.seed)
+    df, meta = read_manifest(cfg.data)
+    labels = list(meta["labels"])
+    spec = PreprocessSpec(size=cfg.image_size)
+    out = Path(cfg.out)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(out / "config.yaml", {**cfg.to_dict(), "labels": labels, "dataset": meta})
+    t0 = time.perf_counter()
+    decoders = len(os.sched_getaffinity(0))
+    train_x, train_y = _load_split(df, "train", labels, cfg.image_size, decoders, cfg.progress and rt.is_main)
+    val_x, val_y = _load_split(df, "val", labels, cfg.image_size, decoders, cfg.progress and rt.is_main)
+    if len(train_x) == 0:
+        raise CovidCxrError(f"{cfg.data}: the train split is empty")
+    log.info("decoded %d train and %d val images at %d px in %.1f s", len(train_x), len(val_x), cfg.image_size,
+             time.perf_counter() - t0)
+    train_ds = StackDataset(train_x, train_y, spec, AugmentSpec(), seed=cfg.seed)
+    sampler = EpochSampler(train_y, cfg.seed, balanced=cfg.balance == "sampler", rank=rt.rank,
+                           world_size=rt.world_size)
+    train_loader = _make_loader(train_ds, sampler, cfg, rt)
+    val_loader = None
+    if len(val_x):
+        val_ds = StackDataset(val_x, val_y, spec)
+        val_loader = _make_loader(val_ds, EpochSampler(val_y, cfg.seed, shuffle=False), cfg, rt)
+    model = build_model(labels, weights=None if cfg.weights == "none" else cfg.weights)
+    if cfg.freeze_backbone:
+        for p in backbone_parameters(model):
+            p.requires_grad_(False)
+        model._covid_cxr_frozen = True
+    model.to(rt.device)
+    if rt.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.epochs * steps, int(round(cfg.warmup_epochs * steps))))
+    dtype = amp_dtype(rt, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    weight = _class_weights(train_y, len(labels)) if cfg.balance == "loss" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight.to(rt.device) if weight is not None else None)
+    state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0}
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["state_dict"], strict=True)
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scheduler.load_state_dict(resume_ckpt["scheduler"])
+        if scaler is not None and resume_ckpt.get("scaler"):
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        state = dict(resume_ckpt["train_state"])
+        torch.set_rng_state(resume_ckpt["rng"])
+        log.info("resuming %s after epoch %d", out, state["epoch"])
+        if rt.is_main:
+            _truncate_metrics(out / "metrics.jsonl", state["epoch"])
+    train_model = model
+    if rt.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return _epochs(cfg, rt, labels, spec, train_model, model, train_ds, sampler, train_loader, val_loader,
+                   optimizer, scheduler, scaler, loss_fn, dtype, state)
+
+
+def _epochs(cfg, rt, labels, spec, train_model, model, train_ds, sampler, train_loader, val_loader,
+            optimizer, scheduler, scaler, loss_fn, dtype, state) -> dict:
+    out = Path(cfg.out)
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        train_ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        tr = train_one_epoch(train_model, train_loader, optimizer, scheduler, loss_fn, rt.device, dtype, scaler,
+                             progress=cfg.progress and rt.is_main, desc=f"epoch {epoch}/{cfg.epochs}")
+        train_s = time.perf_counter() - t0
+        val = validation_metrics(*predict_loader(model, val_loader, rt.device, dtype)) if val_loader else {}
+        auc = val.get("auc")
+        score = auc if auc is not None and not math.isnan(auc) else -val.get("loss", tr["loss"])
+        improved = score > state["best_auc"]
+        state.update(epoch=epoch, bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        if improved:
+            state.update(best_auc=score, best_epoch=epoch)
+        record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+                  **{f"val_{k}": v for k, v in val.items()}, "lr": scheduler.get_last_lr()[0],
+                  "epoch_seconds": round(time.perf_counter() - t0, 2),
+                  "train_images_per_second": round(tr["images"] / train_s, 2), "best_epoch": state["best_epoch"]}
+        if rt.is_main:
+            config = cfg.to_dict()
+            if improved:
+                save_checkpoint(out / "best.pt", model, labels, spec, config,
+                                extra={"epoch": epoch, "val_metrics": val})
+            save_checkpoint(out / "last.pt", model, labels, spec, config, extra={
+                "epoch": epoch, "val_metrics": val, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "train_state": dict(state), "rng": torch.get_rng_state()})
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %s acc %s auc %s | %.1f s", epoch, cfg.epochs,
+                 tr["loss"], tr["accuracy"], _fmt(val.get("loss")), _fmt(val.get("accuracy")), _fmt(auc),
+                 record["epoch_seconds"])
+        if cfg.patience and val_loader is not None and state["bad_epochs"] >= cfg.patience:
+            log.info("early stopping: validation AUC has not improved for %d epochs", cfg.patience)
+            stopped_early = True
+            break
+    return {"run": str(out), "best_epoch": state["best_epoch"], "best_val_auc": state["best_auc"],
+            "epochs_run": state["epoch"], "stopped_early": stopped_early,
+            "best_checkpoint": str(out / "best.pt"), "last_checkpoint": str(out / "last.pt")}
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop metric lines of epochs after the checkpoint we resume from (they will be rerun)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
+    path.write_text("".join(line + "\n" for line in keep))
