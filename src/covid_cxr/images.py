@@ -131,9 +131,20 @@ def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
                                                     reducing_gap=3.0))
 
 
-def _load_resized(args: tuple[str, int]) -> np.ndarray:
+def _load_resized(args: tuple[str, int]) -> np.ndarray | tuple[str, str]:
     path, size = args
-    return resize_uint8(load_image(path), size)
+    try:
+        return resize_uint8(load_image(path), size)
+    except ImageReadError as exc:
+        # ImageReadError(path, reason) cannot be unpickled in the parent process (which
+        # breaks the whole pool), so a worker returns (path, reason) and the caller raises.
+        return exc.path, exc.reason
+
+
+def _checked(arr: np.ndarray | tuple[str, str]) -> np.ndarray:
+    if isinstance(arr, tuple):
+        raise ImageReadError(*arr)
+    return arr
 
 
 def load_resized_stack(paths: Sequence[str | Path], size: int, workers: int | None = None,
@@ -153,10 +164,10 @@ def load_resized_stack(paths: Sequence[str | Path], size: int, workers: int | No
     if workers <= 1 or len(paths) < 32:
         jobs = map(_load_resized, ((p, size) for p in paths))
         for i, arr in enumerate(tqdm(jobs, total=len(paths), desc=desc, disable=not progress)):
-            out[i] = arr
+            out[i] = _checked(arr)
         return out
     with ProcessPoolExecutor(max_workers=workers) as pool:
         jobs = pool.map(_load_resized, ((p, size) for p in paths), chunksize=8)
         for i, arr in enumerate(tqdm(jobs, total=len(paths), desc=desc, disable=not progress)):
-            out[i] = arr
+            out[i] = _checked(arr)
     return out

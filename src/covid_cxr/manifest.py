@@ -156,6 +156,9 @@ def split_by_patient(df: pd.DataFrame, labels: list[str], cfg: DataConfig) -> pd
         if cfg.val_fraction > 0:
             val_t[lab] = max(1, val_t[lab])
         train_t[lab] = int(round(dev)) - val_t[lab]
+    while sum(train_t.values()) > cfg.train_size:
+        # Per-class rounding can overshoot --train-size (e.g. 19 over two equal classes -> 10 + 10).
+        train_t[max(train_t, key=train_t.get)] -= 1
     for g in _fill(order, counts, taken, val_t):
         assignment[g] = "val"
     for g in _fill(order, counts, taken, train_t):

@@ -31,7 +31,7 @@ OFFLINE_ENV = "COVID_CXR_OFFLINE"
 """Set to 1 to never try downloading weights (tests set it; no test may reach the internet)."""
 
 _LEGACY_DENSENET_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def _imagenet_weights(arch: str):
@@ -128,7 +128,8 @@ def build_model(labels: list[str] | tuple[str, ...], arch: str = "densenet121",
             state, origin = _state_dict_from_file(Path(weights)), str(weights)
         backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         missing, unexpected = model.load_state_dict(backbone, strict=False)
-        missing = [k for k in missing if not k.startswith("classifier.")]
+        # Files older than BatchNorm's num_batches_tracked buffer lack it; it is not a weight.
+        missing = [k for k in missing if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")]
         if missing or unexpected:
             raise CheckpointError(f"weights {origin} do not fit {arch}: missing {missing[:5]}, unexpected "
                                   f"{unexpected[:5]}")

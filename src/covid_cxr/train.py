@@ -261,7 +261,7 @@ def run(cfg: TrainConfig) -> dict:
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     weight = _class_weights(train_y, len(labels)) if cfg.balance == "loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight.to(rt.device) if weight is not None else None)
-    state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0}
+    state = {"epoch": 0, "best_auc": -math.inf, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["state_dict"], strict=True)
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -294,11 +294,13 @@ def _epochs(cfg, rt, labels, spec, train_model, model, train_ds, sampler, train_
         train_s = time.perf_counter() - t0
         val = validation_metrics(*predict_loader(model, val_loader, rt.device, dtype)) if val_loader else {}
         auc = val.get("auc")
-        score = auc if auc is not None and not math.isnan(auc) else -val.get("loss", tr["loss"])
-        improved = score > state["best_auc"]
+        loss = val.get("loss", tr["loss"])
+        score = auc if auc is not None and not math.isnan(auc) else -math.inf
+        # Higher validation AUC wins; equal AUC (e.g. both 1.0) goes to the lower validation loss.
+        improved = (score, -loss) > (state["best_auc"], -state.get("best_loss", math.inf))
         state.update(epoch=epoch, bad_epochs=0 if improved else state["bad_epochs"] + 1)
         if improved:
-            state.update(best_auc=score, best_epoch=epoch)
+            state.update(best_auc=score, best_loss=loss, best_epoch=epoch)
         record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                   **{f"val_{k}": v for k, v in val.items()}, "lr": scheduler.get_last_lr()[0],
                   "epoch_seconds": round(time.perf_counter() - t0, 2),

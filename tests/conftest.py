@@ -1,0 +1,92 @@
+"""Shared fixtures: small synthetic images and phantom datasets for unit tests, and the path of
+the real chest X-rays for integration tests (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REAL_DATA = REPO.parent / "shared" / "data" / "cxr"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test may reach the internet: weights are never downloaded."""
+    monkeypatch.setenv("COVID_CXR_OFFLINE", "1")
+
+
+def real_data_root() -> Path | None:
+    root = Path(os.environ.get("COVID_CXR_TEST_DATA", DEFAULT_REAL_DATA))
+    return root if (root / "inventory.csv").is_file() and (root / "sources").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """Root of the real chest X-ray collection (../shared/data/cxr or $COVID_CXR_TEST_DATA)."""
+    root = real_data_root()
+    if root is None:
+        pytest.skip(f"real chest X-rays not found at {os.environ.get('COVID_CXR_TEST_DATA', DEFAULT_REAL_DATA)} "
+                    "(set COVID_CXR_TEST_DATA to the folder holding inventory.csv and sources/)")
+    return root
+
+
+REAL_SOURCES = {
+    "cohen": "cohen-covid-chestxray-dataset",
+    "actualmed": "actualmed-covid-chestxray-dataset",
+    "figure1": "figure1-covid-chestxray-dataset",
+    "radiography": "covid19-radiography-database",
+    "mooney": "chest-xray-pneumonia",
+}
+"""covid-cxr source name -> folder under sources/ in the real collection."""
+
+
+def make_gray(seed: int, size: tuple[int, int] = (48, 40)) -> np.ndarray:
+    """A small random grayscale image (H, W) uint8 with some structure."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 128 + 60 * np.sin(xx / (3 + seed % 5)) * np.cos(yy / (4 + seed % 3))
+    return np.clip(base + rng.normal(0, 20, size), 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: str = "L") -> Path:
+    """Write a small synthetic image; the file format follows the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(make_gray(seed, size))
+    if mode != "L":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory) -> Path:
+    """A built dataset of 64 px phantoms: 60 per class (train 36+36ish, val, test 12 per class)."""
+    from covid_cxr.config import DataConfig
+    from covid_cxr.manifest import build
+    from covid_cxr.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("phantoms")
+    src = root / "synthetic-phantoms"
+    generate_phantoms(src, 60, size=64, seed=1)
+    out = root / "dataset"
+    build(DataConfig(sources=(("folder", str(src)),), out=str(out), test_per_class=12, val_fraction=0.15,
+                     train_size=200, seed=0, workers=1, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(phantom_dataset, tmp_path_factory) -> Path:
+    """A model trained for one short epoch at 32 px from scratch (for evaluate/predict plumbing tests)."""
+    from covid_cxr.config import TrainConfig
+    from covid_cxr.train import run
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    run(TrainConfig(data=str(phantom_dataset), out=str(out), epochs=1, image_size=32, batch_size=16,
+                    weights="none", progress=False))
+    return out
