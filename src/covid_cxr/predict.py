@@ -93,8 +93,8 @@ def predict_images(model: nn.Module, meta: dict, paths: list[Path], batch_size: 
 def run(cfg: PredictConfig) -> dict:
     """Predict every image in ``cfg.inputs``; write CSV/JSON to ``cfg.out`` or return it as text."""
     rt = setup_runtime(cfg.device)
-    paths = list_images(cfg.inputs)
     model, meta = load_checkpoint(resolve_checkpoint(cfg.run, cfg.checkpoint), rt.device)
+    paths = list_images(cfg.inputs)
     results = predict_images(model, meta, paths, cfg.batch_size, rt.device, cfg.skip_unreadable)
     if cfg.format == "json":
         text = json.dumps({"disclaimer": DISCLAIMER, "model": meta["path"], "labels": meta["labels"],

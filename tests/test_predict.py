@@ -1,0 +1,89 @@
+"""predict: files and folders in, CSV/JSON out, unreadable files named or reported."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covid_cxr import predict
+from covid_cxr.config import PredictConfig
+from covid_cxr.errors import CovidCxrError, ImageReadError
+from covid_cxr.transforms import PIXEL_RANGE, PreprocessSpec, preprocess
+
+from conftest import make_gray, write_image
+
+
+@pytest.fixture()
+def images(tmp_path):
+    folder = tmp_path / "in"
+    paths = [write_image(folder / "a.png", 1), write_image(folder / "sub" / "b.JPG", 2, mode="RGB"),
+             write_image(folder / "sub" / "c.jpeg", 3)]
+    (folder / "notes.txt").write_text("not an image")
+    return folder, paths
+
+
+def test_csv_for_a_folder(tiny_run, images, tmp_path):
+    folder, paths = images
+    out = tmp_path / "preds" / "p.csv"
+    res = predict.run(PredictConfig(run=str(tiny_run), inputs=(str(folder),), out=str(out)))
+    assert res["images"] == 3 and out.is_file()
+    df = pd.read_csv(out)
+    assert sorted(df["path"]) == sorted(str(p) for p in paths)
+    np.testing.assert_allclose(df["prob_normal"] + df["prob_covid"], 1.0, atol=1e-5)
+    expected = np.where(df["prob_covid"] >= df["threshold"], "covid", "normal")
+    assert list(df["predicted_label"]) == list(expected)
+
+
+def test_json_format_and_disclaimer(tiny_run, images):
+    folder, paths = images
+    res = predict.run(PredictConfig(run=str(tiny_run), inputs=(str(paths[0]),), format="json"))
+    doc = json.loads(res["text"])
+    assert "not a diagnostic device" in doc["disclaimer"]
+    assert doc["labels"] == ["normal", "covid"]
+    assert len(doc["predictions"]) == 1 and doc["predictions"][0]["error"] == ""
+
+
+def test_unreadable_file_is_an_error_or_a_row(tiny_run, images, tmp_path):
+    folder, _ = images
+    bad = folder / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        predict.run(PredictConfig(run=str(tiny_run), inputs=(str(folder),)))
+    res = predict.run(PredictConfig(run=str(tiny_run), inputs=(str(folder),), skip_unreadable=True))
+    df = pd.read_csv(io.StringIO(res["text"]), keep_default_na=False)
+    assert len(df) == 4 and res["unreadable"] == 1
+    row = df[df["path"] == str(bad)].iloc[0]
+    assert row["error"] and row["predicted_label"] == ""
+
+
+def test_bad_inputs(tiny_run, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CovidCxrError, match="holds no"):
+        predict.run(PredictConfig(run=str(tiny_run), inputs=(str(empty),)))
+    with pytest.raises(CovidCxrError, match="does not exist"):
+        predict.run(PredictConfig(run=str(tiny_run), inputs=(str(tmp_path / "missing.png"),)))
+    with pytest.raises(CovidCxrError, match="not found"):
+        predict.run(PredictConfig(run=str(tmp_path), inputs=(str(empty),)))
+
+
+def test_preprocess_is_pure_and_checks_its_input():
+    img = make_gray(4, (50, 70))
+    spec = PreprocessSpec(size=32)
+    a = preprocess(img, spec)
+    assert a.shape == (3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, preprocess(img.copy(), 32))
+    assert np.array_equal(img, make_gray(4, (50, 70)))  # input untouched
+    black = preprocess(np.zeros((10, 10), np.uint8), spec)
+    white = preprocess(np.full((10, 10), PIXEL_RANGE[1], np.uint8), spec)
+    np.testing.assert_allclose(black[:, 0, 0], [-m / s for m, s in zip(spec.mean, spec.std)], rtol=1e-5)
+    np.testing.assert_allclose(white[:, 0, 0], [(1 - m) / s for m, s in zip(spec.mean, spec.std)], rtol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(img.astype(np.float32), spec)
+    with pytest.raises(ValueError, match="grayscale"):
+        preprocess(np.zeros((8, 8, 3), np.uint8), spec)
