@@ -76,3 +76,18 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     (other / "precious.txt").write_text("keep me")
     assert main(["demo", "--out", str(other)]) == 2
     assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    from covid_cxr.config import DataConfig, TrainConfig, make_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        if path.name.startswith("data-"):
+            cfg = make_config(DataConfig, {"sources": [["folder", "x"]], "out": "o"}, str(path))
+        else:
+            cfg = make_config(TrainConfig, {"data": "d", "out": "o"}, str(path))
+        assert cfg.to_dict(), path

@@ -99,6 +99,26 @@ def test_freeze_backbone_trains_only_the_classifier(phantom_dataset, tmp_path):
     assert changed and all(k.startswith("classifier.") for k in changed)
 
 
+def test_train_with_imagenet_weights_from_torch_home(phantom_dataset, tmp_path, monkeypatch):
+    """--weights imagenet loads torchvision's cached file offline; with a frozen backbone the trained
+    checkpoint still holds exactly the file's backbone tensors."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(42)
+    state = torchvision.models.densenet121(weights=None).state_dict()
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "densenet121-a639ec97.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    out = tmp_path / "run"
+    train_mod.run(_cfg(phantom_dataset, out, epochs=1, weights="imagenet", freeze_backbone=True))
+    after = _state(out / "last.pt")
+    for k, v in state.items():
+        if not k.startswith("classifier."):
+            assert torch.equal(after[k], v), k
+    assert after["classifier.weight"].shape == (2, 1024)
+
+
 def test_warmup_cosine_schedule():
     f = train_mod.warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) == pytest.approx(0.1)

@@ -19,6 +19,9 @@ class ImageReadError(CovidCxrError):
         self.reason = reason
         super().__init__(f"cannot read image {self.path}: {reason}")
 
+    def __reduce__(self):  # picklable, so worker processes can raise it to the parent
+        return (type(self), (self.path, self.reason))
+
 
 class DatasetError(CovidCxrError):
     """A dataset cannot be built or a manifest violates the contract."""

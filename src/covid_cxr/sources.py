@@ -113,7 +113,8 @@ def _frame(rows: list[dict], source: str) -> pd.DataFrame:
 
 
 def _read_metadata_source(root: Path, source: str, image_column: str | None,
-                          resolve: Callable[[Path, dict], Path | None], extra_required: list[str]) -> SourceRead:
+                          resolve: Callable[[Path, dict], Path | None], extra_required: list[str],
+                          patient_of: Callable[[str], str] = lambda pid: pid) -> SourceRead:
     """Shared logic of the Cohen-style sources (Cohen, Actualmed, Figure1)."""
     root = _require_dir(root, source)
     meta = root / "metadata.csv"
@@ -146,7 +147,7 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
         if label is None:
             out.drop(path, f"unlabelled finding {row['finding'].strip()!r}")
             continue
-        patient = row["patientid"].strip() or path.stem
+        patient = patient_of(row["patientid"].strip()) or path.stem
         if path in by_path:
             # The same image listed twice (Cohen lists some under two patient ids):
             # one image, and both ids join one patient group.
@@ -206,7 +207,9 @@ def read_figure1(root: str | Path) -> SourceRead:
                 return f.resolve()
         return r / "images" / f"{pid}.(jpg|png)"
 
-    return _read_metadata_source(Path(root), "figure1", None, resolve, [])
+    # COVID-00003a, COVID-00003b: two images of one patient (the letter numbers the image).
+    return _read_metadata_source(Path(root), "figure1", None, resolve, [],
+                                 patient_of=lambda pid: re.sub(r"(?<=\d)[a-z]$", "", pid))
 
 
 def glob_escape(name: str) -> str:

@@ -107,7 +107,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     from tqdm.auto import tqdm
 
     model.train()
-    frozen = getattr(model, "_covid_cxr_frozen", False)
+    frozen = getattr(unwrap(model), "_covid_cxr_frozen", False)
     if frozen:  # keep frozen BatchNorm statistics fixed
         unwrap(model).features.eval()
     total_loss, correct, seen = 0.0, 0, 0

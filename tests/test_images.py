@@ -1,0 +1,321 @@
+"""Tests for covid_cxr.images: decoding every image mode to 8-bit grayscale, refusing broken or
+unsafe files with a message naming them, resizing, and decoding stacks of files."""
+
+from __future__ import annotations
+
+import resource
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_gray, write_image
+from covid_cxr.errors import ImageReadError
+from covid_cxr.images import (MAX_PIXELS, is_image_file, load_image, load_resized_stack, read_image_size,
+                              resize_uint8, sha256_file)
+
+
+def _pil_gray(img: Image.Image) -> np.ndarray:
+    """What Pillow itself makes of an 8-bit image converted to L (the reference for colour modes)."""
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def test_grayscale_png_is_read_exactly(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "gray.png", seed=3, size=(48, 40))
+    arr = load_image(path)
+    assert arr.dtype == np.uint8 and arr.shape == (48, 40)
+    np.testing.assert_array_equal(arr, make_gray(3, (48, 40)))
+
+
+def test_load_image_accepts_str_path(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "gray.png", seed=4)
+    np.testing.assert_array_equal(load_image(str(path)), load_image(path))
+
+
+def test_rgb_with_equal_channels_keeps_values(tmp_path: Path) -> None:
+    gray = make_gray(5, (32, 36))
+    Image.fromarray(np.stack([gray] * 3, axis=-1), "RGB").save(tmp_path / "rgb.png")
+    arr = load_image(tmp_path / "rgb.png")
+    assert arr.shape == (32, 36) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, gray)
+
+
+def test_rgb_colour_converted_with_luma(tmp_path: Path) -> None:
+    rgb = np.zeros((20, 24, 3), dtype=np.uint8)
+    rgb[:, :8] = (255, 0, 0)
+    rgb[:, 8:16] = (0, 255, 0)
+    rgb[:, 16:] = (0, 0, 255)
+    img = Image.fromarray(rgb, "RGB")
+    img.save(tmp_path / "colour.png")
+    arr = load_image(tmp_path / "colour.png")
+    np.testing.assert_array_equal(arr, _pil_gray(img))
+    # Luma weights green most and blue least.
+    assert arr[0, 8] > arr[0, 0] > arr[0, 16] > 0
+
+
+def test_rgba_transparent_pixels_composite_to_black(tmp_path: Path) -> None:
+    gray = make_gray(6, (30, 30))
+    rgba = np.zeros((30, 30, 4), dtype=np.uint8)
+    rgba[..., :3] = gray[..., None]
+    rgba[..., 3] = 255
+    rgba[:, :10, 3] = 0          # fully transparent strip
+    rgba[:, :10, :3] = 255       # ... over white colour values, which must not show through
+    rgba[:, 10:20, 3] = 128      # half transparent strip
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    arr = load_image(tmp_path / "rgba.png")
+    assert arr.shape == (30, 30)
+    assert (arr[:, :10] == 0).all()
+    np.testing.assert_array_equal(arr[:, 20:], gray[:, 20:])
+    half = arr[:, 10:20].astype(int)
+    expected_half = gray[:, 10:20].astype(int) * 128 / 255
+    assert np.abs(half - expected_half).max() <= 1.5
+    assert (half <= gray[:, 10:20]).all()
+
+
+def test_la_mode_transparency_composites_to_black(tmp_path: Path) -> None:
+    la = Image.merge("LA", [Image.new("L", (16, 16), 200), Image.new("L", (16, 16), 0)])
+    la.paste(Image.merge("LA", [Image.new("L", (8, 16), 200), Image.new("L", (8, 16), 255)]), (8, 0))
+    la.save(tmp_path / "la.png")
+    arr = load_image(tmp_path / "la.png")
+    assert (arr[:, :8] == 0).all() and (arr[:, 8:] == 200).all()
+
+
+def test_palette_image(tmp_path: Path) -> None:
+    rgb = np.zeros((24, 24, 3), dtype=np.uint8)
+    rgb[:12] = (200, 30, 30)
+    rgb[12:] = (10, 120, 240)
+    pal = Image.fromarray(rgb, "RGB").quantize(colors=4)
+    assert pal.mode == "P"
+    pal.save(tmp_path / "pal.png")
+    arr = load_image(tmp_path / "pal.png")
+    assert arr.shape == (24, 24) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, _pil_gray(pal.convert("RGB")))
+    assert arr[0, 0] != arr[-1, -1]
+
+
+def test_palette_transparency_composites_to_black(tmp_path: Path) -> None:
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([255, 255, 255, 180, 180, 180] + [0, 0, 0] * 254)
+    pal.paste(0, (0, 0, 8, 16))  # left half uses index 0, declared transparent
+    pal.save(tmp_path / "pal_t.png", transparency=0)
+    assert "transparency" in Image.open(tmp_path / "pal_t.png").info
+    arr = load_image(tmp_path / "pal_t.png")
+    assert (arr[:, :8] == 0).all()
+    assert (arr[:, 8:] == 180).all()
+
+
+def test_16bit_png_is_stretched_to_8bit(tmp_path: Path) -> None:
+    values = np.linspace(0, 4095, 48 * 40).round().astype(np.uint16).reshape(48, 40)
+    img = Image.fromarray(values)
+    assert img.mode == "I;16"
+    img.save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    arr = load_image(tmp_path / "deep.png")
+    assert arr.dtype == np.uint8 and arr.shape == (48, 40)
+    assert arr.min() == 0 and arr.max() == 255
+    expected = np.round(values.astype(np.float64) * 255.0 / 4095.0)
+    assert np.abs(arr.astype(int) - expected).max() <= 1
+    # Monotonic: a brighter stored value never decodes darker.
+    flat = arr.ravel().astype(int)
+    assert (np.diff(flat) >= 0).all()
+
+
+def test_16bit_constant_image_is_black_not_nan(tmp_path: Path) -> None:
+    Image.fromarray(np.full((16, 16), 1000, dtype=np.uint16)).save(tmp_path / "flat16.png")
+    arr = load_image(tmp_path / "flat16.png")
+    assert arr.dtype == np.uint8 and (arr == 0).all()
+
+
+def test_jpeg_grayscale_and_rgb(tmp_path: Path) -> None:
+    gray = make_gray(7, (64, 48))
+    Image.fromarray(gray).save(tmp_path / "g.jpg", quality=95)
+    Image.fromarray(np.stack([gray] * 3, -1), "RGB").save(tmp_path / "c.jpeg", quality=95)
+    for name in ("g.jpg", "c.jpeg"):
+        arr = load_image(tmp_path / name)
+        assert arr.shape == (64, 48) and arr.dtype == np.uint8
+        # Lossy, but close to what was written.
+        assert np.abs(arr.astype(int) - gray.astype(int)).mean() < 8
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
+    h, w = 40, 64
+    gray = np.zeros((h, w), dtype=np.uint8)
+    gray[:, : w // 2] = 230  # bright left half in the stored pixels
+    img = Image.fromarray(gray)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    assert Image.open(tmp_path / "rot.jpg").size == (w, h)
+    arr = load_image(tmp_path / "rot.jpg")
+    assert arr.shape == (w, h)
+    # Orientation 6: the stored left edge becomes the top edge.
+    assert arr[: w // 2 - 4].mean() > 200 and arr[w // 2 + 4:].mean() < 30
+
+    img.save(tmp_path / "plain.jpg", quality=95)
+    assert load_image(tmp_path / "plain.jpg").shape == (h, w)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_truncated_png_raises_with_path(tmp_path: Path) -> None:
+    src = write_image(tmp_path / "full.png", seed=8, size=(256, 256))
+    data = src.read_bytes()
+    bad = tmp_path / "truncated.png"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError) as err:
+        load_image(bad)
+    assert str(bad) in str(err.value)
+    assert err.value.path == str(bad)
+
+
+def test_text_file_named_png_raises_with_path(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image\n")
+    with pytest.raises(ImageReadError) as err:
+        load_image(bad)
+    assert str(bad) in str(err.value)
+
+
+def test_missing_file_raises(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "x.png"
+    with pytest.raises(ImageReadError) as err:
+        load_image(missing)
+    assert str(missing) in str(err.value)
+    assert "not found" in err.value.reason
+    with pytest.raises(ImageReadError):
+        read_image_size(missing)
+
+
+def test_tiny_image_is_rejected(tmp_path: Path) -> None:
+    Image.new("L", (4, 30), 100).save(tmp_path / "sliver.png")
+    with pytest.raises(ImageReadError) as err:
+        load_image(tmp_path / "sliver.png")
+    assert "sliver.png" in str(err.value)
+
+
+def _png_claiming(tmp_path: Path, name: str, width: int, height: int) -> Path:
+    """A valid 16x16 PNG whose IHDR is patched to claim width x height (CRC fixed)."""
+    src = tmp_path / f"{name}-src.png"
+    Image.new("L", (16, 16), 90).save(src)
+    data = bytearray(src.read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    out = tmp_path / f"{name}.png"
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("side", [50_000, 12_000])
+def test_decompression_bomb_is_rejected_quickly(tmp_path: Path, side: int) -> None:
+    # 50000^2 is far beyond Pillow's own hard limit; 12000^2 is beyond MAX_PIXELS but only in
+    # Pillow's warning range, so our own check must catch it.
+    assert side * side > MAX_PIXELS
+    bomb = _png_claiming(tmp_path, f"bomb{side}", side, side)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    t0 = time.perf_counter()
+    with pytest.raises(ImageReadError) as err:
+        load_image(bomb)
+    elapsed = time.perf_counter() - t0
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert "decompression bomb" in str(err.value).lower()
+    assert str(bomb) in str(err.value)
+    assert elapsed < 2.0
+    # Decoding would need side*side bytes (144 MB or 2.5 GB); the peak must not grow near that.
+    assert (rss_after - rss_before) * 1024 < side * side // 4
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("a.png", True), ("a.PNG", True), ("b.JPG", True), ("b.jpg", True), ("c.jpeg", True), ("c.JPEG", True),
+    ("._foo.png", False), ("._IM-0001.jpeg", False), (".DS_Store", False), ("meta.xlsx", False),
+    ("notes.txt", False), ("scan.dcm", False), ("x.gif", False), ("png", False),
+])
+def test_is_image_file(name: str, expected: bool) -> None:
+    assert is_image_file(Path("/data/x") / name) is expected
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    import hashlib
+
+    p = write_image(tmp_path / "h.png", seed=9)
+    assert sha256_file(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert sha256_file(p, chunk=7) == sha256_file(p)
+
+
+def test_read_image_size(tmp_path: Path) -> None:
+    p = write_image(tmp_path / "s.png", seed=1, size=(30, 50))
+    assert read_image_size(p) == (50, 30)
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (300, 200), (20, 90)])
+@pytest.mark.parametrize("size", [16, 64])
+def test_resize_uint8_shape_and_dtype(shape: tuple[int, int], size: int) -> None:
+    img = make_gray(2, shape)
+    out = resize_uint8(img, size)
+    assert out.shape == (size, size) and out.dtype == np.uint8
+    # Brightness is preserved approximately.
+    assert abs(float(out.mean()) - float(img.mean())) < 10
+
+
+def test_resize_uint8_constant_and_identity() -> None:
+    const = np.full((50, 70), 77, dtype=np.uint8)
+    assert (resize_uint8(const, 32) == 77).all()
+    img = make_gray(1, (32, 32))
+    np.testing.assert_array_equal(resize_uint8(img, 32), img)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((10, 10), dtype=np.float32), np.zeros((10, 10, 3), dtype=np.uint8),
+                                 np.zeros((10, 10), dtype=np.uint16)])
+def test_resize_uint8_rejects_other_arrays(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError):
+        resize_uint8(bad, 8)
+
+
+# --------------------------------------------------------------------------- stacks
+
+
+def _files(tmp_path: Path, n: int) -> list[Path]:
+    paths = []
+    for i in range(n):
+        suffix = ".png" if i % 3 else ".jpg"
+        paths.append(write_image(tmp_path / f"img{i:03d}{suffix}", seed=i, size=(40 + i % 5, 36 + i % 7)))
+    return paths
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_load_resized_stack_matches_single_loads(tmp_path: Path, workers: int) -> None:
+    paths = _files(tmp_path, 40)
+    stack = load_resized_stack(paths, 24, workers=workers)
+    assert stack.shape == (40, 24, 24) and stack.dtype == np.uint8
+    for i in (0, 1, 17, 39):
+        np.testing.assert_array_equal(stack[i], resize_uint8(load_image(paths[i]), 24))
+
+
+def test_load_resized_stack_empty(tmp_path: Path) -> None:
+    out = load_resized_stack([], 16, workers=1)
+    assert out.shape == (0, 16, 16) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("workers,n", [(1, 10), (2, 40)])
+def test_load_resized_stack_names_bad_file(tmp_path: Path, workers: int, n: int) -> None:
+    paths = _files(tmp_path, n)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    paths.insert(n // 2, bad)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageReadError) as err:
+        load_resized_stack(paths, 16, workers=workers)
+    assert time.perf_counter() - t0 < 30
+    assert err.value.path == str(bad)
+    assert str(bad) in str(err.value)

@@ -1,0 +1,538 @@
+"""Tests for covid_cxr.manifest: byte-duplicate removal, patient groups, patient-level splits,
+the files a build writes (and does not write when it fails), and a build of the real collection."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REAL_SOURCES, write_image
+from covid_cxr.config import TASKS, DataConfig
+from covid_cxr.errors import DatasetError
+from covid_cxr import manifest as manifest_mod
+from covid_cxr.manifest import (MANIFEST_COLUMNS, SPLITS, UNUSED, assign_groups, build, check_patient_disjoint,
+                                read_manifest, remove_byte_duplicates)
+
+REQUIRED = ["path", "label", "source", "patient_id", "view", "sha256", "width", "height", "split"]
+LABELS = list(TASKS["covid-vs-normal"])
+OUTPUT_FILES = {"manifest.csv", "ingest_report.json", "dropped.csv", "dataset.json", "build_config.yaml"}
+
+_seed = iter(range(10_000, 10**9))
+
+
+def _size(seed: int) -> tuple[int, int]:
+    """Varied small image sizes (height, width) so width/height columns are checked for real."""
+    return 32 + seed % 17, 30 + (seed * 7) % 23
+
+
+def folder_source(root: Path, counts: dict[str, int]) -> Path:
+    """Generic ROOT/<label>/*.png source with distinct images (distinct seeds -> distinct bytes)."""
+    for label, n in counts.items():
+        for i in range(n):
+            s = next(_seed)
+            write_image(root / label / f"{label}-{i:03d}.png", seed=s, size=_size(s))
+    return root
+
+
+def cohen_source(root: Path, patients: dict[str, tuple[str, int] | list[tuple[str, int]]],
+                 shared: dict[str, tuple[str, list[str]]] = {}) -> Path:
+    """A Cohen-style source: metadata.csv + images/. ``patients``: id -> (finding, number of images), or a
+    list of those for a patient with several findings; ``shared``: file name -> (finding, [patient ids])
+    for an image listed once per id. Images are named p<id>-<k>.png."""
+    rows = []
+    for pid, spec in patients.items():
+        k = 0
+        for finding, n in (spec if isinstance(spec, list) else [spec]):
+            for _ in range(n):
+                name = f"p{pid}-{k}.png"
+                k += 1
+                s = next(_seed)
+                write_image(root / "images" / name, seed=s, size=_size(s))
+                rows.append({"patientid": pid, "finding": finding, "view": "PA", "modality": "X-ray",
+                             "folder": "images", "filename": name})
+    for name, (finding, pids) in shared.items():
+        s = next(_seed)
+        write_image(root / "images" / name, seed=s, size=_size(s))
+        for pid in pids:
+            rows.append({"patientid": pid, "finding": finding, "view": "AP", "modality": "X-ray",
+                         "folder": "images", "filename": name})
+    with open(root / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["patientid", "finding", "view", "modality", "folder", "filename"])
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def cfg(sources: dict[str, Path], out: Path, **kw) -> DataConfig:
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    return DataConfig(sources=tuple((n, str(p)) for n, p in sources.items()), out=str(out), **kw)
+
+
+def load(out: Path) -> pd.DataFrame:
+    df, _ = read_manifest(out)
+    return df
+
+
+def assert_patient_disjoint(df: pd.DataFrame) -> None:
+    """Independent check: no group, no (source, patient id) and no single id of a multi-id row in two splits."""
+    used = df[df["split"].isin(SPLITS)]
+    assert (used.groupby("group")["split"].nunique() <= 1).all()
+    assert (used.groupby(["source", "patient_id"])["split"].nunique() <= 1).all()
+    splits_of: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for source, pids, split in zip(used["source"], used["patient_id"], used["split"]):
+        for pid in str(pids).split(";"):
+            splits_of[(source, pid)].add(split)
+    shared = {k: v for k, v in splits_of.items() if len(v) > 1}
+    assert not shared, shared
+
+
+# --------------------------------------------------------------------------- byte duplicates
+
+
+def _dup_frame() -> pd.DataFrame:
+    return pd.DataFrame([
+        # Radiography paths sort before Cohen's: the source priority, not the path, must decide.
+        {"path": "/a/COVID-1.png", "label": "covid", "source": "radiography", "sha256": "X", "patient_id": "a"},
+        {"path": "/c/img1.png", "label": "covid", "source": "cohen", "sha256": "X", "patient_id": "1"},
+        {"path": "/a/Normal-5.png", "label": "normal", "source": "radiography", "sha256": "Y", "patient_id": "b"},
+        {"path": "/m/IM-1.jpeg", "label": "normal", "source": "mooney", "sha256": "Z", "patient_id": "IM-1"},
+        {"path": "/c/img2.png", "label": "covid", "source": "cohen", "sha256": "Y", "patient_id": "2"},
+        {"path": "/x/unique.png", "label": "normal", "source": "hospital", "sha256": "W", "patient_id": "u"},
+        {"path": "/x/copy.png", "label": "normal", "source": "hospital", "sha256": "W", "patient_id": "v"},
+    ])
+
+
+def test_remove_byte_duplicates_prefers_higher_priority_source() -> None:
+    df = _dup_frame()
+    kept, dropped, notes = remove_byte_duplicates(df)
+    assert kept["sha256"].is_unique and set(kept["sha256"]) == set(df["sha256"])
+    assert set(kept["path"]) == {"/c/img1.png", "/c/img2.png", "/m/IM-1.jpeg", "/x/copy.png"}
+    assert list(kept.columns) == list(df.columns)
+    # Original row order is kept among the survivors.
+    assert list(kept.index) == sorted(kept.index)
+    by_item = {d["item"]: d for d in dropped}
+    assert set(by_item) == {"/a/COVID-1.png", "/a/Normal-5.png", "/x/unique.png"}
+    assert by_item["/a/COVID-1.png"]["source"] == "radiography"
+    assert "/c/img1.png" in by_item["/a/COVID-1.png"]["reason"]
+    assert "cohen" in by_item["/a/COVID-1.png"]["reason"]
+    assert "byte-identical" in by_item["/a/COVID-1.png"]["reason"]
+    assert "/c/img2.png" in by_item["/a/Normal-5.png"]["reason"]
+    # Same source: the first path (sorted) wins.
+    assert "/x/copy.png" in by_item["/x/unique.png"]["reason"]
+    # Exactly one label conflict (Y: radiography normal vs cohen covid), naming both files.
+    assert len(notes) == 1
+    assert "/a/Normal-5.png" in notes[0] and "/c/img2.png" in notes[0] and "'covid'" in notes[0]
+
+
+def test_remove_byte_duplicates_no_duplicates_is_identity() -> None:
+    df = _dup_frame().drop_duplicates("sha256")
+    kept, dropped, notes = remove_byte_duplicates(df)
+    pd.testing.assert_frame_equal(kept, df)
+    assert dropped == [] and notes == []
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def test_assign_groups_joins_multi_id_rows() -> None:
+    df = pd.DataFrame([
+        ("cohen", "285", "s1"), ("cohen", "339", "s2"), ("cohen", "285;339", "s3"), ("cohen", "340", "s4"),
+        ("radiography", "285", "s5"), ("cohen", "400;401", "s6"), ("cohen", "401;402", "s7"), ("cohen", "402", "s8"),
+        ("cohen", "", "s9"), ("cohen", "", "s10"), ("cohen", " 339 ", "s11"), ("cohen", "285", "s12"),
+    ], columns=["source", "patient_id", "sha256"], index=range(100, 112))
+    g = assign_groups(df)
+    assert list(g.index) == list(df.index)
+    by_sha = dict(zip(df["sha256"], g))
+    assert by_sha["s1"] == by_sha["s2"] == by_sha["s3"] == by_sha["s11"] == by_sha["s12"]
+    assert by_sha["s4"] != by_sha["s1"]
+    assert by_sha["s5"] != by_sha["s1"]  # patient ids are per source
+    assert by_sha["s6"] == by_sha["s7"] == by_sha["s8"] != by_sha["s1"]
+    assert by_sha["s9"] != by_sha["s10"]  # no id: each image alone
+    assert len({by_sha[s] for s in ("s1", "s4", "s5", "s6", "s9", "s10")}) == 6
+
+
+def test_assign_groups_order_of_rows_does_not_matter_for_membership() -> None:
+    df = pd.DataFrame([("cohen", "285;339", "a"), ("cohen", "339", "b"), ("cohen", "285", "c"),
+                       ("cohen", "7", "d")], columns=["source", "patient_id", "sha256"])
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]):
+        sub = df.iloc[order]
+        g = dict(zip(sub["sha256"], assign_groups(sub)))
+        assert g["a"] == g["b"] == g["c"] != g["d"]
+
+
+# --------------------------------------------------------------------------- check_patient_disjoint
+
+
+def _crafted() -> pd.DataFrame:
+    return pd.DataFrame({
+        "path": [f"/d/{i}.png" for i in range(6)],
+        "label": ["covid", "covid", "normal", "normal", "covid", "normal"],
+        "source": ["cohen"] * 6,
+        "patient_id": ["1", "2", "3", "4", "5", "6"],
+        "sha256": [f"h{i}" for i in range(6)],
+        "group": [0, 1, 2, 3, 4, 5],
+        "split": ["train", "train", "val", "test", "test", UNUSED],
+    })
+
+
+def test_check_patient_disjoint_accepts_clean_manifest() -> None:
+    check_patient_disjoint(_crafted())
+
+
+def test_check_patient_disjoint_same_patient_in_train_and_test() -> None:
+    df = _crafted()
+    df.loc[4, "patient_id"] = "1"  # patient 1 now in train (row 0) and test (row 4), different groups
+    with pytest.raises(DatasetError) as err:
+        check_patient_disjoint(df)
+    assert "cohen:1" in str(err.value)
+
+
+def test_check_patient_disjoint_same_group_in_two_splits() -> None:
+    df = _crafted()
+    df.loc[3, "group"] = 2  # rows 2 (val) and 3 (test) now share a group
+    with pytest.raises(DatasetError, match="more than one split"):
+        check_patient_disjoint(df)
+
+
+def test_check_patient_disjoint_ignores_unused_rows() -> None:
+    df = _crafted()
+    df.loc[5, ["patient_id", "group"]] = ["1", 0]  # patient 1 in train and unused: allowed
+    check_patient_disjoint(df)
+
+
+def test_check_patient_disjoint_rejects_repeated_sha() -> None:
+    df = _crafted()
+    df.loc[1, "sha256"] = "h0"
+    with pytest.raises(DatasetError, match="byte-identical"):
+        check_patient_disjoint(df)
+
+
+# --------------------------------------------------------------------------- build on synthetic sources
+
+
+@pytest.fixture(scope="module")
+def mixed_sources(tmp_path_factory) -> dict:
+    """A generic folder source (singletons) and a Cohen-style source with multi-image patients."""
+    base = tmp_path_factory.mktemp("sources")
+    hospital = folder_source(base / "hospital", {"covid": 20, "normal": 30, "pneumonia": 5})
+    patients = {f"{i}": ("COVID-19", 1 + i % 3) for i in range(1, 13)}
+    patients.update({f"{i}": ("No Finding", 2) for i in range(50, 58)})
+    patients.update({"285": ("COVID-19", 2), "339": ("COVID-19, ARDS", 1), "90": ("Pneumonia", 2)})
+    # A patient with in-task and out-of-task images: the pneumonia image must stay unused
+    # although its patient group is assigned to a split.
+    patients["77"] = [("COVID-19", 2), ("Pneumonia", 1)]
+    cohen = cohen_source(base / "cohen", patients, shared={"000001-24.png": ("COVID-19", ["285", "339"])})
+    counts = {"covid": 20 + sum(n for spec in patients.values() for f, n in (spec if isinstance(spec, list)
+                                                                             else [spec]) if f.startswith("COVID"))
+              + 1, "normal": 30 + 16, "pneumonia": 5 + 2 + 1}
+    return {"sources": {"cohen": cohen, "folder": hospital}, "counts": counts}
+
+
+@pytest.fixture(scope="module")
+def mixed_build(mixed_sources, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ds") / "dataset"
+    c = cfg(mixed_sources["sources"], out, test_per_class=10, val_fraction=0.2, train_size=1000, seed=3)
+    report = build(c)
+    return {"out": out, "report": report, "cfg": c, "df": load(out)}
+
+
+def test_build_writes_all_files(mixed_build) -> None:
+    out = mixed_build["out"]
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    df = mixed_build["df"]
+    assert list(df.columns) == MANIFEST_COLUMNS and set(REQUIRED) <= set(df.columns)
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert report == json.loads(json.dumps(mixed_build["report"]))
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["labels"] == LABELS and meta["task"] == "covid-vs-normal"
+    for split in SPLITS:
+        for lab in LABELS:
+            n = int(((df["split"] == split) & (df["label"] == lab)).sum())
+            assert meta["splits"][split][lab] == report["splits"][split][lab] == n
+    assert yaml.safe_load((out / "build_config.yaml").read_text()) == mixed_build["cfg"].to_dict()
+    dropped = pd.read_csv(out / "dropped.csv", keep_default_na=False)
+    assert list(dropped.columns) == ["source", "item", "reason"]
+    assert report["not_used_total"] == len(dropped)
+
+
+def test_build_manifest_content(mixed_build, mixed_sources) -> None:
+    df = mixed_build["df"]
+    counts = mixed_sources["counts"]
+    assert df["sha256"].is_unique
+    assert df["path"].is_unique
+    assert df["label"].value_counts().to_dict() == counts
+    for row in df.sample(12, random_state=0).itertuples():
+        data = Path(row.path).read_bytes()
+        assert row.sha256 == hashlib.sha256(data).hexdigest()
+        with Image.open(row.path) as img:
+            assert (row.width, row.height) == img.size
+    assert set(df["source"]) == {"cohen", "hospital"}
+    assert set(df["split"]) <= set(SPLITS) | {UNUSED}
+    # The shared Cohen image is one row carrying both ids.
+    shared = df[df["path"].str.endswith("000001-24.png")]
+    assert len(shared) == 1 and shared["patient_id"].iloc[0] == "285;339"
+
+
+def test_build_exact_test_size_and_patient_disjoint(mixed_build) -> None:
+    df = mixed_build["df"]
+    test = df[df["split"] == "test"]
+    for lab in LABELS:
+        assert int((test["label"] == lab).sum()) == 10
+    assert_patient_disjoint(df)
+    # All images of patients 285 and 339 (joined by the shared image) fall in one split.
+    cohen = df[df["source"] == "cohen"]
+    joined = cohen[cohen["patient_id"].isin(["285", "339", "285;339"])]
+    assert len(joined) == 4 and joined["split"].nunique() == 1 and joined["group"].nunique() == 1
+    # Multi-image patients exist in the used splits, so the check above is not vacuous.
+    used = df[df["split"].isin(SPLITS)]
+    assert (used.groupby("group").size() > 1).any()
+
+
+def test_build_labels_outside_task_are_unused(mixed_build, mixed_sources) -> None:
+    df = mixed_build["df"]
+    other = df[~df["label"].isin(LABELS)]
+    assert len(other) == mixed_sources["counts"]["pneumonia"]
+    assert (other["split"] == UNUSED).all()
+    report = mixed_build["report"]
+    assert report["unused_in_manifest"]["label not in task"] == len(other)
+    p77 = df[(df["source"] == "cohen") & (df["patient_id"] == "77")]
+    assert sorted(p77["label"]) == ["covid", "covid", "pneumonia"] and p77["group"].nunique() == 1
+    assert p77.loc[p77["label"] == "covid", "split"].iloc[0] in SPLITS
+
+
+def test_build_val_fraction_with_uncapped_train(mixed_build) -> None:
+    df = mixed_build["df"]
+    in_task = df[df["label"].isin(LABELS)]
+    max_group = int(in_task.groupby("group").size().max())
+    for lab in LABELS:
+        rows = in_task[in_task["label"] == lab]
+        n_train, n_val = int((rows["split"] == "train").sum()), int((rows["split"] == "val").sum())
+        dev = n_train + n_val
+        assert abs(n_val - 0.2 * dev) <= max_group, (lab, n_train, n_val)
+        # train_size is not binding: every in-task image is used unless a whole group could not fit.
+        assert int((rows["split"] == UNUSED).sum()) < max_group
+
+
+@pytest.mark.parametrize("train_size,val_fraction", [(10, 0.2), (19, 0.1), (21, 0.0), (23, 0.1), (31, 0.3)])
+def test_build_train_size_cap(tmp_path: Path, train_size: int, val_fraction: float) -> None:
+    src = folder_source(tmp_path / "site", {"covid": 30, "normal": 30})
+    out = tmp_path / "ds"
+    report = build(cfg({"folder": src}, out, test_per_class=5, val_fraction=val_fraction, train_size=train_size))
+    df = load(out)
+    n_train = int((df["split"] == "train").sum())
+    n_val = int((df["split"] == "val").sum())
+    assert train_size - len(LABELS) <= n_train <= train_size
+    if val_fraction == 0:
+        assert n_val == 0
+    else:
+        assert abs(n_val - val_fraction * (n_train + n_val)) <= len(LABELS)
+    # The cap leaves in-task images unused, and the report counts them.
+    n_unused = int((df["split"] == UNUSED).sum())
+    assert n_unused == 60 - 10 - n_train - n_val > 0
+    assert report["unused_in_manifest"]["beyond --train-size or not fitting a split"] == n_unused
+    assert report["splits"]["train"] == {lab: int(((df["split"] == "train") & (df["label"] == lab)).sum())
+                                         for lab in LABELS}
+
+
+def test_build_only_multi_image_patients_stays_disjoint(tmp_path: Path) -> None:
+    patients = {f"c{i}": ("COVID-19", 1 + i % 4) for i in range(20)}
+    patients.update({f"n{i}": ("No Finding", 1 + (i + 1) % 3) for i in range(20)})
+    src = cohen_source(tmp_path / "cohen", patients)
+    for seed in range(3):
+        out = tmp_path / f"ds{seed}"
+        build(cfg({"cohen": src}, out, test_per_class=6, val_fraction=0.2, seed=seed))
+        df = load(out)
+        assert_patient_disjoint(df)
+        test = df[df["split"] == "test"]
+        for lab in LABELS:
+            assert 0 < int((test["label"] == lab).sum()) <= 6
+
+
+def test_build_deterministic_per_seed(mixed_sources, tmp_path: Path) -> None:
+    kw = dict(test_per_class=10, val_fraction=0.2, train_size=1000)
+    build(cfg(mixed_sources["sources"], tmp_path / "a", seed=7, **kw))
+    build(cfg(mixed_sources["sources"], tmp_path / "b", seed=7, workers=2, **kw))
+    build(cfg(mixed_sources["sources"], tmp_path / "c", seed=8, **kw))
+    a = (tmp_path / "a" / "manifest.csv").read_bytes()
+    assert a == (tmp_path / "b" / "manifest.csv").read_bytes()
+    assert a != (tmp_path / "c" / "manifest.csv").read_bytes()
+    da, dc = load(tmp_path / "a"), load(tmp_path / "c")
+    assert list(da["path"]) == list(dc["path"])
+    test_a = set(da.loc[da["split"] == "test", "path"])
+    test_c = set(dc.loc[dc["split"] == "test", "path"])
+    assert test_a != test_c
+
+
+def test_build_too_few_images(tmp_path: Path) -> None:
+    src = folder_source(tmp_path / "site", {"covid": 13, "normal": 40})
+    out = tmp_path / "ds"
+    with pytest.raises(DatasetError) as err:
+        build(cfg({"folder": src}, out, test_per_class=12))
+    msg = str(err.value)
+    assert "only 13 'covid'" in msg and "12" in msg
+    assert not out.exists()
+    # 11 test images + 2 for training fit the 13 available.
+    build(cfg({"folder": src}, out, test_per_class=11))
+    assert (out / "manifest.csv").is_file()
+
+
+def test_build_unreadable_image_is_reported(tmp_path: Path) -> None:
+    src = folder_source(tmp_path / "site", {"covid": 12, "normal": 12})
+    bad = src / "covid" / "corrupt.png"
+    good = (src / "covid" / "covid-000.png").read_bytes()
+    bad.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "ds"
+    report = build(cfg({"folder": src}, out, test_per_class=4))
+    df = load(out)
+    assert str(bad.resolve()) not in set(df["path"])
+    assert len(df) == 24
+    dropped = pd.read_csv(out / "dropped.csv", keep_default_na=False)
+    rows = dropped[dropped["item"] == str(bad.resolve())]
+    assert len(rows) == 1 and rows["reason"].iloc[0].startswith("unreadable image")
+    assert rows["source"].iloc[0] == "site"
+    on_disk = json.loads((out / "ingest_report.json").read_text())
+    assert any(k.startswith("unreadable image") for k in on_disk["not_used_by_reason"])
+    assert sum(v for k, v in on_disk["sources"]["site"]["not_used"].items() if k.startswith("unreadable")) == 1
+    assert on_disk == json.loads(json.dumps(report))
+
+
+def test_build_byte_duplicate_across_sources(tmp_path: Path) -> None:
+    patients = {f"{i}": ("COVID-19", 1) for i in range(8)}
+    patients.update({f"{i}": ("No Finding", 1) for i in range(20, 28)})
+    cohen = cohen_source(tmp_path / "zz-cohen", patients)  # its paths sort after radiography's
+    radio = tmp_path / "radiography" / "COVID-19_Radiography_Dataset"
+    for i in range(6):
+        s = next(_seed)
+        write_image(radio / "COVID" / f"COVID-{i + 10}.png", seed=s)
+        write_image(radio / "Normal" / f"Normal-{i + 10}.png", seed=s + 1_000_000)
+    shutil.copy(cohen / "images" / "p0-0.png", radio / "COVID" / "COVID-1.png")     # same label
+    shutil.copy(cohen / "images" / "p1-0.png", radio / "Normal" / "Normal-1.png")   # label conflict
+    out = tmp_path / "ds"
+    # radiography listed first: priority, not order, decides which copy stays.
+    report = build(cfg({"radiography": tmp_path / "radiography", "cohen": cohen}, out, test_per_class=4))
+    df = load(out)
+    paths = set(df["path"])
+    for name in ("p0-0.png", "p1-0.png"):
+        assert str((cohen / "images" / name).resolve()) in paths
+    assert str((radio / "COVID" / "COVID-1.png").resolve()) not in paths
+    assert str((radio / "Normal" / "Normal-1.png").resolve()) not in paths
+    assert df["sha256"].is_unique
+    dropped = pd.read_csv(out / "dropped.csv", keep_default_na=False)
+    dup = dropped[dropped["reason"].str.startswith("byte-identical")]
+    assert len(dup) == 2 and set(dup["source"]) == {"radiography"}
+    reason = dup.loc[dup["item"].str.endswith("COVID-1.png"), "reason"].iloc[0]
+    assert str((cohen / "images" / "p0-0.png").resolve()) in reason and "(cohen)" in reason
+    assert len(report["label_conflicts"]) == 1 and "Normal-1.png" in report["label_conflicts"][0]
+    kept = df[df["path"] == str((cohen / "images" / "p1-0.png").resolve())]
+    assert kept["label"].iloc[0] == "covid"
+
+
+# --------------------------------------------------------------------------- atomicity
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_failed_build_leaves_previous_dataset(tmp_path: Path, monkeypatch) -> None:
+    src = folder_source(tmp_path / "site", {"covid": 14, "normal": 14})
+    out = tmp_path / "ds"
+    build(cfg({"folder": src}, out, test_per_class=4, seed=0))
+    before = _snapshot(out)
+    assert set(before) == OUTPUT_FILES
+
+    def boom(*args, **kwargs):
+        raise DatasetError("split failed on purpose")
+
+    monkeypatch.setattr(manifest_mod, "split_by_patient", boom)
+    with pytest.raises(DatasetError, match="on purpose"):
+        build(cfg({"folder": src}, out, test_per_class=4, seed=1))
+    monkeypatch.undo()
+    assert _snapshot(out) == before
+
+    # Too few images: also refused before anything is written.
+    with pytest.raises(DatasetError):
+        build(cfg({"folder": src}, out, test_per_class=13, seed=2))
+    assert _snapshot(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".") or ".tmp" in p.name]
+
+    # A successful rebuild replaces the files and leaves no temporary file either.
+    build(cfg({"folder": src}, out, test_per_class=5, seed=0))
+    after = _snapshot(out)
+    assert set(after) == OUTPUT_FILES
+    assert after["manifest.csv"] != before["manifest.csv"]
+
+
+# --------------------------------------------------------------------------- real collection
+
+
+@pytest.fixture(scope="module")
+def real_build(real_data: Path, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("real") / "dataset"
+    sources = {name: real_data / "sources" / folder for name, folder in REAL_SOURCES.items()}
+    c = DataConfig(sources=tuple((n, str(p)) for n, p in sources.items()), out=str(out), workers=2,
+                   progress=False)
+    t0 = time.perf_counter()
+    report = build(c)
+    elapsed = time.perf_counter() - t0
+    return {"out": out, "report": report, "cfg": c, "elapsed": elapsed, "df": load(out)}
+
+
+@pytest.mark.integration
+def test_real_build(real_build, real_data: Path) -> None:
+    df, report, c = real_build["df"], real_build["report"], real_build["cfg"]
+    assert real_build["elapsed"] < 60
+    assert c.test_per_class == 200
+    test = df[df["split"] == "test"]
+    for lab in LABELS:
+        assert int((test["label"] == lab).sum()) == c.test_per_class
+        assert report["splits"]["test"][lab] == c.test_per_class
+    assert_patient_disjoint(df)
+    assert df["sha256"].is_unique
+    root = real_data.resolve()
+    for p in df["path"]:
+        path = Path(p)
+        assert path.is_file(), p
+        assert root in path.resolve().parents
+    inventory = pd.read_csv(real_data / "inventory.csv", dtype=str, keep_default_na=False)
+    inv_sha = dict(zip((root / inventory["relative_path"]).map(str), inventory["sha256"]))
+    assert all(inv_sha[p] == s for p, s in zip(df["path"], df["sha256"]))
+    # Train and val exist for both classes and stay within the requested training size.
+    for split in ("train", "val"):
+        assert all(report["splits"][split][lab] > 0 for lab in LABELS)
+    assert int((df["split"] == "train").sum()) <= c.train_size
+    warnings_ = report["warnings"]
+    assert any("mooney" in w and "pediatric" in w for w in warnings_)
+    assert any("'normal'" in w and "'radiography'" in w for w in warnings_)
+    assert set(report["sources"]) == set(REAL_SOURCES)
+    # Every real source contributes rows to the manifest.
+    assert set(df["source"]) == set(REAL_SOURCES)
+
+
+@pytest.mark.integration
+def test_real_build_accounts_for_every_image(real_build, real_data: Path) -> None:
+    df, out = real_build["df"], real_build["out"]
+    inventory = pd.read_csv(real_data / "inventory.csv", dtype=str, keep_default_na=False)
+    root = real_data.resolve()
+    all_images = {str(root / p) for p in inventory["relative_path"]}
+    dropped = pd.read_csv(out / "dropped.csv", keep_default_na=False)
+    dropped_files = {i for i in dropped["item"] if Path(i).is_file()}
+    assert set(df["path"]) | dropped_files == all_images
+    assert not set(df["path"]) & dropped_files
+    # The images Cohen lists under two patient ids are one row and one group.
+    for ids in ("285;339", "287;340"):
+        rows = df[(df["source"] == "cohen") & (df["patient_id"] == ids)]
+        assert len(rows) == 1
+        members = df[(df["source"] == "cohen") & df["patient_id"].isin(ids.split(";") + [ids])]
+        assert members["group"].nunique() == 1
