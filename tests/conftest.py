@@ -90,3 +90,27 @@ def tiny_run(phantom_dataset, tmp_path_factory) -> Path:
     run(TrainConfig(data=str(phantom_dataset), out=str(out), epochs=1, image_size=32, batch_size=16,
                     weights="none", progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def learned_phantom_run(tmp_path_factory) -> Path:
+    """A model trained from scratch on phantoms until it has learned them (8 epochs at 64 px, ~30 s).
+
+    Shared by the learning test and by tests that need a model which looks at the lesions
+    (explanations, shortcut audit). Layout: <root>/synthetic-phantoms, <root>/dataset, <root>/run.
+    """
+    from covid_cxr.config import DataConfig, TrainConfig
+    from covid_cxr.manifest import build
+    from covid_cxr.phantoms import generate_phantoms
+    from covid_cxr.train import run
+
+    root = tmp_path_factory.mktemp("learned")
+    src = root / "synthetic-phantoms"
+    generate_phantoms(src, 160, size=128, seed=11)
+    data = root / "dataset"
+    build(DataConfig(sources=(("folder", str(src)),), out=str(data), test_per_class=40, val_fraction=0.15,
+                     train_size=400, seed=0, workers=1, progress=False))
+    out = root / "run"
+    run(TrainConfig(data=str(data), out=str(out), epochs=8, image_size=64, batch_size=32, weights="none",
+                    lr=2e-3, warmup_epochs=0.5, patience=0, progress=False))
+    return out

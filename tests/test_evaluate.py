@@ -96,6 +96,7 @@ def test_predict_agrees_with_evaluate(evaluated):
 def test_unreadable_test_image_stops_evaluation(tiny_run, phantom_dataset, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(phantom_dataset, data)
+    shutil.rmtree(data / "cache")  # cached pixels are keyed by content; without them the file is read
     df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")

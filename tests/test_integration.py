@@ -47,6 +47,13 @@ def test_real_pipeline_end_to_end(real_data, tmp_path, capsys):
     assert set(metrics["protocol"]["sources"]) <= set(REAL_SOURCES)
     capsys.readouterr()
 
+    # predict (decoding each original file) agrees with evaluate (decoding in bulk) on real images
+    ev = pd.read_csv(out / "predictions.csv").head(10)
+    agree = tmp_path / "agree.csv"
+    assert main(["predict", "--run", str(run), *ev["path"], "--out", str(agree)]) == 0
+    pr = pd.read_csv(agree).set_index("path").loc[ev["path"]]
+    assert abs(pr["prob_covid"].to_numpy() - ev["prob_covid"].to_numpy()).max() < 1e-5
+
     images = real_data / "sources" / REAL_SOURCES["mooney"] / "chest_xray" / "train" / "NORMAL"
     preds = tmp_path / "preds.json"
     assert main(["predict", "--run", str(run), str(images), "--format", "json", "--out", str(preds)]) == 0

@@ -178,18 +178,10 @@ def test_config_checks():
 
 
 @pytest.mark.slow
-def test_learns_phantoms_from_scratch(tmp_path):
+def test_learns_phantoms_from_scratch(learned_phantom_run):
     """Training from scratch reaches >= 0.9 accuracy on held-out phantoms."""
-    from covid_cxr import evaluate, manifest
-    from covid_cxr.phantoms import generate_phantoms
+    from covid_cxr import evaluate
 
-    src = tmp_path / "synthetic-phantoms"
-    generate_phantoms(src, 160, size=128, seed=11)
-    data = tmp_path / "dataset"
-    manifest.build(DataConfig(sources=(("folder", str(src)),), out=str(data), test_per_class=40,
-                              val_fraction=0.15, train_size=400, seed=0, progress=False))
-    run = tmp_path / "run"
-    train_mod.run(_cfg(data, run, epochs=8, image_size=64, batch_size=32, lr=2e-3, warmup_epochs=0.5))
-    result = evaluate.run(EvalConfig(run=str(run), bootstrap=0))
+    result = evaluate.run(EvalConfig(run=str(learned_phantom_run), bootstrap=0))
     assert result["protocol"]["images"] == 80
     assert result["metrics"]["accuracy"] >= 0.9, result["classification_report"]

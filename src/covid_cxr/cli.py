@@ -9,7 +9,7 @@ import sys
 from typing import Callable
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.config import DataConfig, EvalConfig, PredictConfig, TASKS, TrainConfig, make_config
+from covid_cxr.config import PROTOCOLS, TASKS, DataConfig, EvalConfig, PredictConfig, TrainConfig, make_config
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.sources import READERS
 
@@ -35,7 +35,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_data(sub) -> None:
     data = sub.add_parser("data", help="build datasets from public sources",
                           description="Dataset commands.")
-    dsub = data.add_subparsers(dest="data_command", required=True, metavar="{build}")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="{build,fetch}")
     p = dsub.add_parser(
         "build", help="sources -> manifest with patient-level splits",
         description="Read the public sources, check and hash every image, remove byte-identical copies, split "
@@ -47,16 +47,41 @@ def _add_data(sub) -> None:
     p.add_argument("--source", dest="sources", action="append", type=_source, metavar="NAME=PATH", default=S,
                    help="a source folder; repeat for each source")
     p.add_argument("--out", metavar="DATASET_DIR", default=S, help="dataset folder to write (required)")
-    p.add_argument("--task", choices=list(TASKS), default=S, help="classes (default covid-vs-normal: normal=0, covid=1)")
+    p.add_argument("--task", choices=list(TASKS), default=S,
+                   help="classes: " + "; ".join(f"{k}: {t.description}" for k, t in TASKS.items()))
     p.add_argument("--test-per-class", type=int, default=S, help="test images per class (default 200)")
     p.add_argument("--val-fraction", type=float, default=S,
                    help="fraction of the non-test images held out for validation (default 0.1)")
     p.add_argument("--train-size", type=int, default=S, help="training images at most (default 850)")
     p.add_argument("--seed", type=int, default=S, help="seed of the split (default 0)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default=S,
+                   help="patient: random split by patient (default); leave-source-out: the test split is the whole "
+                        "--test-source, never seen in training (external validation)")
+    p.add_argument("--test-source", default=S, metavar="NAME", help="source held out with --protocol leave-source-out")
+    p.add_argument("--max-source-share", type=float, default=S, metavar="F",
+                   help="cap any one source's share of a class (e.g. 0.6); surplus images are counted as unused")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false", default=S,
+                   help="keep near-duplicate images (not recommended: copies then leak across splits)")
+    p.add_argument("--cache-size", type=int, default=S, metavar="PX",
+                   help="shorter side of the preprocessed image cache in DATASET_DIR/cache (default 256; 0 = none)")
     p.add_argument("--workers", type=int, default=S, help="processes for checking images (default: CPU count)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
     _add_common(p)
     p.set_defaults(func=_cmd_data_build)
+    f = dsub.add_parser(
+        "fetch", help="download a public source",
+        description="Download a source into the layout `data build` reads. cohen: GitHub repository archive with "
+                    "resume and checksum; mooney, radiography: Kaggle (needs the kaggle package and credentials, "
+                    "otherwise the exact manual steps are printed).")
+    f.add_argument("source", choices=["cohen", "mooney", "radiography"], help="which source")
+    f.add_argument("--out", metavar="PATH", default=S, help="folder to create (required)")
+    f.add_argument("--url", default=S, help="archive URL (cohen; default: the GitHub master archive)")
+    f.add_argument("--sha256", default=S, help="expected SHA-256 of the archive")
+    f.add_argument("--overwrite", action="store_true", default=S, help="replace a non-empty --out")
+    f.add_argument("--timeout", type=float, default=S, help="network timeout in seconds (default 60)")
+    f.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
+    _add_common(f)
+    f.set_defaults(func=_cmd_data_fetch)
 
 
 def _add_train(sub) -> None:
@@ -149,6 +174,15 @@ def _cmd_data_build(args) -> int:
     cfg = make_config(DataConfig, _options(args), args.config)
     report = manifest.build(cfg)
     print(manifest.format_report(report, cfg.out))
+    return 0
+
+
+def _cmd_data_fetch(args) -> int:
+    from covid_cxr import fetch
+
+    summary = fetch.run(make_config(fetch.FetchConfig, _options(args), args.config))
+    print(json.dumps({k: v for k, v in summary.items() if k != "next"}, indent=2))
+    print(f"next: covid-cxr data build {summary['next']} ... --out DATASET_DIR")
     return 0
 
 

@@ -17,10 +17,34 @@ import yaml
 
 from covid_cxr.errors import CovidCxrError
 
-TASKS: dict[str, tuple[str, ...]] = {
-    "covid-vs-normal": ("normal", "covid"),
+@dataclass(frozen=True)
+class Task:
+    """A classification task: its classes in index order and how source labels map onto them."""
+
+    classes: tuple[str, ...]
+    mapping: Mapping[str, str]
+    """Manifest label (normal, covid, pneumonia, other) -> class; labels not listed are outside the task."""
+    description: str = ""
+
+    @property
+    def positive(self) -> str:
+        """The class whose sensitivity and specificity are reported (always covid)."""
+        return "covid"
+
+
+TASKS: dict[str, Task] = {
+    "covid-vs-normal": Task(("normal", "covid"), {"normal": "normal", "covid": "covid"},
+                            "COVID-19 against normal (the original study; normal = 0, covid = 1)"),
+    "covid-vs-rest": Task(("rest", "covid"), {"normal": "rest", "pneumonia": "rest", "other": "rest",
+                                              "covid": "covid"},
+                          "COVID-19 against everything else: normal, other pneumonia and other findings"),
+    "covid-pneumonia-normal": Task(("normal", "covid", "pneumonia"),
+                                   {"normal": "normal", "covid": "covid", "pneumonia": "pneumonia"},
+                                   "three classes: normal, COVID-19, other pneumonia"),
 }
-"""Task name -> class labels in index order (``normal`` = 0, ``covid`` = 1, as in the study)."""
+"""Task name -> :class:`Task`. ``covid`` is class 1 in every task."""
+
+PROTOCOLS = ("patient", "leave-source-out")
 
 WEIGHTS_CHOICES = ("imagenet", "none")
 
@@ -54,12 +78,30 @@ class DataConfig:
     """Training images at most (the study used 850); fewer if fewer are available."""
     seed: int = 0
     """Seed of the patient-level split."""
+    protocol: str = "patient"
+    """'patient' (random by patient, stratified) or 'leave-source-out' (the test split is one whole source)."""
+    test_source: str | None = None
+    """With --protocol leave-source-out: the source held out as the test split."""
+    max_source_share: float = 1.0
+    """Cap on one source's share of a class (e.g. 0.6); surplus images are left out of the task, counted."""
+    dedup: bool = True
+    """Remove near-duplicate images (perceptual hash confirmed by a pixel check) before splitting."""
+    cache_size: int = 256
+    """Shorter side of the preprocessed image cache written to DATASET_DIR/cache (0: no cache)."""
     workers: int = field(default_factory=_default_workers)
     """Processes used to check and hash images."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if (self.protocol == "leave-source-out") != (self.test_source is not None):
+            raise ConfigError("--test-source goes with --protocol leave-source-out (and that protocol needs it)")
+        if not 0.0 < self.max_source_share <= 1.0:
+            raise ConfigError("--max-source-share must be in (0, 1]")
+        if self.cache_size and self.cache_size < 32:
+            raise ConfigError("--cache-size must be 0 (off) or at least 32")
         if not self.sources:
             raise ConfigError("no sources given; pass at least one --source NAME=PATH")
         names = [n for n, _ in self.sources]
@@ -115,8 +157,8 @@ class TrainConfig:
     seed: int = 0
     """Seed of initialisation, shuffling and augmentation."""
     workers: int | None = None
-    """DataLoader worker processes; default 0 on CPU (images are pre-decoded, so loading is cheap and
-    workers would compete with the model for cores), up to 8 on CUDA."""
+    """DataLoader worker processes; default 1 on CPU (one single-threaded worker overlaps augmentation
+    with the model step), up to 8 on CUDA."""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'."""
     amp: bool = True

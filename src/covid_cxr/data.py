@@ -9,13 +9,30 @@ and each rank of a multi-process run draws its own shard.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from covid_cxr.cache import ImageCache, load_model_pixels
 from covid_cxr.transforms import AugmentSpec, PreprocessSpec, augment, normalize
+
+
+def load_rows(rows: pd.DataFrame, dataset_dir: str | Path, spec: PreprocessSpec, workers: int | None = None,
+              progress: bool = False) -> np.ndarray:
+    """Model pixels (N, size, size) uint8 of manifest rows, from the dataset's cache where it has them.
+
+    The cache (``DATASET_DIR/cache``, written by data build) holds preprocessing stage 1, so the
+    pixels equal those of :func:`covid_cxr.transforms.preprocess` on the original file. Images not
+    cached yet are decoded and added. Unreadable files raise ImageReadError naming them.
+    """
+    root = Path(dataset_dir) / "cache"
+    cache = ImageCache(root, spec.base_short_side) if root.is_dir() else None
+    return load_model_pixels(rows["path"].tolist(), rows["sha256"].tolist(), spec.size, spec.base_short_side,
+                             cache=cache, workers=workers, progress=progress)
 
 
 def _seed(*parts: int) -> int:

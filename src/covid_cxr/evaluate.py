@@ -18,9 +18,8 @@ from torch.utils.data import DataLoader
 
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.config import EvalConfig
-from covid_cxr.data import EpochSampler, StackDataset
+from covid_cxr.data import EpochSampler, StackDataset, load_rows
 from covid_cxr.errors import DatasetError
-from covid_cxr.images import load_resized_stack
 from covid_cxr.manifest import atomic_write_text, read_manifest
 from covid_cxr.metrics import bootstrap_ci, confusion, headline_metrics, per_class_report, predicted_labels
 from covid_cxr.model import load_checkpoint, resolve_checkpoint
@@ -59,7 +58,7 @@ def _sample_grid(rows: pd.DataFrame, images: np.ndarray, labels: list[str], seed
     rng = np.random.default_rng(seed)
     grid = {}
     for lab in labels:
-        idx = np.flatnonzero(rows["label"].to_numpy() == lab)
+        idx = np.flatnonzero(rows["target"].to_numpy() == lab)
         pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
         grid[lab] = [(images[i], f"{rows['source'].iloc[i]}") for i in pick]
     return grid
@@ -75,12 +74,12 @@ def run(cfg: EvalConfig) -> dict:
     df, dmeta = read_manifest(data_dir)
     if list(dmeta["labels"]) != labels:
         raise DatasetError(f"{data_dir} has labels {dmeta['labels']} but the model predicts {labels}")
-    rows = df[(df["split"] == cfg.split) & df["label"].isin(labels)].reset_index(drop=True)
+    rows = df[(df["split"] == cfg.split) & df["target"].isin(labels)].reset_index(drop=True)
     if rows.empty:
         raise DatasetError(f"{data_dir}/manifest.csv has no {cfg.split!r} images")
     # Every image is decoded; an unreadable one stops the evaluation with its name (never skipped).
-    images = load_resized_stack(rows["path"].tolist(), spec.size, workers=max(1, cfg.workers), desc="decoding")
-    targets = rows["label"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
+    images = load_rows(rows, data_dir, spec, workers=max(1, cfg.workers))
+    targets = rows["target"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
     loader = DataLoader(StackDataset(images, targets, spec), batch_size=cfg.batch_size,
                         sampler=EpochSampler(targets, 0, shuffle=False), num_workers=0)
     with torch.inference_mode():
@@ -128,7 +127,7 @@ def _metrics(cfg, rows, targets, probs, labels, threshold, data_dir, dmeta, ckpt
 def _write_outputs(out: Path, result: dict, rows, targets, probs, labels, threshold, df, images, cfg) -> None:
     atomic_write_text(out / "classification_report.txt", result["classification_report"])
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
-    preds = rows[["path", "source", "patient_id", "label"]].copy()
+    preds = rows[["path", "source", "patient_id", "view", "label", "target"]].copy()
     for i, lab in enumerate(labels):
         preds[f"prob_{lab}"] = probs[:, i]
     preds["predicted_label"] = [labels[i] for i in predicted_labels(probs, threshold)]
@@ -140,7 +139,7 @@ def _write_outputs(out: Path, result: dict, rows, targets, probs, labels, thresh
     ci = result["ci95"].get("roc_auc")
     auc_text = f"AUC {m['roc_auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, patient bootstrap)" if ci else "")
     roc_png(targets, probs, labels, out / "roc.png", title, auc_text)
-    class_distribution_png(df[df["label"].isin(labels)], labels, out / "class_distribution.png")
+    class_distribution_png(df[df["target"].isin(labels)], labels, out / "class_distribution.png")
     samples_png(_sample_grid(rows, images, labels, cfg.seed), out / "samples.png")
 
 

@@ -10,44 +10,59 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.config import DataConfig, TASKS, write_yaml
+from covid_cxr.config import TASKS, DataConfig, Task, write_yaml
 from covid_cxr.errors import DatasetError, ImageReadError
-from covid_cxr.images import load_image, sha256_file
+from covid_cxr.cache import ImageCache
+from covid_cxr.card import write_card
+from covid_cxr.dedup import cluster, find_near_duplicates, fingerprint
+from covid_cxr.images import load_image, sha256_file, shrink_short_side
 from covid_cxr.sources import PATIENT_METADATA_PRIORITY, read_source
+from covid_cxr.splits import (SPLITS, UNUSED, assign_groups, cap_source_share, check_patient_disjoint,  # noqa: F401
+                              split_by_patient, split_leave_source_out)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["path", "label", "source", "patient_id", "view", "sha256", "width", "height", "split",
-                    "group", "finding", "source_split"]
-SPLITS = ("train", "val", "test")
-UNUSED = "unused"
+MANIFEST_COLUMNS = ["path", "label", "target", "source", "patient_id", "view", "sha256", "width", "height",
+                    "split", "group", "finding", "source_split"]
+"""``label``: the source's label mapped onto normal/covid/pneumonia/other; ``target``: the task's class
+('' when the image is outside the task); ``group``: the split group (patient, joined across copies)."""
 
 
-def inspect_image(path: str) -> dict:
-    """sha256, width and height of an image file, decoding it fully to prove it is readable."""
+def inspect_image(path: str, cache_root: str | None = None, cache_size: int = 0, fingerprints: bool = False) -> dict:
+    """Decode an image fully (proving it is readable) and return its sha256, width and height.
+
+    In the same pass it stores the image's preprocessing stage 1 in the cache (so training never
+    decodes the original again) and computes its near-duplicate fingerprint.
+    """
     try:
         arr = load_image(path)
-        return {"sha256": sha256_file(Path(path)), "width": arr.shape[1], "height": arr.shape[0], "error": ""}
     except ImageReadError as exc:
-        return {"sha256": "", "width": 0, "height": 0, "error": exc.reason}
+        return {"sha256": "", "width": 0, "height": 0, "error": exc.reason, "fingerprint": None}
+    sha = sha256_file(Path(path))
+    if cache_root and cache_size:
+        ImageCache(cache_root, cache_size).put(sha, shrink_short_side(arr, cache_size))
+    fp = fingerprint(arr) if fingerprints else None
+    return {"sha256": sha, "width": arr.shape[1], "height": arr.shape[0], "error": "", "fingerprint": fp}
 
 
-def _inspect_all(paths: list[str], workers: int, progress: bool) -> list[dict]:
+def _inspect_all(paths: list[str], cfg: DataConfig) -> list[dict]:
     from tqdm.auto import tqdm
 
-    if workers <= 1 or len(paths) < 16:
-        return [inspect_image(p) for p in tqdm(paths, desc="checking images", disable=not progress)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(inspect_image, paths, chunksize=8), total=len(paths),
-                         desc="checking images", disable=not progress))
+    cache_root = str(Path(cfg.out) / "cache") if cfg.cache_size else None
+    job = partial(inspect_image, cache_root=cache_root, cache_size=cfg.cache_size, fingerprints=cfg.dedup)
+    bar = partial(tqdm, total=len(paths), desc="checking images", disable=not cfg.progress)
+    if cfg.workers <= 1 or len(paths) < 16:
+        return list(bar(map(job, paths)))
+    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+        return list(bar(pool.map(job, paths, chunksize=8)))
 
 
 def _source_rank(source: str) -> int:
@@ -74,121 +89,49 @@ def remove_byte_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], 
     return first.drop(columns="_rank").sort_index(), dropped, notes
 
 
-def assign_groups(df: pd.DataFrame) -> pd.Series:
-    """Split groups: images that share a patient id (within a source) are one group.
+DUPLICATE_COLUMNS = ["cluster", "path_a", "source_a", "label_a", "path_b", "source_b", "label_b", "hash_distance",
+                     "similarity", "method", "kept"]
 
-    A row may carry several ids (``"285;339"``, the same person listed twice), which joins
-    their groups. Returns one integer group id per row.
+
+def remove_near_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], pd.DataFrame, list[str]]:
+    """Keep one image per near-duplicate cluster (sources with patient metadata first, then the
+    larger image); if a cluster's copies carry conflicting labels, leave all of them out.
+
+    ``df`` needs a ``fingerprint`` column. Returns (kept rows, dropped records, one row per
+    duplicate pair for duplicates.csv, notes).
     """
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    keys = []
-    for source, pid, sha in zip(df["source"], df["patient_id"], df["sha256"]):
-        ids = [f"{source}:{p.strip()}" for p in str(pid).split(";") if p.strip()] or [f"sha:{sha}"]
-        for other in ids[1:]:
-            parent[find(other)] = find(ids[0])
-        keys.append(ids[0])
-    roots = [find(k) for k in keys]
-    codes = {r: i for i, r in enumerate(dict.fromkeys(roots))}
-    return pd.Series([codes[r] for r in roots], index=df.index, name="group")
-
-
-def _fill(order: list[int], counts: dict[int, Counter], taken: set[int], targets: dict[str, int]) -> list[int]:
-    """Greedily take whole groups (in ``order``) without exceeding any class target."""
-    got: Counter = Counter()
-    chosen = []
-    for g in order:
-        if g in taken:
+    fps = df["fingerprint"].tolist()
+    pairs = find_near_duplicates(fps)
+    clusters = cluster(len(df), pairs)
+    pos = df.reset_index(drop=True)
+    pos["_cluster"] = clusters
+    pos["_rank"] = pos["source"].map(_source_rank)
+    pos["_area"] = -(pos["width"].astype(int) * pos["height"].astype(int))
+    drop_idx: dict[int, str] = {}
+    kept_of: dict[int, str] = {}
+    notes = []
+    sizes = pos["_cluster"].value_counts()
+    for cid in sizes[sizes > 1].index:
+        members = pos[pos["_cluster"] == cid].sort_values(["_rank", "_area", "path"])
+        if members["label"].nunique() > 1:
+            desc = ", ".join(f"{p} ({s}: {lab})" for p, s, lab in zip(members["path"], members["source"],
+                                                                     members["label"]))
+            notes.append(f"near-duplicate copies with conflicting labels, all left out: {desc}")
+            for i in members.index:
+                drop_idx[i] = "near-duplicate copies carry conflicting labels (all copies left out)"
+            kept_of[cid] = ""
             continue
-        c = counts[g]
-        if all(got[k] + v <= targets.get(k, 0) for k, v in c.items()) and any(
-                got[k] < targets.get(k, 0) for k in c):
-            chosen.append(g)
-            got.update(c)
-            taken.add(g)
-            if all(got[k] >= t for k, t in targets.items()):
-                break
-    return chosen
-
-
-def split_by_patient(df: pd.DataFrame, labels: list[str], cfg: DataConfig) -> pd.Series:
-    """Assign train/val/test/unused per group, stratified by label and deterministic for ``cfg.seed``.
-
-    Raises:
-        DatasetError: too few images of a class for the requested test size.
-    """
-    in_task = df["label"].isin(labels)
-    avail = df.loc[in_task, "label"].value_counts()
-    for lab in labels:
-        n = int(avail.get(lab, 0))
-        if n < cfg.test_per_class + 2:
-            raise DatasetError(
-                f"only {n} {lab!r} images are available (after duplicates, unreadable files and non-frontal views "
-                f"were removed; see ingest_report.json) but --test-per-class {cfg.test_per_class} needs "
-                f"{cfg.test_per_class} for the test split and at least 2 more for training; lower --test-per-class "
-                f"or add sources")
-    task_df = df[in_task]
-    counts: dict[int, Counter] = defaultdict(Counter)
-    for g, lab in zip(task_df["group"], task_df["label"]):
-        counts[int(g)][lab] += 1
-    rng = np.random.default_rng(cfg.seed)
-    order = [int(g) for g in rng.permutation(sorted(counts))]
-    taken: set[int] = set()
-    assignment: dict[int, str] = {}
-    for g in _fill(order, counts, taken, {lab: cfg.test_per_class for lab in labels}):
-        assignment[g] = "test"
-    pool = Counter()
-    for g, c in counts.items():
-        if g not in taken:
-            pool.update(c)
-    total = sum(pool.values())
-    dev_total = min(total, cfg.train_size / (1 - cfg.val_fraction))
-    val_t, train_t = {}, {}
-    for lab in labels:
-        dev = pool[lab] * dev_total / total
-        val_t[lab] = int(round(cfg.val_fraction * dev)) if cfg.val_fraction > 0 else 0
-        if cfg.val_fraction > 0:
-            val_t[lab] = max(1, val_t[lab])
-        train_t[lab] = int(round(dev)) - val_t[lab]
-    while sum(train_t.values()) > cfg.train_size:
-        # Per-class rounding can overshoot --train-size (e.g. 19 over two equal classes -> 10 + 10).
-        train_t[max(train_t, key=train_t.get)] -= 1
-    for g in _fill(order, counts, taken, val_t):
-        assignment[g] = "val"
-    for g in _fill(order, counts, taken, train_t):
-        assignment[g] = "train"
-    split = df["group"].map(lambda g: assignment.get(int(g), UNUSED))
-    split[~in_task] = UNUSED
-    return split
-
-
-def check_patient_disjoint(df: pd.DataFrame) -> None:
-    """Refuse a manifest in which a patient (or split group) appears in two splits.
-
-    Raises:
-        DatasetError: naming the shared patients.
-    """
-    used = df[df["split"].isin(SPLITS)]
-    problems = []
-    for key in ("group", "patient_key"):
-        if key == "patient_key":
-            values = used.assign(patient_key=used["source"] + ":" + used["patient_id"].astype(str))
-        else:
-            values = used
-        n_splits = values.groupby(key)["split"].nunique()
-        problems += [str(k) for k in n_splits[n_splits > 1].index]
-    if problems:
-        raise DatasetError(f"patients in more than one split: {', '.join(problems[:10])}"
-                           f"{' ...' if len(problems) > 10 else ''}; the manifest was not written")
-    dup = df["sha256"].duplicated()
-    if dup.any():
-        raise DatasetError(f"byte-identical images listed twice: {', '.join(df.loc[dup, 'path'][:5])}")
+        keep = members.index[0]
+        kept_of[cid] = members.at[keep, "path"]
+        for i in members.index[1:]:
+            drop_idx[i] = f"near-duplicate of {members.at[keep, 'path']} ({members.at[keep, 'source']})"
+    rows = [{"cluster": int(clusters[p.i]), "path_a": pos.at[p.i, "path"], "source_a": pos.at[p.i, "source"],
+             "label_a": pos.at[p.i, "label"], "path_b": pos.at[p.j, "path"], "source_b": pos.at[p.j, "source"],
+             "label_b": pos.at[p.j, "label"], "hash_distance": p.hash_distance, "similarity": p.similarity,
+             "method": p.method, "kept": kept_of.get(int(clusters[p.i]), "")} for p in pairs]
+    dropped = [{"source": pos.at[i, "source"], "item": pos.at[i, "path"], "reason": r} for i, r in drop_idx.items()]
+    kept = pos.drop(index=list(drop_idx)).drop(columns=["_cluster", "_rank", "_area"])
+    return kept, dropped, pd.DataFrame(rows, columns=DUPLICATE_COLUMNS), notes
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -210,7 +153,7 @@ def read_manifest(dataset_dir: str | Path) -> tuple[pd.DataFrame, dict]:
         if not p.is_file():
             raise DatasetError(f"{p} not found; build the dataset first with `covid-cxr data build --out {d}`")
     df = pd.read_csv(mpath, dtype={"patient_id": str, "sha256": str, "view": str, "finding": str,
-                                   "source_split": str}, keep_default_na=False)
+                                   "source_split": str, "target": str, "label": str}, keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise DatasetError(f"{mpath} lacks columns {missing}; rebuild it with `covid-cxr data build`")
@@ -220,69 +163,121 @@ def read_manifest(dataset_dir: str | Path) -> tuple[pd.DataFrame, dict]:
 
 def _label_source_table(df: pd.DataFrame) -> dict:
     used = df[df["split"] != UNUSED]
-    table = used.groupby(["split", "label", "source"]).size()
+    table = used.groupby(["split", "target", "source"]).size()
     out: dict = {}
-    for (split, label, source), n in table.items():
-        out.setdefault(split, {}).setdefault(label, {})[source] = int(n)
+    for (split, target, source), n in table.items():
+        out.setdefault(split, {}).setdefault(target, {})[source] = int(n)
     return out
 
 
-def confounder_warnings(df: pd.DataFrame, labels: list[str], margin: float = 0.3) -> list[str]:
+def confounder_warnings(df: pd.DataFrame, classes: list[str], margin: float = 0.3) -> list[str]:
     """Plain-language warnings when a source is much more common in one class than in the others:
     a model can then learn to recognise the source (scanner, hospital, age group) instead of the disease."""
-    used = df[df["split"] != UNUSED]
-    used = used[used["label"].isin(labels)]
+    used = df[(df["split"] != UNUSED) & (df["target"] != "")]
     out = []
-    for lab in labels:
-        inside, outside = used[used["label"] == lab], used[used["label"] != lab]
+    for c in classes:
+        inside, outside = used[used["target"] == c], used[used["target"] != c]
         if inside.empty:
             continue
         for src, share_in in inside["source"].value_counts(normalize=True).items():
             share_out = float((outside["source"] == src).mean()) if len(outside) else 0.0
             if share_in - share_out >= margin:
-                out.append(f"{share_in:.0%} of {lab!r} images come from {src!r} but only {share_out:.0%} of the "
+                out.append(f"{share_in:.0%} of {c!r} images come from {src!r} but only {share_out:.0%} of the "
                            f"other classes: a model can learn to recognise that source instead of the disease")
     if "mooney" in set(used["source"]):
-        out.append("the mooney images are pediatric (ages 1-5) while covid images are adults: age is a confounder")
+        ped = used[used["source"] == "mooney"]["target"].value_counts()
+        out.append(f"{', '.join(f'{n} {c!r}' for c, n in ped.items())} images come from mooney, whose patients are pediatric "
+                   "(children aged 1-5) while covid images are adults: age is a confounder")
     return out
 
 
-def build(cfg: DataConfig) -> dict:
-    """Read the sources, check every image, remove byte duplicates, split by patient, write the dataset.
-
-    Writes ``manifest.csv``, ``ingest_report.json``, ``dropped.csv``, ``dataset.json`` and
-    ``build_config.yaml`` into ``cfg.out``. Nothing is written if a check fails.
-
-    Returns:
-        The ingest report (also written as JSON).
-    """
-    labels = list(TASKS[cfg.task])
+def _read_and_check(cfg: DataConfig) -> tuple[list, pd.DataFrame, list[dict]]:
     reads = [read_source(name, path) for name, path in cfg.sources]
     frames = [r.images for r in reads if not r.images.empty]
     if not frames:
         raise DatasetError("the sources hold no usable images; check the --source paths")
     df = pd.concat(frames, ignore_index=True)
     dropped = [d for r in reads for d in r.dropped]
-    info = _inspect_all(df["path"].tolist(), cfg.workers, cfg.progress)
+    info = _inspect_all(df["path"].tolist(), cfg)
     df = pd.concat([df, pd.DataFrame(info, index=df.index)], axis=1)
     bad = df[df["error"] != ""]
     dropped += [{"source": s, "item": p, "reason": f"unreadable image: {e}"}
                 for s, p, e in zip(bad["source"], bad["path"], bad["error"])]
-    df = df[df["error"] == ""].drop(columns="error")
+    return reads, df[df["error"] == ""].drop(columns="error"), dropped
+
+
+def _assign_splits(df: pd.DataFrame, cfg: DataConfig, task: Task) -> tuple[pd.DataFrame, list[str]]:
+    classes = list(task.classes)
+    df = df.reset_index(drop=True)
+    df["target"] = df["label"].map(lambda lab: task.mapping.get(lab, ""))
+    notes: list[str] = []
+    if cfg.max_source_share < 1.0:
+        df["target"], notes = cap_source_share(df, classes, cfg.max_source_share, cfg.seed)
+    df["group"] = assign_groups(df)
+    if cfg.protocol == "leave-source-out":
+        if cfg.test_source not in set(df["source"]):
+            raise DatasetError(f"--test-source {cfg.test_source!r} is not among the sources read: "
+                               f"{sorted(df['source'].unique())}")
+        df["split"] = split_leave_source_out(df, classes, cfg)
+    else:
+        df["split"] = split_by_patient(df, classes, cfg)
+    return df[MANIFEST_COLUMNS], notes
+
+
+def build(cfg: DataConfig) -> dict:
+    """Read the sources, check every image, remove duplicates, split by the protocol, write the dataset.
+
+    Writes ``manifest.csv``, ``ingest_report.json``, ``dropped.csv``, ``dataset.json`` and
+    ``build_config.yaml`` (plus duplicates.csv and the dataset card) into ``cfg.out``. If a check fails
+    no dataset file is written (only the image cache, so a retry does not decode again); the manifest
+    is written last, atomically, so an interrupted build never leaves a half-written one.
+
+    Returns:
+        The ingest report (also written as JSON).
+    """
+    task = TASKS[cfg.task]
+    reads, df, dropped = _read_and_check(cfg)
     df, dup_dropped, conflict_notes = remove_byte_duplicates(df)
     dropped += dup_dropped
-    df = df.reset_index(drop=True)
-    df["group"] = assign_groups(df)
-    df["split"] = split_by_patient(df, labels, cfg)
-    df = df[MANIFEST_COLUMNS]
+    duplicates = pd.DataFrame(columns=DUPLICATE_COLUMNS)
+    if cfg.dedup:
+        df, near_dropped, duplicates, near_notes = remove_near_duplicates(df)
+        dropped += near_dropped
+        conflict_notes += near_notes
+    df, cap_notes = _assign_splits(df, cfg, task)
     check_patient_disjoint(df)
-    report = _report(cfg, labels, reads, df, dropped, conflict_notes)
-    _write(cfg, df, dropped, report, labels)
+    report = _report(cfg, list(task.classes), reads, df, dropped, conflict_notes, cap_notes)
+    report["near_duplicates"] = _duplicate_summary(duplicates, cfg.dedup)
+    _write(cfg, df, dropped, report, list(task.classes), duplicates)
+    write_card(Path(cfg.out), df, report)
     return report
 
 
-def _report(cfg: DataConfig, labels: list[str], reads, df: pd.DataFrame, dropped: list[dict],
-            conflict_notes: list[str]) -> dict:
+def _duplicate_summary(duplicates: pd.DataFrame, enabled: bool) -> dict:
+    if not enabled:
+        return {"enabled": False}
+    pairs = Counter(" <-> ".join(sorted((a, b))) for a, b in zip(duplicates["source_a"], duplicates["source_b"]))
+    return {"enabled": True, "method": "pHash candidates (<= 8 of 64 bits) confirmed by high-pass correlation of "
+            "equalised 32x32 thumbnails (>= 0.75), also on centre crops", "pairs": int(len(duplicates)),
+            "clusters": int(duplicates["cluster"].nunique()) if len(duplicates) else 0,
+            "pairs_by_source_pair": dict(pairs.most_common())}
+
+
+def _protocol(cfg: DataConfig) -> dict:
+    if cfg.protocol == "leave-source-out":
+        text = (f"leave-source-out: every image of {cfg.test_source!r} is the test split (external validation); "
+                "validation and training come from the other sources, split by patient group")
+    else:
+        text = ("random split by patient group (patient ids within a source, joined where one image carries "
+                "several ids), stratified by class")
+    text += "; byte-identical images removed; " + (
+        "near-duplicates removed (one image kept per cluster)" if cfg.dedup else "near-duplicates NOT removed (--no-dedup)")
+    return {"name": cfg.protocol, "test_source": cfg.test_source, "description": text, "seed": cfg.seed,
+            "max_source_share": cfg.max_source_share}
+
+
+def _report(cfg: DataConfig, classes: list[str], reads, df: pd.DataFrame, dropped: list[dict],
+            conflict_notes: list[str], cap_notes: list[str]) -> dict:
     by_source = {}
     for (_, path), r in zip(cfg.sources, reads):
         reasons = Counter(d["reason"] for d in dropped if d["source"] == r.source)
@@ -292,48 +287,67 @@ def _report(cfg: DataConfig, labels: list[str], reads, df: pd.DataFrame, dropped
             "images_read": int(len(r.images)),
             "in_manifest": int(len(kept)),
             "labels_in_manifest": {k: int(v) for k, v in kept["label"].value_counts().items()},
+            "views_in_manifest": {k: int(v) for k, v in kept["view"].value_counts().items()},
             "not_used": dict(sorted(((k, int(v)) for k, v in reasons.items()), key=lambda kv: -kv[1])),
             "notes": r.notes,
         }
-    split_counts = {s: {lab: int(((df["split"] == s) & (df["label"] == lab)).sum()) for lab in labels}
+    split_counts = {s: {c: int(((df["split"] == s) & (df["target"] == c)).sum()) for c in classes}
                     for s in SPLITS}
-    unused = df[df["split"] == UNUSED]
-    requested_train = cfg.train_size
+    in_mapping = df["label"].isin(list(TASKS[cfg.task].mapping))
     got_train = int((df["split"] == "train").sum())
-    warnings_ = confounder_warnings(df, labels)
-    if got_train < requested_train:
-        warnings_.append(f"--train-size {requested_train} requested but only {got_train} images remain for "
+    warnings_ = confounder_warnings(df, classes)
+    if got_train < cfg.train_size:
+        warnings_.append(f"--train-size {cfg.train_size} requested but only {got_train} images remain for "
                          "training after the test and validation splits")
+    if cfg.protocol == "leave-source-out":
+        missing = [c for c in classes if split_counts["test"][c] == 0]
+        if missing:
+            warnings_.append(f"the held-out source {cfg.test_source!r} has no {', '.join(map(repr, missing))} "
+                             "images: ROC AUC and the metrics of those classes cannot be computed on it")
     return {
         "disclaimer": DISCLAIMER,
         "covid_cxr_version": __version__,
         "task": cfg.task,
-        "labels": labels,
-        "protocol": {"name": "patient", "description": "random split by patient group (patient ids within a "
-                     "source, joined where one image carries several ids), stratified by label; byte-identical "
-                     "images removed; near-duplicates are NOT yet removed", "seed": cfg.seed},
+        "task_description": TASKS[cfg.task].description,
+        "labels": classes,
+        "label_mapping": dict(TASKS[cfg.task].mapping),
+        "protocol": _protocol(cfg),
         "sources": by_source,
         "images_in_manifest": int(len(df)),
         "not_used_total": len(dropped),
-        "not_used_by_reason": dict(Counter(d["reason"].split(" of ")[0] if d["reason"].startswith("byte-identical")
-                                           else d["reason"] for d in dropped).most_common()),
-        "unused_in_manifest": {"label not in task": int((~unused["label"].isin(labels)).sum()),
-                               "beyond --train-size or not fitting a split": int(unused["label"].isin(labels).sum())},
+        "not_used_by_reason": dict(Counter(_reason_kind(d["reason"]) for d in dropped).most_common()),
+        "unused_in_manifest": {
+            "label not in task": int((~in_mapping).sum()),
+            "left out by --max-source-share": int((in_mapping & (df["target"] == "")).sum()),
+            "beyond --train-size or not fitting a split": int(((df["split"] == UNUSED) & (df["target"] != "")).sum()),
+        },
         "splits": split_counts,
         "patients_per_split": {s: int(df.loc[df["split"] == s, "group"].nunique()) for s in SPLITS},
         "label_source_split": _label_source_table(df),
         "label_conflicts": conflict_notes,
+        "notes": cap_notes,
         "warnings": warnings_,
     }
 
 
-def _write(cfg: DataConfig, df: pd.DataFrame, dropped: list[dict], report: dict, labels: list[str]) -> None:
+def _reason_kind(reason: str) -> str:
+    """Group reasons that name a file ('byte-identical copy of X') under one heading."""
+    for prefix in ("byte-identical copy", "near-duplicate of"):
+        if reason.startswith(prefix):
+            return prefix
+    return reason
+
+
+def _write(cfg: DataConfig, df: pd.DataFrame, dropped: list[dict], report: dict, classes: list[str],
+           duplicates: pd.DataFrame) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    dataset_meta = {"task": cfg.task, "labels": labels, "protocol": report["protocol"],
-                    "sources": {n: str(Path(p).resolve()) for n, p in cfg.sources},
-                    "covid_cxr_version": __version__, "splits": report["splits"]}
+    dataset_meta = {"task": cfg.task, "labels": classes, "positive_class": TASKS[cfg.task].positive,
+                    "protocol": report["protocol"], "sources": {n: str(Path(p).resolve()) for n, p in cfg.sources},
+                    "covid_cxr_version": __version__, "splits": report["splits"],
+                    "cache": {"dir": "cache", "short_side": cfg.cache_size} if cfg.cache_size else None}
     write_yaml(out / "build_config.yaml", cfg.to_dict())
+    atomic_write_text(out / "duplicates.csv", duplicates.to_csv(index=False))
     atomic_write_text(out / "dropped.csv", pd.DataFrame(dropped, columns=["source", "item", "reason"]).to_csv(
         index=False))
     atomic_write_text(out / "ingest_report.json", json.dumps(report, indent=2))

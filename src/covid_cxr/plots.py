@@ -67,7 +67,7 @@ def class_distribution_png(df: pd.DataFrame, labels: list[str], path: Path) -> N
     ax = fig.add_subplot()
     width = 0.8 / max(len(labels), 1)
     for j, lab in enumerate(labels):
-        counts = [int(((df["split"] == s) & (df["label"] == lab)).sum()) for s in splits]
+        counts = [int(((df["split"] == s) & (df["target"] == lab)).sum()) for s in splits]
         bars = ax.bar(np.arange(len(splits)) + j * width, counts, width, label=f"{j}: {lab}")
         ax.bar_label(bars, fontsize=8)
     ax.set_xticks(np.arange(len(splits)) + width * (len(labels) - 1) / 2, splits)

@@ -51,13 +51,18 @@ def list_images(inputs: list[str] | tuple[str, ...]) -> list[Path]:
     return found
 
 
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Class probabilities from logits, with the checkpoint's temperature (1.0 = uncalibrated)."""
+    return torch.softmax(logits.float() / float(temperature), dim=-1)
+
+
 @torch.inference_mode()
 def predict_arrays(model: nn.Module, images: list[np.ndarray], spec: PreprocessSpec,
-                   device: torch.device | str = "cpu") -> np.ndarray:
-    """Softmax probabilities (N, K) for decoded uint8 grayscale images."""
+                   device: torch.device | str = "cpu", temperature: float = 1.0) -> np.ndarray:
+    """Probabilities (N, K) for decoded uint8 grayscale images."""
     model.eval()
     batch = torch.stack([preprocess(img, spec) for img in images]).to(device)
-    return torch.softmax(model(batch).float(), 1).cpu().numpy()
+    return probabilities(model(batch), temperature).cpu().numpy()
 
 
 def predict_images(model: nn.Module, meta: dict, paths: list[Path], batch_size: int = 16,
@@ -82,7 +87,7 @@ def predict_images(model: nn.Module, meta: dict, paths: list[Path], batch_size: 
                 results.append({"path": str(p), **{f"prob_{lab}": None for lab in labels},
                                 "predicted_label": None, "threshold": threshold, "error": exc.reason})
         if decoded:
-            probs = predict_arrays(model, decoded, spec, device)
+            probs = predict_arrays(model, decoded, spec, device, float(meta.get("temperature", 1.0)))
             for p, pr, k in zip(ok, probs, predicted_labels(probs, threshold)):
                 results.append({"path": str(p), **{f"prob_{lab}": float(v) for lab, v in zip(labels, pr)},
                                 "predicted_label": labels[int(k)], "threshold": threshold, "error": ""})

@@ -24,9 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from covid_cxr.config import TrainConfig, write_yaml
-from covid_cxr.data import EpochSampler, StackDataset, worker_init
+from covid_cxr.data import EpochSampler, StackDataset, load_rows, worker_init
 from covid_cxr.errors import CheckpointError, CovidCxrError
-from covid_cxr.images import load_resized_stack
 from covid_cxr.manifest import read_manifest
 from covid_cxr.metrics import roc_auc
 from covid_cxr.model import backbone_parameters, build_model, read_checkpoint, save_checkpoint, unwrap
@@ -166,13 +165,11 @@ def validation_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
             "auc": roc_auc(targets, probs)}
 
 
-def _load_split(df: pd.DataFrame, split: str, labels: list[str], size: int, workers: int,
+def _load_split(df: pd.DataFrame, data_dir: str, split: str, labels: list[str], spec: PreprocessSpec,
                 progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    rows = df[(df["split"] == split) & df["label"].isin(labels)]
-    targets = rows["label"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
-    images = load_resized_stack(rows["path"].tolist(), size, workers=max(1, workers), progress=progress,
-                                desc=f"decoding {split}")
-    return images, targets
+    rows = df[(df["split"] == split) & df["target"].isin(labels)]
+    targets = rows["target"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
+    return load_rows(rows, data_dir, spec, progress=progress), targets
 
 
 def _check_run_dir(cfg: TrainConfig) -> dict | None:
@@ -196,10 +193,14 @@ def _check_run_dir(cfg: TrainConfig) -> dict | None:
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:
-    """DataLoader workers: as requested, else 0 on CPU and up to 8 on CUDA."""
+    """DataLoader workers: as requested, else 1 on CPU and up to 8 on CUDA.
+
+    On CPU one single-threaded worker prepares the next batch while the model computes; in the
+    main process augmentation would compete with the model's threads (measured ~50x slower
+    per image under load by benchmarks/bench_data.py)."""
     if requested is not None:
         return requested
-    return 0 if device.type == "cpu" else min(8, len(os.sched_getaffinity(0)))
+    return 1 if device.type == "cpu" else min(8, len(os.sched_getaffinity(0)))
 
 
 def _make_loader(ds: StackDataset, sampler, cfg: TrainConfig, rt: Runtime) -> DataLoader:
@@ -223,15 +224,14 @@ def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     df, meta = read_manifest(cfg.data)
     labels = list(meta["labels"])
-    spec = PreprocessSpec(size=cfg.image_size)
+    spec = PreprocessSpec.for_size(cfg.image_size)
     out = Path(cfg.out)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_yaml(out / "config.yaml", {**cfg.to_dict(), "labels": labels, "dataset": meta})
     t0 = time.perf_counter()
-    decoders = len(os.sched_getaffinity(0))
-    train_x, train_y = _load_split(df, "train", labels, cfg.image_size, decoders, cfg.progress and rt.is_main)
-    val_x, val_y = _load_split(df, "val", labels, cfg.image_size, decoders, cfg.progress and rt.is_main)
+    train_x, train_y = _load_split(df, cfg.data, "train", labels, spec, cfg.progress and rt.is_main)
+    val_x, val_y = _load_split(df, cfg.data, "val", labels, spec, cfg.progress and rt.is_main)
     if len(train_x) == 0:
         raise CovidCxrError(f"{cfg.data}: the train split is empty")
     log.info("decoded %d train and %d val images at %d px in %.1f s", len(train_x), len(val_x), cfg.image_size,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from covid_cxr.images import resize_uint8
+from covid_cxr.images import BASE_SHORT_SIDE, to_model_pixels
 
 PIXEL_RANGE = (0, 255)
 """Input pixel range: preprocessing takes 8-bit grayscale images (uint8, 0..255)."""
@@ -33,8 +33,10 @@ class PreprocessSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     pixel_range: tuple[int, int] = PIXEL_RANGE
-    resize: str = "squash-bilinear"
-    """How images become square: the whole image is resized to size x size."""
+    base_short_side: int = BASE_SHORT_SIDE
+    """Stage 1: a shorter side above this is first shrunk to it (aspect kept; what the cache stores)."""
+    resize: str = "shrink-short-side-then-squash-bilinear"
+    """Stage 2: the whole image is resized to size x size (no crop, no padding)."""
     channels: int = 3
     """The grayscale image is repeated on three channels (ImageNet-pretrained stems)."""
 
@@ -42,9 +44,15 @@ class PreprocessSpec:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
+    def for_size(cls, size: int) -> "PreprocessSpec":
+        """The spec used for training at ``size``: stage 1 never shrinks below the input size."""
+        return cls(size=size, base_short_side=max(BASE_SHORT_SIDE, size))
+
+    @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
         return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   pixel_range=tuple(d["pixel_range"]), resize=d["resize"], channels=int(d["channels"]))
+                   pixel_range=tuple(d["pixel_range"]), base_short_side=int(d["base_short_side"]),
+                   resize=d["resize"], channels=int(d["channels"]))
 
 
 def _check_uint8_image(image: np.ndarray | torch.Tensor) -> None:
@@ -76,9 +84,9 @@ def preprocess(image: np.ndarray, size: int | PreprocessSpec) -> torch.Tensor:
     Raises:
         ValueError: the image is not a 2-D uint8 array.
     """
-    spec = size if isinstance(size, PreprocessSpec) else PreprocessSpec(size=int(size))
+    spec = size if isinstance(size, PreprocessSpec) else PreprocessSpec.for_size(int(size))
     _check_uint8_image(image)
-    resized = resize_uint8(np.ascontiguousarray(image), spec.size)
+    resized = to_model_pixels(np.ascontiguousarray(image), spec.size, spec.base_short_side)
     return normalize(torch.from_numpy(resized.copy()), spec)
 
 

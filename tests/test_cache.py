@@ -1,0 +1,341 @@
+"""Tests for covid_cxr.cache: cached and uncached paths give identical model pixels, builds are
+incremental per short side, damaged entries are rebuilt (never returned), unreadable or changed
+source files are named, and writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_image
+from covid_cxr import cache as cache_mod
+from covid_cxr.cache import CacheError, ImageCache, load_model_pixels
+from covid_cxr.errors import DatasetError, ImageReadError
+from covid_cxr.images import load_image, resize_uint8, sha256_file, shrink_short_side, to_model_pixels
+
+# (file name, (H, W), Pillow mode): smaller and larger than the short sides used, portrait and
+# landscape, every mode load_image converts, PNG and JPEG (draft mode).
+SYNTHETIC = [
+    ("small.png", (48, 40), "L"),
+    ("portrait.png", (300, 170), "L"),
+    ("landscape.jpg", (150, 420), "L"),
+    ("rgb.jpg", (333, 257), "RGB"),
+    ("rgba.png", (90, 260), "RGBA"),
+    ("palette.png", (200, 130), "P"),
+    ("gray16.png", (270, 210), "I;16"),
+    ("la.png", (64, 97), "LA"),
+]
+
+
+def _files(root: Path, specs=SYNTHETIC, seed: int = 0) -> tuple[list[str], list[str]]:
+    paths = [str(write_image(root / name, seed=seed + i, size=size, mode=mode))
+             for i, (name, size, mode) in enumerate(specs)]
+    return paths, [sha256_file(Path(p)) for p in paths]
+
+
+def _many(root: Path, n: int) -> tuple[list[str], list[str]]:
+    specs = [(f"img{i:03d}.png", (60 + i % 7 * 11, 50 + i % 5 * 13), "L") for i in range(n)]
+    return _files(root, specs)
+
+
+def _reference(paths: list[str], size: int, base: int) -> np.ndarray:
+    return np.stack([to_model_pixels(load_image(p), size, base) for p in paths])
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- identical pixels
+
+
+@pytest.mark.parametrize("base", [64, 100])
+@pytest.mark.parametrize("size", [32, 64, 96])
+def test_cached_pixels_equal_uncached(tmp_path: Path, size: int, base: int) -> None:
+    paths, shas = _files(tmp_path / "src")
+    cache = ImageCache(tmp_path / "cache", short_side=base)
+    cache.build(paths, shas, workers=1)
+    expected = _reference(paths, size, base)
+    for i, (p, sha) in enumerate(zip(paths, shas)):
+        np.testing.assert_array_equal(resize_uint8(cache.get(sha), size), expected[i], err_msg=p)
+    np.testing.assert_array_equal(load_model_pixels(paths, shas, size, base, cache), expected)
+    np.testing.assert_array_equal(load_model_pixels(paths, shas, size, base, None), expected)
+
+
+def test_entries_are_stage_one_images(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src")
+    cache = ImageCache(tmp_path / "cache", short_side=128)
+    cache.build(paths, shas, workers=1)
+    for p, sha in zip(paths, shas):
+        stored = cache.get(sha)
+        np.testing.assert_array_equal(stored, shrink_short_side(load_image(p), 128))
+        # Plain .npy readers see the same image (the checksum trailer is ignored by np.load).
+        np.testing.assert_array_equal(np.load(cache.entry_path(sha), allow_pickle=False), stored)
+
+
+def test_default_short_side_matches_preprocessing(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src", [("big.png", (600, 520), "L"), ("wide.jpg", (300, 700), "RGB")])
+    cache = ImageCache(tmp_path / "cache")
+    assert cache.short_side == 256 and cache.dir == tmp_path / "cache" / "s256"
+    cache.build(paths, shas, workers=1)
+    assert min(cache.get(shas[0]).shape) == 256
+    np.testing.assert_array_equal(load_model_pixels(paths, shas, 224, 256, cache), _reference(paths, 224, 256))
+
+
+def test_parallel_build_equals_serial(tmp_path: Path) -> None:
+    paths, shas = _many(tmp_path / "src", 40)
+    serial, parallel = ImageCache(tmp_path / "a", 64), ImageCache(tmp_path / "b", 64)
+    assert serial.build(paths, shas, workers=1)["built"] == 40
+    assert parallel.build(paths, shas, workers=2)["built"] == 40
+    for sha in shas:
+        np.testing.assert_array_equal(serial.get(sha), parallel.get(sha))
+
+
+def test_misses_are_decoded_in_parallel_and_stored(tmp_path: Path) -> None:
+    paths, shas = _many(tmp_path / "src", 40)
+    cache = ImageCache(tmp_path / "cache", 64)
+    cache.build(paths[:5], shas[:5], workers=1)
+    got = load_model_pixels(paths, shas, 48, 64, cache, workers=2)
+    np.testing.assert_array_equal(got, _reference(paths, 48, 64))
+    assert cache.build(paths, shas, workers=1)["reused"] == 40
+
+
+def test_fill_false_leaves_cache_unchanged(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src")
+    cache = ImageCache(tmp_path / "cache", 64)
+    got = load_model_pixels(paths, shas, 32, 64, cache, fill=False)
+    np.testing.assert_array_equal(got, _reference(paths, 32, 64))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_duplicate_sha_decoded_once(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src", SYNTHETIC[:2])
+    cache = ImageCache(tmp_path / "cache", 64)
+    stats = cache.build(paths + paths[:1], shas + shas[:1], workers=1)
+    assert stats["built"] == 2 and stats["reused"] == 0
+    got = load_model_pixels(paths + paths[:1], shas + shas[:1], 32, 64, ImageCache(tmp_path / "other", 64))
+    np.testing.assert_array_equal(got[2], got[0])
+
+
+# --------------------------------------------------------------------------- incremental builds
+
+
+def test_second_build_reuses_everything(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src")
+    cache = ImageCache(tmp_path / "cache", 64)
+    first = cache.build(paths, shas, workers=1)
+    assert (first["built"], first["reused"], first["damaged"]) == (len(paths), 0, 0)
+    assert first["seconds"] >= 0
+    mtimes = {p: os.stat(cache.entry_path(s)).st_mtime_ns for p, s in zip(paths, shas)}
+    second = ImageCache(tmp_path / "cache", 64).build(paths, shas, workers=1)
+    assert (second["built"], second["reused"], second["damaged"]) == (0, len(paths), 0)
+    assert mtimes == {p: os.stat(cache.entry_path(s)).st_mtime_ns for p, s in zip(paths, shas)}
+
+
+def test_new_images_only_are_built(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src")
+    cache = ImageCache(tmp_path / "cache", 64)
+    cache.build(paths[:3], shas[:3], workers=1)
+    stats = cache.build(paths, shas, workers=1)
+    assert (stats["built"], stats["reused"]) == (len(paths) - 3, 3)
+
+
+def test_new_short_side_builds_a_new_set(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src")
+    small = ImageCache(tmp_path / "cache", 64)
+    small.build(paths, shas, workers=1)
+    before = _tree(small.dir)
+    large = ImageCache(tmp_path / "cache", 128)
+    assert large.build(paths, shas, workers=1)["built"] == len(paths)
+    assert _tree(small.dir) == before
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["s128", "s64"]
+    assert small.build(paths, shas, workers=1)["built"] == 0
+
+
+def test_load_uses_the_set_for_the_requested_short_side(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src")
+    cache = ImageCache(tmp_path / "cache", 64)
+    cache.build(paths, shas, workers=1)
+    # Rescaling the 64 px entries to base 128 would give other pixels: the 128 set is used (and filled).
+    got = load_model_pixels(paths, shas, 96, 128, cache)
+    np.testing.assert_array_equal(got, _reference(paths, 96, 128))
+    assert ImageCache(tmp_path / "cache", 128).build(paths, shas, workers=1)["reused"] == len(paths)
+
+
+# --------------------------------------------------------------------------- damaged entries
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "pixel bit flip": lambda p: _flip_byte(p, p.stat().st_size - 20),
+    "header byte flip": lambda p: _flip_byte(p, 30),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:-100]),
+    "empty": lambda p: p.write_bytes(b""),
+    "garbage": lambda p: p.write_bytes(os.urandom(4000)),
+    "plain npy without checksum": lambda p: np.save(p, np.zeros((64, 64), np.uint8)),
+    "float npy": lambda p: np.save(p, np.zeros((64, 64), np.float32)),
+    "extra bytes": lambda p: p.write_bytes(p.read_bytes() + b"\0"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_entry_is_rebuilt_never_returned(tmp_path: Path, caplog, damage: str) -> None:
+    paths, shas = _files(tmp_path / "src", SYNTHETIC[1:4])
+    cache = ImageCache(tmp_path / "cache", 64)
+    cache.build(paths, shas, workers=1)
+    entry = cache.entry_path(shas[0])
+    DAMAGE[damage](entry)
+    stats = cache.build(paths, shas, workers=1)
+    assert (stats["built"], stats["reused"], stats["damaged"]) == (1, 2, 1)
+    np.testing.assert_array_equal(cache.get(shas[0]), shrink_short_side(load_image(paths[0]), 64))
+    DAMAGE[damage](entry)
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.cache"):
+        assert cache.get(shas[0]) is None
+    assert str(entry) in caplog.text and "damaged" in caplog.text
+    assert not entry.exists()
+
+
+def test_damaged_entry_falls_back_to_the_file_when_loading(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src", SYNTHETIC[1:4])
+    cache = ImageCache(tmp_path / "cache", 64)
+    cache.build(paths, shas, workers=1)
+    _flip_byte(cache.entry_path(shas[1]), cache.entry_path(shas[1]).stat().st_size - 50)
+    np.testing.assert_array_equal(load_model_pixels(paths, shas, 48, 64, cache), _reference(paths, 48, 64))
+    assert cache.get(shas[1]) is not None  # stored again
+
+
+def test_cache_from_another_resize_is_refused(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src", SYNTHETIC[:2])
+    cache = ImageCache(tmp_path / "cache", 64)
+    cache.build(paths, shas, workers=1)
+    meta_path = cache.dir / "cache.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "resize_fingerprint": "0" * 64, "pillow": "9.0.0"}))
+    with pytest.raises(CacheError, match=r"Pillow 9\.0\.0.*delete .*s64"):
+        ImageCache(tmp_path / "cache", 64)
+    meta_path.write_text(json.dumps({**meta, "format": 0}))
+    with pytest.raises(CacheError, match="format 0"):
+        ImageCache(tmp_path / "cache", 64)
+    meta_path.write_text("{not json")
+    with pytest.raises(CacheError, match="unreadable"):
+        ImageCache(tmp_path / "cache", 64)
+
+
+# --------------------------------------------------------------------------- source files
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_source_raises_naming_it(tmp_path: Path, workers: int) -> None:
+    paths, shas = _many(tmp_path / "src", 40)
+    bad = tmp_path / "src" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    paths.insert(17, str(bad))
+    shas.insert(17, sha256_file(bad))
+    cache = ImageCache(tmp_path / "cache", 64)
+    with pytest.raises(ImageReadError, match="broken.png") as info:
+        cache.build(paths, shas, workers=workers)
+    assert info.value.path == str(bad)
+    with pytest.raises(ImageReadError, match="broken.png"):
+        load_model_pixels(paths, shas, 32, 64, ImageCache(tmp_path / "other", 64), workers=workers)
+    with pytest.raises(ImageReadError, match="broken.png"):
+        load_model_pixels(paths, shas, 32, 64, None, workers=workers)
+
+
+def test_missing_source_raises_naming_it(tmp_path: Path) -> None:
+    cache = ImageCache(tmp_path / "cache", 64)
+    with pytest.raises(ImageReadError, match="gone.png"):
+        cache.build([str(tmp_path / "gone.png")], ["a" * 64], workers=1)
+
+
+def test_changed_source_file_is_not_cached_under_the_old_sha(tmp_path: Path) -> None:
+    paths, shas = _files(tmp_path / "src", SYNTHETIC[:2])
+    write_image(Path(paths[1]), seed=99, size=(70, 70))
+    cache = ImageCache(tmp_path / "cache", 64)
+    with pytest.raises(DatasetError, match=r"portrait\.png.*rebuild"):
+        cache.build(paths, shas, workers=1)
+    assert cache.get(shas[1]) is None
+
+
+# --------------------------------------------------------------------------- writes and arguments
+
+
+def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:
+    paths, shas = _many(tmp_path / "src", 40)
+    cache = ImageCache(tmp_path / "cache", 64)
+    cache.build(paths, shas, workers=2)
+    files = _tree(tmp_path / "cache")
+    assert len(files) == len(set(shas)) + 1  # the entries and cache.json
+    assert not [f for f in files if Path(f).name.startswith(".") or "tmp" in Path(f).name]
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    cache = ImageCache(tmp_path / "cache", 64)
+    cache.put("b" * 64, np.zeros((10, 12), np.uint8))
+
+    def no_rename(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache_mod.os, "replace", no_rename)
+    with pytest.raises(OSError, match="disk full"):
+        cache.put("c" * 64, np.ones((10, 12), np.uint8))
+    monkeypatch.undo()
+    assert _tree(cache.dir) == ["bb/" + "b" * 64 + ".npy", "cache.json"]
+    assert cache.get("c" * 64) is None
+
+
+def test_put_rejects_images_that_are_not_stage_one(tmp_path: Path) -> None:
+    cache = ImageCache(tmp_path / "cache", 64)
+    with pytest.raises(ValueError, match="not shrunk"):
+        cache.put("a" * 64, np.zeros((100, 80), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        cache.put("a" * 64, np.zeros((40, 40), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        cache.put("a" * 64, np.zeros((40, 40, 3), np.uint8))
+    with pytest.raises(ValueError, match="sha256"):
+        cache.put("../../etc/passwd", np.zeros((40, 40), np.uint8))
+    with pytest.raises(ValueError, match="sha256"):
+        cache.get("abc")
+    with pytest.raises(ValueError, match="2 paths but 1"):
+        cache.build(["a", "b"], ["a" * 64])
+    with pytest.raises(ValueError, match="short_side"):
+        ImageCache(tmp_path / "cache", 0)
+
+
+def test_get_of_absent_entry_is_none(tmp_path: Path) -> None:
+    cache = ImageCache(tmp_path / "cache", 64)
+    assert cache.get("f" * 64) is None
+    assert cache.get("F" * 64) is None
+    assert not (tmp_path / "cache").exists()  # reading never creates folders
+
+
+# --------------------------------------------------------------------------- real images
+
+
+@pytest.mark.integration
+def test_real_images_cached_equal_uncached(real_data: Path, tmp_path: Path) -> None:
+    inv = pd.read_csv(real_data / "inventory.csv")
+    # ~20 images across every source, file type and size in the collection.
+    sample = inv.groupby("source", group_keys=False).apply(lambda g: g.sample(min(4, len(g)), random_state=0))
+    paths = [str(real_data / p) for p in sample["relative_path"]]
+    shas = sample["sha256"].tolist()
+    cache = ImageCache(tmp_path / "cache")
+    stats = cache.build(paths, shas, workers=2)
+    assert stats["built"] == len(set(shas)) >= 18
+    got = load_model_pixels(paths, shas, 224, 256, cache)
+    expected = _reference(paths, 224, 256)
+    for i, (p, sha) in enumerate(zip(paths, shas)):
+        np.testing.assert_array_equal(resize_uint8(cache.get(sha), 224), expected[i], err_msg=p)
+        np.testing.assert_array_equal(got[i], expected[i], err_msg=p)
+    small = load_model_pixels(paths[:6], shas[:6], 64, 256, cache)
+    np.testing.assert_array_equal(small, _reference(paths[:6], 64, 256))

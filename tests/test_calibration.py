@@ -1,0 +1,271 @@
+"""Temperature scaling, ECE, reliability diagrams and the validation-chosen operating threshold."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from covid_cxr.calibration import (T_MAX, T_MIN, CalibrationError, choose_threshold, expected_calibration_error,
+                                   fit_temperature, nll, reliability_diagram_png)
+from covid_cxr.errors import CovidCxrError
+from covid_cxr.metrics import binary_metrics
+from covid_cxr.predict import probabilities
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def calibrated_logits(n: int, k: int, seed: int, scale: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels drawn from softmax(logits): the logits are calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, scale, (n, k))
+    y = (rng.random(n)[:, None] > np.cumsum(softmax(z), 1)).sum(1)
+    return z, np.minimum(y, k - 1)
+
+
+# ----------------------------------------------------------------------------- temperature
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_temperature_recovers_overconfidence(k):
+    z, y = calibrated_logits(20000, k, seed=k)
+    t = fit_temperature(4.0 * z, y)
+    assert abs(t - 4.0) < 0.25, t
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_temperature_near_one_on_calibrated_logits(k):
+    z, y = calibrated_logits(20000, k, seed=10 + k)
+    assert abs(fit_temperature(z, y) - 1.0) < 0.06
+
+
+def test_temperature_lowers_heldout_nll():
+    z, y = calibrated_logits(6000, 3, seed=1)
+    over = 4.0 * z
+    t = fit_temperature(over[:3000], y[:3000])  # fitted on "validation"
+    before, after = nll(over[3000:], y[3000:]), nll(over[3000:], y[3000:], t)  # judged on held-out data
+    assert after < before - 0.2, (before, after)
+    assert after == pytest.approx(nll(z[3000:], y[3000:]), abs=0.02)  # back to the calibrated logits' NLL
+
+
+def test_temperature_is_the_nll_minimum():
+    z, y = calibrated_logits(500, 3, seed=2)
+    z = 2.5 * z + np.random.default_rng(3).normal(0, 1, z.shape)
+    t = fit_temperature(z, y)
+    grid = np.exp(np.linspace(math.log(T_MIN), math.log(T_MAX), 4001))
+    best = min(nll(z, y, g) for g in grid)
+    assert nll(z, y, t) <= best + 1e-9
+    assert nll(z, y, t) < nll(z, y, t * 1.05) and nll(z, y, t) < nll(z, y, t / 1.05)
+
+
+def test_temperature_clamped_on_degenerate_data():
+    y = np.array([0, 1, 0, 1, 1, 0])
+    separable = np.stack([1.0 - y, y.astype(float)], 1) * 3.0  # every sample ranked right
+    assert fit_temperature(separable, y) == T_MIN
+    assert fit_temperature(-separable, y) == T_MAX  # every sample ranked wrong: flatten fully
+    assert fit_temperature(np.zeros((6, 2)), y) == 1.0  # T has no effect
+    assert math.isfinite(nll(separable, y, T_MIN))
+
+
+def test_nll_matches_torch_and_predict_probabilities():
+    z, y = calibrated_logits(200, 3, seed=4)
+    zt, yt = torch.tensor(z), torch.tensor(y)
+    for t in (0.5, 1.0, 3.0):
+        ref = torch.nn.functional.cross_entropy(zt / t, yt).item()
+        assert nll(z, y, t) == pytest.approx(ref, rel=1e-9)
+        via_predict = -np.log(probabilities(zt, t).double().numpy()[np.arange(len(y)), y]).mean()
+        assert nll(zt, yt, t) == pytest.approx(via_predict, rel=1e-5)  # tensors accepted too
+
+
+def test_temperature_input_errors():
+    with pytest.raises(CalibrationError, match=r"shape \(N, K\)"):
+        fit_temperature(np.zeros(5), np.zeros(5))
+    with pytest.raises(CalibrationError, match="NaN or infinite"):
+        fit_temperature(np.array([[0.0, -np.inf], [1.0, 0.0]]), np.array([0, 1]))
+    with pytest.raises(CalibrationError, match="class indices"):
+        fit_temperature(np.zeros((2, 2)), np.array([0, 2]))
+    with pytest.raises(CalibrationError, match=r"shape \(3,\)"):
+        fit_temperature(np.zeros((3, 2)), np.array([0, 1]))
+    with pytest.raises(CalibrationError, match="positive number"):
+        nll(np.zeros((2, 2)), np.array([0, 1]), 0.0)
+
+
+# ----------------------------------------------------------------------------- ECE
+
+def test_ece_small_when_calibrated_large_when_overconfident():
+    z, y = calibrated_logits(30000, 3, seed=5)
+    good = expected_calibration_error(softmax(z), y)
+    bad = expected_calibration_error(softmax(4.0 * z), y)
+    assert good["ece"] < 0.015, good["ece"]
+    assert bad["ece"] > 0.10, bad["ece"]
+    fixed = expected_calibration_error(softmax(4.0 * z / fit_temperature(4.0 * z, y)), y)
+    assert fixed["ece"] < 0.02
+
+
+def test_ece_binary_also_reports_positive_class_reliability():
+    rng = np.random.default_rng(6)
+    p1 = rng.random(30000)
+    y = (rng.random(30000) < p1).astype(int)
+    probs = np.stack([1 - p1, p1], 1)
+    res = expected_calibration_error(probs, y, n_bins=10)
+    assert res["positive"]["ece"] < 0.015 and res["ece"] < 0.015
+    squashed = expected_calibration_error(np.stack([1 - p1 ** 3, p1 ** 3], 1), y, n_bins=10)
+    assert squashed["positive"]["ece"] > 0.1
+    assert "positive" not in expected_calibration_error(np.full((3, 3), 1 / 3), np.array([0, 1, 2]))
+
+
+def test_ece_hand_computed_and_bin_table():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    y = np.array([0, 1, 1, 1])
+    res = expected_calibration_error(probs, y, n_bins=5)
+    # top-label confidences 0.9, 0.8, 0.7, 0.6; correct 1, 0, 1, 1; bins (0.4,0.6], (0.6,0.8], (0.8,1]
+    assert res["ece"] == pytest.approx(0.25 * 0.4 + 0.5 * 0.25 + 0.25 * 0.1)
+    bins = res["bins"]
+    assert [b["count"] for b in bins] == [0, 0, 1, 2, 1]
+    assert [b["lo"] for b in bins] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8]) and bins[-1]["hi"] == 1.0
+    assert bins[3]["confidence"] == pytest.approx(0.75) and bins[3]["accuracy"] == 0.5
+    assert bins[0]["confidence"] is None and bins[0]["accuracy"] is None
+    json.dumps(res, allow_nan=False)  # reports can store it as strict JSON
+
+
+def test_ece_counts_and_confidence_inside_bins():
+    z, y = calibrated_logits(2000, 4, seed=7)
+    res = expected_calibration_error(softmax(3 * z), y, n_bins=12)
+    assert sum(b["count"] for b in res["bins"]) == 2000
+    for b in res["bins"]:
+        if b["count"]:
+            assert b["lo"] - 1e-12 <= b["confidence"] <= b["hi"] + 1e-12
+
+
+def test_ece_input_errors():
+    with pytest.raises(CalibrationError, match="sum to 1"):
+        expected_calibration_error(np.array([[0.5, 0.6]]), np.array([0]))
+    with pytest.raises(CalibrationError, match="not logits"):
+        expected_calibration_error(np.array([[2.0, -1.0]]), np.array([0]))
+    with pytest.raises(CalibrationError, match="n_bins"):
+        expected_calibration_error(np.array([[0.5, 0.5]]), np.array([0]), n_bins=0)
+
+
+# ----------------------------------------------------------------------------- threshold
+
+def random_dataset(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Small to medium binary datasets with many tied scores (coarse rounding)."""
+    n = int(rng.integers(2, 120))
+    y = rng.integers(0, 2, n)
+    if y.min() == y.max():  # both classes present
+        y[:2] = [0, 1]
+    raw = rng.random(n) * 0.6 + 0.4 * y * rng.random()
+    decimals = int(rng.integers(0, 3))
+    return np.round(raw, decimals), y
+
+
+def exact_rates(scores, y, t) -> tuple[int, int]:
+    return int(((scores >= t) & (y == 1)).sum()), int(((scores < t) & (y == 0)).sum())
+
+
+def test_threshold_meets_target_and_is_highest_over_random_datasets():
+    rng = np.random.default_rng(2024)
+    for _ in range(800):
+        scores, y = random_dataset(rng)
+        target = float(rng.choice([0.5, 0.8, 0.9, 0.95, 0.99, 1.0, rng.random() * 0.999 + 0.001]))
+        res = choose_threshold(scores, y, "sensitivity", target)
+        t = res["threshold"]
+        m = binary_metrics(y, scores, t)
+        assert m["sensitivity"] >= target, (scores, y, target, res)
+        assert res["sensitivity"] == m["sensitivity"] and res["specificity"] == m["specificity"]
+        assert t in scores  # a real score, so ties fall on one side together
+        higher = np.nextafter(t, np.inf)
+        assert binary_metrics(y, scores, higher)["sensitivity"] < target, (scores, y, target, res)
+        assert (res["n_positive"], res["n_negative"]) == (int(y.sum()), int((1 - y).sum()))
+
+
+def test_youden_matches_brute_force_over_random_datasets():
+    rng = np.random.default_rng(7)
+    for _ in range(800):
+        scores, y = random_dataset(rng)
+        res = choose_threshold(scores, y, "youden")
+        n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+        cands = sorted(set(scores.tolist()) | {math.inf})
+        j = {t: exact_rates(scores, y, t)[0] * n_neg + exact_rates(scores, y, t)[1] * n_pos for t in cands}
+        best = max(j.values())
+        assert j[res["threshold"]] == best, (scores, y, res)
+        assert res["threshold"] == max(t for t in cands if j[t] == best and t != math.inf)  # highest among ties
+        m = binary_metrics(y, scores, res["threshold"])
+        assert res["sensitivity"] + res["specificity"] == pytest.approx(m["sensitivity"] + m["specificity"])
+        assert res["target_sensitivity"] is None and res["rule"] == "youden"
+
+
+def test_threshold_hand_computed():
+    scores = np.array([0.9, 0.8, 0.8, 0.7, 0.3])
+    y = np.array([1, 1, 0, 1, 0])
+    res = choose_threshold(scores, y, target_sensitivity=0.6)
+    assert res == {"threshold": 0.8, "rule": "sensitivity", "target_sensitivity": 0.6,
+                   "sensitivity": pytest.approx(2 / 3), "specificity": 0.5, "n_positive": 3, "n_negative": 2}
+    assert choose_threshold(scores, y, target_sensitivity=1.0)["threshold"] == 0.7
+    assert choose_threshold(scores, y, target_sensitivity=0.3)["threshold"] == 0.9
+    assert choose_threshold(scores, y, "youden")["threshold"] == 0.7  # J = 1 + 1/2 - 1
+
+
+@pytest.mark.parametrize("n_pos,target,k", [(20, 0.95, 19), (100, 0.55, 55), (100, 0.07, 7)])
+def test_threshold_exact_float_target(n_pos, target, k):
+    # k / n_pos >= target exactly as the metrics compute it, although ceil(target * n_pos) is k + 1 for
+    # 0.55 * 100 and 0.07 * 100: the threshold must not demand one positive more than needed.
+    y = np.r_[np.ones(n_pos, int), np.zeros(5, int)]
+    pos = np.linspace(0.5, 0.99, n_pos)
+    res = choose_threshold(np.r_[pos, np.full(5, 0.2)], y, target_sensitivity=target)
+    assert res["sensitivity"] == k / n_pos >= target
+    assert res["threshold"] == pos[n_pos - k]
+
+
+@pytest.mark.parametrize("scores,y,kwargs,match", [
+    ([0.1, 0.2, 0.3], [0, 0, 0], {}, "0 positive and 3 negative"),
+    ([0.1, 0.2], [1, 1], {}, "2 positive and 0 negative"),
+    ([0.1, 0.2], [1, 1], {"rule": "youden"}, "both classes"),
+    ([0.1, 0.2], [0, 1], {"rule": "f1"}, "rule must be one of"),
+    ([0.1, 0.2], [0, 1], {"target_sensitivity": 0.0}, r"target_sensitivity must be in \(0, 1\]"),
+    ([0.1, 0.2], [0, 1], {"target_sensitivity": 1.5}, r"target_sensitivity must be in \(0, 1\]"),
+    ([0.1, np.nan], [0, 1], {}, "NaN"),
+    ([0.1, 0.2, 0.3], [0, 1], {}, "shape"),
+    ([0.1, 0.2], [0, 2], {}, "class indices 0..1"),
+    ([], [], {}, "non-empty"),
+])
+def test_threshold_errors(scores, y, kwargs, match):
+    with pytest.raises(ValueError, match=match) as err:
+        choose_threshold(np.array(scores, dtype=float), np.array(y), **kwargs)
+    assert isinstance(err.value, CovidCxrError)  # the CLI reports it without a traceback
+
+
+# ----------------------------------------------------------------------------- reliability diagram
+
+def test_reliability_diagram_png(tmp_path):
+    z, y = calibrated_logits(3000, 2, seed=8)
+    over = 4.0 * z
+    t = fit_temperature(over, y)
+    after, before = softmax(over / t), softmax(over)
+    paths = {"both": tmp_path / "rel.png", "one": tmp_path / "one.png", "pos": tmp_path / "pos.png"}
+    reliability_diagram_png(after, y, paths["both"], f"val split, T = {t:.2f}", probs_before=before)
+    reliability_diagram_png(after, y, paths["one"], "val split")
+    reliability_diagram_png(after, y, paths["pos"], "val split", probs_before=before, mode="positive")
+    for p in paths.values():
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(p) as im:
+            im.verify()
+        with Image.open(p) as im:
+            assert im.size[0] > 300 and im.size[1] > 300
+
+
+def test_reliability_diagram_errors(tmp_path):
+    probs = np.full((3, 3), 1 / 3)
+    with pytest.raises(CalibrationError, match="two classes"):
+        reliability_diagram_png(probs, np.array([0, 1, 2]), tmp_path / "x.png", "t", mode="positive")
+    with pytest.raises(CalibrationError, match="mode must be"):
+        reliability_diagram_png(probs, np.array([0, 1, 2]), tmp_path / "x.png", "t", mode="bottom")
+    assert not (tmp_path / "x.png").exists()
