@@ -104,9 +104,9 @@ class DataConfig:
             raise ConfigError("--cache-size must be 0 (off) or at least 32")
         if not self.sources:
             raise ConfigError("no sources given; pass at least one --source NAME=PATH")
-        names = [n for n, _ in self.sources]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"a source is given twice: {names}")
+        names = [n for n, _ in self.sources if n != "folder"]  # several folder sources are fine
+        if len(set(names)) != len(names) or len(set(self.sources)) != len(self.sources):
+            raise ConfigError(f"a source is given twice: {[n for n, _ in self.sources]}")
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.test_per_class < 1:

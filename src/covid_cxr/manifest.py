@@ -193,6 +193,10 @@ def confounder_warnings(df: pd.DataFrame, classes: list[str], margin: float = 0.
 
 def _read_and_check(cfg: DataConfig) -> tuple[list, pd.DataFrame, list[dict]]:
     reads = [read_source(name, path) for name, path in cfg.sources]
+    names = [r.source for r in reads]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"two sources would both be called {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                           "folder sources are named after their folder, so give them different folder names")
     frames = [r.images for r in reads if not r.images.empty]
     if not frames:
         raise DatasetError("the sources hold no usable images; check the --source paths")

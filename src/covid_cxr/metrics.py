@@ -37,12 +37,19 @@ def binary_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float) ->
             "tp": tp, "tn": tn, "fp": fp, "fn": fn}
 
 
-def headline_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
-    """Metrics of one evaluation: binary metrics at ``threshold`` plus ROC AUC (and accuracy for K > 2)."""
+def headline_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float, positive: int = 1) -> dict:
+    """Accuracy, ROC AUC, and sensitivity/specificity/PPV/NPV of the positive class (covid).
+
+    Two classes: the positive class is predicted when its probability reaches ``threshold``.
+    More classes: the predicted class is the argmax; the positive-class metrics are one-vs-rest and
+    ``roc_auc`` is the one-vs-rest macro AUC.
+    """
     if probs.shape[1] == 2:
         out = binary_metrics(targets, probs[:, 1], threshold)
     else:
-        out = {"accuracy": float(np.mean(probs.argmax(1) == targets))}
+        pred = probs.argmax(1)
+        out = binary_metrics((targets == positive).astype(int), (pred == positive).astype(float), 0.5)
+        out["accuracy"] = float(np.mean(pred == targets))
     out["roc_auc"] = roc_auc(targets, probs)
     return out
 

@@ -203,9 +203,11 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return 1 if device.type == "cpu" else min(8, len(os.sched_getaffinity(0)))
 
 
-def _make_loader(ds: StackDataset, sampler, cfg: TrainConfig, rt: Runtime) -> DataLoader:
+def _make_loader(ds: StackDataset, sampler, cfg: TrainConfig, rt: Runtime, train: bool = False) -> DataLoader:
     workers = loader_workers(cfg.workers, rt.device)
-    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+    # A last training batch of one image breaks BatchNorm; drop it (it is a different image each epoch).
+    drop_last = train and len(sampler) % cfg.batch_size == 1
+    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=rt.device.type == "cuda", worker_init_fn=worker_init if workers else None,
                       persistent_workers=False)
 
@@ -239,7 +241,7 @@ def run(cfg: TrainConfig) -> dict:
     train_ds = StackDataset(train_x, train_y, spec, AugmentSpec(), seed=cfg.seed)
     sampler = EpochSampler(train_y, cfg.seed, balanced=cfg.balance == "sampler", rank=rt.rank,
                            world_size=rt.world_size)
-    train_loader = _make_loader(train_ds, sampler, cfg, rt)
+    train_loader = _make_loader(train_ds, sampler, cfg, rt, train=True)
     val_loader = None
     if len(val_x):
         val_ds = StackDataset(val_x, val_y, spec)
