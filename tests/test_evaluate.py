@@ -106,3 +106,34 @@ def test_unreadable_test_image_stops_evaluation(tiny_run, phantom_dataset, tmp_p
     shutil.copytree(tiny_run, run)
     with pytest.raises(ImageReadError, match="corrupt.png"):
         evaluate.run(EvalConfig(run=str(run), data=str(data), bootstrap=0))
+
+
+def test_training_stores_a_validated_operating_point_and_temperature(tiny_run, phantom_dataset):
+    """The threshold is chosen on validation (meets the target there), temperature scaling does not
+    raise the validation NLL, and both travel in the checkpoint to evaluate and predict."""
+    import torch
+
+    from covid_cxr.metrics import binary_metrics
+
+    cal = json.loads((tiny_run / "calibration.json").read_text())
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    assert ckpt["temperature"] == pytest.approx(cal["temperature"]) and ckpt["threshold"] == cal["threshold"]
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    assert (tiny_run / "calibration_val.png").is_file()
+    if "operating_point" in cal:
+        val = evaluate.run(EvalConfig(run=str(tiny_run), split="val", bootstrap=0))
+        preds = pd.read_csv(tiny_run / "eval-val" / "predictions.csv")
+        t = (preds["target"] == "covid").astype(int).to_numpy()
+        m = binary_metrics(t, preds["prob_covid"].to_numpy(), cal["threshold"])
+        assert m["sensitivity"] >= 0.95  # the default --target-sensitivity, met on validation
+        assert val["threshold"] == cal["threshold"] and val["calibration"]["temperature"] == cal["temperature"]
+
+
+def test_breakdowns_and_reliability(evaluated):
+    run, result = evaluated
+    assert (run / "eval-test" / "reliability.png").is_file()
+    by_source = result["by_source"]
+    assert sum(b["n"] for b in by_source.values()) == result["protocol"]["images"]
+    assert sum(b["n"] for b in result["by_view"].values()) == result["protocol"]["images"]
+    assert 0 <= result["calibration"]["ece"] <= 1
+    assert result["metrics_at_0.5"]["accuracy"] >= 0

@@ -106,8 +106,12 @@ def _add_train(sub) -> None:
     p.add_argument("--patience", type=int, default=S, help="early-stopping patience in epochs, 0 = off (default 5)")
     p.add_argument("--balance", choices=["loss", "sampler"], default=S,
                    help="class balancing: weighted loss or balanced sampling (default loss)")
+    p.add_argument("--threshold-rule", choices=["sensitivity", "youden"], default=S,
+                   help="operating point chosen on validation after training (default sensitivity)")
+    p.add_argument("--target-sensitivity", type=float, default=S,
+                   help="COVID sensitivity the threshold must reach on validation (default 0.95)")
     p.add_argument("--seed", type=int, default=S, help="seed (default 0)")
-    p.add_argument("--workers", type=int, default=S, help="DataLoader workers (default: CPU count, max 8)")
+    p.add_argument("--workers", type=int, default=S, help="DataLoader workers (default: 1 on CPU, up to 8 on CUDA)")
     p.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=S, help="no mixed precision on CUDA")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")

@@ -154,6 +154,11 @@ class TrainConfig:
     """Stop when validation ROC AUC has not improved for this many epochs (0: never stop early)."""
     balance: str = "loss"
     """'loss' (class-weighted cross-entropy) or 'sampler' (class-balanced sampling)."""
+    threshold_rule: str = "sensitivity"
+    """Operating point chosen on validation: 'sensitivity' (highest threshold meeting --target-sensitivity)
+    or 'youden' (max sensitivity + specificity - 1)."""
+    target_sensitivity: float = 0.95
+    """COVID sensitivity the 'sensitivity' rule must reach on validation."""
     seed: int = 0
     """Seed of initialisation, shuffling and augmentation."""
     workers: int | None = None
@@ -175,6 +180,10 @@ class TrainConfig:
             raise ConfigError("--batch-size must be at least 1")
         if self.weights not in WEIGHTS_CHOICES and not Path(self.weights).is_file():
             raise ConfigError(f"--weights {self.weights!r}: not 'imagenet', 'none' or an existing file")
+        if self.threshold_rule not in ("sensitivity", "youden"):
+            raise ConfigError("--threshold-rule must be 'sensitivity' or 'youden'")
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ConfigError("--target-sensitivity must be in (0, 1]")
         if self.balance not in ("loss", "sampler"):
             raise ConfigError("--balance must be 'loss' or 'sampler'")
         if self.lr is None:

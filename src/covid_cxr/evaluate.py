@@ -24,7 +24,10 @@ from covid_cxr.manifest import atomic_write_text, read_manifest
 from covid_cxr.metrics import bootstrap_ci, confusion, headline_metrics, per_class_report, predicted_labels
 from covid_cxr.model import load_checkpoint, resolve_checkpoint
 from covid_cxr.plots import class_distribution_png, confusion_matrix_png, roc_png, samples_png
-from covid_cxr.train import predict_loader, setup_runtime
+from covid_cxr.runtime import setup_runtime
+from covid_cxr.calibration import expected_calibration_error, reliability_diagram_png
+from covid_cxr.predict import probabilities
+from covid_cxr.train import predict_loader
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +86,42 @@ def run(cfg: EvalConfig) -> dict:
     loader = DataLoader(StackDataset(images, targets, spec), batch_size=cfg.batch_size,
                         sampler=EpochSampler(targets, 0, shuffle=False), num_workers=0)
     with torch.inference_mode():
-        probs, _ = predict_loader(model, loader, rt.device)
+        logits, _ = predict_loader(model, loader, rt.device)
+    probs = probabilities(torch.from_numpy(logits), float(meta.get("temperature", 1.0))).numpy()
     out = Path(cfg.run) / f"eval-{cfg.split}"
     out.mkdir(parents=True, exist_ok=True)
     result = _metrics(cfg, rows, targets, probs, labels, threshold, data_dir, dmeta, ckpt_path, meta)
+    result["calibration"] = {"temperature": float(meta.get("temperature", 1.0)),
+                             "fitted_on_validation": meta.get("calibration"),
+                             "ece": expected_calibration_error(probs, targets)["ece"]}
+    reliability_diagram_png(probs, targets, out / "reliability.png",
+                            f"{cfg.split} split, temperature {result['calibration']['temperature']:.2f}")
+    result["by_source"] = breakdown(rows["source"].to_numpy(), targets, probs, threshold, labels)
+    result["by_view"] = breakdown(rows["view"].to_numpy(), targets, probs, threshold, labels)
     _write_outputs(out, result, rows, targets, probs, labels, threshold, df, images, cfg)
     result["output_dir"] = str(out)
     return result
 
 
+def breakdown(keys: np.ndarray, targets: np.ndarray, probs: np.ndarray, threshold: float, labels: list[str]) -> dict:
+    """Metrics per value of ``keys`` (source or view), with counts: one pooled number can hide a model
+    that only works on one hospital's images."""
+    positive = labels.index("covid") if "covid" in labels else 1
+    out = {}
+    for key in sorted(set(keys)):
+        m = keys == key
+        h = headline_metrics(targets[m], probs[m], threshold, positive)
+        out[str(key)] = {"n": int(m.sum()), "n_covid": int((targets[m] == positive).sum()),
+                         **{k: h[k] for k in ("accuracy", "roc_auc", "sensitivity", "specificity")}}
+    return out
+
+
 def _metrics(cfg, rows, targets, probs, labels, threshold, data_dir, dmeta, ckpt_path, meta) -> dict:
     pred = predicted_labels(probs, threshold)
     report_text, per_class = per_class_report(targets, pred, labels)
-    headline = headline_metrics(targets, probs, threshold)
-    at_half = headline_metrics(targets, probs, 0.5)
+    positive = labels.index("covid") if "covid" in labels else 1
+    headline = headline_metrics(targets, probs, threshold, positive)
+    at_half = headline_metrics(targets, probs, 0.5, positive)
     ci = bootstrap_ci(targets, probs, rows["group"].to_numpy(), threshold, cfg.bootstrap,
                       seed=cfg.seed) if cfg.bootstrap else {}
     return {
@@ -114,6 +139,8 @@ def _metrics(cfg, rows, targets, probs, labels, threshold, data_dir, dmeta, ckpt
         "checkpoint": str(ckpt_path), "epoch": meta.get("epoch"), "labels": labels,
         "positive_class": labels[1] if len(labels) == 2 else None,
         "threshold": threshold,
+        "operating_point": (meta.get("calibration") or {}).get("operating_point",
+                                                              {"rule": "default 0.5 (no validation calibration)"}),
         "metrics": headline, "ci95": ci, "metrics_at_0.5": at_half,
         "per_class": {lab: per_class[lab] for lab in labels},
         "macro_avg": per_class["macro avg"],
@@ -162,5 +189,16 @@ def format_summary(result: dict) -> str:
              f"threshold {result['threshold']:.3f} on P({result['positive_class']})" if result["positive_class"] else "",
              result["classification_report"].rstrip()]
     lines += [fmt(k) for k in ("accuracy", "roc_auc", "sensitivity", "specificity", "ppv", "npv") if k in m]
+    half = result.get("metrics_at_0.5", {})
+    if "sensitivity" in half and result["positive_class"]:
+        lines.append(f"at threshold 0.5: sensitivity {half['sensitivity']:.3f}, specificity {half['specificity']:.3f},"
+                     f" accuracy {half['accuracy']:.3f}")
+    cal = result.get("calibration")
+    if cal:
+        lines.append(f"calibration: temperature {cal['temperature']:.2f}, ECE {cal['ece']:.3f}")
+    for name, b in result.get("by_source", {}).items():
+        auc = "n/a" if b["roc_auc"] != b["roc_auc"] else f"{b['roc_auc']:.3f}"
+        lines.append(f"  source {name:<14} n={b['n']:<4} covid={b['n_covid']:<4} AUC {auc:<6} "
+                     f"sens {b['sensitivity']:.3f} spec {b['specificity']:.3f}")
     lines += [f"reports in {result.get('output_dir', '')}", DISCLAIMER]
     return "\n".join(line for line in lines if line)

@@ -24,7 +24,7 @@ from covid_cxr.images import is_image_file, load_image
 from covid_cxr.manifest import atomic_write_text
 from covid_cxr.metrics import predicted_labels
 from covid_cxr.model import load_checkpoint, resolve_checkpoint
-from covid_cxr.train import setup_runtime
+from covid_cxr.runtime import setup_runtime
 from covid_cxr.transforms import PreprocessSpec, preprocess
 
 log = logging.getLogger(__name__)

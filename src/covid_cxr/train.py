@@ -12,14 +12,11 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -29,6 +26,8 @@ from covid_cxr.errors import CheckpointError, CovidCxrError
 from covid_cxr.manifest import read_manifest
 from covid_cxr.metrics import roc_auc
 from covid_cxr.model import backbone_parameters, build_model, read_checkpoint, save_checkpoint, unwrap
+from covid_cxr.predict import probabilities
+from covid_cxr.runtime import Runtime, amp_dtype, autocast, setup_runtime
 from covid_cxr.transforms import AugmentSpec, PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -37,53 +36,11 @@ log = logging.getLogger(__name__)
 RESUME_FREE_OPTIONS = ("resume", "workers", "progress", "device")
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs: device and rank, from the environment (torchrun sets RANK etc.)."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(device: str = "auto") -> Runtime:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CovidCxrError("--device cuda requested but CUDA is not available; use --device cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(device=dev, rank=rank, world_size=world)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (initialisation); data order and augmentation use their own seeds."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def amp_dtype(rt: Runtime, enabled: bool) -> torch.dtype | None:
-    """bf16 on CUDA where supported, else fp16; None (full precision) on CPU."""
-    if not enabled or rt.device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -140,29 +97,81 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 @torch.no_grad()
 def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device,
                    dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (N, K) and targets (N,) in dataset order."""
+    """Logits (N, K) as float32 and targets (N,) in dataset order."""
     model.eval()
-    probs, targets, order = [], [], []
+    logits, targets, order = [], [], []
     for x, y, idx in loader:
         x = x.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            logits = model(x)
-        probs.append(torch.softmax(logits.float(), 1).cpu())
+            out = model(x)
+        logits.append(out.float().cpu())
         targets.append(y)
         order.append(idx)
-    order_t = torch.cat(order)
-    inv = torch.argsort(order_t)
-    return torch.cat(probs)[inv].numpy(), torch.cat(targets)[inv].numpy()
+    inv = torch.argsort(torch.cat(order))
+    return torch.cat(logits)[inv].numpy(), torch.cat(targets)[inv].numpy()
 
 
-def validation_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
+def validation_metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
     """Loss, accuracy and ROC AUC (one-vs-rest macro for more than two classes)."""
+    probs = probabilities(torch.from_numpy(logits)).numpy()
     eps = 1e-7
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], eps, 1.0))))
     return {"loss": loss, "accuracy": float(np.mean(probs.argmax(1) == targets)),
             "auc": roc_auc(targets, probs)}
+
+
+def calibrate(run_dir: Path, val_loader: DataLoader | None, labels: list[str], cfg: TrainConfig,
+              rt: Runtime) -> dict:
+    """Fit temperature scaling and choose the operating point on the validation split; store both in best.pt.
+
+    The threshold applies to the calibrated probability of the positive class (covid); with more
+    than two classes the argmax is used and only the temperature is fitted.
+    """
+    from covid_cxr.calibration import (choose_threshold, expected_calibration_error, fit_temperature, nll,
+                                       reliability_diagram_png)
+    from covid_cxr.model import load_checkpoint
+
+    best = run_dir / "best.pt"
+    result: dict = {"split": "val", "temperature": 1.0, "threshold": 0.5, "notes": []}
+    if val_loader is None:
+        result["notes"].append("no validation split: temperature 1 and threshold 0.5 kept")
+        return result
+    model, _ = load_checkpoint(best, rt.device)
+    logits, targets = predict_loader(model, val_loader, rt.device)
+    positive = labels.index("covid") if "covid" in labels else 1
+    try:
+        t = fit_temperature(logits, targets)
+    except ValueError as exc:
+        t = 1.0
+        result["notes"].append(f"temperature not fitted ({exc}); 1.0 kept")
+    before = probabilities(torch.from_numpy(logits)).numpy()
+    after = probabilities(torch.from_numpy(logits), t).numpy()
+    result.update(temperature=float(t), nll_before=nll(logits, targets), nll_after=nll(logits, targets, t),
+                  ece_before=expected_calibration_error(before, targets)["ece"],
+                  ece_after=expected_calibration_error(after, targets)["ece"], n=int(len(targets)))
+    if len(labels) == 2:
+        try:
+            op = choose_threshold(after[:, positive], (targets == positive).astype(int), cfg.threshold_rule,
+                                  cfg.target_sensitivity)
+            # The threshold equals one validation score; a hair below it keeps that image positive when
+            # batch size or hardware changes the probability in the 7th digit.
+            result.update(threshold=float(op["threshold"]) - 1e-6, operating_point=op)
+        except ValueError as exc:
+            result["notes"].append(f"threshold not chosen ({exc}); 0.5 kept")
+    else:
+        result.update(threshold=None, operating_point={"rule": "argmax"})
+    reliability_diagram_png(after, targets, run_dir / "calibration_val.png",
+                            f"validation, temperature {t:.2f}", probs_before=before)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    ckpt.update(temperature=result["temperature"], threshold=result["threshold"] if result["threshold"] is not None
+                else 0.5, calibration=result)
+    tmp = best.with_name(f".{best.name}.tmp-{os.getpid()}")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, best)
+    (run_dir / "calibration.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def _load_split(df: pd.DataFrame, data_dir: str, split: str, labels: list[str], spec: PreprocessSpec,
@@ -325,8 +334,10 @@ def _epochs(cfg, rt, labels, spec, train_model, model, train_ds, sampler, train_
             log.info("early stopping: validation AUC has not improved for %d epochs", cfg.patience)
             stopped_early = True
             break
+    calibration = calibrate(out, val_loader, labels, cfg, rt) if rt.is_main else {}
     return {"run": str(out), "best_epoch": state["best_epoch"], "best_val_auc": state["best_auc"],
             "epochs_run": state["epoch"], "stopped_early": stopped_early,
+            "temperature": calibration.get("temperature"), "threshold": calibration.get("threshold"),
             "best_checkpoint": str(out / "best.pt"), "last_checkpoint": str(out / "last.pt")}
 
 
