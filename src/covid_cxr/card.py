@@ -103,7 +103,7 @@ def render_card(df: pd.DataFrame, report: dict) -> str:
     if report["label_conflicts"]:
         parts += ["Label conflicts:", ""] + [f"- {n}" for n in report["label_conflicts"]] + [""]
     parts += ["## Classes by source and split", "", _split_table(df, classes), "",
-              f"Patients (split groups) per split: " + ", ".join(
+              "Patients (split groups) per split: " + ", ".join(
                   f"{k} {v}" for k, v in report["patients_per_split"].items()) + ".", ""]
     if report.get("notes"):
         parts += [f"- {n}" for n in report["notes"]] + [""]
