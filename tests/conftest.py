@@ -66,7 +66,8 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: s
 
 @pytest.fixture(scope="session")
 def phantom_dataset(tmp_path_factory) -> Path:
-    """A built dataset of 64 px phantoms: 60 per class (train 36+36ish, val, test 12 per class)."""
+    """A built dataset of 64 px phantoms (no near-duplicate removal: phantoms share one template,
+    so distinct phantoms can look like copies to the detector): 60 per class (train 36+36ish, val, test 12 per class)."""
     from covid_cxr.config import DataConfig
     from covid_cxr.manifest import build
     from covid_cxr.phantoms import generate_phantoms
@@ -76,7 +77,7 @@ def phantom_dataset(tmp_path_factory) -> Path:
     generate_phantoms(src, 60, size=64, seed=1)
     out = root / "dataset"
     build(DataConfig(sources=(("folder", str(src)),), out=str(out), test_per_class=12, val_fraction=0.15,
-                     train_size=200, seed=0, workers=1, progress=False))
+                     train_size=200, seed=0, workers=1, progress=False, dedup=False))
     return out
 
 
@@ -109,7 +110,7 @@ def learned_phantom_run(tmp_path_factory) -> Path:
     generate_phantoms(src, 160, size=128, seed=11)
     data = root / "dataset"
     build(DataConfig(sources=(("folder", str(src)),), out=str(data), test_per_class=40, val_fraction=0.15,
-                     train_size=400, seed=0, workers=1, progress=False))
+                     train_size=400, seed=0, workers=1, progress=False, dedup=False))
     out = root / "run"
     run(TrainConfig(data=str(data), out=str(out), epochs=8, image_size=64, batch_size=32, weights="none",
                     lr=2e-3, warmup_epochs=0.5, patience=0, progress=False))

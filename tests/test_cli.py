@@ -12,7 +12,7 @@ from covid_cxr.phantoms import generate_phantoms
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], "data,train,evaluate,predict,demo"),
+    ([], "data,train,evaluate,predict,explain,audit,report,export,serve,demo"),
     (["data", "build"], "--test-per-class"),
     (["train"], "--freeze-backbone"),
     (["evaluate"], "--split"),
@@ -46,7 +46,7 @@ def test_chain_build_train_evaluate_predict(tmp_path, capsys):
     cfg = tmp_path / "train.yaml"
     cfg.write_text("epochs: 1\nimage_size: 32\nbatch_size: 8\nweights: none\n")
     assert main(["data", "build", "--source", f"folder={src}", "--out", str(data), "--test-per-class", "5",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--no-dedup"]) == 0
     assert "synthetic-phantoms" in capsys.readouterr().out
     assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(run), "--image-size", "40",
                  "--no-progress"]) == 0

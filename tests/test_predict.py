@@ -87,3 +87,28 @@ def test_preprocess_is_pure_and_checks_its_input():
         preprocess(img.astype(np.float32), spec)
     with pytest.raises(ValueError, match="grayscale"):
         preprocess(np.zeros((8, 8, 3), np.uint8), spec)
+
+
+def test_onnx_backend_and_heatmaps(tiny_run, images, tmp_path):
+    """`export` then `predict --backend onnx` agrees with torch; `--heatmaps` writes one overlay per image."""
+    import shutil
+
+    from covid_cxr.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    folder, paths = images
+    assert main(["export", "--run", str(run)]) == 0
+    assert (run / "model.onnx").is_file() and (run / "model.json").is_file()
+    torch_res = predict.run(PredictConfig(run=str(run), inputs=(str(folder),), format="json"))
+    onnx_res = predict.run(PredictConfig(run=str(run), inputs=(str(folder),), format="json", backend="onnx",
+                                         heatmaps=str(tmp_path / "heat")))
+    t = json.loads(torch_res["text"])["predictions"]
+    o = json.loads(onnx_res["text"])["predictions"]
+    assert [r["path"] for r in t] == [r["path"] for r in o]
+    np.testing.assert_allclose([r["prob_covid"] for r in o], [r["prob_covid"] for r in t], atol=1e-4)
+    pngs = sorted((tmp_path / "heat").glob("*.png"))
+    assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert all(r["heatmap_png"] for r in o)
+    with pytest.raises(CovidCxrError, match="export the model first"):
+        predict.run(PredictConfig(run=str(tiny_run.parent), inputs=(str(folder),), backend="onnx"))

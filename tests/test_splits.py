@@ -139,7 +139,7 @@ def test_each_task_end_to_end(tmp_path, task):
     (tmp_path / "more" / "covid").rename(pneu)
     out, run = tmp_path / "ds", tmp_path / "run"
     build(DataConfig(sources=(("folder", str(src)),), out=str(out), task=task, test_per_class=4,
-                     workers=1, progress=False))
+                     workers=1, progress=False, dedup=False))
     train.run(TrainConfig(data=str(out), out=str(run), epochs=1, image_size=32, batch_size=8, weights="none",
                           progress=False))
     result = evaluate.run(EvalConfig(run=str(run), bootstrap=20))

@@ -245,10 +245,16 @@ class PredictConfig:
     checkpoint: str = "best"
     batch_size: int = 16
     device: str = "auto"
+    backend: str = "torch"
+    """'torch' (the checkpoint) or 'onnx' (RUN/model.onnx from `covid-cxr export`, or an .onnx file as --run)."""
+    heatmaps: str | None = None
+    """Folder for Grad-CAM overlays of every readable image (computed with the torch checkpoint)."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError("predict needs at least one image file or folder")
+        if self.backend not in ("torch", "onnx"):
+            raise ConfigError("--backend must be torch or onnx")
         if self.format not in ("csv", "json"):
             raise ConfigError("--format must be csv or json")
         if self.checkpoint not in ("best", "last"):

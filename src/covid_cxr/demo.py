@@ -41,7 +41,10 @@ def run(out: str | Path, per_class: int = 160, image_size: int = 64, epochs: int
     test_per_class = max(4, per_class // 4)
     data_cfg = DataConfig(sources=(("folder", str(phantoms)),), out=str(out / "dataset"),
                           test_per_class=test_per_class, val_fraction=0.15, train_size=2 * per_class,
-                          seed=seed, progress=progress)
+                          seed=seed, progress=progress,
+                          # Phantoms are distinct by construction but share one template, which the
+                          # near-duplicate detector (tuned on real radiographs) can mistake for copies.
+                          dedup=False)
     report = manifest.build(data_cfg)
     print("[2/4] " + manifest.format_report(report, data_cfg.out))
     train_cfg = TrainConfig(data=data_cfg.out, out=str(out / "run"), epochs=epochs, image_size=image_size,

@@ -95,14 +95,43 @@ def predict_images(model: nn.Module, meta: dict, paths: list[Path], batch_size: 
     return sorted(results, key=lambda r: order[r["path"]])
 
 
+def load_predictor(run: str | Path, backend: str = "torch", checkpoint: str = "best",
+                   device: torch.device | str = "cpu"):
+    """(model, meta) for a backend: the torch checkpoint, or its ONNX export run by onnxruntime."""
+    if backend == "onnx":
+        from covid_cxr.export import load_onnx
+
+        p = Path(run)
+        onnx_path = p if p.suffix == ".onnx" else p / "model.onnx"
+        if not onnx_path.is_file():
+            raise CovidCxrError(f"{onnx_path} not found; export the model first: covid-cxr export --run {run} "
+                                "--format onnx")
+        model = load_onnx(onnx_path)
+        return model, model.meta
+    return load_checkpoint(resolve_checkpoint(run, checkpoint), device)
+
+
 def run(cfg: PredictConfig) -> dict:
     """Predict every image in ``cfg.inputs``; write CSV/JSON to ``cfg.out`` or return it as text."""
     rt = setup_runtime(cfg.device)
-    model, meta = load_checkpoint(resolve_checkpoint(cfg.run, cfg.checkpoint), rt.device)
+    model, meta = load_predictor(cfg.run, cfg.backend, cfg.checkpoint, rt.device)
     paths = list_images(cfg.inputs)
-    results = predict_images(model, meta, paths, cfg.batch_size, rt.device, cfg.skip_unreadable)
+    device = rt.device if cfg.backend == "torch" else "cpu"
+    results = predict_images(model, meta, paths, cfg.batch_size, device, cfg.skip_unreadable)
+    if cfg.heatmaps:
+        from covid_cxr.explain import explain_images
+
+        torch_model, torch_meta = (model, meta) if cfg.backend == "torch" else load_checkpoint(
+            resolve_checkpoint(Path(cfg.run).parent if Path(cfg.run).suffix == ".onnx" else cfg.run,
+                               cfg.checkpoint), rt.device)
+        readable = [Path(r["path"]) for r in results if not r["error"]]
+        rows = explain_images(torch_model, torch_meta, readable, Path(cfg.heatmaps))
+        by_path = {r["path"]: r["heatmap_png"] for r in rows}
+        for r in results:
+            r["heatmap_png"] = by_path.get(r["path"], "")
     if cfg.format == "json":
-        text = json.dumps({"disclaimer": DISCLAIMER, "model": meta["path"], "labels": meta["labels"],
+        text = json.dumps({"disclaimer": DISCLAIMER, "model": meta["path"], "backend": cfg.backend,
+                           "labels": meta["labels"],
                            "threshold": meta["threshold"], "predictions": results}, indent=2) + "\n"
     else:
         buf = io.StringIO()

@@ -51,7 +51,7 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
         return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   pixel_range=tuple(d["pixel_range"]), base_short_side=int(d["base_short_side"]),
+                   pixel_range=tuple(d["pixel_range"]), base_short_side=int(d.get("base_short_side", 1 << 30)),  # pre-0.1 files had no stage 1
                    resize=d["resize"], channels=int(d["channels"]))
 
 

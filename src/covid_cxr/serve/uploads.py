@@ -1,0 +1,202 @@
+"""Receiving one uploaded image: a streaming multipart reader with a hard size limit, and content sniffing.
+
+Starlette's own form parser spools every part into a temporary file in the system temp
+folder before the endpoint runs, however large it is. :func:`receive_upload` instead feeds
+the request body to python-multipart chunk by chunk, writes only the ``file`` field, and only
+into the folder it is given (the request's :class:`tempfile.TemporaryDirectory`), and stops
+reading as soon as the limit is passed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+log = logging.getLogger(__name__)
+
+FIELD = "file"
+"""The multipart field that carries the image."""
+
+MULTIPART_OVERHEAD = 64 * 1024
+"""Bytes a request body may carry beyond the file limit: boundaries, part headers, small fields."""
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+DICOM_MAGIC_OFFSET = 128
+"""A DICOM Part 10 file has a 128-byte preamble, then ``DICM``."""
+SNIFF_BYTES = DICOM_MAGIC_OFFSET + 4
+
+SUFFIXES = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
+"""Sniffed kind -> the ending the upload is stored under (so :func:`covid_cxr.images.load_image`
+takes the right decoder; the client's file name is never used for a path)."""
+
+ACCEPTED = "PNG, JPEG or DICOM (Part 10, with the 'DICM' marker at byte 128)"
+
+
+class UploadError(Exception):
+    """A request that does not carry one acceptable image; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image stored in the request's temporary folder."""
+
+    path: Path
+    """Where the bytes are, named ``upload.<png|jpg|dcm>`` after the sniffed kind."""
+    kind: str
+    """``png``, ``jpeg`` or ``dicom``."""
+    size: int
+    """Bytes."""
+    filename: str
+    """The name the client gave (for display only; may be empty)."""
+
+
+def sniff(head: bytes) -> str | None:
+    """``png``, ``jpeg`` or ``dicom`` from a file's first 132 bytes, or None for anything else."""
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    if head.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return "dicom"
+    return None
+
+
+def limit_text(max_bytes: int) -> str:
+    """The limit as people read it: ``20 MB (20,971,520 bytes)``."""
+    return f"{max_bytes / 2**20:.3g} MB ({max_bytes:,} bytes)"
+
+
+def too_large(max_bytes: int) -> UploadError:
+    return UploadError(413, f"the upload is larger than the {limit_text(max_bytes)} limit of this server; "
+                            "send a smaller file (downscale or compress the image)")
+
+
+class _FilePartWriter:
+    """python-multipart callbacks that write field :data:`FIELD` to ``dest`` and drop every other part."""
+
+    def __init__(self, dest: Path, max_bytes: int):
+        self.dest = dest
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.filename = ""
+        self.head = b""
+        self.found = False
+        self._out: BinaryIO | None = None
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value_cb, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+                "on_part_end": self._part_end}
+
+    def _part_begin(self) -> None:
+        self._disposition = b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_cb(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if options.get(b"name") != FIELD.encode():
+            return
+        if self.found:
+            raise UploadError(422, f"send exactly one '{FIELD}' field; this request has several")
+        self.found = True
+        self.filename = options.get(b"filename", b"").decode("utf-8", "replace")
+        self._out = open(self.dest, "wb")  # noqa: SIM115 - closed in _part_end or close()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._out is None:
+            return  # another field: not kept
+        self.size += end - start
+        if self.size > self.max_bytes:
+            raise too_large(self.max_bytes)
+        if len(self.head) < SNIFF_BYTES:
+            self.head += data[start:min(end, start + SNIFF_BYTES - len(self.head))]
+        self._out.write(data[start:end])
+
+    def _part_end(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes], folder: Path,
+                         max_bytes: int) -> Upload:
+    """Stream a ``multipart/form-data`` body into ``folder`` and check that field ``file`` is an image.
+
+    Args:
+        headers: the request headers (a mapping with lower-case keys, e.g. Starlette's ``Headers``).
+        body: the request body in chunks (``request.stream()``).
+        folder: where the file goes (the request's temporary folder); nothing is written elsewhere.
+        max_bytes: largest accepted file; the body may be at most :data:`MULTIPART_OVERHEAD` longer.
+
+    Returns:
+        The stored :class:`Upload`.
+
+    Raises:
+        UploadError: 413 (too large; raised as soon as the limit is passed, before the rest of the
+            body is read), 415 (not multipart, or not a PNG/JPEG/DICOM file), 400 (malformed
+            multipart) or 422 (no ``file`` field, several, or an empty one).
+    """
+    content_type = headers.get("content-type", "")
+    kind, params = parse_options_header(content_type)
+    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+        raise UploadError(415, f"send the image as multipart/form-data in a field named '{FIELD}' "
+                               f"(e.g. curl -F {FIELD}=@image.png URL); got Content-Type {content_type!r}")
+    max_body = max_bytes + MULTIPART_OVERHEAD
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise too_large(max_bytes)  # refuse before reading any of it
+
+    raw = folder / "upload.bin"
+    writer = _FilePartWriter(raw, max_bytes)
+    parser = MultipartParser(params[b"boundary"], writer.callbacks())
+    received = 0
+    try:
+        async for chunk in body:
+            received += len(chunk)
+            if received > max_body:
+                raise too_large(max_bytes)
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise UploadError(400, f"malformed multipart/form-data body ({exc})") from exc
+    finally:
+        writer.close()
+
+    if not writer.found:
+        raise UploadError(422, f"the request has no '{FIELD}' field; send the image as multipart field '{FIELD}'")
+    if writer.size == 0:
+        raise UploadError(422, f"the '{FIELD}' field is empty")
+    image_kind = sniff(writer.head)
+    if image_kind is None:
+        raise UploadError(415, f"the upload is not a {ACCEPTED} file (its first bytes match none of them)")
+    path = raw.rename(folder / f"upload{SUFFIXES[image_kind]}")
+    return Upload(path=path, kind=image_kind, size=writer.size, filename=writer.filename)

@@ -1,0 +1,113 @@
+"""The web page in headless Chromium: pick an X-ray, see the prediction, the heatmap and the research-use banner.
+
+Runs the app with uvicorn on 127.0.0.1 (a free port) in a background thread; Playwright drives Debian's
+Chromium (no browser download). Skipped with the reason when Chromium or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from covid_cxr.serve import create_app
+
+from conftest import real_data_root, write_image
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT_COPY = Path("/tmp/serve_screenshot.png")
+"""A copy of the screenshot outside pytest's temporary folders, to look at after a run."""
+
+
+def real_xray() -> Path | None:
+    """A COVID-19 radiograph from the real collection (PNG/JPEG under 2 MB), or None when it is absent."""
+    root = real_data_root()
+    if root is None:
+        return None
+    with open(root / "inventory.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            path = root / row["relative_path"]
+            if ("covid" in row["label_as_in_source"].lower() and path.suffix.lower() in (".png", ".jpg", ".jpeg")
+                    and int(row["bytes"]) < 2_000_000 and path.is_file()):
+                return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def live_url(tiny_run):
+    """The app served by uvicorn on 127.0.0.1 at a free port, in a daemon thread."""
+    uvicorn = pytest.importorskip("uvicorn")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # uvicorn serves this socket: no window for another process to take the port
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(str(tiny_run), device="cpu"), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package to run the browser test")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def test_page_predicts_and_shows_heatmap(live_url, browser, tmp_path):
+    xray = real_xray() or write_image(tmp_path / "phantom.png", seed=7, size=(320, 288))
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    requests = []
+    page.on("request", lambda req: requests.append(req.url))
+    page.goto(live_url + "/")
+    banner = page.locator("#banner")
+    assert "Research use only — not a diagnostic device" in banner.inner_text()
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('best.pt')")
+    page.set_input_files("#file", str(xray))
+    page.wait_for_selector("#heatmap[src^='data:image/png;base64,']", state="visible", timeout=60_000)
+    label = page.locator("#result-label").inner_text()
+    prob = page.locator("#result-prob").inner_text()
+    assert label in ("normal", "covid")
+    assert "P(covid) =" in prob and "%" in prob
+    assert page.locator("#error").is_hidden()
+    assert page.locator("#preview").is_visible()
+    assert page.evaluate("document.getElementById('heatmap').naturalWidth") > 100  # the PNG decoded
+    assert "Research use only — not a diagnostic device" in banner.inner_text()
+    assert all(url.startswith((live_url, "blob:", "data:")) for url in requests), requests
+    shot = tmp_path / "serve_screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    shutil.copyfile(shot, SCREENSHOT_COPY)
+    assert shot.stat().st_size > 10_000
+    page.close()
+
+
+def test_page_shows_a_refusal(live_url, browser, tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image\n" * 20)
+    page = browser.new_page()
+    page.goto(live_url + "/")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_selector("#error", state="visible", timeout=30_000)
+    assert "HTTP 415" in page.locator("#error").inner_text()
+    assert page.locator("#result").is_hidden()
+    page.close()
