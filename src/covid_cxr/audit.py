@@ -42,14 +42,10 @@ from torch import nn
 
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.config import ConfigError, _default_workers
-from covid_cxr.errors import DatasetError
-from covid_cxr.images import load_resized_stack
-from covid_cxr.manifest import atomic_write_text, read_manifest
+from covid_cxr.manifest import atomic_write_text
 from covid_cxr.metrics import bootstrap_ci, headline_metrics, roc_auc
-from covid_cxr.model import load_checkpoint, resolve_checkpoint
 from covid_cxr.plots import _save
 from covid_cxr.predict import probabilities
-from covid_cxr.runtime import setup_runtime
 from covid_cxr.transforms import PreprocessSpec, normalize
 
 log = logging.getLogger(__name__)
@@ -252,23 +248,13 @@ class AuditConfig:
 
 def run(cfg: AuditConfig) -> dict:
     """Audit a run on a manifest split; writes audit.json and masked_examples.png; returns audit.json's content."""
-    from covid_cxr.evaluate import _dataset_dir  # one way to find a run's dataset
+    from covid_cxr.evaluate import load_split  # one way to load a run and a split, shared with evaluate
 
-    rt = setup_runtime(cfg.device)
-    ckpt_path = resolve_checkpoint(cfg.run, cfg.checkpoint)
-    model, meta = load_checkpoint(ckpt_path, rt.device)
+    d = load_split(cfg)
+    rt, ckpt_path, model, meta, data_dir, df, rows, images, targets = (
+        d.rt, d.ckpt_path, d.model, d.meta, d.data_dir, d.df, d.rows, d.images, d.targets)
     labels, spec, threshold = list(meta["labels"]), meta["preprocess_spec"], float(meta["threshold"])
     temperature = float(meta.get("temperature", 1.0))
-    data_dir = _dataset_dir(cfg, meta)
-    df, dmeta = read_manifest(data_dir)
-    if list(dmeta["labels"]) != labels:
-        raise DatasetError(f"{data_dir} has labels {dmeta['labels']} but the model predicts {labels}")
-    rows = df[(df["split"] == cfg.split) & df["target"].isin(labels)].reset_index(drop=True)
-    if rows.empty:
-        raise DatasetError(f"{data_dir}/manifest.csv has no {cfg.split!r} images")
-    images = load_resized_stack(rows["path"].tolist(), spec.size, spec.base_short_side, workers=cfg.workers,
-                                desc="decoding")
-    targets = rows["target"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
     groups, sources = rows["group"].to_numpy(), rows["source"].astype(str).to_numpy()
 
     variants = masked_variants(images)

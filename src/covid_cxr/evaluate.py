@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from covid_cxr.manifest import atomic_write_text, read_manifest
 from covid_cxr.metrics import bootstrap_ci, confusion, headline_metrics, per_class_report, predicted_labels
 from covid_cxr.model import load_checkpoint, resolve_checkpoint
 from covid_cxr.plots import class_distribution_png, confusion_matrix_png, roc_png, samples_png
-from covid_cxr.runtime import setup_runtime
+from covid_cxr.runtime import Runtime, setup_runtime
 from covid_cxr.calibration import expected_calibration_error, reliability_diagram_png
 from covid_cxr.predict import probabilities
 from covid_cxr.train import predict_loader
@@ -67,12 +68,33 @@ def _sample_grid(rows: pd.DataFrame, images: np.ndarray, labels: list[str], seed
     return grid
 
 
-def run(cfg: EvalConfig) -> dict:
-    """Evaluate a run's checkpoint on a manifest split and write the reports; returns metrics.json's content."""
+@dataclass
+class SplitData:
+    """A run's model and one manifest split's images, as evaluate and audit both need them."""
+
+    rt: Runtime
+    ckpt_path: Path
+    model: torch.nn.Module
+    meta: dict
+    data_dir: Path
+    df: pd.DataFrame
+    dmeta: dict
+    rows: pd.DataFrame
+    images: np.ndarray
+    targets: np.ndarray
+
+
+def load_split(cfg) -> SplitData:
+    """Load ``cfg.run``'s checkpoint and the model pixels of ``cfg.split`` (``cfg`` has run, data, split,
+    checkpoint, device, workers). Every image is decoded; an unreadable one stops with its name.
+
+    Raises:
+        DatasetError: the dataset's labels differ from the model's, or the split is empty.
+    """
     rt = setup_runtime(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.run, cfg.checkpoint)
     model, meta = load_checkpoint(ckpt_path, rt.device)
-    labels, spec, threshold = list(meta["labels"]), meta["preprocess_spec"], float(meta["threshold"])
+    labels, spec = list(meta["labels"]), meta["preprocess_spec"]
     data_dir = _dataset_dir(cfg, meta)
     df, dmeta = read_manifest(data_dir)
     if list(dmeta["labels"]) != labels:
@@ -80,9 +102,17 @@ def run(cfg: EvalConfig) -> dict:
     rows = df[(df["split"] == cfg.split) & df["target"].isin(labels)].reset_index(drop=True)
     if rows.empty:
         raise DatasetError(f"{data_dir}/manifest.csv has no {cfg.split!r} images")
-    # Every image is decoded; an unreadable one stops the evaluation with its name (never skipped).
     images = load_rows(rows, data_dir, spec, workers=max(1, cfg.workers))
     targets = rows["target"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
+    return SplitData(rt, ckpt_path, model, meta, data_dir, df, dmeta, rows, images, targets)
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate a run's checkpoint on a manifest split and write the reports; returns metrics.json's content."""
+    d = load_split(cfg)
+    rt, ckpt_path, model, meta, data_dir, df, dmeta, rows, images, targets = (
+        d.rt, d.ckpt_path, d.model, d.meta, d.data_dir, d.df, d.dmeta, d.rows, d.images, d.targets)
+    labels, spec, threshold = list(meta["labels"]), meta["preprocess_spec"], float(meta["threshold"])
     loader = DataLoader(StackDataset(images, targets, spec), batch_size=cfg.batch_size,
                         sampler=EpochSampler(targets, 0, shuffle=False), num_workers=0)
     with torch.inference_mode():
