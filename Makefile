@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.covid-cxr-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-slow test-all clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/covid-cxr demo --out demo-output
 
-test: $(STAMP)
+test: $(STAMP)  ## the quick suite (minutes): everything but the long training tests
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(STAMP)  ## the long training tests only
+	$(BIN)/python -m pytest -m slow
+
+test-all: $(STAMP)  ## everything (what CI runs)
 	$(BIN)/python -m pytest
 
 clean:

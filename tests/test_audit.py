@@ -1,14 +1,23 @@
-"""audit: mask geometry, the source probe, and a full audit of a model that learned the phantoms' lesions."""
+"""audit: mask geometry, the source probe, AUCs that survive saturated probabilities, and a full audit of a
+model that learned the phantoms' lesions."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 from covid_cxr import audit
-from covid_cxr.config import ConfigError
+from covid_cxr.config import AuditConfig, make_config
+from covid_cxr.dataset import read_dataset
+from covid_cxr.errors import ConfigError
+from covid_cxr.inference import load_predictor
+from covid_cxr.metrics import roc_auc
+from covid_cxr.model import load_model, save_checkpoint
 from covid_cxr.phantoms import make_phantom_with_masks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,7 +73,7 @@ def test_source_probe_separable_vs_random():
 def test_verdicts_flag_a_shortcut():
     m = lambda auc, ci: {"auc": auc, "ci95": ci}  # noqa: E731
     result = {
-        "split": "test", "images": 100, "patients": 90, "threshold": 0.5,
+        "split": "test", "images": 100, "patients": 90, "threshold": 0.5, "threshold_text": "P(covid) >= 0.500",
         "masking": {"original": m(0.95, [0.9, 0.98]), "lungs_masked": {**m(0.81, [0.74, 0.87]), "auc_retained": 0.69},
                     "border_only": {**m(0.52, [0.41, 0.63]), "auc_retained": 0.04}},
         "masks": {"border_fraction": 0.12},
@@ -81,13 +90,106 @@ def test_verdicts_flag_a_shortcut():
     assert "near chance" in border
     assert any("0.93 accuracy" in v and "0.55 chance" in v and "encode" in v for v in text)
     assert any("cohen contributes only 'covid'" in v for v in text)
-    assert any(v.startswith("On mooney") and "sensitivity 0.50" in v for v in text)
+    assert any(v.startswith("On mooney") and "sensitivity 0.50" in v and "at P(covid) >= 0.500" in v for v in text)
+    assert not any("threshold 1.00" in v for v in text)
 
 
+def test_masked_variants_black_out_the_right_pixels():
+    images = np.full((2, 40, 40), 200, np.uint8)
+    v = audit.masked_variants(images)
+    assert list(v) == ["original", "lungs_masked", "border_only"] and v["original"] is images
+    np.testing.assert_array_equal(v["lungs_masked"][0] == 0, audit.lung_field_mask(40))
+    np.testing.assert_array_equal(v["border_only"][0] != 0, audit.border_mask(40))
+    assert (images == 200).all()
+
+
+@pytest.fixture(scope="module")
+def saturated_run(tiny_run, tmp_path_factory):
+    """tiny_run's model with its head scaled by 1e4 and the covid logit raised by 1e5: float32 softmax gives
+    P(covid) = 1.0 exactly for every image, while the logits still rank the images."""
+    run = tmp_path_factory.mktemp("saturated") / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval-*", "audit-*", "report.html", "model.*"))
+    model, meta = load_model(tiny_run / "best.pt")
+    with torch.no_grad():
+        model.head.weight.mul_(1e4)
+        model.head.bias.mul_(1e4)
+        model.head.bias[meta.positive_index] += 1e5
+    save_checkpoint(run / "best.pt", model, meta)
+    return run
+
+
+def test_audit_of_a_saturated_model_ranks_by_log_odds(saturated_run, phantom_dataset):
+    """AUCs come from float64 log-odds of the logits: a model whose float32 probabilities are all exactly 1.0
+    (ties everywhere, so AUC 0.5 on probabilities) still gets the AUC its logits earn, masked images included."""
+    result = audit.run(AuditConfig(run=str(saturated_run), bootstrap=20, device="cpu", workers=1, batch_size=32))
+    predictor = load_predictor(saturated_run, "torch", device="cpu")
+    meta = predictor.meta
+    ds = read_dataset(phantom_dataset)
+    rows = ds.rows("test")
+    targets = ds.targets(rows)
+    variants = audit.masked_variants(ds.pixels(rows, meta.preprocess))
+    aucs = {}
+    for name, pixels in variants.items():
+        logits = predictor.outputs(pixels, batch_size=32).logits
+        p32 = torch.softmax(torch.from_numpy(logits) / meta.temperature, dim=1).numpy()
+        assert p32.dtype == np.float32 and (p32[:, meta.positive_index] == 1.0).all(), "not saturated"
+        aucs[name] = roc_auc(targets, meta.log_probs(logits), meta.positive_index)
+        assert result["masking"][name]["auc"] == pytest.approx(aucs[name], abs=1e-12), name
+        lo, hi = result["masking"][name]["ci95"]
+        assert lo <= hi and not (lo == hi == 0.5)
+    print("saturated model, AUCs on log-odds: " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
+    assert any(abs(a - 0.5) > 0.02 for a in aucs.values()), aucs  # ties would have given 0.5 everywhere
+    assert result["per_source"][0]["roc_auc"] == pytest.approx(aucs["original"], abs=1e-12)
+    assert result["masking"]["original"]["auc"] == pytest.approx(aucs["original"])
+    assert "log-odds" in result["scores"]
+
+
+def test_audit_with_two_sources_runs_the_probe(tiny_run, phantom_dataset, tmp_path):
+    """Relabel the phantoms' sources so that source B holds only covid images: the probe runs,
+    the label-only baseline is reported and the confounding is named."""
+    df = pd.read_csv(phantom_dataset / "manifest.csv", keep_default_na=False, dtype=str)
+    info = json.loads((phantom_dataset / "dataset.json").read_text())
+    [root] = info["source_roots"].values()
+    covid = df["target"] == "covid"
+    test_covid = np.flatnonzero(covid & (df["split"] == "test"))
+    df["source"] = np.where(covid, "B", "A")
+    df.loc[test_covid[::2], "source"] = "A"
+    copy = tmp_path / "dataset"
+    copy.mkdir()
+    df.to_csv(copy / "manifest.csv", index=False)
+    # both relabelled sources live in the phantoms' folder; the cache stays where it is
+    whole = {"path": root["absolute"], "absolute": root["absolute"], "synthetic": True}
+    info["source_roots"] = {"A": whole, "B": whole}
+    info["cache"] = {**info["cache"], "path": info["cache"]["absolute"]}
+    (copy / "dataset.json").write_text(json.dumps(info))
+    n_test = int((df["split"] == "test").sum())
+    n_b = int(covid[df["split"] == "test"].sum()) - len(test_covid[::2])
+    result = audit.run(AuditConfig(run=str(tiny_run), data=str(copy), bootstrap=0, device="cpu", workers=1))
+    probe = result["source_probe"]
+    assert not probe["skipped"] and probe["sources"] == {"A": n_test - n_b, "B": n_b}
+    assert probe["chance"] == pytest.approx((n_test - n_b) / n_test)
+    assert probe["label_only"] == pytest.approx((n_test - n_b) / n_test)
+    assert 0.0 <= probe["accuracy"] <= 1.0 and probe["folds"] == 5
+    assert [r["source"] for r in result["per_source"]] == ["A", "B"]
+    assert result["per_source"][1]["per_class"] == {"normal": 0, "covid": n_b}
+    assert result["masking"]["original"]["ci95"] is None
+    assert result["synthetic_sources"] == ["A", "B"] and result["dataset"] == str(copy.resolve())
+    text = result["verdicts"]
+    assert any(v.startswith("Source can be predicted") for v in text)
+    assert any("Source B contributes only 'covid'" in v for v in text)
+    assert any(v.startswith(f"On A ({n_test - n_b} images)") and result["threshold_text"] in v for v in text)
+
+
+def test_split_must_be_a_split(tiny_run):
+    with pytest.raises(ConfigError, match="--split"):
+        make_config(AuditConfig, {"run": str(tiny_run), "split": "holdout"})
+
+
+@pytest.mark.slow
 def test_audit_of_a_model_that_reads_the_lungs(learned_phantom_run):
     """The phantoms' only class signal is inside the lungs: hiding the lungs (or keeping only the
     border) must drop the AUC to chance, while the original images are classified well."""
-    result = audit.run(audit.AuditConfig(run=str(learned_phantom_run), bootstrap=200, device="cpu", workers=1))
+    result = audit.run(AuditConfig(run=str(learned_phantom_run), bootstrap=200, device="cpu", workers=1))
     m = result["masking"]
     print("audit AUCs: " + ", ".join(f"{k} {v['auc']:.3f} CI {v['ci95']}" for k, v in m.items()))
     assert m["original"]["auc"] >= 0.9
@@ -98,43 +200,12 @@ def test_audit_of_a_model_that_reads_the_lungs(learned_phantom_run):
     assert result["source_probe"]["skipped"] and "one source" in result["source_probe"]["reason"]
     assert [r["source"] for r in result["per_source"]] == ["synthetic-phantoms"]
     assert result["per_source"][0]["n"] == result["images"] == 80
+    assert result["synthetic_sources"] == ["synthetic-phantoms"]
     out = learned_phantom_run / "audit-test"
     saved = json.loads((out / "audit.json").read_text())
     assert saved["verdicts"] == result["verdicts"] and "research use only" in saved["disclaimer"]
+    assert saved["output_dir"] == str(out) and saved["examples_png"] == "masked_examples.png"
+    assert saved["threshold_text"].startswith("P(covid) >= ") and "1.00" not in saved["threshold_text"]
     assert (out / "masked_examples.png").read_bytes()[:8] == PNG_MAGIC
     assert not any("above chance (0.5)" in v for v in result["verdicts"])
     assert any("Source probe skipped" in v for v in result["verdicts"])
-    summary = audit.format_summary(result)
-    assert result["verdicts"][1] in summary and "research use only" in summary
-    with pytest.raises(ConfigError):
-        audit.AuditConfig(run="r", split="holdout")
-
-
-def test_audit_with_two_sources_runs_the_probe(learned_phantom_run, tmp_path):
-    """Relabel the phantoms' sources so that source B holds only covid images: the probe runs,
-    the label-only baseline is reported and the confounding is named."""
-    import pandas as pd
-
-    data = learned_phantom_run.parent / "dataset"
-    df = pd.read_csv(data / "manifest.csv", keep_default_na=False, dtype=str)
-    covid = df["target"] == "covid"
-    test_covid = np.flatnonzero(covid & (df["split"] == "test"))
-    df["source"] = np.where(covid, "B", "A")
-    df.loc[test_covid[::2], "source"] = "A"
-    copy = tmp_path / "dataset"
-    copy.mkdir()
-    df.to_csv(copy / "manifest.csv", index=False)
-    (copy / "dataset.json").write_text((data / "dataset.json").read_text())
-    result = audit.run(audit.AuditConfig(run=str(learned_phantom_run), data=str(copy), bootstrap=0, device="cpu",
-                                         workers=1))
-    probe = result["source_probe"]
-    assert not probe["skipped"] and probe["sources"] == {"A": 60, "B": 20}
-    assert probe["chance"] == pytest.approx(0.75) and probe["label_only"] == pytest.approx(0.75)
-    assert 0.0 <= probe["accuracy"] <= 1.0 and probe["folds"] == 5
-    assert [r["source"] for r in result["per_source"]] == ["A", "B"]
-    assert result["per_source"][1]["per_class"] == {"normal": 0, "covid": 20}
-    assert result["masking"]["original"]["ci95"] is None
-    text = result["verdicts"]
-    assert any(v.startswith("Source can be predicted") for v in text)
-    assert any("Source B contributes only 'covid'" in v for v in text)
-    assert any(v.startswith("On A (60 images)") for v in text)

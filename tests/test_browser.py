@@ -19,6 +19,8 @@ from covid_cxr.serve import create_app
 
 from conftest import real_data_root, write_image
 
+DISCLAIMER_TEXT = "Research use only — not a diagnostic device"
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -83,12 +85,16 @@ def test_page_predicts_and_shows_heatmap(live_url, browser, tmp_path):
     banner = page.locator("#banner")
     assert "Research use only — not a diagnostic device" in banner.inner_text()
     page.wait_for_function("document.getElementById('model-info').textContent.includes('best.pt')")
+    info = page.locator("#model-info").inner_text()
+    # provenance: what the model was trained on, and that it is synthetic
+    assert "32 px input" in info and "synthetic-phantoms" in info and "SYNTHETIC training data" in info
     page.set_input_files("#file", str(xray))
     page.wait_for_selector("#heatmap[src^='data:image/png;base64,']", state="visible", timeout=60_000)
     label = page.locator("#result-label").inner_text()
     prob = page.locator("#result-prob").inner_text()
     assert label in ("normal", "covid")
     assert "P(covid) =" in prob and "%" in prob
+    assert "(decision rule: P(covid) >= " in prob and "1.00" not in prob.split("decision rule")[1]
     assert page.locator("#error").is_hidden()
     assert page.locator("#preview").is_visible()
     assert page.evaluate("document.getElementById('heatmap').naturalWidth") > 100  # the PNG decoded
@@ -110,4 +116,34 @@ def test_page_shows_a_refusal(live_url, browser, tmp_path):
     page.wait_for_selector("#error", state="visible", timeout=30_000)
     assert "HTTP 415" in page.locator("#error").inner_text()
     assert page.locator("#result").is_hidden()
+    page.close()
+
+
+def _phantom(tiny_run: Path) -> Path:
+    import yaml
+
+    data = Path(yaml.safe_load((tiny_run / "config.yaml").read_text())["data_absolute"])
+    return sorted((data.parent / "synthetic-phantoms" / "normal").glob("*.png"))[0]
+
+
+def test_page_warns_about_out_of_scope_images(live_url, browser, tiny_run, tmp_path):
+    """The out-of-scope gate's verdict is shown: no warning for an image like the training phantoms, a visible
+    warning (and still a prediction) for a random texture."""
+    from playwright.sync_api import expect  # the page's CSP forbids eval: wait with locators, not wait_for_function
+
+    page = browser.new_page()
+    page.goto(live_url + "/")
+    page.uncheck("#want-heatmap")
+    phantom = _phantom(tiny_run)
+    page.set_input_files("#file", str(phantom))
+    expect(page.locator("#status")).to_have_text(f"Done: {phantom.name}", timeout=30_000)
+    assert page.locator("#result").is_visible() and page.locator("#scope-warning").is_hidden()
+    texture = write_image(tmp_path / "texture.png", seed=4, size=(72, 64))
+    page.set_input_files("#file", str(texture))
+    expect(page.locator("#status")).to_have_text("Done: texture.png", timeout=30_000)
+    warning = page.locator("#scope-warning")
+    assert warning.is_visible() and warning.inner_text().startswith("Out of scope: ")
+    assert "not meaningful" in warning.inner_text()
+    assert page.locator("#result-label").inner_text() in ("normal", "covid")
+    assert DISCLAIMER_TEXT in page.locator("#banner").inner_text()
     page.close()

@@ -1,6 +1,6 @@
-"""Tests for covid_cxr.cache: cached and uncached paths give identical model pixels, builds are
-incremental per short side, damaged entries are rebuilt (never returned), unreadable or changed
-source files are named, and writes are atomic."""
+"""Tests for covid_cxr.cache and the cache route of covid_cxr.pixels.model_pixels: cached and
+uncached paths give identical model pixels, filling is incremental per short side, damaged entries
+are rebuilt (never returned), unreadable or changed source files are named, and writes are atomic."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ import pytest
 
 from conftest import write_image
 from covid_cxr import cache as cache_mod
-from covid_cxr.cache import CacheError, ImageCache, load_model_pixels
+from covid_cxr import errors
+from covid_cxr import pixels as pixels_mod
+from covid_cxr.cache import CacheError, ImageCache
 from covid_cxr.errors import DatasetError, ImageReadError
-from covid_cxr.images import load_image, resize_uint8, sha256_file, shrink_short_side, to_model_pixels
+from covid_cxr.images import load_image, sha256_file
+from covid_cxr.pixels import BASE_SHORT_SIDE, PreprocessSpec, geometry, model_pixels, resize_square, shrink_short_side
 
 # (file name, (H, W), Pillow mode): smaller and larger than the short sides used, portrait and
 # landscape, every mode load_image converts, PNG and JPEG (draft mode).
@@ -44,8 +47,32 @@ def _many(root: Path, n: int) -> tuple[list[str], list[str]]:
     return _files(root, specs)
 
 
+def _spec(size: int, base: int) -> PreprocessSpec:
+    return PreprocessSpec(size=size, base_short_side=base)
+
+
 def _reference(paths: list[str], size: int, base: int) -> np.ndarray:
-    return np.stack([to_model_pixels(load_image(p), size, base) for p in paths])
+    spec = _spec(size, base)
+    return np.stack([geometry(load_image(p), spec) for p in paths])
+
+
+def _fill(cache: ImageCache, paths: list[str], shas: list[str], workers: int = 1) -> np.ndarray:
+    """Load model pixels through the cache, storing every image it lacks (what training does)."""
+    return model_pixels(paths, _spec(min(32, cache.short_side), cache.short_side), shas, cache=cache, workers=workers)
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[str]:
+    """Paths decoded from their files (stage 1) by in-process decodes, in order."""
+    seen: list[str] = []
+    real = pixels_mod.decode_stage1
+
+    def counting(path, sha256, short_side):
+        seen.append(str(path))
+        return real(path, sha256, short_side)
+
+    monkeypatch.setattr(pixels_mod, "decode_stage1", counting)
+    return seen
 
 
 def _tree(root: Path) -> list[str]:
@@ -55,23 +82,39 @@ def _tree(root: Path) -> list[str]:
 # --------------------------------------------------------------------------- identical pixels
 
 
-@pytest.mark.parametrize("base", [64, 100])
-@pytest.mark.parametrize("size", [32, 64, 96])
+# Stage 2 never starts below the input size (PreprocessSpec refuses base_short_side < size).
+@pytest.mark.parametrize("size,base", [(32, 64), (64, 64), (32, 100), (64, 100), (96, 100), (96, 128)])
 def test_cached_pixels_equal_uncached(tmp_path: Path, size: int, base: int) -> None:
     paths, shas = _files(tmp_path / "src")
     cache = ImageCache(tmp_path / "cache", short_side=base)
-    cache.build(paths, shas, workers=1)
+    _fill(cache, paths, shas)
     expected = _reference(paths, size, base)
     for i, (p, sha) in enumerate(zip(paths, shas)):
-        np.testing.assert_array_equal(resize_uint8(cache.get(sha), size), expected[i], err_msg=p)
-    np.testing.assert_array_equal(load_model_pixels(paths, shas, size, base, cache), expected)
-    np.testing.assert_array_equal(load_model_pixels(paths, shas, size, base, None), expected)
+        np.testing.assert_array_equal(resize_square(cache.get(sha), size), expected[i], err_msg=p)
+    spec = _spec(size, base)
+    np.testing.assert_array_equal(model_pixels(paths, spec, shas, cache=cache), expected)
+    np.testing.assert_array_equal(model_pixels(paths, spec, shas, cache=None), expected)
+    np.testing.assert_array_equal(model_pixels(paths, spec), expected)
+
+
+def test_model_pixels_with_and_without_a_cache_are_identical(tmp_path: Path, decodes: list[str]) -> None:
+    paths, shas = _files(tmp_path / "src")
+    spec = PreprocessSpec.for_size(64, "clahe")  # stage 3 is not the cache's business: same geometry
+    cache = ImageCache(tmp_path / "cache", spec)
+    without = model_pixels(paths, spec)
+    first = model_pixels(paths, spec, shas, cache=cache)  # fills the cache
+    assert len(decodes) == 2 * len(paths)
+    second = model_pixels(paths, spec, shas, cache=cache)  # only from the cache
+    assert len(decodes) == 2 * len(paths)
+    assert without.dtype == np.uint8 and without.shape == (len(paths), 64, 64)
+    np.testing.assert_array_equal(first, without)
+    np.testing.assert_array_equal(second, without)
 
 
 def test_entries_are_stage_one_images(tmp_path: Path) -> None:
     paths, shas = _files(tmp_path / "src")
     cache = ImageCache(tmp_path / "cache", short_side=128)
-    cache.build(paths, shas, workers=1)
+    _fill(cache, paths, shas)
     for p, sha in zip(paths, shas):
         stored = cache.get(sha)
         np.testing.assert_array_equal(stored, shrink_short_side(load_image(p), 128))
@@ -81,91 +124,113 @@ def test_entries_are_stage_one_images(tmp_path: Path) -> None:
 
 def test_default_short_side_matches_preprocessing(tmp_path: Path) -> None:
     paths, shas = _files(tmp_path / "src", [("big.png", (600, 520), "L"), ("wide.jpg", (300, 700), "RGB")])
-    cache = ImageCache(tmp_path / "cache")
+    spec = PreprocessSpec.for_size(224)
+    assert spec.base_short_side == BASE_SHORT_SIDE == 256
+    cache = ImageCache(tmp_path / "cache", spec)
     assert cache.short_side == 256 and cache.dir == tmp_path / "cache" / "s256"
-    cache.build(paths, shas, workers=1)
+    assert ImageCache(tmp_path / "cache", BASE_SHORT_SIDE).dir == cache.dir
+    _fill(cache, paths, shas)
     assert min(cache.get(shas[0]).shape) == 256
-    np.testing.assert_array_equal(load_model_pixels(paths, shas, 224, 256, cache), _reference(paths, 224, 256))
+    np.testing.assert_array_equal(model_pixels(paths, spec, shas, cache=cache), _reference(paths, 224, 256))
 
 
-def test_parallel_build_equals_serial(tmp_path: Path) -> None:
+def test_parallel_fill_equals_serial(tmp_path: Path) -> None:
     paths, shas = _many(tmp_path / "src", 40)
     serial, parallel = ImageCache(tmp_path / "a", 64), ImageCache(tmp_path / "b", 64)
-    assert serial.build(paths, shas, workers=1)["built"] == 40
-    assert parallel.build(paths, shas, workers=2)["built"] == 40
+    np.testing.assert_array_equal(_fill(serial, paths, shas, workers=1), _fill(parallel, paths, shas, workers=2))
+    assert len(_tree(serial.dir)) == len(_tree(parallel.dir)) == 41
     for sha in shas:
         np.testing.assert_array_equal(serial.get(sha), parallel.get(sha))
 
 
-def test_misses_are_decoded_in_parallel_and_stored(tmp_path: Path) -> None:
+def test_misses_are_decoded_in_parallel_and_stored(tmp_path: Path, decodes: list[str]) -> None:
     paths, shas = _many(tmp_path / "src", 40)
     cache = ImageCache(tmp_path / "cache", 64)
-    cache.build(paths[:5], shas[:5], workers=1)
-    got = load_model_pixels(paths, shas, 48, 64, cache, workers=2)
+    _fill(cache, paths[:5], shas[:5])
+    got = model_pixels(paths, _spec(48, 64), shas, cache=cache, workers=2)
     np.testing.assert_array_equal(got, _reference(paths, 48, 64))
-    assert cache.build(paths, shas, workers=1)["reused"] == 40
+    assert all(cache.get(sha) is not None for sha in shas)
+    decodes.clear()
+    _fill(cache, paths, shas)
+    assert decodes == []
 
 
 def test_fill_false_leaves_cache_unchanged(tmp_path: Path) -> None:
     paths, shas = _files(tmp_path / "src")
     cache = ImageCache(tmp_path / "cache", 64)
-    got = load_model_pixels(paths, shas, 32, 64, cache, fill=False)
+    got = model_pixels(paths, _spec(32, 64), shas, cache=cache, fill=False)
     np.testing.assert_array_equal(got, _reference(paths, 32, 64))
     assert not (tmp_path / "cache").exists()
 
 
-def test_duplicate_sha_decoded_once(tmp_path: Path) -> None:
+def test_duplicate_sha_decoded_once(tmp_path: Path, decodes: list[str]) -> None:
     paths, shas = _files(tmp_path / "src", SYNTHETIC[:2])
     cache = ImageCache(tmp_path / "cache", 64)
-    stats = cache.build(paths + paths[:1], shas + shas[:1], workers=1)
-    assert stats["built"] == 2 and stats["reused"] == 0
-    got = load_model_pixels(paths + paths[:1], shas + shas[:1], 32, 64, ImageCache(tmp_path / "other", 64))
+    _fill(cache, paths + paths[:1], shas + shas[:1])
+    assert decodes == paths
+    decodes.clear()
+    got = model_pixels(paths + paths[:1], _spec(32, 64), shas + shas[:1], cache=ImageCache(tmp_path / "other", 64))
+    assert decodes == paths
+    np.testing.assert_array_equal(got[2], got[0])
+    decodes.clear()
+    got = model_pixels(paths + paths[:1], _spec(32, 64), shas + shas[:1])  # no cache: the sha256s still dedupe
+    assert decodes == paths
     np.testing.assert_array_equal(got[2], got[0])
 
 
-# --------------------------------------------------------------------------- incremental builds
+# --------------------------------------------------------------------------- incremental filling
 
 
-def test_second_build_reuses_everything(tmp_path: Path) -> None:
+def test_second_fill_reuses_everything(tmp_path: Path, decodes: list[str]) -> None:
     paths, shas = _files(tmp_path / "src")
     cache = ImageCache(tmp_path / "cache", 64)
-    first = cache.build(paths, shas, workers=1)
-    assert (first["built"], first["reused"], first["damaged"]) == (len(paths), 0, 0)
-    assert first["seconds"] >= 0
+    _fill(cache, paths, shas)
+    assert decodes == paths
     mtimes = {p: os.stat(cache.entry_path(s)).st_mtime_ns for p, s in zip(paths, shas)}
-    second = ImageCache(tmp_path / "cache", 64).build(paths, shas, workers=1)
-    assert (second["built"], second["reused"], second["damaged"]) == (0, len(paths), 0)
+    decodes.clear()
+    _fill(ImageCache(tmp_path / "cache", 64), paths, shas)
+    assert decodes == []
     assert mtimes == {p: os.stat(cache.entry_path(s)).st_mtime_ns for p, s in zip(paths, shas)}
 
 
-def test_new_images_only_are_built(tmp_path: Path) -> None:
+def test_new_images_only_are_decoded(tmp_path: Path, decodes: list[str]) -> None:
     paths, shas = _files(tmp_path / "src")
     cache = ImageCache(tmp_path / "cache", 64)
-    cache.build(paths[:3], shas[:3], workers=1)
-    stats = cache.build(paths, shas, workers=1)
-    assert (stats["built"], stats["reused"]) == (len(paths) - 3, 3)
+    _fill(cache, paths[:3], shas[:3])
+    decodes.clear()
+    _fill(cache, paths, shas)
+    assert decodes == paths[3:]
 
 
-def test_new_short_side_builds_a_new_set(tmp_path: Path) -> None:
+def test_new_short_side_builds_a_new_set(tmp_path: Path, decodes: list[str]) -> None:
     paths, shas = _files(tmp_path / "src")
     small = ImageCache(tmp_path / "cache", 64)
-    small.build(paths, shas, workers=1)
+    _fill(small, paths, shas)
     before = _tree(small.dir)
+    decodes.clear()
     large = ImageCache(tmp_path / "cache", 128)
-    assert large.build(paths, shas, workers=1)["built"] == len(paths)
+    _fill(large, paths, shas)
+    assert decodes == paths
     assert _tree(small.dir) == before
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["s128", "s64"]
-    assert small.build(paths, shas, workers=1)["built"] == 0
+    decodes.clear()
+    _fill(small, paths, shas)
+    assert decodes == []
 
 
-def test_load_uses_the_set_for_the_requested_short_side(tmp_path: Path) -> None:
+def test_cache_of_another_short_side_is_refused(tmp_path: Path) -> None:
     paths, shas = _files(tmp_path / "src")
-    cache = ImageCache(tmp_path / "cache", 64)
-    cache.build(paths, shas, workers=1)
-    # Rescaling the 64 px entries to base 128 would give other pixels: the 128 set is used (and filled).
-    got = load_model_pixels(paths, shas, 96, 128, cache)
-    np.testing.assert_array_equal(got, _reference(paths, 96, 128))
-    assert ImageCache(tmp_path / "cache", 128).build(paths, shas, workers=1)["reused"] == len(paths)
+    small = ImageCache(tmp_path / "cache", 64)
+    _fill(small, paths, shas)
+    before = _tree(small.dir)
+    # Rescaling the 64 px entries to base 128 would give other pixels: refused, not mixed.
+    with pytest.raises(ValueError, match="short side 64.*128"):
+        model_pixels(paths, _spec(96, 128), shas, cache=small)
+    # The set for the spec's short side under the same root is used (and filled) instead.
+    large = ImageCache(tmp_path / "cache", _spec(96, 128))
+    np.testing.assert_array_equal(model_pixels(paths, _spec(96, 128), shas, cache=large), _reference(paths, 96, 128))
+    assert all(large.get(sha) is not None for sha in shas)
+    assert _tree(small.dir) == before
 
 
 # --------------------------------------------------------------------------- damaged entries
@@ -190,16 +255,21 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_entry_is_rebuilt_never_returned(tmp_path: Path, caplog, damage: str) -> None:
+def test_damaged_entry_is_rebuilt_never_returned(tmp_path: Path, caplog, decodes: list[str], damage: str) -> None:
     paths, shas = _files(tmp_path / "src", SYNTHETIC[1:4])
     cache = ImageCache(tmp_path / "cache", 64)
-    cache.build(paths, shas, workers=1)
+    _fill(cache, paths, shas)
     entry = cache.entry_path(shas[0])
     DAMAGE[damage](entry)
-    stats = cache.build(paths, shas, workers=1)
-    assert (stats["built"], stats["reused"], stats["damaged"]) == (1, 2, 1)
+    decodes.clear()
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.cache"):
+        got = _fill(cache, paths, shas)
+    assert decodes == paths[:1]
+    assert [r.getMessage().startswith("damaged image cache entry") for r in caplog.records] == [True]
+    np.testing.assert_array_equal(got, _reference(paths, 32, 64))
     np.testing.assert_array_equal(cache.get(shas[0]), shrink_short_side(load_image(paths[0]), 64))
     DAMAGE[damage](entry)
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="covid_cxr.cache"):
         assert cache.get(shas[0]) is None
     assert str(entry) in caplog.text and "damaged" in caplog.text
@@ -209,16 +279,16 @@ def test_damaged_entry_is_rebuilt_never_returned(tmp_path: Path, caplog, damage:
 def test_damaged_entry_falls_back_to_the_file_when_loading(tmp_path: Path) -> None:
     paths, shas = _files(tmp_path / "src", SYNTHETIC[1:4])
     cache = ImageCache(tmp_path / "cache", 64)
-    cache.build(paths, shas, workers=1)
+    _fill(cache, paths, shas)
     _flip_byte(cache.entry_path(shas[1]), cache.entry_path(shas[1]).stat().st_size - 50)
-    np.testing.assert_array_equal(load_model_pixels(paths, shas, 48, 64, cache), _reference(paths, 48, 64))
+    np.testing.assert_array_equal(model_pixels(paths, _spec(48, 64), shas, cache=cache), _reference(paths, 48, 64))
     assert cache.get(shas[1]) is not None  # stored again
 
 
 def test_cache_from_another_resize_is_refused(tmp_path: Path) -> None:
     paths, shas = _files(tmp_path / "src", SYNTHETIC[:2])
     cache = ImageCache(tmp_path / "cache", 64)
-    cache.build(paths, shas, workers=1)
+    _fill(cache, paths, shas)
     meta_path = cache.dir / "cache.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "resize_fingerprint": "0" * 64, "pillow": "9.0.0"}))
@@ -230,6 +300,7 @@ def test_cache_from_another_resize_is_refused(tmp_path: Path) -> None:
     meta_path.write_text("{not json")
     with pytest.raises(CacheError, match="unreadable"):
         ImageCache(tmp_path / "cache", 64)
+    assert CacheError is errors.CacheError
 
 
 # --------------------------------------------------------------------------- source files
@@ -244,18 +315,18 @@ def test_unreadable_source_raises_naming_it(tmp_path: Path, workers: int) -> Non
     shas.insert(17, sha256_file(bad))
     cache = ImageCache(tmp_path / "cache", 64)
     with pytest.raises(ImageReadError, match="broken.png") as info:
-        cache.build(paths, shas, workers=workers)
+        _fill(cache, paths, shas, workers=workers)
     assert info.value.path == str(bad)
     with pytest.raises(ImageReadError, match="broken.png"):
-        load_model_pixels(paths, shas, 32, 64, ImageCache(tmp_path / "other", 64), workers=workers)
+        model_pixels(paths, _spec(32, 64), shas, cache=ImageCache(tmp_path / "other", 64), workers=workers)
     with pytest.raises(ImageReadError, match="broken.png"):
-        load_model_pixels(paths, shas, 32, 64, None, workers=workers)
+        model_pixels(paths, _spec(32, 64), shas, cache=None, workers=workers)
 
 
 def test_missing_source_raises_naming_it(tmp_path: Path) -> None:
     cache = ImageCache(tmp_path / "cache", 64)
     with pytest.raises(ImageReadError, match="gone.png"):
-        cache.build([str(tmp_path / "gone.png")], ["a" * 64], workers=1)
+        _fill(cache, [str(tmp_path / "gone.png")], ["a" * 64])
 
 
 def test_changed_source_file_is_not_cached_under_the_old_sha(tmp_path: Path) -> None:
@@ -263,7 +334,7 @@ def test_changed_source_file_is_not_cached_under_the_old_sha(tmp_path: Path) -> 
     write_image(Path(paths[1]), seed=99, size=(70, 70))
     cache = ImageCache(tmp_path / "cache", 64)
     with pytest.raises(DatasetError, match=r"portrait\.png.*rebuild"):
-        cache.build(paths, shas, workers=1)
+        _fill(cache, paths, shas)
     assert cache.get(shas[1]) is None
 
 
@@ -273,7 +344,7 @@ def test_changed_source_file_is_not_cached_under_the_old_sha(tmp_path: Path) -> 
 def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:
     paths, shas = _many(tmp_path / "src", 40)
     cache = ImageCache(tmp_path / "cache", 64)
-    cache.build(paths, shas, workers=2)
+    _fill(cache, paths, shas, workers=2)
     files = _tree(tmp_path / "cache")
     assert len(files) == len(set(shas)) + 1  # the entries and cache.json
     assert not [f for f in files if Path(f).name.startswith(".") or "tmp" in Path(f).name]
@@ -306,10 +377,13 @@ def test_put_rejects_images_that_are_not_stage_one(tmp_path: Path) -> None:
         cache.put("../../etc/passwd", np.zeros((40, 40), np.uint8))
     with pytest.raises(ValueError, match="sha256"):
         cache.get("abc")
-    with pytest.raises(ValueError, match="2 paths but 1"):
-        cache.build(["a", "b"], ["a" * 64])
+    with pytest.raises(ValueError, match="one sha256 per path"):
+        model_pixels(["a", "b"], _spec(32, 64), ["a" * 64], cache=cache)
+    with pytest.raises(ValueError, match="one sha256 per path"):
+        model_pixels(["a"], _spec(32, 64), None, cache=cache)
     with pytest.raises(ValueError, match="short_side"):
         ImageCache(tmp_path / "cache", 0)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_get_of_absent_entry_is_none(tmp_path: Path) -> None:
@@ -329,13 +403,14 @@ def test_real_images_cached_equal_uncached(real_data: Path, tmp_path: Path) -> N
     sample = inv.groupby("source", group_keys=False).apply(lambda g: g.sample(min(4, len(g)), random_state=0))
     paths = [str(real_data / p) for p in sample["relative_path"]]
     shas = sample["sha256"].tolist()
-    cache = ImageCache(tmp_path / "cache")
-    stats = cache.build(paths, shas, workers=2)
-    assert stats["built"] == len(set(shas)) >= 18
-    got = load_model_pixels(paths, shas, 224, 256, cache)
+    spec = PreprocessSpec.for_size(224)
+    cache = ImageCache(tmp_path / "cache", spec)
+    got = model_pixels(paths, spec, shas, cache=cache, workers=2)
+    assert len(list(cache.dir.rglob("*.npy"))) == len(set(shas)) >= 18
     expected = _reference(paths, 224, 256)
     for i, (p, sha) in enumerate(zip(paths, shas)):
-        np.testing.assert_array_equal(resize_uint8(cache.get(sha), 224), expected[i], err_msg=p)
+        np.testing.assert_array_equal(resize_square(cache.get(sha), 224), expected[i], err_msg=p)
         np.testing.assert_array_equal(got[i], expected[i], err_msg=p)
-    small = load_model_pixels(paths[:6], shas[:6], 64, 256, cache)
+    np.testing.assert_array_equal(model_pixels(paths, spec, shas, cache=cache), expected)
+    small = model_pixels(paths[:6], _spec(64, 256), shas[:6], cache=cache)
     np.testing.assert_array_equal(small, _reference(paths[:6], 64, 256))

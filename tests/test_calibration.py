@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from covid_cxr.calibration import (T_MAX, T_MIN, CalibrationError, choose_threshold, expected_calibration_error,
-                                   fit_temperature, nll, reliability_diagram_png)
+from covid_cxr.calibration import (T_MAX, T_MIN, CalibrationError, calibrate, choose_threshold,
+                                   expected_calibration_error, fit_temperature, nll, reliability_diagram_png)
 from covid_cxr.errors import CovidCxrError
-from covid_cxr.metrics import binary_metrics
-from covid_cxr.predict import probabilities
+from covid_cxr.meta import ModelMeta, class_log_odds, log_probs, probabilities
+from covid_cxr.metrics import rates
+from covid_cxr.pixels import PreprocessSpec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -22,6 +23,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
+
+
+def binary_metrics(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Rates of the calls ``score >= threshold`` (the decision rule of ``ModelMeta.decide``)."""
+    return rates(np.asarray(y) == 1, np.asarray(scores) >= threshold)
 
 
 def calibrated_logits(n: int, k: int, seed: int, scale: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
@@ -75,14 +81,15 @@ def test_temperature_clamped_on_degenerate_data():
     assert math.isfinite(nll(separable, y, T_MIN))
 
 
-def test_nll_matches_torch_and_predict_probabilities():
+def test_nll_matches_torch_and_meta_probabilities():
     z, y = calibrated_logits(200, 3, seed=4)
     zt, yt = torch.tensor(z), torch.tensor(y)
     for t in (0.5, 1.0, 3.0):
         ref = torch.nn.functional.cross_entropy(zt / t, yt).item()
         assert nll(z, y, t) == pytest.approx(ref, rel=1e-9)
-        via_predict = -np.log(probabilities(zt, t).double().numpy()[np.arange(len(y)), y]).mean()
-        assert nll(zt, yt, t) == pytest.approx(via_predict, rel=1e-5)  # tensors accepted too
+        via_meta = -np.log(probabilities(z, t)[np.arange(len(y)), y]).mean()
+        assert nll(zt, yt, t) == pytest.approx(via_meta, rel=1e-9)  # tensors accepted too
+        assert nll(z, y, t) == pytest.approx(-log_probs(z, t)[np.arange(len(y)), y].mean(), rel=1e-12)
 
 
 def test_temperature_input_errors():
@@ -241,6 +248,72 @@ def test_threshold_errors(scores, y, kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
         choose_threshold(np.array(scores, dtype=float), np.array(y), **kwargs)
     assert isinstance(err.value, CovidCxrError)  # the CLI reports it without a traceback
+
+
+# ----------------------------------------------------------------------------- calibrate (temperature + operating point)
+
+def _meta(labels=("normal", "covid"), positive="covid", **kw) -> ModelMeta:
+    return ModelMeta(arch="densenet121", labels=labels, positive=positive, preprocess=PreprocessSpec(size=32), **kw)
+
+
+def test_calibrate_perfectly_separated_validation_keeps_temperature_one():
+    """Separated validation logits drive the fitted T to its lower bound; applying it would saturate every
+    probability, so T = 1 is kept, the status says so and a warning explains it."""
+    y = np.array([0, 1, 0, 1, 1, 0, 1, 0])
+    z = np.stack([1.0 - y, y.astype(float)], 1) * 3.0 + np.linspace(0, 0.5, 8)[:, None]
+    cal, threshold_lo, plot = calibrate(z, y, positive=1)
+    assert cal.status == "at lower bound"
+    assert cal.temperature == 1.0 and cal.fitted_temperature == T_MIN
+    assert len(cal.warnings) == 1 and "lower bound" in cal.warnings[0] and "NOT calibrated" in cal.warnings[0]
+    assert cal.nll_after == cal.nll_before and cal.n_val == 8
+    np.testing.assert_array_equal(plot["probs_after"], plot["probs_before"])
+    meta = _meta(temperature=cal.temperature, threshold_log_odds=threshold_lo, calibration=cal)
+    assert (meta.decide(meta.log_probs(z)) == y).all()  # the operating point still separates validation
+    assert cal.val_sensitivity == 1.0 and cal.val_specificity == 1.0
+
+
+def test_calibrate_fits_temperature_and_a_log_odds_threshold():
+    z, y = calibrated_logits(3000, 2, seed=9)
+    over = 4.0 * z
+    cal, threshold_lo, plot = calibrate(over, y, positive=1, rule="sensitivity", target_sensitivity=0.9)
+    assert cal.status == "fitted" and cal.warnings == ()
+    assert cal.temperature == cal.fitted_temperature and abs(cal.temperature - 4.0) < 0.3
+    assert cal.nll_after < cal.nll_before and cal.ece_after < cal.ece_before
+    assert cal.threshold_rule == "sensitivity" and cal.target_sensitivity == 0.9
+    assert plot["probs_after"].shape == plot["probs_before"].shape == (3000, 2)
+    scores = class_log_odds(log_probs(over, cal.temperature), 1)
+    chosen = choose_threshold(scores, y, "sensitivity", 0.9)
+    assert chosen["threshold"] - 1e-5 < threshold_lo < chosen["threshold"]  # a hair below the chosen score
+    assert cal.val_sensitivity == chosen["sensitivity"] >= 0.9
+    meta = _meta(temperature=cal.temperature, threshold_log_odds=threshold_lo, calibration=cal)
+    m = rates(y == 1, meta.decide(meta.log_probs(over)) == 1)
+    assert m["sensitivity"] == cal.val_sensitivity and m["specificity"] == cal.val_specificity
+
+
+def test_calibrate_positive_class_first():
+    z, y = calibrated_logits(500, 2, seed=11)
+    cal, threshold_lo, _ = calibrate(z, y, positive=0, target_sensitivity=0.8)
+    meta = _meta(labels=("covid", "normal"), temperature=cal.temperature, threshold_log_odds=threshold_lo)
+    m = rates(y == 0, meta.decide(meta.log_probs(z)) == 0)
+    assert m["sensitivity"] == cal.val_sensitivity >= 0.8
+
+
+def test_calibrate_without_a_threshold():
+    z, y = calibrated_logits(600, 3, seed=12)
+    cal, threshold_lo, _ = calibrate(2.0 * z, y, positive=1)  # three classes: argmax
+    assert cal.threshold_rule == "argmax" and threshold_lo == 0.0 and cal.status == "fitted"
+    z2, _ = calibrated_logits(50, 2, seed=13)
+    cal, threshold_lo, _ = calibrate(z2, np.zeros(50, int), positive=1)  # no positives in validation
+    assert cal.threshold_rule == "default 0.5" and threshold_lo == 0.0
+    assert any("no operating threshold" in w for w in cal.warnings)
+
+
+def test_calibrate_uninformative_logits_hit_the_upper_bound():
+    y = np.array([0, 1, 0, 1, 1, 0])
+    wrong = -np.stack([1.0 - y, y.astype(float)], 1) * 3.0  # every sample ranked wrong
+    cal, _, _ = calibrate(wrong, y, positive=1)
+    assert cal.status == "at upper bound" and cal.temperature == T_MAX
+    assert any("upper bound" in w for w in cal.warnings)
 
 
 # ----------------------------------------------------------------------------- reliability diagram

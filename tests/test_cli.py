@@ -1,42 +1,211 @@
-"""The covid-cxr command: help, option errors, the whole chain and the demo through main()."""
+"""The covid-cxr command: generated from the config classes (flags, required options, help from docstrings),
+one-line errors without tracebacks, the whole chain and the demo through main(), and run folders that keep
+working when copied or moved."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
+import shutil
+import typing
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
+from covid_cxr import config as C
 from covid_cxr.cli import main
 from covid_cxr.phantoms import generate_phantoms
 
+from conftest import write_image
+
+INTERNAL_NAMES = re.compile(r"Traceback|Error\b|Error:|Exception|covid_cxr\.|\w+Config\b|File \"")
+"""What a user must never see in an error: tracebacks, exception or config class names, module paths."""
+
+
+def expected_flag(cls: type, f: dataclasses.Field) -> str:
+    """The flag the CLI must generate for a config field."""
+    tp, _ = C.unwrap_optional(C.field_types(cls)[f.name])
+    name = f.name
+    if typing.get_origin(tp) is tuple and name.endswith("s"):
+        name = name[:-1]  # repeated fields take one value per flag: --source, --source-root, --fold
+    if tp is bool and f.default is True:
+        return "--no-" + name.replace("_", "-")
+    return "--" + name.replace("_", "-")
+
+
+def squash(text: str) -> str:
+    """Text without whitespace (argparse re-wraps help lines)."""
+    return "".join(text.split())
+
+
+def help_text(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(command.split() + ["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], "data,train,evaluate,predict,explain,audit,report,export,serve,demo"),
-    (["data", "build"], "--test-per-class"),
-    (["train"], "--freeze-backbone"),
-    (["evaluate"], "--split"),
-    (["predict"], "--skip-unreadable"),
-    (["demo"], "synthetic"),
+    ([], ["data", "train", "crossval", "evaluate", "predict", "explain", "audit", "report", "export", "serve",
+          "demo", "not a diagnostic device"]),
+    (["data"], ["build", "fetch"]),
+    (["data", "build"], ["--test-per-class"]),
+    (["train"], ["--freeze-backbone", "--gate-quantile", "--no-amp"]),
+    (["evaluate"], ["--split", "95% confidence"]),
+    (["predict"], ["--skip-unreadable", "--backend {torch,onnx}"]),
+    (["demo"], ["synthetic"]),
 ])
 def test_help(argv, expected, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--help"])
     assert e.value.code == 0
-    assert expected in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for text in expected:
+        assert text in out, text
+
+
+@pytest.mark.parametrize("command", list(C.COMMANDS))
+def test_cli_is_generated_from_the_config_classes(command, capsys):
+    """Every field of the command's config class is a flag (bool fields on by default as --no-x, repeated fields
+    singular), fields without a default are required in the usage line, the help text is the field's docstring,
+    and there are no other options."""
+    cls = C.COMMANDS[command]
+    out = help_text(command, capsys)
+    usage = out.split("\n\n")[0]
+    assert usage.startswith(f"usage: covid-cxr {command} ")
+    flat_usage = " ".join(usage.split())
+    docs = C.field_docs(cls)
+    expected = set()
+    for f in dataclasses.fields(cls):
+        assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+        assert squash(docs[f.name]) in squash(out), f"help of {f.name} is not its docstring"
+        if f.name == "inputs":  # the positional images
+            assert "IMAGE_OR_FOLDER [IMAGE_OR_FOLDER ...]" in flat_usage
+            continue
+        flag = expected_flag(cls, f)
+        expected.add(flag)
+        assert re.search(rf"(^|\s){re.escape(flag)}[\s,]", out), f"{flag} missing from {command} --help"
+        required = f.name in C.required_fields(cls)
+        optional_in_usage = re.search(rf"\[{re.escape(flag)}[\] ]", flat_usage) is not None
+        assert optional_in_usage != required, f"{flag} should{'' if required else ' not'} be required in the usage"
+    assert set(re.findall(r"--[a-z][a-z0-9-]*", flat_usage)) == expected | {"--config"}
+    assert squash(C.class_doc(cls)) in squash(out)  # the command's description is the class docstring
+
+
+def test_bool_and_repeated_flags_reach_the_config(tmp_path, monkeypatch):
+    """--no-x turns a default-on option off, --x turns a default-off one on, repeated flags collect."""
+    seen = {}
+
+    def fake_build(cfg):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr("covid_cxr.manifest.build", fake_build)
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--source", f"folder={tmp_path}", "--source", f"cohen={tmp_path}", "--out",
+              str(tmp_path / "o"), "--no-dedup", "--no-cache", "--test-per-class", "7"])
+    cfg = seen["cfg"]
+    assert isinstance(cfg, C.DataConfig)
+    assert cfg.sources == (("folder", str(tmp_path)), ("cohen", str(tmp_path)))
+    assert cfg.dedup is False and cfg.cache is False and cfg.progress is True and cfg.test_per_class == 7
+
+
+def one_error_line(capsys, *needles: str) -> str:
+    """The single `covid-cxr: error:` line on stderr, checked for the needles and for internal names."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("covid-cxr: error: "), captured.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not INTERNAL_NAMES.search(lines[0]), lines[0]
+    assert captured.out == ""
+    return lines[0]
 
 
 def test_option_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "build", "--source", "bogus=/x", "--out", str(tmp_path)])
     assert e.value.code == 2 and "unknown source 'bogus'" in capsys.readouterr().err
-    assert main(["data", "build", "--source", f"cohen={tmp_path}"]) == 2
-    assert "--out" in capsys.readouterr().err
-    assert main(["data", "build", "--source", f"cohen={tmp_path / 'nope'}", "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["data", "build", "--source", f"cohen={tmp_path}"])
     err = capsys.readouterr().err
-    assert "does not exist" in err and "Traceback" not in err
+    assert e.value.code == 2 and "--out" in err and "required" in err and "Traceback" not in err
+    assert main(["data", "build", "--source", f"cohen={tmp_path / 'nope'}", "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "does not exist")
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--weights", "none"]) == 2
-    assert "data build" in capsys.readouterr().err
+    one_error_line(capsys, "data build")
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--batch-size", "0"], ["--batch-size", "> 0"]),
+    (["--device", "foo"], ["--device", "'foo'"]),
+    (["--image-size", "8"], ["--image-size"]),
+    (["--weights", "/nonexistent/w.pt"], ["--weights"]),
+])
+def test_invalid_values_are_one_line_errors(extra, needles, tmp_path, capsys):
+    argv = ["train", "--data", str(tmp_path / "X"), "--out", str(tmp_path / "Y")] + extra
+    assert main(argv) == 2
+    one_error_line(capsys, *needles)
+    assert not (tmp_path / "Y").exists()
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("epochs: 1\nbatch_size: [8\n", ["not valid YAML", "(line "]),
+    ("epochs: !!python/object/apply:os.system ['echo pwned']\n", ["not valid YAML", "no tags"]),
+    ("!!python/object:os.system {}\n", ["not valid YAML", "no tags"]),
+    ('batch_size: "three"\n', ["--batch-size", "whole number", "'three'"]),
+    ("batch_size: 0\n", ["--batch-size"]),
+    ("bogus_option: 1\n", ["unknown option", "bogus_option"]),
+    ("- epochs\n- 1\n", ["expected a mapping"]),
+])
+def test_bad_yaml_configs_are_one_line_errors(text, needles, tmp_path, capsys):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(text)
+    argv = ["train", "--config", str(cfg), "--data", str(tmp_path / "X"), "--out", str(tmp_path / "Y")]
+    assert main(argv) == 2
+    line = one_error_line(capsys, *needles)
+    if "YAML" in needles[0] or "mapping" in needles[0]:
+        assert str(cfg) in line  # the file is named
+    assert not (tmp_path / "Y").exists()
+
+
+def test_missing_config_file_and_flag_values(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "absent.yaml"), "--data", "X", "--out", "Y"]) == 2
+    one_error_line(capsys, "absent.yaml", "not found")
+    with pytest.raises(SystemExit) as e:  # argparse's own type check: usage and one error line, no traceback
+        main(["train", "--data", "X", "--out", "Y", "--batch-size", "three"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--batch-size" in err and "'three'" in err and not INTERNAL_NAMES.search(err)
+
+
+def test_required_options_may_come_from_yaml(tmp_path, capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("covid_cxr.train.run", lambda cfg: seen.setdefault("cfg", cfg) and None)
+    monkeypatch.setattr("covid_cxr.train.format_summary", lambda s: "ok")
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"data: {tmp_path / 'X'}\nout: {tmp_path / 'Y'}\nepochs: 2\nweights: none\n")
+    assert main(["train", "--config", str(cfg), "--epochs", "3"]) == 0
+    assert seen["cfg"].data == str(tmp_path / "X") and seen["cfg"].epochs == 3  # the flag overrides the YAML
+
+
+def test_predict_and_explain_outputs_must_be_the_right_kind(tiny_run, tmp_path, capsys):
+    image = write_image(tmp_path / "x.png", 1)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert main(["predict", "--run", str(tiny_run), str(image), "--out", str(folder)]) == 2
+    one_error_line(capsys, "--out", "is a folder", "predictions.csv")
+    a_file = tmp_path / "a-file.png"
+    a_file.write_bytes(image.read_bytes())
+    assert main(["explain", "--run", str(tiny_run), str(image), "--out", str(a_file)]) == 2
+    one_error_line(capsys, "--out", "is a file")
+    assert main(["predict", "--run", str(tiny_run), str(image), "--heatmaps", str(a_file)]) == 2
+    one_error_line(capsys, "--heatmaps", "is a file")
+    assert main(["predict", "--run", str(tmp_path / "no-run"), str(image)]) == 2
+    one_error_line(capsys, "no-run", "covid-cxr train")
 
 
 def test_chain_build_train_evaluate_predict(tmp_path, capsys):
@@ -50,44 +219,148 @@ def test_chain_build_train_evaluate_predict(tmp_path, capsys):
     assert "synthetic-phantoms" in capsys.readouterr().out
     assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(run), "--image-size", "40",
                  "--no-progress"]) == 0
-    assert json.loads(capsys.readouterr().out)["epochs_run"] == 1
+    out = capsys.readouterr().out
+    assert f"trained {run}: 1 epochs" in out and "operating point P(covid) >= " in out
     assert "image_size: 40" in (run / "config.yaml").read_text()  # the flag overrides the YAML
     assert main(["evaluate", "--run", str(run), "--bootstrap", "50"]) == 0
-    assert "precision    recall  f1-score   support" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "precision    recall  f1-score   support" in out and "SYNTHETIC DATA" in out
     out = tmp_path / "p.csv"
-    assert main(["predict", "--run", str(run), str(src / "covid"), "--out", str(out)]) == 0
-    assert len(pd.read_csv(out)) == 20
+    assert main(["predict", "--run", str(run), str(src / "covid"), "--out", str(out), "--no-progress"]) == 0
+    rows = pd.read_csv(out)
+    assert len(rows) == 20 and {"log_odds", "in_scope", "scope_score", "threshold"} <= set(rows.columns)
     assert "not a diagnostic device" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--per-class", "24", "--epochs", "1", "--image-size", "32"]) == 0
+    assert main(["demo", "--out", str(out), "--per-class", "24", "--epochs", "1", "--image-size", "32",
+                 "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "SYNTHETIC" in text and "research use only" in text
     for name in ("classification_report.txt", "metrics.json", "confusion_matrix.png", "roc.png", "samples.png",
                  "class_distribution.png"):
         assert (out / "run" / "eval-test" / name).is_file(), name
+    assert (out / "run" / "report.html").is_file() and (out / "run" / "audit-test" / "audit.json").is_file()
     assert len(pd.read_csv(out / "predictions.csv")) == 8
     # a second demo into the same folder starts afresh instead of failing
-    assert main(["demo", "--out", str(out), "--per-class", "24", "--epochs", "1", "--image-size", "32"]) == 0
+    assert main(["demo", "--out", str(out), "--per-class", "24", "--epochs", "1", "--image-size", "32",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
     other = tmp_path / "notademo"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
     assert main(["demo", "--out", str(other)]) == 2
+    one_error_line(capsys, "not a covid-cxr demo folder")
     assert (other / "precious.txt").read_text() == "keep me"
 
 
 def test_every_shipped_config_loads():
-    from pathlib import Path
-
-    from covid_cxr.config import DataConfig, TrainConfig, make_config
-
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert len(configs) >= 3
     for path in configs:
         if path.name.startswith("data-"):
-            cfg = make_config(DataConfig, {"sources": [["folder", "x"]], "out": "o"}, str(path))
+            cfg = C.make_config(C.DataConfig, {"sources": [["folder", "x"]], "out": "o"}, str(path))
         else:
-            cfg = make_config(TrainConfig, {"data": "d", "out": "o"}, str(path))
+            cfg = C.make_config(C.TrainConfig, {"data": "d", "out": "o"}, str(path))
         assert cfg.to_dict(), path
+
+
+# ----------------------------------------------------------------------------- relocatable run folders
+
+
+def _snapshot(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
+
+
+def _every_command(run: Path, images: Path, tmp: Path, capsys) -> dict:
+    """evaluate, audit, report, explain, export, predict (both backends) and serve on ``run``; returns
+    what they reported."""
+    from fastapi.testclient import TestClient
+
+    from covid_cxr.serve import create_app
+
+    got = {}
+    assert main(["evaluate", "--run", str(run), "--bootstrap", "20", "--device", "cpu", "--workers", "1"]) == 0
+    assert "SYNTHETIC DATA" in capsys.readouterr().out
+    got["metrics"] = json.loads((run / "eval-test" / "metrics.json").read_text())
+    assert main(["audit", "--run", str(run), "--bootstrap", "20", "--device", "cpu", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"audit written to {run / 'audit-test'}" in out and "SYNTHETIC DATA" in out
+    got["audit"] = json.loads((run / "audit-test" / "audit.json").read_text())
+    assert main(["report", "--run", str(run), "--device", "cpu"]) == 0
+    assert f"report written to {run / 'report.html'}" in capsys.readouterr().out
+    got["report"] = (run / "report.html").read_text()
+    assert main(["explain", "--run", str(run), str(images), "--out", str(tmp / "explained"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert len(list((tmp / "explained").glob("*_gradcam.png"))) == 2
+    assert main(["export", "--run", str(run)]) == 0
+    assert str(run / "model.onnx") in capsys.readouterr().out
+    for backend in ("torch", "onnx"):
+        csv = tmp / f"p-{backend}.csv"
+        assert main(["predict", "--run", str(run), str(images), "--out", str(csv), "--backend", backend,
+                     "--device", "cpu", "--no-progress"]) == 0
+        got[backend] = pd.read_csv(csv)
+        assert len(got[backend]) == 2 and not got[backend]["error"].notna().any()
+    capsys.readouterr()
+    for backend in ("torch", "onnx"):
+        with TestClient(create_app(str(run), backend=backend, device="cpu", workers=1)) as client:
+            r = client.post("/v1/predict?heatmap=true",
+                            files={"file": ("a.png", (images / "a.png").read_bytes(), "image/png")})
+            assert r.status_code == 200, r.text
+            got[f"serve-{backend}"] = r.json()
+            assert client.get("/healthz").json()["model"]["trained_on"]["synthetic_sources"] == ["synthetic-phantoms"]
+    assert got["serve-onnx"]["model"]["onnx_file"] == "model.onnx"
+    return got
+
+
+def test_a_copied_or_moved_run_folder_works_with_every_command(tiny_run, phantom_dataset, tmp_path, capsys):
+    """A run folder copied with its dataset finds the copy (paths are relative); moved where that relative path
+    breaks, it falls back to the dataset's absolute path. Either way every command works on it, and writes only
+    into it."""
+    original = _snapshot(tiny_run)
+    fresh = shutil.ignore_patterns("eval-*", "audit-*", "report.html", "model.onnx", "model.json", ".lock")
+    tree = tmp_path / "copy"
+    shutil.copytree(phantom_dataset.parent, tree / phantom_dataset.parent.name)
+    copy = tree / tiny_run.parent.name / tiny_run.name
+    shutil.copytree(tiny_run, copy, ignore=fresh)
+    images = tmp_path / "images"
+    write_image(images / "a.png", 1, (64, 56))
+    write_image(images / "b.png", 2, (56, 64))
+
+    # 1. copied together with its dataset: the relative path wins, the copy is used
+    data_copy = tree / phantom_dataset.parent.name / "dataset"
+    assert main(["evaluate", "--run", str(copy), "--bootstrap", "0", "--device", "cpu", "--workers", "1"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((copy / "eval-test" / "metrics.json").read_text())
+    assert Path(metrics["protocol"]["dataset"]).resolve() == data_copy.resolve()
+    assert all(Path(p).resolve().is_relative_to(tree.resolve())
+               for p in pd.read_csv(copy / "eval-test" / "predictions.csv")["path"])
+
+    # 2. moved on its own, deeper: the relative path breaks, the absolute one (the original dataset) works
+    moved = tmp_path / "elsewhere" / "deeper" / "still" / "run"
+    moved.parent.mkdir(parents=True)
+    shutil.move(str(copy), str(moved))
+    shutil.rmtree(moved / "eval-test")
+    rel = yaml.safe_load((moved / "config.yaml").read_text())["data"]
+    assert not (moved / rel).exists()
+    got = _every_command(moved, images, tmp_path, capsys)
+    assert Path(got["metrics"]["protocol"]["dataset"]).resolve() == phantom_dataset.resolve()
+    assert got["metrics"]["protocol"]["synthetic_sources"] == ["synthetic-phantoms"]
+    assert Path(got["audit"]["dataset"]).resolve() == phantom_dataset.resolve()
+    assert got["audit"]["output_dir"] == str(moved / "audit-test")
+    assert "SYNTHETIC" in got["report"] and "Dataset not found" not in got["report"]
+    assert (moved / "model.onnx").is_file() and (moved / "model.json").is_file()
+    assert str(tiny_run) not in (moved / "model.json").read_text()
+    assert list(got["torch"]["predicted_label"]) == list(got["onnx"]["predicted_label"])
+    assert (got["torch"]["prob_covid"] - got["onnx"]["prob_covid"]).abs().max() <= 1e-4
+    assert (got["torch"]["scope_score"] - got["onnx"]["scope_score"]).abs().max() <= 1e-4 * got["torch"][
+        "scope_score"].abs().max()
+    a_row = got["torch"].set_index("path").loc[str(images / "a.png")]
+    for backend in ("torch", "onnx"):
+        assert got[f"serve-{backend}"]["probabilities"]["covid"] == pytest.approx(a_row["prob_covid"], abs=1e-4)
+        assert got[f"serve-{backend}"]["heatmap_png_base64"]
+    # nothing was written into the original run folder
+    assert _snapshot(tiny_run) == original
+    assert not list(moved.glob(".*tmp*")) and os.listdir(tree / tiny_run.parent.name) == []

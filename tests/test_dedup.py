@@ -5,6 +5,7 @@ are deterministic. The integration test checks the 57 listed pairs of the real c
 from __future__ import annotations
 
 import csv
+import functools
 import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -15,9 +16,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_gray
-from covid_cxr.dedup import (DuplicatePair, Fingerprint, cluster, find_near_duplicates, fingerprint,
-                             fingerprint_file)
+from covid_cxr.dedup import DuplicatePair, Fingerprint, cluster, find_near_duplicates, fingerprint
 from covid_cxr.images import load_image
+from covid_cxr.manifest import inspect_image
 
 
 def phantom(seed: int, size: tuple[int, int] = (720, 576)) -> np.ndarray:
@@ -193,10 +194,20 @@ def test_fingerprint_rejects_wrong_sizes() -> None:
         Fingerprint(phash=(0,), thumbs=b"")
 
 
-def test_fingerprint_file_matches_decoded_pixels(tmp_path: Path) -> None:
+def _fingerprint_of_file(path: Path) -> Fingerprint:
+    """The fingerprint the data build computes for a file (in the same pass that checks and hashes it)."""
+    return inspect_image(str(path), fingerprints=True)["fingerprint"]
+
+
+def test_build_fingerprints_the_decoded_pixels(tmp_path: Path) -> None:
     path = tmp_path / "x.png"
     Image.fromarray(phantom(4)).save(path)
-    assert fingerprint_file(path) == fingerprint(phantom(4))
+    assert _fingerprint_of_file(path) == fingerprint(phantom(4))
+    assert inspect_image(str(path))["fingerprint"] is None  # only when near-duplicate removal is on
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    info = inspect_image(str(bad), fingerprints=True)
+    assert info["fingerprint"] is None and info["error"]
 
 
 # --------------------------------------------------------------------------- real collection
@@ -213,7 +224,10 @@ def test_real_collection_listed_pairs_found_and_few_extra(real_data: Path) -> No
 
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=2) as pool:
-        fps = list(pool.map(fingerprint_file, [real_data / p for p in paths], chunksize=16))
+        fps = list(pool.map(functools.partial(inspect_image, fingerprints=True), [str(real_data / p) for p in paths],
+                            chunksize=16))
+    assert all(fp["error"] == "" for fp in fps)
+    fps = [fp["fingerprint"] for fp in fps]
     t1 = time.perf_counter()
     pairs = find_near_duplicates(fps)
     t2 = time.perf_counter()

@@ -1,5 +1,5 @@
-"""export: ONNX output equals PyTorch output, the batch axis is dynamic, the JSON carries the spec,
-and broken or mismatched files are refused with CheckpointError."""
+"""export: ONNX output (logits and the out-of-scope gate's score) equals PyTorch output, the batch axis is
+dynamic, the JSON carries the model's meta, and broken or mismatched files are refused with CheckpointError."""
 
 from __future__ import annotations
 
@@ -13,28 +13,31 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_cxr import predict
-from covid_cxr.errors import CheckpointError
-from covid_cxr.export import MIN_OPSET, OnnxModel, export_onnx, load_onnx, metadata_path
+from covid_cxr.errors import CheckpointError, ExportError
+from covid_cxr.export import MIN_OPSET, export_onnx
 from covid_cxr.images import load_image, sha256_file
-from covid_cxr.model import load_checkpoint, read_checkpoint
-from covid_cxr.transforms import PreprocessSpec, preprocess
+from covid_cxr.inference import OnnxModel, load_predictor, onnx_meta_path, read_onnx_meta
+from covid_cxr.meta import ModelMeta, probabilities
+from covid_cxr.model import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
+from covid_cxr.pixels import PreprocessSpec, geometry, preprocess
 
 from conftest import REAL_SOURCES, make_gray, write_image
 
 TOL = 1e-4
+SCOPE_RTOL = 1e-4
+"""The gate's score is a distance of order 10-100: compared relative to its size."""
 TEMPERATURE = 1.7
-"""Not 1.0, so the test sees that the temperature travels from checkpoint to JSON to probabilities."""
+"""Not the fitted one, so the test sees that the temperature travels from checkpoint to JSON to probabilities."""
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
-    """tiny_run's best.pt (with a temperature added) and its export: (checkpoint, onnx path, summary)."""
+    """tiny_run's best.pt (with its temperature replaced) and its export: (checkpoint, onnx path, summary)."""
     root = tmp_path_factory.mktemp("export")
     ckpt = read_checkpoint(tiny_run / "best.pt")
-    ckpt["temperature"] = TEMPERATURE
+    assert ckpt.meta.gate is not None, "tiny_run's model should have a fitted out-of-scope gate"
     src = root / "calibrated.pt"
-    torch.save(ckpt, src)
+    save_checkpoint(src, model_from_checkpoint(ckpt), ckpt.meta.replace(temperature=TEMPERATURE))
     out = root / "onnx" / "model.onnx"
     summary = export_onnx(src, out)
     return src, out, summary
@@ -44,90 +47,135 @@ def exported(tiny_run, tmp_path_factory):
 def both(exported):
     """(torch model, its meta, OnnxModel) for the same checkpoint."""
     src, out, _ = exported
-    model, meta = load_checkpoint(src)
-    return model, meta, load_onnx(out)
+    model, meta = load_model(src)
+    return model, meta, OnnxModel(out, device="cpu")
+
+
+def _torch_outputs(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    with torch.inference_mode():
+        logits, features = model(x, with_features=True)
+        return logits.numpy(), model.gate(features, x).numpy()
 
 
 def test_export_writes_a_checked_graph_and_its_metadata(exported):
     src, out, summary = exported
-    assert out.is_file() and metadata_path(out) == out.with_name("model.json") and metadata_path(out).is_file()
+    assert out.is_file() and onnx_meta_path(out) == out.with_name("model.json") and onnx_meta_path(out).is_file()
     assert not list(out.parent.glob(".*tmp*")), "temporary files left behind"
     proto = onnx.load(out)
     onnx.checker.check_model(proto, full_check=True)
-    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert [i.name for i in proto.graph.input] == ["image"]
+    assert [o.name for o in proto.graph.output] == ["logits", "scope"]  # the gate's score is a graph output
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
 
-    doc = json.loads(metadata_path(out).read_text())
+    doc = json.loads(onnx_meta_path(out).read_text())
     ckpt = read_checkpoint(src)
-    assert PreprocessSpec.from_dict(doc["preprocess"]) == PreprocessSpec.from_dict(ckpt["preprocess"])
-    assert doc["preprocess"] == ckpt["preprocess"]
-    assert doc["labels"] == ckpt["labels"] == ["normal", "covid"]
-    assert doc["threshold"] == ckpt["threshold"] and doc["temperature"] == TEMPERATURE
-    assert doc["opset"] == summary["opset"] == MIN_OPSET
-    assert doc["source_checkpoint"]["sha256"] == sha256_file(src)
-    assert doc["source_checkpoint"]["path"] == str(src.resolve())
-    assert {"covid_cxr", "torch", "onnx", "onnxruntime"} <= set(doc["versions"])
-    assert doc["input"]["shape"] == ["batch", 3, 32, 32] and doc["output"]["shape"] == ["batch", 2]
-    assert summary["max_abs_diff"] <= TOL and summary["image_size"] == 32
+    assert doc["format"] == 2 and set(doc) == {"format", "meta", "onnx"}
+    meta = ModelMeta.from_dict(doc["meta"])
+    assert meta == ckpt.meta  # the whole typed meta travels: labels, spec, threshold, temperature, gate, data
+    assert PreprocessSpec.from_dict(doc["meta"]["preprocess"]) == ckpt.meta.preprocess
+    assert doc["meta"]["labels"] == ["normal", "covid"] and doc["meta"]["positive"] == "covid"
+    assert doc["meta"]["threshold_log_odds"] == ckpt.meta.threshold_log_odds
+    assert doc["meta"]["temperature"] == TEMPERATURE and doc["meta"]["gate"]["threshold"] == ckpt.meta.gate.threshold
+    info = doc["onnx"]
+    assert info["opset"] == summary["opset"] == MIN_OPSET
+    assert info["onnx_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() == summary["onnx_sha256"]
+    assert info["source_checkpoint"] == {"file": "calibrated.pt", "sha256": sha256_file(src)}
+    assert str(src.parent) not in json.dumps(info)  # no absolute paths: the pair can be moved
+    assert {"covid_cxr", "torch", "onnx", "onnxruntime"} <= set(info["versions"])
+    assert info["input"]["shape"] == ["batch", 3, 32, 32] and set(info["outputs"]) == {"logits", "scope"}
+    assert summary["outputs"] == ["logits", "scope"] and summary["image_size"] == 32
+    assert set(summary["max_abs_diff"]) == {"logits", "scope"}
+    assert all(d <= TOL for d in summary["max_abs_diff"].values()), summary["max_abs_diff"]
 
 
-def test_meta_is_shaped_like_load_checkpoint(both, exported):
+def test_meta_is_the_checkpoints_meta(both, exported):
     _, meta, onnx_model = both
-    for key in ("labels", "preprocess_spec", "threshold", "path"):
-        assert key in onnx_model.meta
-    assert onnx_model.meta["labels"] == meta["labels"]
-    assert onnx_model.meta["preprocess_spec"] == meta["preprocess_spec"]
-    assert onnx_model.meta["threshold"] == meta["threshold"]
-    assert onnx_model.meta["temperature"] == meta["temperature"] == TEMPERATURE
-    assert onnx_model.meta["path"] == str(exported[1])
+    assert onnx_model.meta == meta
+    assert onnx_model.meta.temperature == meta.temperature == TEMPERATURE
+    assert onnx_model.meta.threshold == meta.threshold and onnx_model.meta.threshold_text() == meta.threshold_text()
+    assert onnx_model.meta.gate == meta.gate
+    assert onnx_model.path == exported[1]
     assert onnx_model.providers[-1] == "CPUExecutionProvider"
+    assert read_onnx_meta(exported[1])[0] == meta
 
 
 @pytest.mark.parametrize("n", [1, 7])
-def test_dynamic_batch_logits_match_torch(both, n):
+def test_dynamic_batch_logits_and_scope_match_torch(both, n):
     model, meta, onnx_model = both
-    batch = torch.stack([preprocess(make_gray(30 + i, (40 + 3 * i, 36)), meta["preprocess_spec"]) for i in range(n)])
-    with torch.inference_mode():
-        expected = model(batch)
-    got = onnx_model(batch)
-    assert got.shape == expected.shape == (n, 2)
-    torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+    batch = np.stack([preprocess(make_gray(30 + i, (40 + 3 * i, 36)), meta.preprocess) for i in range(n)])
+    expected_logits, expected_scope = _torch_outputs(model, torch.from_numpy(batch))
+    logits, scope = onnx_model.run(batch)
+    assert logits.shape == expected_logits.shape == (n, 2) and scope.shape == expected_scope.shape == (n,)
+    np.testing.assert_allclose(logits, expected_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(scope, expected_scope, rtol=SCOPE_RTOL, atol=TOL)
+    assert np.all(scope > 0)
 
 
-def test_probabilities_match_torch_on_synthetic_images(both):
-    model, meta, onnx_model = both
+def test_predictions_match_torch_on_synthetic_images(both, exported):
+    src, out, _ = exported
+    model, meta, _ = both
+    torch_p, onnx_p = load_predictor(src, "torch", device="cpu"), load_predictor(out, "onnx", device="cpu")
+    assert onnx_p.backend == "onnx" and onnx_p.meta == torch_p.meta
     images = [make_gray(i, (40 + 5 * i, 60 - 2 * i)) for i in range(10)]
-    expected = predict.predict_arrays(model, images, meta["preprocess_spec"], temperature=meta["temperature"])
-    got = onnx_model.predict_arrays(images)
-    assert got.shape == (10, 2) and got.dtype == np.float32
-    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
-    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    pixels = np.stack([geometry(img, meta.preprocess) for img in images])
+    a, b = torch_p.outputs(pixels), onnx_p.outputs(pixels)
+    np.testing.assert_allclose(b.logits, a.logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(b.scope, a.scope, rtol=SCOPE_RTOL, atol=TOL)
+    # the same logits as the network on the preprocessed tensor: one pixel pipeline for both backends
+    direct_logits, direct_scope = _torch_outputs(model, torch.from_numpy(np.stack([preprocess(i, meta.preprocess)
+                                                                                    for i in images])))
+    np.testing.assert_allclose(a.logits, direct_logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a.scope, direct_scope, rtol=1e-5)
+
+    expected, got = torch_p.predict_arrays(images), onnx_p.predict_arrays(images)
+    assert len(got) == len(expected) == 10
+    for e, g in zip(expected, got):
+        assert list(g["probabilities"]) == ["normal", "covid"]
+        for lab in e["probabilities"]:
+            assert g["probabilities"][lab] == pytest.approx(e["probabilities"][lab], abs=TOL)
+        assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=1e-9)
+        assert g["log_odds"] == pytest.approx(e["log_odds"], abs=TOL)
+        assert g["scope_score"] == pytest.approx(e["scope_score"], rel=SCOPE_RTOL)
+        assert g["in_scope"] == e["in_scope"] == (e["scope_score"] <= meta.gate.threshold)
+        if abs(e["log_odds"] - meta.threshold_log_odds) > 10 * TOL:  # not on the threshold's edge
+            assert g["label"] == e["label"]
     # the temperature is applied: untempered probabilities are different
-    assert np.abs(predict.predict_arrays(model, images, meta["preprocess_spec"]) - got).max() > 1e-6
+    got_covid = np.array([g["probabilities"]["covid"] for g in got])
+    untempered = probabilities(a.logits, 1.0)[:, 1]
+    np.testing.assert_allclose(got_covid, probabilities(a.logits, TEMPERATURE)[:, 1], atol=TOL)
+    assert np.abs(untempered - got_covid).max() > 1e-6
 
 
-def test_onnx_model_is_a_drop_in_for_predict_images(both, tmp_path):
-    model, meta, onnx_model = both
+def test_onnx_predictor_is_a_drop_in_for_predict_files(exported, tmp_path):
+    src, out, _ = exported
     paths = [write_image(tmp_path / f"{i}.png", 50 + i, (44, 52)) for i in range(3)]
-    expected = pd.DataFrame(predict.predict_images(model, meta, paths, batch_size=2))
-    got = pd.DataFrame(predict.predict_images(onnx_model, onnx_model.meta, paths, batch_size=2))
-    assert list(got["path"]) == list(expected["path"])
+    expected = pd.DataFrame(load_predictor(src, "torch", device="cpu").predict_files(paths, batch_size=2))
+    got = pd.DataFrame(load_predictor(out, "onnx", device="cpu").predict_files(paths, batch_size=2))
+    assert list(got.columns) == list(expected.columns)
+    assert {"log_odds", "threshold", "in_scope", "scope_score"} <= set(got.columns)
+    assert list(got["path"]) == list(expected["path"]) == [str(p) for p in paths]
     assert list(got["predicted_label"]) == list(expected["predicted_label"])
-    np.testing.assert_allclose(got[["prob_normal", "prob_covid"]], expected[["prob_normal", "prob_covid"]], atol=TOL)
+    assert list(got["in_scope"]) == list(expected["in_scope"])
+    np.testing.assert_allclose(got[["prob_normal", "prob_covid", "log_odds"]],
+                               expected[["prob_normal", "prob_covid", "log_odds"]], atol=TOL)
+    np.testing.assert_allclose(got["scope_score"], expected["scope_score"], rtol=SCOPE_RTOL)
+    assert (got["threshold"] == expected["threshold"]).all()
 
 
 @pytest.mark.integration
-def test_probabilities_match_torch_on_real_images(both, real_data):
-    model, meta, onnx_model = both
+def test_probabilities_match_torch_on_real_images(exported, real_data):
+    src, out, _ = exported
     inventory = pd.read_csv(real_data / "inventory.csv", dtype=str).sort_values("relative_path")
     picked = inventory[inventory["source"].isin(REAL_SOURCES.values())].groupby("source").head(2)
     assert len(picked) == 10
     images = [load_image(real_data / rel) for rel in picked["relative_path"]]
     assert all(img.dtype == np.uint8 and img.ndim == 2 for img in images)
-    expected = predict.predict_arrays(model, images, meta["preprocess_spec"], temperature=meta["temperature"])
-    got = onnx_model.predict_arrays(images)
-    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+    torch_p, onnx_p = load_predictor(src, "torch", device="cpu"), load_predictor(out, "onnx", device="cpu")
+    pixels = np.stack([geometry(img, torch_p.meta.preprocess) for img in images])
+    a, b = torch_p.outputs(pixels), onnx_p.outputs(pixels)
+    np.testing.assert_allclose(b.logits, a.logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(b.scope, a.scope, rtol=SCOPE_RTOL, atol=TOL)
 
 
 @pytest.fixture()
@@ -135,52 +183,76 @@ def copy_of_export(exported, tmp_path):
     _, out, _ = exported
     dst = tmp_path / "model.onnx"
     shutil.copy(out, dst)
-    shutil.copy(metadata_path(out), metadata_path(dst))
+    shutil.copy(onnx_meta_path(out), onnx_meta_path(dst))
     return dst
+
+
+def test_a_moved_export_still_loads(copy_of_export, both):
+    _, meta, onnx_model = both
+    moved = OnnxModel(copy_of_export, device="cpu")
+    assert moved.meta == meta
+    x = np.stack([preprocess(make_gray(3), meta.preprocess)])
+    for a, b in zip(moved.run(x), onnx_model.run(x)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_missing_files_are_checkpoint_errors(copy_of_export, tmp_path):
     with pytest.raises(CheckpointError, match="not found.*covid-cxr export"):
-        load_onnx(tmp_path / "absent.onnx")
-    metadata_path(copy_of_export).unlink()
+        OnnxModel(tmp_path / "absent.onnx")
+    with pytest.raises(CheckpointError, match="not found.*covid-cxr export"):
+        load_predictor(tmp_path / "absent.onnx", "onnx")
+    onnx_meta_path(copy_of_export).unlink()
     with pytest.raises(CheckpointError, match=r"model\.json not found"):
-        load_onnx(copy_of_export)
+        OnnxModel(copy_of_export)
 
 
 def test_corrupt_or_mismatched_files_are_checkpoint_errors(copy_of_export):
-    meta_file = metadata_path(copy_of_export)
+    meta_file = onnx_meta_path(copy_of_export)
     doc = json.loads(meta_file.read_text())
     data = copy_of_export.read_bytes()
 
     copy_of_export.write_bytes(data[: len(data) // 3])  # truncated, metadata left as it was
     with pytest.raises(CheckpointError, match="does not match"):
-        load_onnx(copy_of_export)
+        OnnxModel(copy_of_export)
 
     copy_of_export.write_bytes(b"not an onnx graph at all")  # corrupt, with metadata that vouches for it
-    meta_file.write_text(json.dumps({**doc, "onnx_sha256": hashlib.sha256(b"not an onnx graph at all").hexdigest()}))
+    vouching = {**doc, "onnx": {**doc["onnx"], "onnx_sha256": hashlib.sha256(b"not an onnx graph at all").hexdigest()}}
+    meta_file.write_text(json.dumps(vouching))
     with pytest.raises(CheckpointError, match="ONNX Runtime cannot load"):
         OnnxModel(copy_of_export)
 
     meta_file.write_text("{ truncated")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_onnx(copy_of_export)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        OnnxModel(copy_of_export)
+
+    copy_of_export.write_bytes(data)
+    meta_file.write_text(json.dumps({"labels": ["normal", "covid"], "threshold": 0.5}))  # 0.1's flat metadata
+    with pytest.raises(CheckpointError, match="export the checkpoint again"):
+        OnnxModel(copy_of_export)
+    meta_file.write_text(json.dumps({**doc, "format": 99}))
+    with pytest.raises(CheckpointError, match="newer covid-cxr"):
+        OnnxModel(copy_of_export)
 
 
 def test_metadata_must_fit_the_graph(copy_of_export):
-    meta_file = metadata_path(copy_of_export)
+    meta_file = onnx_meta_path(copy_of_export)
     doc = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps({**doc, "labels": ["a", "b", "c"]}))
+    meta_file.write_text(json.dumps({**doc, "meta": {**doc["meta"], "labels": ["normal", "covid", "other"]}}))
     with pytest.raises(CheckpointError, match="3 labels"):
-        load_onnx(copy_of_export)
+        OnnxModel(copy_of_export)
+    # a gate in the metadata but no scope output in the graph (or the other way round) is refused
+    meta_file.write_text(json.dumps({**doc, "meta": {**doc["meta"], "gate": None}}))
+    with pytest.raises(CheckpointError, match="outputs"):
+        OnnxModel(copy_of_export)
 
 
 def test_export_refuses_bad_inputs(exported, tmp_path):
     src, _, _ = exported
     with pytest.raises(CheckpointError, match="not found"):
         export_onnx(tmp_path / "missing.pt", tmp_path / "m.onnx")
-    with pytest.raises(ValueError, match=f"opset {MIN_OPSET - 1} is not supported"):
+    with pytest.raises(ExportError, match=f"opset {MIN_OPSET - 1} is not supported"):
         export_onnx(src, tmp_path / "m.onnx", opset=MIN_OPSET - 1)
-    with pytest.raises(ValueError, match="must end in .onnx"):
+    with pytest.raises(ExportError, match="must end in .onnx"):
         export_onnx(src, tmp_path / "m.json")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"garbage")

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_gray
-from covid_cxr.config import ConfigError
-from covid_cxr.errors import CovidCxrError
-from covid_cxr.fetch import FETCHABLE, FetchConfig, FetchError, download, manual_steps, run, unpack_zip
+from covid_cxr.config import ConfigError, FetchConfig, make_config
+from covid_cxr.errors import CovidCxrError, FetchError
+from covid_cxr.fetch import FETCHABLE, download, manual_steps, run, unpack_zip
 from covid_cxr.sources import read_cohen, read_mooney
 
 TOP = "covid-chestxray-dataset-master"
@@ -399,14 +399,25 @@ def test_manual_steps():
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"source": "nope"}, "unknown source"),
+    ({"source": "nope"}, r"--source must be one of cohen, mooney, radiography, got 'nope'"),
     ({"sha256": "abc"}, "64 hexadecimal"),
     ({"url": "ftp://x/y.zip"}, "http"),
     ({"source": "mooney", "url": "https://x/y.zip"}, "cohen only"),
-    ({"timeout": 0}, "positive"),
+    ({"timeout": 0}, "--timeout must be > 0"),
+    ({"max_unpacked_bytes": 0}, "--max-unpacked-bytes must be > 0"),
     ({"out": " "}, "empty"),
 ])
 def test_config_checks(kw, match):
+    """Options are checked as the CLI and YAML files give them (make_config: choices, then the class's checks)."""
     args = {"source": "cohen", "out": "x", **kw}
     with pytest.raises(ConfigError, match=match):
-        FetchConfig(**args)
+        make_config(FetchConfig, args)
+    if "source" not in kw or kw["source"] in FETCHABLE:  # the class's own checks hold without make_config too
+        with pytest.raises(ConfigError, match=match):
+            FetchConfig(**args)
+
+
+def test_fetchable_sources_are_the_config_choices():
+    import typing
+
+    assert set(typing.get_args(typing.get_type_hints(FetchConfig)["source"])) == set(FETCHABLE)

@@ -1,5 +1,7 @@
 """Tests for covid_cxr.images: decoding every image mode to 8-bit grayscale, refusing broken or
-unsafe files with a message naming them, resizing, and decoding stacks of files."""
+unsafe files (and files that are not PNG/JPEG/DICOM by their first bytes) with a message naming
+them, listing image files; and for the geometry and intensity stages of covid_cxr.pixels:
+resizing, CLAHE/equalisation, and decoding stacks of files."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from PIL import Image
 
 from conftest import make_gray, write_image
 from covid_cxr.errors import ImageReadError
-from covid_cxr.images import (MAX_PIXELS, is_image_file, load_image, load_resized_stack, read_image_size,
-                              resize_uint8, sha256_file)
+from covid_cxr.errors import CovidCxrError
+from covid_cxr.images import MAX_PIXELS, is_image_file, list_images, load_image, sha256_file, sniff, sniff_bytes
+from covid_cxr.pixels import PreprocessSpec, clahe, equalize, model_pixels, resize_square, standardize_intensity
 
 
 def _pil_gray(img: Image.Image) -> np.ndarray:
@@ -190,8 +193,6 @@ def test_missing_file_raises(tmp_path: Path) -> None:
         load_image(missing)
     assert str(missing) in str(err.value)
     assert "not found" in err.value.reason
-    with pytest.raises(ImageReadError):
-        read_image_size(missing)
 
 
 def test_tiny_image_is_rejected(tmp_path: Path) -> None:
@@ -253,33 +254,28 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     assert sha256_file(p, chunk=7) == sha256_file(p)
 
 
-def test_read_image_size(tmp_path: Path) -> None:
-    p = write_image(tmp_path / "s.png", seed=1, size=(30, 50))
-    assert read_image_size(p) == (50, 30)
-
-
 @pytest.mark.parametrize("shape", [(48, 40), (300, 200), (20, 90)])
 @pytest.mark.parametrize("size", [16, 64])
-def test_resize_uint8_shape_and_dtype(shape: tuple[int, int], size: int) -> None:
+def test_resize_square_shape_and_dtype(shape: tuple[int, int], size: int) -> None:
     img = make_gray(2, shape)
-    out = resize_uint8(img, size)
+    out = resize_square(img, size)
     assert out.shape == (size, size) and out.dtype == np.uint8
     # Brightness is preserved approximately.
     assert abs(float(out.mean()) - float(img.mean())) < 10
 
 
-def test_resize_uint8_constant_and_identity() -> None:
+def test_resize_square_constant_and_identity() -> None:
     const = np.full((50, 70), 77, dtype=np.uint8)
-    assert (resize_uint8(const, 32) == 77).all()
+    assert (resize_square(const, 32) == 77).all()
     img = make_gray(1, (32, 32))
-    np.testing.assert_array_equal(resize_uint8(img, 32), img)
+    np.testing.assert_array_equal(resize_square(img, 32), img)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((10, 10), dtype=np.float32), np.zeros((10, 10, 3), dtype=np.uint8),
                                  np.zeros((10, 10), dtype=np.uint16)])
-def test_resize_uint8_rejects_other_arrays(bad: np.ndarray) -> None:
+def test_resize_square_rejects_other_arrays(bad: np.ndarray) -> None:
     with pytest.raises(ValueError):
-        resize_uint8(bad, 8)
+        resize_square(bad, 8)
 
 
 # --------------------------------------------------------------------------- stacks
@@ -294,28 +290,148 @@ def _files(tmp_path: Path, n: int) -> list[Path]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_load_resized_stack_matches_single_loads(tmp_path: Path, workers: int) -> None:
+def test_model_pixels_matches_single_loads(tmp_path: Path, workers: int) -> None:
     paths = _files(tmp_path, 40)
-    stack = load_resized_stack(paths, 24, workers=workers)
+    stack = model_pixels(paths, PreprocessSpec.for_size(24), workers=workers)
     assert stack.shape == (40, 24, 24) and stack.dtype == np.uint8
     for i in (0, 1, 17, 39):
-        np.testing.assert_array_equal(stack[i], resize_uint8(load_image(paths[i]), 24))
+        np.testing.assert_array_equal(stack[i], resize_square(load_image(paths[i]), 24))
 
 
-def test_load_resized_stack_empty(tmp_path: Path) -> None:
-    out = load_resized_stack([], 16, workers=1)
+def test_model_pixels_empty(tmp_path: Path) -> None:
+    out = model_pixels([], PreprocessSpec.for_size(16), workers=1)
     assert out.shape == (0, 16, 16) and out.dtype == np.uint8
 
 
 @pytest.mark.parametrize("workers,n", [(1, 10), (2, 40)])
-def test_load_resized_stack_names_bad_file(tmp_path: Path, workers: int, n: int) -> None:
+def test_model_pixels_names_bad_file(tmp_path: Path, workers: int, n: int) -> None:
     paths = _files(tmp_path, n)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     paths.insert(n // 2, bad)
     t0 = time.perf_counter()
     with pytest.raises(ImageReadError) as err:
-        load_resized_stack(paths, 16, workers=workers)
+        model_pixels(paths, PreprocessSpec.for_size(16), workers=workers)
     assert time.perf_counter() - t0 < 30
     assert err.value.path == str(bad)
     assert str(bad) in str(err.value)
+
+
+# --------------------------------------------------------------------------- file type by magic bytes
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF", "WEBP", "PPM"])
+def test_other_formats_named_png_are_refused(tmp_path: Path, fmt: str) -> None:
+    """Only PNG, JPEG and DICOM are decoded; the type comes from the content, never from the name."""
+    path = tmp_path / f"scan-{fmt.lower()}.png"
+    Image.fromarray(make_gray(3, (48, 40))).save(path, format=fmt)
+    assert sniff(path) is None
+    with pytest.raises(ImageReadError) as err:
+        load_image(path)
+    assert err.value.path == str(path) and str(path) in str(err.value)
+    assert "PNG, JPEG or DICOM" in err.value.reason
+
+
+def test_empty_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(ImageReadError) as err:
+        load_image(path)
+    assert "empty" in err.value.reason
+
+
+def test_file_type_comes_from_content_not_name(tmp_path: Path) -> None:
+    gray = make_gray(4, (40, 36))
+    Image.fromarray(gray).save(tmp_path / "really-a-png.jpg", format="PNG")
+    Image.fromarray(gray).save(tmp_path / "really-a-jpeg.png", format="JPEG", quality=95)
+    assert sniff(tmp_path / "really-a-png.jpg") == "png"
+    assert sniff(tmp_path / "really-a-jpeg.png") == "jpeg"
+    np.testing.assert_array_equal(load_image(tmp_path / "really-a-png.jpg"), gray)
+    assert np.abs(load_image(tmp_path / "really-a-jpeg.png").astype(int) - gray.astype(int)).mean() < 8
+
+
+def test_sniff_bytes() -> None:
+    assert sniff_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 200) == "png"
+    assert sniff_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 200) == "jpeg"
+    assert sniff_bytes(b"\0" * 128 + b"DICM" + b"\0" * 10) == "dicom"
+    assert sniff_bytes(b"II*\0" + b"\0" * 200) is None  # TIFF
+    assert sniff_bytes(b"GIF89a") is None
+    assert sniff_bytes(b"") is None
+
+
+def test_sniff_of_missing_file_is_none(tmp_path: Path) -> None:
+    assert sniff(tmp_path / "nowhere.png") is None
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_list_images_expands_folders_in_a_stable_order(tmp_path: Path) -> None:
+    a = write_image(tmp_path / "in" / "b.png", seed=1)
+    b = write_image(tmp_path / "in" / "sub" / "a.JPG", seed=2)
+    c = write_image(tmp_path / "in" / "a.jpeg", seed=3)
+    (tmp_path / "in" / "._a.png").write_bytes(b"resource fork")
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    (tmp_path / "in" / "README").write_text("no ending, not DICOM")
+    single = write_image(tmp_path / "single.png", seed=4)
+    assert list_images([str(tmp_path / "in"), str(single)]) == [c, a, b, single]
+    # A file passed by name is taken as it is (load_image decides whether it is an image).
+    assert list_images([str(tmp_path / "in" / "notes.txt")]) == [tmp_path / "in" / "notes.txt"]
+
+
+def test_list_images_refuses_missing_paths_and_empty_folders(tmp_path: Path) -> None:
+    with pytest.raises(CovidCxrError, match="does not exist"):
+        list_images([str(tmp_path / "nowhere")])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(CovidCxrError, match="no PNG, JPEG or DICOM"):
+        list_images([str(tmp_path / "empty")])
+
+
+# --------------------------------------------------------------------------- intensity (pixels stage 3)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 40), (7, 9), (300, 170)])
+@pytest.mark.parametrize("fn", [equalize, clahe], ids=["equalize", "clahe"])
+def test_intensity_keeps_shape_and_dtype_and_is_deterministic(fn, shape: tuple[int, int]) -> None:
+    img = (make_gray(5, shape) // 3 + 40).astype(np.uint8)  # low contrast: 40..125
+    out = fn(img)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(fn(img.copy()), out)
+    np.testing.assert_array_equal(img, (make_gray(5, shape) // 3 + 40).astype(np.uint8))  # input untouched
+    # Both stretch a low-contrast image and keep the order of grey levels (on average).
+    assert int(out.max()) - int(out.min()) > int(img.max()) - int(img.min())
+    assert np.corrcoef(out.ravel().astype(float), img.ravel().astype(float))[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("fn", [equalize, clahe], ids=["equalize", "clahe"])
+def test_intensity_of_flat_image_is_flat(fn) -> None:
+    flat = np.full((32, 40), 90, np.uint8)
+    out = fn(flat)
+    assert out.shape == flat.shape and out.dtype == np.uint8 and len(np.unique(out)) == 1
+
+
+def test_equalize_spreads_the_histogram() -> None:
+    img = np.repeat(np.arange(100, 132, dtype=np.uint8), 32).reshape(32, 32)
+    out = equalize(img)
+    assert out.min() == 0 and out.max() == 255
+    assert (np.diff(out.ravel().astype(int)) >= 0).all()  # monotonic mapping
+
+
+@pytest.mark.parametrize("mode", ["none", "equalize", "clahe"])
+def test_standardize_intensity_of_a_stack_is_per_image(mode: str) -> None:
+    spec = PreprocessSpec(size=32, intensity=mode)
+    stack = np.stack([resize_square(make_gray(i, (48, 40)), 32) for i in range(3)])
+    out = standardize_intensity(stack, spec)
+    assert out.shape == stack.shape and out.dtype == np.uint8
+    for i in range(3):
+        np.testing.assert_array_equal(out[i], standardize_intensity(stack[i], spec))
+
+
+def test_preprocess_spec_never_shrinks_below_the_input_size() -> None:
+    assert PreprocessSpec.for_size(224).base_short_side == 256
+    assert PreprocessSpec.for_size(512).base_short_side == 512
+    with pytest.raises(ValueError, match="base_short_side"):
+        PreprocessSpec(size=96, base_short_side=64)
+    with pytest.raises(ValueError, match="intensity"):
+        PreprocessSpec(size=32, intensity="gamma")

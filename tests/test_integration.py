@@ -4,6 +4,7 @@ evaluate -> predict, every artifact present. Skipped when the data are absent.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -25,6 +26,12 @@ def test_real_pipeline_end_to_end(real_data, tmp_path, capsys):
     assert set(report["sources"]) == set(REAL_SOURCES)
     assert report["splits"]["test"] == {"normal": 200, "covid": 200}
     manifest = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    # Image paths are stored relative to each source's root, which dataset.json records.
+    assert not any(Path(p).is_absolute() for p in manifest["path"])
+    roots = json.loads((data / "dataset.json").read_text())["source_roots"]
+    assert {n: r["absolute"] for n, r in roots.items()} == {
+        n: str((real_data / "sources" / f).resolve()) for n, f in REAL_SOURCES.items()}
+    assert all((data / roots[s]["path"] / p).is_file() for s, p in zip(manifest["source"], manifest["path"]))
     used = manifest[manifest["split"] != "unused"]
     assert used.groupby("group")["split"].nunique().max() == 1
     assert (used["source"] + ":" + used["patient_id"]).groupby(used["split"]).apply(set).pipe(

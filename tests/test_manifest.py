@@ -1,5 +1,7 @@
-"""Tests for covid_cxr.manifest: byte-duplicate removal, patient groups, patient-level splits,
-the files a build writes (and does not write when it fails), and a build of the real collection."""
+"""Tests for covid_cxr.manifest and covid_cxr.dataset: byte-duplicate removal, patient groups,
+patient-level splits, the files a build writes (and does not write when it fails), manifest paths
+relative to each source root (a dataset folder that is copied, or whose sources moved, still
+resolves its images), and a build of the real collection."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -18,10 +21,11 @@ from PIL import Image
 
 from conftest import REAL_SOURCES, write_image
 from covid_cxr.config import TASKS, DataConfig
+from covid_cxr.dataset import MANIFEST_COLUMNS, read_dataset
 from covid_cxr.errors import DatasetError
 from covid_cxr import manifest as manifest_mod
-from covid_cxr.manifest import (MANIFEST_COLUMNS, SPLITS, UNUSED, assign_groups, build, check_patient_disjoint,
-                                read_manifest, remove_byte_duplicates)
+from covid_cxr.manifest import SPLITS, UNUSED, assign_groups, build, check_patient_disjoint, remove_byte_duplicates
+from covid_cxr.pixels import PreprocessSpec, model_pixels
 
 REQUIRED = ["path", "label", "source", "patient_id", "view", "sha256", "width", "height", "split"]
 LABELS = list(TASKS["covid-vs-normal"].classes)
@@ -81,8 +85,8 @@ def cfg(sources: dict[str, Path], out: Path, **kw) -> DataConfig:
 
 
 def load(out: Path) -> pd.DataFrame:
-    df, _ = read_manifest(out)
-    return df
+    """The manifest with absolute image paths (as every stage reads it)."""
+    return read_dataset(out).df
 
 
 def assert_patient_disjoint(df: pd.DataFrame) -> None:
@@ -438,6 +442,122 @@ def test_build_byte_duplicate_across_sources(tmp_path: Path) -> None:
     assert len(report["label_conflicts"]) == 1 and "Normal-1.png" in report["label_conflicts"][0]
     kept = df[df["path"] == str((cohen / "images" / "p1-0.png").resolve())]
     assert kept["label"].iloc[0] == "covid"
+
+
+# --------------------------------------------------------------------------- relocatable dataset folders
+
+
+def test_manifest_paths_are_relative_to_source_roots(mixed_build, mixed_sources) -> None:
+    out = mixed_build["out"]
+    raw = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    assert list(raw.columns) == MANIFEST_COLUMNS
+    assert not any(Path(p).is_absolute() or ".." in Path(p).parts for p in raw["path"])
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["positive_class"] == "covid"
+    roots = {"cohen": mixed_sources["sources"]["cohen"], "hospital": mixed_sources["sources"]["folder"]}
+    assert set(meta["source_roots"]) == set(roots)
+    for name, root in roots.items():
+        rec = meta["source_roots"][name]
+        assert not Path(rec["path"]).is_absolute()
+        assert (out / rec["path"]).resolve() == root.resolve()
+        assert rec["absolute"] == str(root.resolve()) and rec["synthetic"] is False
+    # read_dataset joins each relative path to its source's root.
+    df = mixed_build["df"]
+    assert list(df["sha256"]) == list(raw["sha256"])
+    for src, rel, full in zip(raw["source"], raw["path"], df["path"]):
+        assert full == str(roots[src].resolve() / rel)
+        assert Path(full).is_absolute()
+    assert all(Path(p).is_file() for p in df["path"])
+
+
+def _small_build(base: Path, **kw) -> tuple[Path, Path]:
+    """<base>/site (a folder source) and <base>/ds (its dataset)."""
+    src = folder_source(base / "site", {"covid": 8, "normal": 8})
+    out = base / "ds"
+    build(cfg({"folder": src}, out, test_per_class=3, dedup=False, **kw))
+    return src, out
+
+
+def _same_files(df: pd.DataFrame, root: Path) -> None:
+    assert all(Path(p).is_file() and root.resolve() in Path(p).resolve().parents for p in df["path"])
+    assert all(hashlib.sha256(Path(p).read_bytes()).hexdigest() == s for p, s in zip(df["path"], df["sha256"]))
+
+
+def test_synthetic_source_is_recorded(tmp_path: Path) -> None:
+    src = folder_source(tmp_path / "phantoms", {"covid": 8, "normal": 8})
+    (src / "README.txt").write_text("SYNTHETIC phantom images, not patients\n")
+    build(cfg({"folder": src}, tmp_path / "ds", test_per_class=3, dedup=False, cache=False))
+    ds = read_dataset(tmp_path / "ds")
+    assert ds.info.sources["phantoms"]["synthetic"] is True
+    assert ds.info.synthetic_sources == ("phantoms",)
+
+
+def test_dataset_copied_with_its_sources_resolves_paths(tmp_path: Path) -> None:
+    _small_build(tmp_path / "a", cache=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")  # the absolute paths recorded in dataset.json are gone
+    ds = read_dataset(tmp_path / "b" / "ds")
+    assert ds.missing_roots == {}
+    assert ds.roots == {"site": tmp_path / "b" / "site"}
+    _same_files(ds.df, tmp_path / "b" / "site")
+    rows = ds.rows("test")
+    assert len(rows) == 6
+    spec = PreprocessSpec.for_size(32)
+    np.testing.assert_array_equal(ds.pixels(rows, spec, workers=1), model_pixels(rows["path"].tolist(), spec))
+
+
+def test_dataset_copied_alone_falls_back_to_absolute_roots(tmp_path: Path) -> None:
+    src, out = _small_build(tmp_path / "a", cache=False)
+    shutil.copytree(out, tmp_path / "elsewhere" / "deeper" / "ds")
+    ds = read_dataset(tmp_path / "elsewhere" / "deeper" / "ds")
+    assert ds.missing_roots == {} and ds.roots["site"] == src.resolve()
+    _same_files(ds.df, src)
+
+
+def test_moved_source_is_re_pointed_with_source_roots(tmp_path: Path) -> None:
+    src, out = _small_build(tmp_path / "a", cache=False)
+    moved = tmp_path / "archive" / "site-2021"
+    moved.parent.mkdir()
+    src.rename(moved)
+    lost = read_dataset(out)
+    assert set(lost.missing_roots) == {"site"}
+    spec = PreprocessSpec.for_size(32)
+    with pytest.raises(DatasetError, match=r"'site'.*--source-root site=PATH"):
+        lost.pixels(lost.rows("test"), spec, workers=1)
+    for override in ({"site": str(moved)}, (("site", str(moved)),)):
+        ds = read_dataset(out, source_roots=override)
+        assert ds.missing_roots == {} and ds.roots["site"] == moved.resolve()
+        _same_files(ds.df, moved)
+        assert ds.pixels(ds.rows("test"), spec, workers=1).shape == (6, 32, 32)
+    with pytest.raises(DatasetError, match="unknown source.*cohen"):
+        read_dataset(out, source_roots={"cohen": str(moved)})
+    with pytest.raises(DatasetError, match="no such folder"):
+        read_dataset(out, source_roots={"site": str(tmp_path / "nowhere")})
+
+
+def test_cache_serves_pixels_when_sources_are_gone(tmp_path: Path) -> None:
+    """With the cache a dataset folder works without its sources, and gives the pixels of the files."""
+    src, out = _small_build(tmp_path / "a")
+    ds = read_dataset(out)
+    cache = ds.cache()
+    assert cache is not None and cache.dir == out / "cache" / "s256"
+    assert len(list(cache.dir.rglob("*.npy"))) == len(ds.df)
+    spec = PreprocessSpec.for_size(32)
+    rows = ds.rows(("train", "val", "test"))
+    expected = model_pixels(rows["path"].tolist(), spec)
+    shutil.copytree(out, tmp_path / "copy")
+    shutil.rmtree(src)
+    moved = read_dataset(tmp_path / "copy")
+    assert set(moved.missing_roots) == {"site"}
+    assert moved.cache().dir == tmp_path / "copy" / "cache" / "s256"
+    np.testing.assert_array_equal(moved.pixels(moved.rows(("train", "val", "test")), spec, workers=1), expected)
+
+
+def test_build_without_cache(tmp_path: Path) -> None:
+    _, out = _small_build(tmp_path, cache=False)
+    assert not (out / "cache").exists()
+    assert json.loads((out / "dataset.json").read_text())["cache"] is None
+    assert read_dataset(out).cache() is None
 
 
 # --------------------------------------------------------------------------- atomicity

@@ -12,8 +12,9 @@ import torch
 
 from covid_cxr import predict
 from covid_cxr.config import PredictConfig
-from covid_cxr.errors import CovidCxrError, ImageReadError
-from covid_cxr.transforms import PIXEL_RANGE, PreprocessSpec, preprocess
+from covid_cxr.errors import CovidCxrError, ImageReadError, RunError
+from covid_cxr.model import read_checkpoint
+from covid_cxr.pixels import PIXEL_RANGE, PreprocessSpec, finish, geometry, preprocess
 
 from conftest import make_gray, write_image
 
@@ -31,12 +32,19 @@ def test_csv_for_a_folder(tiny_run, images, tmp_path):
     folder, paths = images
     out = tmp_path / "preds" / "p.csv"
     res = predict.run(PredictConfig(run=str(tiny_run), inputs=(str(folder),), out=str(out)))
-    assert res["images"] == 3 and out.is_file()
+    assert res["images"] == 3 and out.is_file() and res["unreadable"] == 0 and res["text"] is None
     df = pd.read_csv(out)
+    assert list(df.columns) == ["path", "prob_normal", "prob_covid", "log_odds", "predicted_label", "threshold",
+                                "in_scope", "scope_score", "error"]
     assert sorted(df["path"]) == sorted(str(p) for p in paths)
-    np.testing.assert_allclose(df["prob_normal"] + df["prob_covid"], 1.0, atol=1e-5)
-    expected = np.where(df["prob_covid"] >= df["threshold"], "covid", "normal")
+    np.testing.assert_allclose(df["prob_normal"] + df["prob_covid"], 1.0, atol=1e-12)
+    meta = read_checkpoint(tiny_run / "best.pt").meta
+    assert df["threshold"].dtype == np.float64 and (df["threshold"] == meta.threshold).all()
+    expected = np.where(df["log_odds"] >= meta.threshold_log_odds, "covid", "normal")
     assert list(df["predicted_label"]) == list(expected)
+    assert df["in_scope"].dtype == bool and df["scope_score"].dtype == np.float64
+    assert (df["in_scope"] == (df["scope_score"] <= meta.gate.threshold)).all()
+    assert res["out_of_scope"] == int((~df["in_scope"]).sum())
 
 
 def test_json_format_and_disclaimer(tiny_run, images):
@@ -44,8 +52,17 @@ def test_json_format_and_disclaimer(tiny_run, images):
     res = predict.run(PredictConfig(run=str(tiny_run), inputs=(str(paths[0]),), format="json"))
     doc = json.loads(res["text"])
     assert "not a diagnostic device" in doc["disclaimer"]
-    assert doc["labels"] == ["normal", "covid"]
-    assert len(doc["predictions"]) == 1 and doc["predictions"][0]["error"] == ""
+    assert doc["labels"] == ["normal", "covid"] and doc["positive_class"] == "covid"
+    meta = read_checkpoint(tiny_run / "best.pt").meta
+    assert isinstance(doc["threshold"], float) and doc["threshold"] == meta.threshold
+    assert doc["threshold_text"] == meta.threshold_text()
+    assert doc["out_of_scope_gate"]["threshold"] == meta.gate.threshold
+    assert len(doc["predictions"]) == 1
+    row = doc["predictions"][0]
+    assert row["error"] == "" and isinstance(row["threshold"], float) and row["threshold"] == meta.threshold
+    assert isinstance(row["in_scope"], bool) and isinstance(row["scope_score"], float)
+    assert row["in_scope"] == (row["scope_score"] <= meta.gate.threshold)
+    assert row["prob_covid"] == pytest.approx(1 / (1 + np.exp(-row["log_odds"])), abs=1e-12)
 
 
 def test_unreadable_file_is_an_error_or_a_row(tiny_run, images, tmp_path):
@@ -59,6 +76,10 @@ def test_unreadable_file_is_an_error_or_a_row(tiny_run, images, tmp_path):
     assert len(df) == 4 and res["unreadable"] == 1
     row = df[df["path"] == str(bad)].iloc[0]
     assert row["error"] and row["predicted_label"] == ""
+    assert row["in_scope"] == "" and row["scope_score"] == "" and row["prob_covid"] == ""  # nothing made up
+    assert float(row["threshold"]) == read_checkpoint(tiny_run / "best.pt").meta.threshold
+    good = df[df["path"] != str(bad)]
+    assert (good["error"] == "").all() and set(good["in_scope"]) <= {"True", "False"}
 
 
 def test_bad_inputs(tiny_run, tmp_path):
@@ -68,16 +89,19 @@ def test_bad_inputs(tiny_run, tmp_path):
         predict.run(PredictConfig(run=str(tiny_run), inputs=(str(empty),)))
     with pytest.raises(CovidCxrError, match="does not exist"):
         predict.run(PredictConfig(run=str(tiny_run), inputs=(str(tmp_path / "missing.png"),)))
-    with pytest.raises(CovidCxrError, match="not found"):
+    with pytest.raises(RunError, match="has no best.pt"):
         predict.run(PredictConfig(run=str(tmp_path), inputs=(str(empty),)))
+    with pytest.raises(RunError, match="not found"):
+        predict.run(PredictConfig(run=str(tmp_path / "no-run"), inputs=(str(empty),)))
 
 
 def test_preprocess_is_pure_and_checks_its_input():
     img = make_gray(4, (50, 70))
     spec = PreprocessSpec(size=32)
     a = preprocess(img, spec)
-    assert a.shape == (3, 32, 32) and a.dtype == torch.float32
-    assert torch.equal(a, preprocess(img.copy(), 32))
+    assert a.shape == (3, 32, 32) and a.dtype == np.float32 and isinstance(a, np.ndarray)
+    assert np.array_equal(a, preprocess(img.copy(), PreprocessSpec.for_size(32)))
+    assert np.array_equal(a, finish(geometry(img, spec), spec))  # the stages compose to the whole pipeline
     assert np.array_equal(img, make_gray(4, (50, 70)))  # input untouched
     black = preprocess(np.zeros((10, 10), np.uint8), spec)
     white = preprocess(np.full((10, 10), PIXEL_RANGE[1], np.uint8), spec)
@@ -87,6 +111,23 @@ def test_preprocess_is_pure_and_checks_its_input():
         preprocess(img.astype(np.float32), spec)
     with pytest.raises(ValueError, match="grayscale"):
         preprocess(np.zeros((8, 8, 3), np.uint8), spec)
+
+
+def test_predict_uses_the_same_pixels_as_the_model_contract(tiny_run, images):
+    """predict's probabilities are softmax(logits / T) of the model on preprocess(load_image(file))."""
+    from covid_cxr.images import load_image
+    from covid_cxr.meta import probabilities
+    from covid_cxr.model import load_model
+
+    _, paths = images
+    model, meta = load_model(tiny_run / "best.pt")
+    x = torch.from_numpy(np.stack([preprocess(load_image(p), meta.preprocess) for p in paths]))
+    with torch.no_grad():
+        logits = model(x).numpy()
+    res = predict.run(PredictConfig(run=str(tiny_run), inputs=tuple(str(p) for p in paths), format="json"))
+    got = json.loads(res["text"])["predictions"]
+    np.testing.assert_allclose([g["prob_covid"] for g in got], probabilities(logits, meta.temperature)[:, 1],
+                               atol=1e-6)
 
 
 def test_onnx_backend_and_heatmaps(tiny_run, images, tmp_path):
@@ -107,6 +148,9 @@ def test_onnx_backend_and_heatmaps(tiny_run, images, tmp_path):
     o = json.loads(onnx_res["text"])["predictions"]
     assert [r["path"] for r in t] == [r["path"] for r in o]
     np.testing.assert_allclose([r["prob_covid"] for r in o], [r["prob_covid"] for r in t], atol=1e-4)
+    assert [r["in_scope"] for r in o] == [r["in_scope"] for r in t]  # the gate is part of the exported graph
+    np.testing.assert_allclose([r["scope_score"] for r in o], [r["scope_score"] for r in t], rtol=1e-3)
+    assert [r["threshold"] for r in o] == [r["threshold"] for r in t]
     pngs = sorted((tmp_path / "heat").glob("*.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert all(r["heatmap_png"] for r in o)

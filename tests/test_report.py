@@ -1,24 +1,124 @@
-"""report.html: one self-contained file with every section, images embedded."""
+"""report.html: one self-contained file with every section, images embedded, and honest about what it shows:
+a SYNTHETIC banner for phantom data, the audit's pictures, the training sources in the model card, and the
+decision rule with the digits that matter (never "threshold 1.00")."""
 
 from __future__ import annotations
 
+import base64
+import html
 import re
+import shutil
 
 import pytest
+import torch
 
 from covid_cxr import report
+from covid_cxr.config import ReportConfig
+from covid_cxr.model import load_model, save_checkpoint
+
+FRESH = shutil.ignore_patterns("eval-*", "audit-*", "report.html", "model.onnx", "model.json", ".lock")
+"""A run folder as training leaves it."""
+
+
+def embedded_images(text: str) -> list[tuple[str, bytes]]:
+    """(alt text, PNG bytes) of every <img> in the page."""
+    return [(html.unescape(alt), base64.b64decode(data))
+            for alt, data in re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', text)]
+
+
+def section(text: str, title: str) -> str:
+    start = text.index(f"<h2>{title}</h2>")
+    end = text.find("<h2>", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+@pytest.fixture(scope="module")
+def tiny_copy(tiny_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(tiny_run, run, ignore=FRESH)
+    return run
+
+
+@pytest.fixture(scope="module")
+def without_audit(tiny_copy):
+    """The report of a fresh copy of tiny_run with --no-audit: evaluate runs first, the audit does not."""
+    path = report.run(ReportConfig(run=str(tiny_copy), audit=False, device="cpu"))
+    return path, path.read_text()
+
+
+@pytest.fixture(scope="module")
+def with_audit(tiny_copy, without_audit):
+    """The same run reported again, now running the audit."""
+    path = report.run(ReportConfig(run=str(tiny_copy), device="cpu"))
+    return path, path.read_text()
+
+
+def test_report_runs_evaluate_and_is_self_contained(tiny_copy, without_audit):
+    path, text = without_audit
+    assert path == tiny_copy / "report.html" and (tiny_copy / "eval-test" / "metrics.json").is_file()
+    assert not (tiny_copy / "audit-test").exists()
+    assert "The shortcut audit was not run" in text
+    assert not re.search(r'src="(?!data:)', text) and "http://" not in text  # nothing fetched from elsewhere
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for _, png in embedded_images(text))
+
+
+def test_report_of_synthetic_data_says_so(tiny_run, without_audit):
+    _, text = without_audit
+    assert "SYNTHETIC DATA (synthetic-phantoms)" in text
+    assert "are SYNTHETIC phantoms, not patients" in section(text, "Warnings")
+    assert "cannot be compared" in section(text, "The study and this model")
+
+
+def test_model_card_names_the_training_sources_and_the_decision_rule(tiny_run, without_audit):
+    _, text = without_audit
+    meta = load_model(tiny_run / "best.pt")[1]
+    card = section(text, "Model card")
+    assert f"validation images from {meta.data.sources[0]}" in card and meta.data.sources == ("synthetic-phantoms",)
+    assert f"{meta.data.n_train} training and {meta.data.n_val} validation images" in card
+    assert "Synthetic (not patients): synthetic-phantoms" in card
+    assert html.escape(meta.threshold_text()) in card and html.escape(meta.threshold_text()) in text
+    assert "out-of-scope gate" in card and "Out of scope" in card and "not a diagnostic device" in card
+    assert "threshold 1.00" not in text
+
+
+def test_report_includes_the_audit_pictures(tiny_copy, with_audit):
+    _, text = with_audit
+    audit_html = section(text, "Shortcut audit")
+    assert "not run" not in audit_html and "<li>AUC on the original test images" in audit_html
+    alt = "original, lungs masked, border only"
+    [(found_alt, png)] = [(a, p) for a, p in embedded_images(audit_html)]
+    assert found_alt == alt and png == (tiny_copy / "audit-test" / "masked_examples.png").read_bytes()
+    alts = [a for a, _ in embedded_images(text)]
+    assert {"roc.png", "confusion_matrix.png", "learning curves", alt} <= set(alts)
+    assert any(a in ("true positive", "false positive", "false negative", "true negative") for a in alts)
+
+
+def test_report_never_rounds_a_high_threshold_to_one(tiny_run, tmp_path):
+    """A threshold of P(covid) >= 0.999994 (log-odds 12) is printed as such, not as 1.00."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=FRESH)
+    model, meta = load_model(tiny_run / "best.pt")
+    strict = meta.replace(threshold_log_odds=12.0)
+    save_checkpoint(run / "best.pt", model, strict)
+    text = report.run(ReportConfig(run=str(run), audit=False, device="cpu")).read_text()
+    assert strict.threshold_text() == "P(covid) >= 1 - 6.1e-06"
+    assert html.escape(strict.threshold_text()) in section(text, "Measures with 95% confidence intervals")
+    assert html.escape(strict.threshold_text()) in section(text, "Model card")
+    assert "threshold 1.00" not in text and "&gt;= 1.00" not in text and "≥ 1.00" not in text
+    torch.testing.assert_close(load_model(run / "best.pt")[0].head.weight, model.head.weight)
 
 
 @pytest.mark.slow
 def test_report_is_self_contained_and_complete(learned_phantom_run):
-    path = report.run(learned_phantom_run, split="test", audit=True)
+    path = report.run(ReportConfig(run=str(learned_phantom_run), split="test", audit=True, device="cpu"))
     text = path.read_text()
     assert path == learned_phantom_run / "report.html"
-    for needle in ("Research use only", "Original study", "0.66", "95% CI", "Operating point", "Calibration",
+    for needle in ("Research use only", "Original study", "0.66", "95% CI", "Decision rule", "Calibration",
                    "by source", "Shortcut audit", "Grad-CAM examples", "Model card", "Out of scope",
-                   "not a diagnostic device"):
+                   "not a diagnostic device", "SYNTHETIC DATA"):
         assert needle in text, needle
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     assert len(images) >= 8  # roc, confusion, calibration x2, audit triptych, Grad-CAM examples, data pictures
     assert not re.search(r'src="(?!data:)', text)  # nothing fetched from elsewhere
     assert "true positive" in text
+    assert "threshold 1.00" not in text

@@ -21,13 +21,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.config import ConfigError
-from covid_cxr.errors import CheckpointError
+from covid_cxr.errors import CheckpointError, ConfigError, UploadError
 from covid_cxr.images import load_image
-from covid_cxr.model import load_checkpoint
-from covid_cxr.predict import predict_images
+from covid_cxr.inference import load_predictor
 from covid_cxr.serve import ServeConfig, create_app
-from covid_cxr.serve.uploads import UploadError, receive_upload
+from covid_cxr.serve.uploads import receive_upload
 
 from conftest import make_gray
 
@@ -38,6 +36,20 @@ def png_bytes(seed: int = 3, size: tuple[int, int] = (72, 64)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(make_gray(seed, size)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def cli_row(tiny_run: Path, path: Path) -> dict:
+    """What `covid-cxr predict` writes for one file (the same Predictor, PyTorch backend)."""
+    [row] = load_predictor(tiny_run, "torch", device="cpu").predict_files([path])
+    return row
+
+
+def phantom_png(tiny_run: Path) -> Path:
+    """A phantom of tiny_run's own dataset: in scope by construction (it is like the training images)."""
+    import yaml
+
+    data = Path(yaml.safe_load((tiny_run / "config.yaml").read_text())["data_absolute"])
+    return sorted((data.parent / "synthetic-phantoms" / "covid").glob("*.png"))[0]
 
 
 def post(client: TestClient, data: bytes, name: str = "x.png", heatmap: bool = False, ctype: str = "image/png"):
@@ -76,7 +88,12 @@ def onnx_run(tiny_run, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("serve-onnx") / "run"
     run.mkdir()
     shutil.copy2(tiny_run / "best.pt", run / "best.pt")
+    (run / "source.txt").write_text(str(tiny_run))
     return run
+
+
+def onnx_run_source(onnx_run: Path) -> Path:
+    return Path((onnx_run / "source.txt").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +109,15 @@ def test_healthz(client):
     assert h["status"] == "ok" and h["model_loaded"] is True
     assert h["backend"] == "torch" and h["version"] == __version__
     assert h["labels"] == ["normal", "covid"] and h["checkpoint"] == "best.pt"
-    assert h["max_upload_mb"] == 20 and h["disclaimer"] == DISCLAIMER
+    assert h["max_upload_mb"] == 20 and h["disclaimer"] == DISCLAIMER and h["workers"] == 2
+    # provenance: what the model is and what it was trained on (the page shows it)
+    m = h["model"]
+    assert m["checkpoint"] == "best.pt" and len(m["checkpoint_sha256"]) == 64 and m["backend"] == "torch"
+    assert m["positive_class"] == "covid" and m["threshold_text"].startswith("P(covid) >= ")
+    assert m["image_size"] == 32 and m["out_of_scope_gate"] is True and m["created"]
+    assert m["trained_on"]["sources"] == ["synthetic-phantoms"]
+    assert m["trained_on"]["synthetic_sources"] == ["synthetic-phantoms"] and m["trained_on"]["n_train"] > 0
+    assert m["trained_with"]["covid_cxr"] == __version__
 
 
 def test_page_is_one_self_contained_file(client):
@@ -123,12 +148,30 @@ def test_predict_png_equals_the_cli_prediction(client, tiny_run, tmp_path):
     assert out["model"]["backend"] == "torch" and out["model"]["version"] == __version__
     assert out["model"]["checkpoint"] == "best.pt" and len(out["model"]["checkpoint_sha256"]) == 64
     assert "heatmap_png_base64" not in out and "heatmap" not in out
+    assert out["threshold_text"] == out["model"]["threshold_text"] and "1.00" not in out["threshold_text"]
     # The one prediction path: the same numbers as `covid-cxr predict` on the same file.
     (tmp_path / "x.png").write_bytes(data)
-    model, meta = load_checkpoint(tiny_run / "best.pt")
-    [row] = predict_images(model, meta, [tmp_path / "x.png"])
+    row = cli_row(tiny_run, tmp_path / "x.png")
     assert probs["covid"] == pytest.approx(row["prob_covid"], abs=1e-6)
     assert out["label"] == row["predicted_label"] and out["threshold"] == row["threshold"]
+    assert out["log_odds"] == pytest.approx(row["log_odds"], abs=1e-6)
+    assert out["scope_score"] == pytest.approx(row["scope_score"], rel=1e-6)
+    assert out["in_scope"] == row["in_scope"]
+
+
+def test_out_of_scope_images_are_flagged(client, tiny_run):
+    """The gate's verdict travels into the response: a phantom like the training images is in scope; a
+    random-texture image (nothing like a chest X-ray) is flagged, with a warning, and still answered."""
+    gate = client.get("/healthz").json()["model"]["out_of_scope_gate"]
+    assert gate is True
+    phantom = phantom_png(tiny_run)
+    inside = post(client, phantom.read_bytes()).json()
+    assert inside["in_scope"] is True and "scope_warning" not in inside
+    assert inside["scope_score"] == pytest.approx(cli_row(tiny_run, phantom)["scope_score"], rel=1e-6)
+    outside = post(client, png_bytes(4)).json()
+    assert outside["in_scope"] is False and outside["scope_score"] > inside["scope_score"]
+    assert "unlike" in outside["scope_warning"] and "not meaningful" in outside["scope_warning"]
+    assert outside["label"] in ("normal", "covid")  # flagged, not refused
 
 
 def test_heatmap_is_a_base64_png(client):
@@ -146,14 +189,28 @@ def test_heatmap_is_a_base64_png(client):
     assert out["probabilities"] == post(client, png_bytes()).json()["probabilities"]
 
 
+def test_heatmap_of_an_absurd_aspect_ratio_is_refused(client):
+    """A 10 x 5000 image gets a prediction, but no heatmap: 422 naming the aspect ratio, not a crash."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((10, 5000), 128, np.uint8)).save(buf, "PNG")
+    assert post(client, buf.getvalue()).status_code == 200
+    r = post(client, buf.getvalue(), heatmap=True)
+    assert r.status_code == 422 and "aspect ratio" in r.json()["detail"]
+    assert "covid-cxr-upload" not in r.json()["detail"]
+
+
 def test_onnx_backend_agrees_with_torch(client, onnx_client, onnx_run):
     assert (onnx_run / "model.onnx").is_file() and (onnx_run / "model.json").is_file()
     assert onnx_client.get("/healthz").json()["backend"] == "onnx"
-    for seed in (3, 4):
-        data = png_bytes(seed)
+    phantom = phantom_png(onnx_run_source(onnx_run))
+    for data in (png_bytes(3), png_bytes(4), phantom.read_bytes()):
         a, b = post(client, data).json(), post(onnx_client, data, heatmap=True).json()
         for label in a["probabilities"]:
             assert abs(a["probabilities"][label] - b["probabilities"][label]) <= 1e-4
+        assert b["log_odds"] == pytest.approx(a["log_odds"], abs=1e-4)
+        # the gate's score comes out of the ONNX graph too
+        assert b["scope_score"] == pytest.approx(a["scope_score"], rel=1e-4)
+        assert b["in_scope"] == a["in_scope"] and b["threshold_text"] == a["threshold_text"]
         assert b["model"]["backend"] == "onnx" and b["model"]["onnx_file"] == "model.onnx"
         assert b["model"]["checkpoint_sha256"] == a["model"]["checkpoint_sha256"]
         assert "ONNX" in b["heatmap"]["computed_with"]  # says the heatmap came from the PyTorch checkpoint
@@ -164,7 +221,7 @@ def test_onnx_from_another_checkpoint_is_refused(onnx_client, onnx_run, tmp_path
     for name in ("model.onnx", "model.json"):
         shutil.copy2(onnx_run / name, tmp_path / name)
     doc = json.loads((tmp_path / "model.json").read_text())
-    doc["source_checkpoint"]["sha256"] = "0" * 64
+    doc["onnx"]["source_checkpoint"]["sha256"] = "0" * 64
     (tmp_path / "model.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="another checkpoint"):
         create_app(str(onnx_run), backend="onnx", onnx_path=str(tmp_path / "model.onnx"), device="cpu")
@@ -236,9 +293,9 @@ def test_dicom_upload(client, tiny_run, tmp_path, bits):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["image"] == {"width": 64, "height": 80}
-    model, meta = load_checkpoint(tiny_run / "best.pt")
-    [row] = predict_images(model, meta, [path])
+    row = cli_row(tiny_run, path)
     assert out["probabilities"]["covid"] == pytest.approx(row["prob_covid"], abs=1e-6)
+    assert out["in_scope"] == row["in_scope"]
     assert load_image(path).shape == (80, 64)
 
 
@@ -300,12 +357,18 @@ def test_nothing_outlives_the_request(client, tmp_path, monkeypatch):
 
 
 def test_config_checks_and_run(tiny_run, monkeypatch):
-    for bad in ({"backend": "tf"}, {"port": 70000}, {"workers": 0}, {"max_upload_mb": 0}, {"checkpoint": "x"},
-                {"device": "tpu"}, {"host": ""}):
+    from covid_cxr.config import make_config
+
+    for bad in ({"port": 70000}, {"workers": 0}, {"max_upload_mb": 0}, {"device": "tpu"}, {"host": ""}):
         with pytest.raises(ConfigError):
             ServeConfig(run=str(tiny_run), **bad)
-    with pytest.raises(ConfigError):
-        create_app(str(tiny_run), workers=0)
+    # choices and types are checked where options come in: the CLI/YAML route (make_config) and create_app
+    for bad in ({"backend": "tf"}, {"checkpoint": "x"}, {"port": "80"}, {"workers": 1.5}):
+        with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
+            make_config(ServeConfig, {"run": str(tiny_run), **bad})
+    for bad in ({"workers": 0}, {"backend": "tf"}, {"checkpoint": "x"}, {"device": "tpu"}):
+        with pytest.raises(ConfigError):
+            create_app(str(tiny_run), **bad)
 
     import uvicorn
 

@@ -46,8 +46,11 @@ def _assert_well_formed(result: SourceRead) -> None:
     assert set(result.images["label"]) <= set(LABELS)
     assert (result.images["source"] == result.source).all()
     assert result.images["path"].is_unique
+    # Every image lies inside the source's root folder (manifest.csv stores paths relative to it).
+    assert result.root is not None and result.root.is_absolute() and result.root == result.root.resolve()
     for p in result.images["path"]:
         assert Path(p).is_absolute() and Path(p).is_file(), p
+        assert result.root in Path(p).resolve().parents, p
     for d in result.dropped:
         assert set(d) == {"source", "item", "reason"}
         assert d["source"] == result.source
@@ -232,6 +235,46 @@ def test_cohen_missing_folder_and_metadata(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as err:
         read_cohen(tmp_path / "empty")
     assert "metadata.csv" in str(err.value)
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "folder column", "symlink"])
+def test_cohen_image_path_outside_the_source_is_refused(tmp_path: Path, how: str) -> None:
+    """metadata.csv cannot make the build read files outside the source folder (``../``, absolute paths,
+    the folder column, or a link in images/ pointing out)."""
+    outside = write_image(tmp_path / "outside.png", seed=40)
+    root = tmp_path / "sources" / "cohen"
+    write_image(root / "images" / "inside.png", seed=41)
+    row = {"dotdot": _cohen_row("2", "COVID-19", "PA", "../../../outside.png"),
+           "absolute": _cohen_row("2", "COVID-19", "PA", str(outside)),
+           "folder column": {**_cohen_row("2", "COVID-19", "PA", "outside.png"), "folder": "../.."},
+           "symlink": _cohen_row("2", "COVID-19", "PA", "link.png")}[how]
+    if how == "symlink":
+        (root / "images" / "link.png").symlink_to(outside)
+    _write_csv(root / "metadata.csv", COHEN_HEADER, [_cohen_row("1", "COVID-19", "PA", "inside.png"), row])
+    if how != "symlink":  # the row really names that file
+        assert (root / row["folder"] / row["filename"]).resolve() == outside.resolve()
+    result = read_cohen(root)
+    _assert_well_formed(result)
+    assert list(_kept(result)) == ["inside.png"]
+    refused = [d for d in result.dropped if "outside the source folder" in d["reason"]]
+    assert len(refused) == 1 and refused[0]["item"] == f"{root / 'metadata.csv'}:row 3"
+    assert str(outside) not in {d["item"] for d in result.dropped}
+
+
+def test_actualmed_image_path_outside_the_source_is_refused(tmp_path: Path) -> None:
+    outside = write_image(tmp_path / "outside.png", seed=42)
+    root = tmp_path / "actualmed"
+    write_image(root / "images" / "a.png", seed=43)
+    rows = [{"patientid": "A1", "finding": "COVID-19", "view": "AP", "modality": "X-ray", "imagename": "a.png"},
+            {"patientid": "A2", "finding": "COVID-19", "view": "AP", "modality": "X-ray",
+             "imagename": "../../outside.png"},
+            {"patientid": "A3", "finding": "COVID-19", "view": "AP", "modality": "X-ray", "imagename": str(outside)}]
+    _write_csv(root / "metadata.csv", ACTUALMED_HEADER, rows)
+    result = read_actualmed(root)
+    _assert_well_formed(result)
+    assert list(_kept(result)) == ["a.png"]
+    refused = sorted(d["item"] for d in result.dropped if "outside the source folder" in d["reason"])
+    assert refused == [f"{root / 'metadata.csv'}:row 3", f"{root / 'metadata.csv'}:row 4"]
 
 
 # --------------------------------------------------------------------------- Actualmed, Figure1
@@ -521,6 +564,17 @@ def test_read_folder(tmp_path: Path) -> None:
     assert "misc" in dropped["f.png"]
     assert "label" in dropped["loose.png"]
     assert "not an image" in dropped["notes.txt"] and "not an image" in dropped["._c.png"]
+
+
+def test_read_folder_synthetic_flag(tmp_path: Path) -> None:
+    root = tmp_path / "phantoms"
+    write_image(root / "covid" / "a.png", 1)
+    write_image(root / "normal" / "b.png", 2)
+    assert read_folder(root).synthetic is False
+    (root / "README.txt").write_text("SYNTHETIC phantom chest X-rays, not patients.\n")
+    result = read_folder(root)
+    assert result.synthetic is True and any("SYNTHETIC" in n for n in result.notes)
+    assert [d["item"] for d in result.dropped] == []  # README.txt beside the class folders is not an unused file
 
 
 def test_read_folder_missing(tmp_path: Path) -> None:

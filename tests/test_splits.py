@@ -11,6 +11,7 @@ import pytest
 
 from covid_cxr import evaluate, predict, train
 from covid_cxr.config import ConfigError, DataConfig, EvalConfig, PredictConfig, TrainConfig
+from covid_cxr.dataset import read_dataset
 from covid_cxr.errors import DatasetError
 from covid_cxr.manifest import build
 from covid_cxr.phantoms import generate_phantoms
@@ -34,7 +35,8 @@ def _cfg(sources: dict[str, Path], out: Path, **kw) -> DataConfig:
 
 
 def _manifest(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    """The manifest as the stages read it (absolute image paths)."""
+    return read_dataset(out).df
 
 
 @pytest.mark.parametrize("task, classes", [
@@ -168,6 +170,7 @@ def test_real_tasks_and_protocols(real_data, tmp_path, task, protocol):
     assert not df["sha256"].duplicated().any()
     dup = pd.read_csv(tmp_path / "ds" / "duplicates.csv")
     kept = set(df["path"])
+    assert all(Path(p).is_absolute() for p in kept) and len(dup) > 0
     for _, pair in dup.iterrows():  # never both copies of a duplicate pair in the manifest
         assert not (pair["path_a"] in kept and pair["path_b"] in kept)
     if protocol == "leave-source-out":

@@ -22,31 +22,25 @@ Writes ``RUN_DIR/audit-<split>/audit.json`` and ``masked_examples.png``. Researc
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from torch import nn
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.config import ConfigError, _default_workers
-from covid_cxr.manifest import atomic_write_text
-from covid_cxr.metrics import bootstrap_ci, headline_metrics, roc_auc
-from covid_cxr.plots import _save
-from covid_cxr.predict import probabilities
-from covid_cxr.transforms import PreprocessSpec, normalize
+from covid_cxr.config import AuditConfig
+from covid_cxr.dataset import load_split
+from covid_cxr.files import write_json
+from covid_cxr.meta import ModelMeta, format_probability
+from covid_cxr.metrics import auc_with_ci, headline_metrics
+from covid_cxr.plots import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -108,39 +102,6 @@ def black_out(images: np.ndarray, hide: np.ndarray) -> np.ndarray:
     return out
 
 
-@torch.inference_mode()
-def forward_stack(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, device: torch.device,
-                  batch_size: int = 32, temperature: float = 1.0,
-                  features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities (N, K) for a (N, S, S) uint8 stack of model pixels, and optionally the frozen
-    features (N, C): ``model.features`` -> ReLU -> global average pool, the classifier's input."""
-    model.eval()
-    pooled: list[torch.Tensor] = []
-
-    def hook(module, inputs, output):
-        pooled.append(F.adaptive_avg_pool2d(F.relu(output), 1).flatten(1).float().cpu())
-
-    handle = model.features.register_forward_hook(hook) if features else None
-    probs = []
-    try:
-        for start in range(0, len(images), batch_size):
-            x = normalize(torch.from_numpy(images[start:start + batch_size]), spec).to(device)
-            probs.append(probabilities(model(x), temperature).cpu())
-    finally:
-        if handle is not None:
-            handle.remove()
-    feats = torch.cat(pooled).numpy() if features else None
-    return torch.cat(probs).numpy(), feats
-
-
-def auc_with_ci(targets: np.ndarray, probs: np.ndarray, groups: np.ndarray, threshold: float,
-                n_resamples: int, seed: int) -> dict:
-    """{"auc", "ci95"}: ROC AUC and its 95% percentile interval from resampling patients (None if 0)."""
-    auc = roc_auc(targets, probs)
-    ci = bootstrap_ci(targets, probs, groups, threshold, n_resamples, seed)["roc_auc"] if n_resamples else None
-    return {"auc": auc, "ci95": ci}
-
-
 def auc_retained(auc: float, baseline: float) -> float:
     """Share of the above-chance AUC kept: (auc - 0.5) / (baseline - 0.5); NaN if baseline <= 0.5."""
     if math.isnan(auc) or math.isnan(baseline) or baseline <= 0.5:
@@ -190,17 +151,17 @@ def source_probe(features: np.ndarray, sources: np.ndarray, groups: np.ndarray,
     return out
 
 
-def per_source_metrics(sources: np.ndarray, targets: np.ndarray, probs: np.ndarray, labels: list[str],
-                       threshold: float) -> list[dict]:
-    """One row per source: n, images per class, AUC, sensitivity/specificity (or accuracy) at ``threshold``."""
+def per_source_metrics(sources: np.ndarray, targets: np.ndarray, lp: np.ndarray, pred: np.ndarray,
+                       meta: ModelMeta) -> list[dict]:
+    """One row per source: n, images per class, AUC, sensitivity/specificity (or accuracy) at the model's threshold."""
     rows = []
     for src in sorted(np.unique(sources)):
         idx = np.flatnonzero(sources == src)
-        m = headline_metrics(targets[idx], probs[idx], threshold)
+        m = headline_metrics(targets[idx], lp[idx], pred[idx], meta.positive_index)
         row = {"source": str(src), "n": int(len(idx)),
-               "per_class": {lab: int((targets[idx] == i).sum()) for i, lab in enumerate(labels)},
+               "per_class": {lab: int((targets[idx] == i).sum()) for i, lab in enumerate(meta.labels)},
                "roc_auc": m["roc_auc"], "accuracy": m["accuracy"]}
-        if len(labels) == 2:
+        if meta.binary:
             row.update(sensitivity=m["sensitivity"], specificity=m["specificity"])
         rows.append(row)
     return rows
@@ -213,88 +174,57 @@ def source_label_table(df: pd.DataFrame, labels: list[str]) -> dict[str, dict[st
     return {str(s): {lab: int(tab.loc[s, lab]) for lab in labels} for s in tab.index}
 
 
-@dataclass(frozen=True)
-class AuditConfig:
-    """Options of ``covid-cxr audit``."""
-
-    run: str
-    """Run folder written by ``covid-cxr train``."""
-    data: str | None = None
-    """Dataset folder; default: the one the run was trained on."""
-    split: str = "test"
-    """Which manifest split to audit."""
-    checkpoint: str = "best"
-    """'best' or 'last'."""
-    bootstrap: int = 500
-    """Bootstrap resamples (by patient) for the AUC intervals; 0 disables them."""
-    device: str = "auto"
-    seed: int = 0
-    """Seed of the bootstrap and the probe."""
-    batch_size: int = 32
-    workers: int = field(default_factory=_default_workers)
-    """Processes decoding images."""
-
-    def __post_init__(self) -> None:
-        if self.split not in ("train", "val", "test"):
-            raise ConfigError("--split must be train, val or test")
-        if self.checkpoint not in ("best", "last"):
-            raise ConfigError("--checkpoint must be best or last")
-        if self.bootstrap < 0 or self.batch_size < 1 or self.workers < 1:
-            raise ConfigError("--bootstrap must be >= 0, --batch-size and --workers >= 1")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 def run(cfg: AuditConfig) -> dict:
     """Audit a run on a manifest split; writes audit.json and masked_examples.png; returns audit.json's content."""
-    from covid_cxr.evaluate import load_split  # one way to load a run and a split, shared with evaluate
-
-    d = load_split(cfg)
-    rt, ckpt_path, model, meta, data_dir, df, rows, images, targets = (
-        d.rt, d.ckpt_path, d.model, d.meta, d.data_dir, d.df, d.rows, d.images, d.targets)
-    labels, spec, threshold = list(meta["labels"]), meta["preprocess_spec"], float(meta["threshold"])
-    temperature = float(meta.get("temperature", 1.0))
+    d = load_split(cfg.run, cfg.split, cfg.data, cfg.checkpoint, cfg.device, cfg.workers, cfg.source_roots)
+    meta = d.predictor.meta
+    labels, targets, rows = list(meta.labels), d.targets, d.rows
     groups, sources = rows["group"].to_numpy(), rows["source"].astype(str).to_numpy()
+    positive = meta.positive_index
 
-    variants = masked_variants(images)
-    probs, masking, feats = {}, {}, None
+    variants = masked_variants(d.pixels)
+    lps, masking, feats, preds = {}, {}, None, {}
     for name, stack in variants.items():
-        probs[name], f = forward_stack(model, stack, spec, rt.device, cfg.batch_size, temperature,
-                                       features=name == "original")
-        feats = f if f is not None else feats
-        masking[name] = auc_with_ci(targets, probs[name], groups, threshold, cfg.bootstrap, cfg.seed)
+        out = d.predictor.outputs(stack, cfg.batch_size, features=name == "original")
+        feats = out.features if out.features is not None else feats
+        lps[name] = meta.log_probs(out.logits)
+        preds[name] = meta.decide(lps[name])
+        masking[name] = auc_with_ci(targets, lps[name], groups, positive, cfg.bootstrap, cfg.seed)
     for name in ("lungs_masked", "border_only"):
         masking[name]["auc_retained"] = auc_retained(masking[name]["auc"], masking["original"]["auc"])
 
+    out_dir = d.run.audit_dir(cfg.split)
     result = {
         "disclaimer": DISCLAIMER,
-        "checkpoint": str(ckpt_path), "dataset": str(Path(data_dir).resolve()), "split": cfg.split,
-        "labels": labels, "threshold": threshold,
+        "checkpoint": str(d.predictor.source), "dataset": str(d.dataset.dir.root.resolve()), "split": cfg.split,
+        "synthetic_sources": [s for s in d.dataset.info.synthetic_sources if s in set(sources)],
+        "labels": labels, "positive_class": meta.positive, "threshold": meta.threshold,
+        "threshold_text": meta.threshold_text(),
         "images": int(len(rows)), "patients": int(rows["group"].nunique()),
+        "scores": "AUCs are computed on float64 log-odds from the logits, so confident images are never tied",
         "masking": masking,
         "masks": {"lung_field_box": {"left": LUNG_FIELD_BOX[0], "right": LUNG_FIELD_BOX[1],
                                      "top": LUNG_FIELD_BOX[2], "bottom": LUNG_FIELD_BOX[3],
                                      "units": "fraction of the model input side"},
-                  "lung_field_area": float(lung_field_mask(spec.size).mean()),
-                  "border_fraction": BORDER_FRACTION, "border_area": float(border_mask(spec.size).mean()),
-                  "input_size": spec.size},
+                  "lung_field_area": float(lung_field_mask(meta.preprocess.size).mean()),
+                  "border_fraction": BORDER_FRACTION, "border_area": float(border_mask(meta.preprocess.size).mean()),
+                  "input_size": meta.preprocess.size},
         "source_probe": source_probe(feats, sources, groups, targets, seed=cfg.seed),
-        "per_source": per_source_metrics(sources, targets, probs["original"], labels, threshold),
-        "source_label_counts": source_label_table(df, labels),
+        "per_source": per_source_metrics(sources, targets, lps["original"], preds["original"], meta),
+        "source_label_counts": source_label_table(d.dataset.df, labels),
         "confidence_intervals": f"95% percentile bootstrap, {cfg.bootstrap} resamples of patients (not images)"
         if cfg.bootstrap else "not computed (bootstrap 0)",
         "config": cfg.to_dict(), "covid_cxr_version": __version__,
+        "output_dir": str(out_dir), "examples_png": "masked_examples.png",
     }
     result["verdicts"] = verdicts(result)
-    out = ckpt_path.parent / f"audit-{cfg.split}"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "audit.json", json.dumps(result, indent=2) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
     pick = _example_indices(targets, len(labels), cfg.seed)
     masked_examples_png([{k: v[i] for k, v in variants.items()} for i in pick],
-                        [{k: v[i] for k, v in probs.items()} for i in pick],
-                        [f"{labels[targets[i]]} ({sources[i]})" for i in pick], labels, out / "masked_examples.png")
-    result["output_dir"] = str(out)
+                        [{k: np.exp(v[i]) for k, v in lps.items()} for i in pick],
+                        [f"{labels[targets[i]]} ({sources[i]})" for i in pick], meta, out_dir / "masked_examples.png",
+                        synthetic=bool(result["synthetic_sources"]))
+    write_json(out_dir / "audit.json", result)
     return result
 
 
@@ -305,22 +235,23 @@ def _example_indices(targets: np.ndarray, k: int, seed: int) -> list[int]:
 
 
 def masked_examples_png(examples: list[dict[str, np.ndarray]], probs: list[dict[str, np.ndarray]],
-                        captions: list[str], labels: list[str], path: Path) -> None:
+                        captions: list[str], meta: ModelMeta, path: Path, synthetic: bool = False) -> None:
     """One row per example: original, lungs masked, border only, each with P(positive class)."""
     titles = {"original": "original", "lungs_masked": "lung field masked", "border_only": "border only"}
-    pos = labels.index("covid") if "covid" in labels else len(labels) - 1
+    labels = list(meta.labels)
+    pos = meta.positive_index if meta.positive_index is not None else len(labels) - 1
     fig = Figure(figsize=(7.2, 2.8 * len(examples) + 0.4))
     for r, (ex, pr, cap) in enumerate(zip(examples, probs, captions)):
         for c, key in enumerate(titles):
             ax = fig.add_subplot(len(examples), 3, 3 * r + c + 1)
             ax.imshow(ex[key], cmap="gray", vmin=0, vmax=255)
-            ax.set_title(f"{titles[key]}\nP({labels[pos]}) {pr[key][pos]:.2f}", fontsize=8)
+            ax.set_title(f"{titles[key]}\nP({labels[pos]}) {format_probability(pr[key][pos])}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(cap, fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _save(fig, path)
+    save_figure(fig, path, synthetic)
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -395,18 +326,10 @@ def verdicts(result: dict) -> list[str]:
             break
         if "sensitivity" in row:
             out.append(f"On {row['source']} ({row['n']} images): AUC {_fmt(row['roc_auc'])}, sensitivity "
-                       f"{_fmt(row['sensitivity'])}, specificity {_fmt(row['specificity'])} at threshold "
-                       f"{result['threshold']:.2f}.")
+                       f"{_fmt(row['sensitivity'])}, specificity {_fmt(row['specificity'])} at "
+                       f"{result['threshold_text']}.")
     return out
 
 
 def _fmt(v: float) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{v:.2f}"
-
-
-def format_summary(result: dict) -> str:
-    """A short human-readable summary for the terminal: the verdicts, where the files are, the disclaimer."""
-    lines = [f"shortcut audit of {result['checkpoint']} on split {result['split']!r}:"]
-    lines += [f"- {v}" for v in result["verdicts"]]
-    lines += [f"reports in {result.get('output_dir', '')}", DISCLAIMER]
-    return "\n".join(lines)

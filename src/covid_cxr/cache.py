@@ -1,15 +1,15 @@
 """A preprocessed image cache, so epochs and runs do not decode full-resolution files again.
 
 Each image is decoded once with :func:`covid_cxr.images.load_image`, shrunk with exactly
-:func:`covid_cxr.images.shrink_short_side` (stage 1 of preprocessing) and stored as one
+:func:`covid_cxr.pixels.shrink_short_side` (stage 1 of the pixel pipeline) and stored as one
 ``.npy`` file keyed by the file's sha256 and the shorter side::
 
     <root>/s<short_side>/cache.json          format, Pillow version and a resize fingerprint
     <root>/s<short_side>/<sha[:2]>/<sha>.npy  (H, W) uint8, shorter side <= short_side
 
-Stage 2 (:func:`covid_cxr.images.resize_uint8` to the model size) runs on load, so for every
-image ``resize_uint8(cache.get(sha), size) == to_model_pixels(load_image(path), size, short_side)``:
-cached and uncached paths give identical pixels.
+Stage 2 (:func:`covid_cxr.pixels.resize_square` to the model size) runs on load in
+:func:`covid_cxr.pixels.model_pixels`, the one route for cached and uncached images, so
+``resize_square(cache.get(sha), size) == geometry(load_image(path), spec)``.
 
 Why one file per image rather than one memory-mapped blob plus an index: on 1,255 real images
 (benchmarks/bench_data.py, 2 shared cores) reading entries from a blob was 3.4x faster, but with
@@ -36,19 +36,15 @@ import logging
 import os
 import re
 import struct
-import time
-import uuid
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import PIL
 
-from covid_cxr.errors import CovidCxrError, DatasetError
-from covid_cxr.images import (BASE_SHORT_SIDE, load_image, load_resized_stack, resize_uint8, sha256_file,
-                              shrink_short_side)
+from covid_cxr.errors import CacheError
+from covid_cxr.files import atomic_write
+from covid_cxr.pixels import PreprocessSpec, shrink_short_side
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +56,6 @@ _TRAILER_MAGIC = b"CRC1"
 _HEADER_MAX = 1024
 """Bytes holding the .npy header; ours take 128."""
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
-_PARALLEL_MIN = 32
-"""Fewer images than this are decoded in-process: starting workers costs more than it saves."""
-
-
-class CacheError(CovidCxrError):
-    """The image cache folder cannot be used as it is (written by another format or resize)."""
-
-
-def default_workers() -> int:
-    """Decoding processes used when none are requested: the usable cores, at most 8."""
-    return min(len(os.sched_getaffinity(0)), 8)
 
 
 def _check_sha(sha256: str) -> str:
@@ -98,20 +83,6 @@ def _resize_fingerprint() -> str:
         h.update(repr(out.shape).encode())
         h.update(np.ascontiguousarray(out).tobytes())
     return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write via a uniquely named temporary file and a rename, removing the temporary file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _encode_entry(image: np.ndarray) -> bytes:
@@ -164,7 +135,8 @@ class ImageCache:
 
     Args:
         root: folder of the cache (created on the first write).
-        short_side: shorter side the images are shrunk to (:func:`~covid_cxr.images.shrink_short_side`);
+        short_side: shorter side the images are shrunk to (:func:`~covid_cxr.pixels.shrink_short_side`), or
+            the :class:`~covid_cxr.pixels.PreprocessSpec` whose stage 1 it stores;
             images already smaller are stored as decoded.
 
     Raises:
@@ -172,14 +144,16 @@ class ImageCache:
             resize that gives other pixels (e.g. a different Pillow version).
     """
 
-    def __init__(self, root: str | Path, short_side: int = BASE_SHORT_SIDE):
+    def __init__(self, root: str | Path, short_side: int | PreprocessSpec):
+        if isinstance(short_side, PreprocessSpec):
+            short_side = short_side.base_short_side
         if int(short_side) != short_side or short_side < 1:
             raise ValueError(f"short_side must be a positive integer, got {short_side!r}")
         self.root = Path(root)
         self.short_side = int(short_side)
         self.dir = self.root / f"s{self.short_side}"
         self._meta = {"format": CACHE_FORMAT, "short_side": self.short_side,
-                      "stage": "covid_cxr.images.shrink_short_side(load_image(path), short_side)",
+                      "stage": "covid_cxr.pixels.shrink_short_side(load_image(path), short_side)",
                       "resize_fingerprint": _resize_fingerprint(), "pillow": PIL.__version__}
         self._meta_written = self._check_meta()
 
@@ -206,12 +180,8 @@ class ImageCache:
 
     def _write_meta(self) -> None:
         if not self._meta_written:
-            _atomic_write_bytes(self.dir / "cache.json", [json.dumps(self._meta, indent=2).encode()])
+            atomic_write(self.dir / "cache.json", json.dumps(self._meta, indent=2))
             self._meta_written = True
-
-    def at_short_side(self, short_side: int) -> "ImageCache":
-        """The set for another shorter side under the same root (this cache if it is the same)."""
-        return self if short_side == self.short_side else ImageCache(self.root, short_side)
 
     def entry_path(self, sha256: str) -> Path:
         """Where the entry for ``sha256`` is (or would be) stored."""
@@ -253,158 +223,4 @@ class ImageCache:
                              "shrink_short_side(load_image(path), short_side)")
         path = self.entry_path(sha256)
         self._write_meta()
-        _atomic_write_bytes(path, [_encode_entry(np.ascontiguousarray(image))])
-
-    def build(self, paths: Sequence[str | Path], sha256s: Sequence[str], workers: int | None = None,
-              progress: bool = False) -> dict:
-        """Decode and store every image that is not in the cache yet (in parallel).
-
-        Existing entries are read and checked; damaged ones are rebuilt. Each file's bytes are
-        checked against its sha256 before its pixels are stored under that key.
-
-        Args:
-            paths: image files.
-            sha256s: sha256 of each file (the manifest's ``sha256`` column).
-            workers: decoding processes (default: usable cores, at most 8).
-            progress: show a progress bar.
-
-        Returns:
-            ``{"built": n, "reused": n, "damaged": n, "seconds": s}``, counting distinct sha256s;
-            ``damaged`` entries were rebuilt and are included in ``built``.
-
-        Raises:
-            ImageReadError: a file cannot be decoded (it is named; entries built so far are kept).
-            DatasetError: a file's bytes do not match its sha256 (the manifest is stale).
-        """
-        from tqdm.auto import tqdm
-
-        t0 = time.perf_counter()
-        todo = _unique_pairs(paths, sha256s)
-        missing, damaged = [], 0
-        for sha, path in todo.items():
-            image, was_damaged = self._lookup(sha)
-            damaged += was_damaged
-            if image is None:
-                missing.append((path, sha))
-        bar = tqdm(total=len(missing), desc=f"caching images at short side {self.short_side}", disable=not progress)
-        try:
-            for (_, sha), image in zip(missing, _decode_many(missing, self.short_side, workers, verify=True)):
-                self.put(sha, image)
-                bar.update()
-        finally:
-            bar.close()
-        stats = {"built": len(missing), "reused": len(todo) - len(missing), "damaged": damaged,
-                 "seconds": round(time.perf_counter() - t0, 3)}
-        log.info("image cache %s: built %d, reused %d (%d damaged entries rebuilt) in %.1f s", self.dir,
-                 stats["built"], stats["reused"], damaged, stats["seconds"])
-        return stats
-
-
-def _unique_pairs(paths: Sequence[str | Path], sha256s: Sequence[str]) -> dict[str, str]:
-    """sha256 -> first path with it (byte-identical files decode to the same pixels)."""
-    if len(paths) != len(sha256s):
-        raise ValueError(f"{len(paths)} paths but {len(sha256s)} sha256s")
-    out: dict[str, str] = {}
-    for path, sha in zip(paths, sha256s):
-        out.setdefault(_check_sha(sha), str(path))
-    return out
-
-
-def decode_shrunk(path: str | Path, sha256: str | None, short_side: int) -> np.ndarray:
-    """``shrink_short_side(load_image(path), short_side)``, after checking the file's sha256 if given.
-
-    Raises:
-        ImageReadError: the file cannot be decoded.
-        DatasetError: the file's bytes do not match ``sha256``.
-    """
-    image = load_image(path)  # first, so that a missing or broken file raises ImageReadError naming it
-    if sha256 is not None:
-        actual = sha256_file(Path(path))
-        if actual != sha256:
-            raise DatasetError(f"{path} has sha256 {actual}, but {sha256} was expected: the file changed after "
-                               "the manifest was built; rebuild it with `covid-cxr data build`")
-    return shrink_short_side(image, short_side)
-
-
-def _decode_job(args: tuple[str, str | None, int]) -> np.ndarray:
-    return decode_shrunk(*args)
-
-
-def _decode_many(items: Sequence[tuple[str, str]], short_side: int, workers: int | None,
-                 verify: bool) -> Iterable[np.ndarray]:
-    """Yield ``decode_shrunk`` of each (path, sha256) in order, in worker processes when worthwhile."""
-    jobs = [(path, sha if verify else None, short_side) for path, sha in items]
-    workers = default_workers() if workers is None else max(1, int(workers))
-    if workers == 1 or len(jobs) < _PARALLEL_MIN:
-        yield from map(_decode_job, jobs)
-        return
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)))
-    try:
-        yield from pool.map(_decode_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
-    finally:
-        # On an error (or an abandoned generator) do not wait for the remaining decodes.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def load_model_pixels(paths: Sequence[str | Path], sha256s: Sequence[str], size: int,
-                      base_short_side: int = BASE_SHORT_SIDE, cache: ImageCache | None = None,
-                      workers: int | None = None, progress: bool = False, fill: bool = True) -> np.ndarray:
-    """Model pixels (both resize stages, :func:`~covid_cxr.images.to_model_pixels`) of many images.
-
-    Images in the cache are loaded from it and only resized to ``size``; the others are decoded
-    from their files. Either way the pixels are identical to
-    ``to_model_pixels(load_image(path), size, base_short_side)``.
-
-    Args:
-        paths: image files.
-        sha256s: sha256 of each file (the manifest's ``sha256`` column); the cache key.
-        size: side of the square output.
-        base_short_side: stage-1 shorter side. If ``cache`` was opened for another short side,
-            the set for ``base_short_side`` under the same root is used.
-        cache: the cache, or None to decode every file.
-        workers: decoding processes for images not in the cache (default: usable cores, at most 8).
-        progress: show a progress bar.
-        fill: store images decoded here in the cache (after checking their sha256), so the
-            next run finds them.
-
-    Returns:
-        (N, size, size) uint8 array in the order of ``paths``.
-
-    Raises:
-        ImageReadError: a file that had to be decoded cannot be (it is named).
-        DatasetError: with ``fill``, a decoded file does not match its sha256.
-    """
-    from tqdm.auto import tqdm
-
-    if len(paths) != len(sha256s):
-        raise ValueError(f"{len(paths)} paths but {len(sha256s)} sha256s")
-    if cache is None:
-        return load_resized_stack(paths, size, base_short_side, workers=workers, progress=progress)
-    cache = cache.at_short_side(base_short_side)
-    out = np.empty((len(paths), size, size), dtype=np.uint8)
-    missing: dict[str, list[int]] = {}
-    first_path: dict[str, str] = {}
-    hits = 0
-    for i, (path, sha) in enumerate(zip(tqdm(paths, desc="loading cached images", disable=not progress),
-                                        sha256s)):
-        key = _check_sha(sha)
-        if key in missing:
-            missing[key].append(i)
-            continue
-        image = cache.get(key)
-        if image is None:
-            missing[key] = [i]
-            first_path[key] = str(path)
-            continue
-        out[i] = resize_uint8(image, size)
-        hits += 1
-    items = [(first_path[key], key) for key in missing]
-    decoded = _decode_many(items, base_short_side, workers, verify=fill)
-    for (_, key), image in zip(items, tqdm(decoded, total=len(items), desc="decoding images not in the cache",
-                                         disable=not progress or not items)):
-        if fill:
-            cache.put(key, image)
-        out[missing[key]] = resize_uint8(image, size)
-    log.info("model pixels at %d px: %d images from the cache %s, %d decoded%s", size, hits, cache.dir,
-             len(items), " and stored" if fill and items else "")
-    return out
+        atomic_write(path, _encode_entry(np.ascontiguousarray(image)))

@@ -7,7 +7,15 @@ split, so test metrics are not tuned on the test set.
 * :func:`fit_temperature` -- one scalar ``T`` for ``softmax(logits / T)`` (Guo et al., 2017).
 * :func:`expected_calibration_error` -- ECE with its per-bin table, for reports and plots.
 * :func:`reliability_diagram_png` -- accuracy against confidence, before/after scaling.
-* :func:`choose_threshold` -- the threshold on P(positive) meeting a sensitivity target, or Youden's J.
+* :func:`choose_threshold` -- the threshold on a score (the positive log-odds) meeting a sensitivity
+  target, or Youden's J.
+* :func:`calibrate` -- all of the above for a model's validation logits -> a typed
+  :class:`~covid_cxr.meta.Calibration` and the threshold in log-odds.
+
+A temperature fit that ends on a bound is not a fit: :data:`T_MIN` means the validation split is
+perfectly separated (the likelihood keeps rising as T -> 0, and applying T_MIN would saturate every
+probability), so T = 1 is kept with a warning; :data:`T_MAX` means the logits carry no information
+about the labels, and is applied with a warning.
 """
 
 from __future__ import annotations
@@ -18,18 +26,15 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from covid_cxr.errors import CovidCxrError
-from covid_cxr.plots import _save
+from covid_cxr.errors import CalibrationError
+from covid_cxr.meta import Calibration, class_log_odds, log_probs
+from covid_cxr.plots import save_figure
 
 T_MIN = 0.05
 """Smallest temperature :func:`fit_temperature` returns (separable data would drive ``T`` to 0)."""
 T_MAX = 20.0
 """Largest temperature :func:`fit_temperature` returns (uninformative logits would drive ``T`` to infinity)."""
 THRESHOLD_RULES = ("sensitivity", "youden")
-
-
-class CalibrationError(CovidCxrError, ValueError):
-    """Inputs that cannot be calibrated or thresholded (wrong shape, one class only, bad option)."""
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -73,11 +78,6 @@ def _check_probs(probs, targets) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- temperature scaling
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
 def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood (cross-entropy, natural log) of ``softmax(logits / temperature)``.
 
@@ -89,12 +89,12 @@ def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> fl
     z, y = _check_logits(logits, targets)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise CalibrationError(f"temperature must be a positive number, got {temperature}")
-    return float(-_log_softmax(z / temperature)[np.arange(len(y)), y].mean())
+    return float(-log_probs(z, temperature)[np.arange(len(y)), y].mean())
 
 
 def _nll_slope(z: np.ndarray, y: np.ndarray, beta: float) -> float:
     """d NLL / d beta for softmax(beta * z): mean of E_p[z] - z_y, non-decreasing in beta (NLL is convex in beta)."""
-    p = np.exp(_log_softmax(beta * z))
+    p = np.exp(log_probs(beta * z))
     return float(((p * z).sum(1) - z[np.arange(len(y)), y]).mean())
 
 
@@ -113,7 +113,7 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, max_iter: int = 200
         max_iter: bisection steps at most (60 already reach float64 resolution on log T).
 
     Returns:
-        T as a Python float; predict with ``softmax(logits / T)`` (``predict.probabilities``).
+        T as a Python float; predict with ``softmax(logits / T)`` (``meta.probabilities``).
 
     Raises:
         CalibrationError: bad shapes, non-finite logits, targets outside 0..K-1.
@@ -235,16 +235,16 @@ def reliability_diagram_png(probs: np.ndarray, targets: np.ndarray, path: Path, 
     axh.set_xlabel("predicted P(class 1)" if mode == "positive" else "confidence (probability of the predicted class)")
     axh.set_ylabel("images")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- operating point
 
 def choose_threshold(scores: np.ndarray, targets: np.ndarray, rule: str = "sensitivity",
                      target_sensitivity: float = 0.95) -> dict:
-    """Threshold on the positive-class probability, chosen on VALIDATION data.
+    """Threshold on a positive-class score (covid-cxr passes the positive log-odds), chosen on VALIDATION data.
 
-    A sample is called positive when ``score >= threshold`` (as in :func:`covid_cxr.metrics.binary_metrics`).
+    A sample is called positive when ``score >= threshold`` (as in :meth:`covid_cxr.meta.ModelMeta.decide`).
     The threshold is always one of ``scores``, so ties are exact: every sample sharing a score
     gets the same call.
 
@@ -255,7 +255,7 @@ def choose_threshold(scores: np.ndarray, targets: np.ndarray, rule: str = "sensi
       arithmetic; among equal J the highest threshold wins.
 
     Args:
-        scores: (N,) P(class 1), or any score where higher means more likely positive.
+        scores: (N,) positive log-odds, or any score where higher means more likely positive.
         targets: (N,) 0/1 labels, 1 = positive.
         rule: ``"sensitivity"`` or ``"youden"``.
         target_sensitivity: in (0, 1]; used by the ``"sensitivity"`` rule only.
@@ -274,7 +274,7 @@ def choose_threshold(scores: np.ndarray, targets: np.ndarray, rule: str = "sensi
         raise CalibrationError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
     s = _as_array(scores, "scores")
     if s.ndim != 1 or len(s) == 0:
-        raise CalibrationError(f"scores must be a non-empty 1-D array of P(positive), got shape {s.shape}")
+        raise CalibrationError(f"scores must be a non-empty 1-D array of positive scores, got shape {s.shape}")
     if not np.isfinite(s).all():
         raise CalibrationError("scores hold NaN or infinite values")
     y = _check_targets(targets, len(s), 2)
@@ -306,3 +306,57 @@ def _needed_positives(target: float, n_pos: int) -> int:
     while k < n_pos and k / n_pos < target:
         k += 1
     return k
+
+
+def calibrate(logits: np.ndarray, targets: np.ndarray, positive: int | None, rule: str = "sensitivity",
+              target_sensitivity: float = 0.95) -> tuple[Calibration, float, dict]:
+    """Temperature and operating point from validation logits.
+
+    Args:
+        logits: (N, K) raw validation logits.
+        targets: (N,) class indices.
+        positive: index of the positive class (None or K > 2: argmax, no threshold).
+        rule: ``sensitivity`` or ``youden`` (see :func:`choose_threshold`).
+        target_sensitivity: for the ``sensitivity`` rule.
+
+    Returns:
+        (the :class:`~covid_cxr.meta.Calibration`, the threshold on the positive log-odds (0.0 when
+        none is chosen), plotting data ``{"probs_before", "probs_after"}``).
+    """
+    z, y = _check_logits(logits, targets)
+    warnings_: list[str] = []
+    fitted = fit_temperature(z, y)
+    if fitted <= T_MIN:
+        status, t = "at lower bound", 1.0
+        warnings_.append(f"temperature scaling hit its lower bound ({T_MIN}): the {len(y)} validation images are "
+                         "perfectly separated, so no temperature can be fitted; T = 1 is kept and the probabilities "
+                         "are NOT calibrated (they are over-confident on new data)")
+    elif fitted >= T_MAX:
+        status, t = "at upper bound", fitted
+        warnings_.append(f"temperature scaling hit its upper bound ({T_MAX}): the validation logits carry no "
+                         "information about the labels; probabilities are pulled towards uniform")
+    elif np.ptp(z, axis=1).max() == 0:
+        status, t = "not fitted", 1.0
+    else:
+        status, t = "fitted", fitted
+    before, after = np.exp(log_probs(z, 1.0)), np.exp(log_probs(z, t))
+    values = dict(temperature=float(t), status=status, fitted_temperature=float(fitted), n_val=int(len(y)),
+                  nll_before=nll(z, y), nll_after=nll(z, y, t),
+                  ece_before=expected_calibration_error(before, y)["ece"],
+                  ece_after=expected_calibration_error(after, y)["ece"])
+    threshold_lo = 0.0
+    if positive is not None and z.shape[1] == 2:
+        scores = class_log_odds(log_probs(z, t), positive)
+        try:
+            op = choose_threshold(scores, (y == positive).astype(int), rule, target_sensitivity)
+            # The threshold equals one validation score; a hair below it keeps that image positive when
+            # batch size or hardware changes the logits in the 7th digit.
+            threshold_lo = float(op["threshold"]) - 1e-6 * max(1.0, abs(float(op["threshold"])))
+            values.update(threshold_rule=rule, target_sensitivity=op["target_sensitivity"],
+                          val_sensitivity=op["sensitivity"], val_specificity=op["specificity"])
+        except CalibrationError as exc:
+            values["threshold_rule"] = "default 0.5"
+            warnings_.append(f"no operating threshold chosen ({exc}); P = 0.5 is used")
+    else:
+        values["threshold_rule"] = "argmax"
+    return Calibration(**values, warnings=tuple(warnings_)), threshold_lo, {"probs_before": before, "probs_after": after}

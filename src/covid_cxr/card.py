@@ -13,8 +13,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from covid_cxr import DISCLAIMER
-from covid_cxr.images import load_image, resize_uint8
-from covid_cxr.plots import _save, class_distribution_png, samples_png
+from covid_cxr.files import atomic_write
+from covid_cxr.images import load_image
+from covid_cxr.pixels import resize_square
+from covid_cxr.plots import class_distribution_png, samples_png, save_figure
 
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -45,7 +47,7 @@ def source_mix_png(df: pd.DataFrame, classes: list[str], path: Path) -> None:
     ax.set_title("where each class comes from: a source that dominates one class is a shortcut", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(sources), 5))
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _samples(df: pd.DataFrame, classes: list[str], per_class: int = 6, seed: int = 0) -> dict:
@@ -54,7 +56,7 @@ def _samples(df: pd.DataFrame, classes: list[str], per_class: int = 6, seed: int
     for c in classes:
         rows = df[(df["target"] == c) & (df["split"] != "unused")]
         pick = rows.iloc[rng.permutation(len(rows))[:per_class]] if len(rows) else rows
-        grid[c] = [(resize_uint8(load_image(p), 160), f"{s}\n{Path(p).name[:22]}")
+        grid[c] = [(resize_square(load_image(p), 160), f"{s}\n{Path(p).name[:22]}")
                    for p, s in zip(pick["path"], pick["source"])]
     return grid
 
@@ -65,9 +67,7 @@ def write_card(out: Path, df: pd.DataFrame, report: dict) -> Path:
     class_distribution_png(df[df["target"] != ""], classes, out / "class_distribution.png")
     source_mix_png(df, classes, out / "source_mix.png")
     samples_png(_samples(df, classes), out / "samples.png")
-    tmp = out / ".dataset_card.md.tmp"
-    tmp.write_text(render_card(df, report), encoding="utf-8")
-    tmp.replace(out / "dataset_card.md")
+    atomic_write(out / "dataset_card.md", render_card(df, report))
     return out / "dataset_card.md"
 
 

@@ -1,387 +1,279 @@
-"""The ``covid-cxr`` command: a thin layer that parses options, calls ``covid_cxr.<stage>.run`` and prints."""
+"""The ``covid-cxr`` command: a thin layer generated from the config dataclasses (:mod:`covid_cxr.config`).
+
+Each command is one row of :data:`COMMANDS`: its config class (fields become flags, field docstrings
+become help), the library function it calls, and how its result is printed.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import importlib
 import logging
 import os
 import sys
-from typing import Callable
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Literal
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.config import PROTOCOLS, TASKS, DataConfig, EvalConfig, PredictConfig, TrainConfig, make_config
+from covid_cxr import config as C
 from covid_cxr.errors import CovidCxrError
-from covid_cxr.sources import READERS
 
 log = logging.getLogger("covid_cxr")
 
-S = argparse.SUPPRESS  # options not given stay unset, so YAML and dataclass defaults apply
+NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export", "torch.fx", "matplotlib",
+                 "PIL", "httpx", "urllib3", "multipart", "python_multipart", "asyncio")
+"""Third-party loggers that chatter at INFO; only their warnings are shown."""
+
+SPECIAL_METAVARS = {"weights": "imagenet|none|FILE", "device": "auto|cpu|cuda|cuda:N", "run": "RUN_DIR",
+                    "data": "DATASET_DIR", "inputs": "IMAGE_OR_FOLDER", "crossval": "CV_DIR",
+                    "estimate_from": "CV_DIR"}
 
 
-def _source(value: str) -> tuple[str, str]:
+def _pair(value: str) -> tuple[str, str]:
     name, sep, path = value.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
+
+
+def _source(value: str) -> tuple[str, str]:
+    from covid_cxr.sources import READERS
+
+    name, path = _pair(value)
     if name not in READERS:
         raise argparse.ArgumentTypeError(f"unknown source {name!r}; use one of {', '.join(READERS)}")
     return name, path
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="YAML", default=None, help="YAML file of options (overridden by flags)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+def _flag(name: str, repeated: bool) -> str:
+    if repeated and name.endswith("s"):
+        name = name[:-1]
+    return "--" + name.replace("_", "-")
 
 
-def _add_data(sub) -> None:
-    data = sub.add_parser("data", help="build datasets from public sources",
-                          description="Dataset commands.")
-    dsub = data.add_subparsers(dest="data_command", required=True, metavar="{build,fetch}")
-    p = dsub.add_parser(
-        "build", help="sources -> manifest with patient-level splits",
-        description="Read the public sources, check and hash every image, remove byte-identical copies, split "
-                    "by patient (stratified by label) and write DATASET_DIR/{manifest.csv, ingest_report.json, "
-                    "dropped.csv, dataset.json}. Every file or metadata row not used is counted with its reason.",
-        epilog="sources: cohen (covid-chestxray-dataset: metadata.csv + images/), mooney (chest_xray/{train,val,"
-               "test}/{NORMAL,PNEUMONIA}), radiography (COVID-19 Radiography Database, any published layout), "
-               "actualmed, figure1 (Cohen-style metadata.csv), folder (ROOT/<covid|normal|pneumonia|other>/).")
-    p.add_argument("--source", dest="sources", action="append", type=_source, metavar="NAME=PATH", default=S,
-                   help="a source folder; repeat for each source")
-    p.add_argument("--out", metavar="DATASET_DIR", default=S, help="dataset folder to write (required)")
-    p.add_argument("--task", choices=list(TASKS), default=S,
-                   help="classes: " + "; ".join(f"{k}: {t.description}" for k, t in TASKS.items()))
-    p.add_argument("--test-per-class", type=int, default=S, help="test images per class (default 200)")
-    p.add_argument("--val-fraction", type=float, default=S,
-                   help="fraction of the non-test images held out for validation (default 0.1)")
-    p.add_argument("--train-size", type=int, default=S, help="training images at most (default 850)")
-    p.add_argument("--seed", type=int, default=S, help="seed of the split (default 0)")
-    p.add_argument("--protocol", choices=list(PROTOCOLS), default=S,
-                   help="patient: random split by patient (default); leave-source-out: the test split is the whole "
-                        "--test-source, never seen in training (external validation)")
-    p.add_argument("--test-source", default=S, metavar="NAME", help="source held out with --protocol leave-source-out")
-    p.add_argument("--max-source-share", type=float, default=S, metavar="F",
-                   help="cap any one source's share of a class (e.g. 0.6); surplus images are counted as unused")
-    p.add_argument("--no-dedup", dest="dedup", action="store_false", default=S,
-                   help="keep near-duplicate images (not recommended: copies then leak across splits)")
-    p.add_argument("--cache-size", type=int, default=S, metavar="PX",
-                   help="shorter side of the preprocessed image cache in DATASET_DIR/cache (default 256; 0 = none)")
-    p.add_argument("--workers", type=int, default=S, help="processes for checking images (default: CPU count)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
-    _add_common(p)
-    p.set_defaults(func=_cmd_data_build)
-    f = dsub.add_parser(
-        "fetch", help="download a public source",
-        description="Download a source into the layout `data build` reads. cohen: GitHub repository archive with "
-                    "resume and checksum; mooney, radiography: Kaggle (needs the kaggle package and credentials, "
-                    "otherwise the exact manual steps are printed).")
-    f.add_argument("source", choices=["cohen", "mooney", "radiography"], help="which source")
-    f.add_argument("--out", metavar="PATH", default=S, help="folder to create (required)")
-    f.add_argument("--url", default=S, help="archive URL (cohen; default: the GitHub master archive)")
-    f.add_argument("--sha256", default=S, help="expected SHA-256 of the archive")
-    f.add_argument("--overwrite", action="store_true", default=S, help="replace a non-empty --out")
-    f.add_argument("--timeout", type=float, default=S, help="network timeout in seconds (default 60)")
-    f.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
-    _add_common(f)
-    f.set_defaults(func=_cmd_data_fetch)
+def add_options(parser: argparse.ArgumentParser, cls: type, provided: set[str]) -> None:
+    """One argument per field of ``cls``: flag, type, choices and help from the field's type and docstring.
+
+    Options not given on the command line stay unset (``SUPPRESS``), so YAML and dataclass defaults apply.
+    Fields without a default are required unless ``provided`` (by a YAML file).
+    """
+    docs, hints, required = C.field_docs(cls), C.field_types(cls), set(C.required_fields(cls))
+    # argparse %-formats help strings: a docstring's "95%" must reach it as "95%%"
+    docs = {k: v.replace("%", "%%") for k, v in docs.items()}
+    for f in fields(cls):
+        tp, optional = C.unwrap_optional(hints[f.name])
+        origin = typing.get_origin(tp)
+        help_text = docs.get(f.name, "")
+        if f.default is not dataclasses.MISSING and f.default is not None and f.default != ():
+            shown = f.default if not isinstance(f.default, bool) else ("on" if f.default else "off")
+            help_text += f" (default: {shown})"
+        elif f.default_factory is not dataclasses.MISSING:
+            help_text += " (default: the usable CPUs)"
+        must = f.name in required and f.name not in provided
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if f.name == "inputs":
+            parser.add_argument("inputs", nargs="+" if must else "*", metavar=SPECIAL_METAVARS["inputs"],
+                                help=help_text, default=argparse.SUPPRESS)
+            continue
+        repeated = origin is tuple
+        flag = _flag(f.name, repeated)
+        if tp is bool:
+            if f.default is True:  # on by default: the flag turns it off
+                parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                    help=docs.get(f.name, "") + " (on by default; this turns it off)")
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                                    help=docs.get(f.name, ""))
+            continue
+        if origin is Literal:
+            kw["choices"] = list(typing.get_args(tp))
+        elif repeated:
+            inner = typing.get_args(tp)[0]
+            kw["action"] = "append"
+            if typing.get_origin(inner) is tuple:
+                kw["type"] = _source if f.name == "sources" else _pair
+                kw["metavar"] = "NAME=PATH"
+            else:
+                kw["metavar"] = f.name[:-1].upper()
+        else:
+            kw["type"] = tp if tp in (int, float) else str
+            kw["metavar"] = SPECIAL_METAVARS.get(f.name, f.name.upper())
+        if must:
+            kw["required"] = True
+        parser.add_argument(flag, dest=f.name, **kw)  # --source fills sources
 
 
-def _add_train(sub) -> None:
-    p = sub.add_parser(
-        "train", help="fine-tune DenseNet-121",
-        description="Fine-tune an ImageNet-pretrained DenseNet-121 (all layers unless --freeze-backbone) on the "
-                    "train split; early stopping on validation ROC AUC. Writes RUN_DIR/{best.pt, last.pt, "
-                    "metrics.jsonl, config.yaml}. Runs under torchrun for several GPUs.")
-    p.add_argument("--data", metavar="DATASET_DIR", default=S, help="dataset folder from `data build` (required)")
-    p.add_argument("--out", metavar="RUN_DIR", default=S, help="run folder to write (required)")
-    p.add_argument("--epochs", type=int, default=S, help="maximum epochs (default 10)")
-    p.add_argument("--image-size", type=int, default=S, help="input side in pixels (default 224)")
-    p.add_argument("--batch-size", type=int, default=S, help="batch size (default 16)")
-    p.add_argument("--weights", default=S, metavar="imagenet|none|FILE",
-                   help="imagenet: torchvision's ImageNet weights from $TORCH_HOME/hub/checkpoints (downloaded if "
-                        "possible); none: from scratch; FILE: a torchvision-format state dict (default imagenet)")
-    p.add_argument("--freeze-backbone", action="store_true", default=S, help="train only the classifier")
-    p.add_argument("--resume", action="store_true", default=S, help="continue from RUN_DIR/last.pt")
-    p.add_argument("--lr", type=float, default=S, help="peak learning rate (default 1e-4, or 1e-3 with --weights none)")
-    p.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (default 1e-4)")
-    p.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up epochs (default 1)")
-    p.add_argument("--patience", type=int, default=S, help="early-stopping patience in epochs, 0 = off (default 5)")
-    p.add_argument("--balance", choices=["loss", "sampler"], default=S,
-                   help="class balancing: weighted loss or balanced sampling (default loss)")
-    p.add_argument("--threshold-rule", choices=["sensitivity", "youden"], default=S,
-                   help="operating point chosen on validation after training (default sensitivity)")
-    p.add_argument("--target-sensitivity", type=float, default=S,
-                   help="COVID sensitivity the threshold must reach on validation (default 0.95)")
-    p.add_argument("--seed", type=int, default=S, help="seed (default 0)")
-    p.add_argument("--workers", type=int, default=S, help="DataLoader workers (default: 1 on CPU, up to 8 on CUDA)")
-    p.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--no-amp", dest="amp", action="store_false", default=S, help="no mixed precision on CUDA")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
-    _add_common(p)
-    p.set_defaults(func=_cmd_train)
+# ----------------------------------------------------------------------------- printing results
+
+def _print_build(result: dict, cfg) -> None:
+    from covid_cxr.manifest import format_report
+
+    print(format_report(result, cfg.out))
 
 
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser(
-        "evaluate", help="metrics and reports on a split",
-        description="Evaluate a run on a manifest split; writes RUN_DIR/eval-<split>/{classification_report.txt, "
-                    "metrics.json, predictions.csv, confusion_matrix.png, roc.png, class_distribution.png, "
-                    "samples.png}. Confidence intervals resample patients.")
-    p.add_argument("--run", metavar="RUN_DIR", default=S, help="run folder (required)")
-    p.add_argument("--data", metavar="DATASET_DIR", default=S, help="dataset folder (default: the training one)")
-    p.add_argument("--split", choices=["train", "val", "test"], default=S, help="split (default test)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default=S, help="which checkpoint (default best)")
-    p.add_argument("--batch-size", type=int, default=S, help="batch size (default 32)")
-    p.add_argument("--bootstrap", type=int, default=S, help="bootstrap resamples for 95%% CIs (default 1000)")
-    p.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--workers", type=int, default=S, help="processes for decoding (default: CPU count)")
-    _add_common(p)
-    p.set_defaults(func=_cmd_evaluate)
+def _print_fetch(result: dict, cfg) -> None:
+    for k, v in result.items():
+        if k != "next":
+            print(f"{k}: {v}")
+    print(f"next: covid-cxr data build {result['next']} ... --out DATASET_DIR")
 
 
-def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="predict images",
-                       description="Class probabilities for PNG/JPEG files and folders (searched recursively).")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders")
-    p.add_argument("--run", metavar="RUN_DIR", default=S, help="run folder or checkpoint file (required)")
-    p.add_argument("--out", metavar="FILE", default=S, help="write here instead of standard output")
-    p.add_argument("--format", choices=["csv", "json"], default=S, help="output format (default csv)")
-    p.add_argument("--skip-unreadable", action="store_true", default=S,
-                   help="write a row with the reason for an unreadable file instead of stopping")
-    p.add_argument("--checkpoint", choices=["best", "last"], default=S, help="which checkpoint (default best)")
-    p.add_argument("--batch-size", type=int, default=S, help="batch size (default 16)")
-    p.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default=S,
-                   help="torch (checkpoint) or onnx (RUN/model.onnx from `covid-cxr export`) (default torch)")
-    p.add_argument("--heatmaps", metavar="DIR", default=S, help="also write Grad-CAM overlays into DIR")
-    _add_common(p)
-    p.set_defaults(func=_cmd_predict)
+def _print_with(module: str, fn: str = "format_summary") -> Callable[[Any, Any], None]:
+    def show(result, cfg) -> None:
+        print(getattr(importlib.import_module(module), fn)(result))
+    return show
 
 
-def _add_explain(sub) -> None:
-    p = sub.add_parser("explain", help="Grad-CAM overlays",
-                       description="Write a Grad-CAM overlay PNG per image (and explanations.json) into --out.")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders")
-    p.add_argument("--run", metavar="RUN_DIR", default=S, help="run folder or checkpoint file (required)")
-    p.add_argument("--out", metavar="DIR", default=S, help="output folder (required)")
-    p.add_argument("--target", default=S, help="class to explain (default covid)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default=S, help="which checkpoint (default best)")
-    p.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
-    _add_common(p)
-    p.set_defaults(func=_cmd_explain)
-
-
-def _add_audit(sub) -> None:
-    p = sub.add_parser(
-        "audit", help="shortcut audit",
-        description="Does the model look at the lungs? Lungs-masked and border-only AUC, a source probe on frozen "
-                    "features, per-source performance; writes RUN_DIR/audit-<split>/audit.json with verdicts.")
-    p.add_argument("--run", metavar="RUN_DIR", default=S, help="run folder (required)")
-    p.add_argument("--data", metavar="DATASET_DIR", default=S, help="dataset folder (default: the training one)")
-    p.add_argument("--split", choices=["train", "val", "test"], default=S, help="split (default test)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default=S, help="which checkpoint (default best)")
-    p.add_argument("--bootstrap", type=int, default=S, help="bootstrap resamples for AUC CIs (default 500)")
-    p.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
-    _add_common(p)
-    p.set_defaults(func=_cmd_audit)
-
-
-def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export to ONNX",
-                       description="Export the checkpoint to ONNX (dynamic batch) with its preprocessing metadata "
-                                   "in a .json beside it; checked against PyTorch before it is written.")
-    p.add_argument("--run", metavar="RUN_DIR", default=S, help="run folder or checkpoint file (required)")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
-    p.add_argument("--out", metavar="FILE", default=None, help="output .onnx file (default RUN_DIR/model.onnx)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default best)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.set_defaults(func=_cmd_export)
-
-
-def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="web app and HTTP API",
-                       description="Serve the model: POST /v1/predict, GET /healthz, OpenAPI docs at /docs, and a "
-                                   "web page at / (research use only).")
-    p.add_argument("--run", metavar="RUN_DIR", default=S, help="run folder (required)")
-    p.add_argument("--host", default=S, help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=S, help="port (default 8000)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default=S, help="inference backend (default torch)")
-    p.add_argument("--max-upload-mb", type=float, default=S, help="upload size limit in MB (default 20)")
-    p.add_argument("--workers", type=int, default=S, help="concurrent inferences (default 2)")
-    _add_common(p)
-    p.set_defaults(func=_cmd_serve)
-
-
-def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="one self-contained HTML report",
-                       description="Write RUN_DIR/report.html: the study's table beside ours, metrics with CIs, ROC, "
-                                   "confusion matrix, calibration, per-source table, audit, Grad-CAM examples, "
-                                   "dataset card summary and model card. Runs evaluate (and audit) first if needed.")
-    p.add_argument("--run", metavar="RUN_DIR", required=True, help="run folder")
-    p.add_argument("--split", choices=["val", "test"], default="test", help="split (default test)")
-    p.add_argument("--no-audit", dest="audit", action="store_false", help="do not run the audit if it is missing")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.set_defaults(func=_cmd_report)
-
-
-def _cmd_report(args) -> int:
-    from covid_cxr import report
-
-    path = report.run(args.run, split=args.split, audit=args.audit)
-    print(f"report written to {path}")
-    print(DISCLAIMER)
-    return 0
-
-
-def _add_demo(sub) -> None:
-    p = sub.add_parser(
-        "demo", help="offline end-to-end demo on synthetic phantoms",
-        description="Generate synthetic phantom chest X-rays (not real patients), then run data build -> train "
-                    "(from scratch, small images) -> evaluate -> predict. Works offline in a few minutes on CPU.")
-    p.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
-    p.add_argument("--per-class", type=int, default=160, help="phantoms per class (default 160)")
-    p.add_argument("--image-size", type=int, default=64, help="network input side (default 64)")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.set_defaults(func=_cmd_demo)
-
-
-def _options(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
-    drop = {"func", "config", "verbose", "command", "data_command", *skip}
-    return {k: v for k, v in vars(args).items() if k not in drop}
-
-
-def _cmd_data_build(args) -> int:
-    from covid_cxr import manifest
-
-    cfg = make_config(DataConfig, _options(args), args.config)
-    report = manifest.build(cfg)
-    print(manifest.format_report(report, cfg.out))
-    return 0
-
-
-def _cmd_data_fetch(args) -> int:
-    from covid_cxr import fetch
-
-    summary = fetch.run(make_config(fetch.FetchConfig, _options(args), args.config))
-    print(json.dumps({k: v for k, v in summary.items() if k != "next"}, indent=2))
-    print(f"next: covid-cxr data build {summary['next']} ... --out DATASET_DIR")
-    return 0
-
-
-def _cmd_train(args) -> int:
-    from covid_cxr import train
-
-    summary = train.run(make_config(TrainConfig, _options(args), args.config))
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _cmd_evaluate(args) -> int:
-    from covid_cxr import evaluate
-
-    result = evaluate.run(make_config(EvalConfig, _options(args), args.config))
-    print(evaluate.format_summary(result))
-    return 0
-
-
-def _cmd_predict(args) -> int:
-    from covid_cxr import predict
-
-    result = predict.run(make_config(PredictConfig, _options(args), args.config))
+def _print_predict(result: dict, cfg) -> None:
     if result["text"] is not None:
         sys.stdout.write(result["text"])
     else:
         print(f"wrote {result['images']} predictions to {result['out']}", file=sys.stderr)
     if result["unreadable"]:
         print(f"{result['unreadable']} unreadable files: see their 'error' column", file=sys.stderr)
+    if result["out_of_scope"]:
+        print(f"{result['out_of_scope']} images are OUT OF SCOPE (unlike the training chest X-rays; in_scope column): "
+              "their outputs are not meaningful", file=sys.stderr)
     print(DISCLAIMER, file=sys.stderr)
-    return 0
 
 
-def _cmd_explain(args) -> int:
-    from covid_cxr import explain
-
-    result = explain.run(make_config(explain.ExplainConfig, _options(args), args.config))
-    print(f"wrote {result['images']} Grad-CAM overlays to {result['out']}")
-    print(DISCLAIMER)
-    return 0
+def _print_explain(result: dict, cfg) -> None:
+    print(f"wrote {result['images']} Grad-CAM overlays and explanations.json to {result['out']}")
+    print(result["caveat"])
 
 
-def _cmd_audit(args) -> int:
-    from covid_cxr import audit
-
-    result = audit.run(make_config(audit.AuditConfig, _options(args), args.config))
-    print("\n".join(result["verdicts"]))
+def _print_audit(result: dict, cfg) -> None:
+    if result.get("synthetic_sources"):
+        print(f"SYNTHETIC DATA ({', '.join(result['synthetic_sources'])})")
+    print("\n".join(f"- {v}" for v in result["verdicts"]))
     print(f"audit written to {result['output_dir']}")
     print(DISCLAIMER)
-    return 0
 
 
-def _cmd_export(args) -> int:
-    from pathlib import Path
-
-    from covid_cxr import export
-    from covid_cxr.model import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(args.run, args.checkpoint)
-    out = args.out or str((Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent) / "model.onnx")
-    summary = export.export_onnx(ckpt, out, **({"opset": args.opset} if args.opset else {}))
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+def _print_report(result, cfg) -> None:
+    print(f"report written to {result}")
+    print(DISCLAIMER)
 
 
-def _cmd_serve(args) -> int:
-    from covid_cxr import serve
-
-    serve.run(make_config(serve.ServeConfig, _options(args), args.config))
-    return 0
+def _print_nothing(result, cfg) -> None:
+    return None
 
 
-def _cmd_demo(args) -> int:
-    from covid_cxr import demo
+@dataclass(frozen=True)
+class Command:
+    """One row of the command table."""
 
-    demo.run(args.out, per_class=args.per_class, image_size=args.image_size, epochs=args.epochs, seed=args.seed)
-    return 0
+    name: str
+    config: type
+    target: str
+    """``module:function`` called with the config."""
+    show: Callable[[Any, Any], None]
+    help: str
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS: tuple[Command, ...] = (
+    Command("data build", C.DataConfig, "covid_cxr.manifest:build", _print_build,
+            "sources -> manifest with patient-level splits"),
+    Command("data fetch", C.FetchConfig, "covid_cxr.fetch:run", _print_fetch, "download a public source"),
+    Command("train", C.TrainConfig, "covid_cxr.train:run", _print_with("covid_cxr.train"), "train a model"),
+    Command("crossval", C.CrossvalConfig, "covid_cxr.crossval:run", _print_with("covid_cxr.crossval"),
+            "out-of-source validation: one model per held-out source"),
+    Command("evaluate", C.EvalConfig, "covid_cxr.evaluate:run", _print_with("covid_cxr.evaluate"),
+            "metrics with confidence intervals on a split"),
+    Command("predict", C.PredictConfig, "covid_cxr.predict:run", _print_predict, "predict images"),
+    Command("explain", C.ExplainConfig, "covid_cxr.explain:run", _print_explain, "Grad-CAM overlays"),
+    Command("audit", C.AuditConfig, "covid_cxr.audit:run", _print_audit, "shortcut audit"),
+    Command("report", C.ReportConfig, "covid_cxr.report:run", _print_report, "one self-contained HTML report"),
+    Command("export", C.ExportConfig, "covid_cxr.export:run", _print_with("covid_cxr.export"),
+            "export the model (ONNX)"),
+    Command("serve", C.ServeConfig, "covid_cxr.serve:run", _print_nothing, "web app and HTTP API"),
+    Command("demo", C.DemoConfig, "covid_cxr.demo:run", _print_nothing, "offline end-to-end demo on synthetic phantoms"),
+)
+
+
+def _yaml_keys(argv: list[str]) -> set[str]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    return set(C.load_yaml_options(known.config)) if known.config else set()
+
+
+def build_parser(provided: set[str] = frozenset()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="covid-cxr",
-        description="Build leak-aware COVID-19 chest X-ray datasets from public sources, fine-tune DenseNet-121, "
-                    "evaluate with patient-level confidence intervals and predict. " + DISCLAIMER,
+        description="Build leak-aware COVID-19 chest X-ray datasets from public sources, train and validate models "
+                    "on sources they never saw, evaluate with patient-level confidence intervals, explain, audit, "
+                    "export and serve. " + DISCLAIMER,
         epilog="typical run: covid-cxr data build --source cohen=... --source mooney=... --source radiography=... "
-               "--out data/ds && covid-cxr train --data data/ds --out runs/r1 && covid-cxr evaluate --run runs/r1 "
-               "&& covid-cxr predict --run runs/r1 images/")
+               "--out data/ds && covid-cxr crossval --data data/ds --out cv && covid-cxr train --data data/ds --out "
+               "runs/r1 && covid-cxr report --run runs/r1 --crossval cv")
     parser.add_argument("--version", action="version", version=f"covid-cxr {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{data,train,evaluate,predict,explain,audit,report,export,serve,demo}")
-    for add in (_add_data, _add_train, _add_evaluate, _add_predict, _add_explain, _add_audit, _add_report,
-                _add_export, _add_serve, _add_demo):
-        add(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for cmd in COMMANDS:
+        words = cmd.name.split()
+        owner = sub
+        if len(words) == 2:
+            if words[0] not in groups:
+                g = sub.add_parser(words[0], help="dataset commands: build, fetch", description="Dataset commands.")
+                groups[words[0]] = g.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            owner = groups[words[0]]
+        p = owner.add_parser(words[-1], help=cmd.help, description=C.class_doc(cmd.config))
+        add_options(p, cmd.config, provided)
+        p.add_argument("--config", metavar="YAML", default=None,
+                       help="YAML file of options (keys are the option names); flags override it")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+        p.set_defaults(_command=cmd)
     return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``covid-cxr`` command. Returns the exit status."""
-    # Idle OpenMP threads sleep instead of spinning: on a small shared CPU, spinning threads made a
-    # training epoch ~9x slower (550 s vs 58 s at 128 px on 2 cores with other jobs running). Set before
-    # torch is imported (commands import it lazily); an explicit setting in the environment wins.
+    # Idle OpenMP threads sleep instead of spinning: on a small shared CPU, spinning threads made a training
+    # epoch ~9x slower (550 s vs 58 s at 128 px on 2 cores with other jobs running). Set before torch is
+    # imported (commands import it lazily); an explicit setting in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    func: Callable[[argparse.Namespace], int] = args.func
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
     try:
-        return func(args)
+        provided = _yaml_keys(argv)
+    except CovidCxrError as exc:
+        print(f"covid-cxr: error: {exc}", file=sys.stderr)
+        return 2
+    parser = build_parser(provided)
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    cmd: Command = args._command
+    options = {k: v for k, v in vars(args).items() if k not in ("_command", "config", "verbose", "command",
+                                                                 "subcommand")}
+    try:
+        cfg = C.make_config(cmd.config, options, args.config)
+        module, fn = cmd.target.split(":")
+        result = getattr(importlib.import_module(module), fn)(cfg)
+        cmd.show(result, cfg)
+        return 0
     except CovidCxrError as exc:
         print(f"covid-cxr: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("covid-cxr: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: say so in one line, the traceback only with -v
+        if verbose:
+            raise
+        print(f"covid-cxr: unexpected error ({type(exc).__name__}: {exc}); this is a bug in covid-cxr: please "
+              "report it with the command you ran (add -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

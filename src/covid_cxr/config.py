@@ -1,149 +1,215 @@
-"""Configuration dataclasses for each stage.
+"""Every command's options, in one place: frozen dataclasses with defaults, a docstring per field and
+checks in ``__post_init__``.
 
-Defaults follow the original study. A YAML file can overlay the defaults (``--config``),
-command-line options overlay the YAML, and the resolved config is written next to every
-output (``config.yaml``).
+The CLI (:mod:`covid_cxr.cli`) is generated from these classes: a field becomes a flag named after it
+(``image_size`` -> ``--image-size``), its type gives the parser (``bool`` -> ``--x/--no-x``, ``Literal``
+-> choices, ``tuple`` -> repeatable), and the docstring under it is the help text. A YAML file can
+overlay the defaults (``--config``), flags overlay the YAML, and the resolved config is written next to
+every output.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import os
+import inspect
+import math
+import re
+import textwrap
+import types
+import typing
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
 
-from covid_cxr.errors import CovidCxrError
+from covid_cxr.errors import ConfigError
+from covid_cxr.files import default_workers
+
+# ----------------------------------------------------------------------------- tasks
+
 
 @dataclass(frozen=True)
 class Task:
-    """A classification task: its classes in index order and how source labels map onto them."""
+    """A classification task: its classes in index order, its positive class, and how source labels map."""
 
     classes: tuple[str, ...]
     mapping: Mapping[str, str]
     """Manifest label (normal, covid, pneumonia, other) -> class; labels not listed are outside the task."""
+    positive: str = "covid"
+    """The class whose sensitivity and specificity are reported and thresholded (set here, once)."""
     description: str = ""
-
-    @property
-    def positive(self) -> str:
-        """The class whose sensitivity and specificity are reported (always covid)."""
-        return "covid"
 
 
 TASKS: dict[str, Task] = {
-    "covid-vs-normal": Task(("normal", "covid"), {"normal": "normal", "covid": "covid"},
+    "covid-vs-normal": Task(("normal", "covid"), {"normal": "normal", "covid": "covid"}, "covid",
                             "COVID-19 against normal (the original study; normal = 0, covid = 1)"),
     "covid-vs-rest": Task(("rest", "covid"), {"normal": "rest", "pneumonia": "rest", "other": "rest",
-                                              "covid": "covid"},
+                                              "covid": "covid"}, "covid",
                           "COVID-19 against everything else: normal, other pneumonia and other findings"),
     "covid-pneumonia-normal": Task(("normal", "covid", "pneumonia"),
-                                   {"normal": "normal", "covid": "covid", "pneumonia": "pneumonia"},
+                                   {"normal": "normal", "covid": "covid", "pneumonia": "pneumonia"}, "covid",
                                    "three classes: normal, COVID-19, other pneumonia"),
 }
-"""Task name -> :class:`Task`. ``covid`` is class 1 in every task."""
+"""Task name -> :class:`Task`."""
 
 PROTOCOLS = ("patient", "leave-source-out")
-
-WEIGHTS_CHOICES = ("imagenet", "none")
-
-
-class ConfigError(CovidCxrError):
-    """An option value is invalid."""
-
-
-def _default_workers() -> int:
-    try:
-        return max(1, min(len(os.sched_getaffinity(0)), 8))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, min(os.cpu_count() or 1, 8))
+SplitName = Literal["train", "val", "test"]
+Checkpoint = Literal["best", "last"]
+Backend = Literal["torch", "onnx"]
+Arch = Literal["densenet121", "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny"]
+Intensity = Literal["none", "equalize", "clahe"]
+DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N"
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Options of ``covid-cxr data build``."""
+def _device(value: str) -> None:
+    if not (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(value))):
+        raise ConfigError(f"--device {value!r} is not valid; use {DEVICE_HELP}")
+
+
+def _positive(name: str, value: float | int, minimum: float = 0, strict: bool = True) -> None:
+    if (value <= minimum if strict else value < minimum) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"--{name.replace('_', '-')} must be {'>' if strict else '>='} {minimum}, got {value}")
+
+
+class _Config:
+    """Shared behaviour: ``to_dict`` (for config.yaml and checkpoints), and the choice fields (``Literal``) checked
+    on construction, also when a config is built in Python rather than through :func:`make_config`."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self) -> None:
+            _check_choices(self)
+            if own is not None:
+                own(self)
+
+        cls.__post_init__ = __post_init__
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = [list(x) if isinstance(x, tuple) else x for x in v]
+        return d
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(_Config):
+    """``covid-cxr data build``: read the public sources, check and hash every image, remove copies, split by
+    patient and write DATASET_DIR/{manifest.csv, dataset.json, ingest_report.json, dropped.csv, dataset_card.md}."""
 
     sources: tuple[tuple[str, str], ...]
-    """(source name, folder) pairs, e.g. (("cohen", "/data/covid-chestxray-dataset"),)."""
+    """A source folder as NAME=PATH (cohen, mooney, radiography, actualmed, figure1, folder); repeat for each."""
     out: str
-    """Dataset folder to write (manifest.csv, ingest_report.json, ...)."""
-    task: str = "covid-vs-normal"
+    """Dataset folder to write."""
+    task: Literal["covid-vs-normal", "covid-vs-rest", "covid-pneumonia-normal"] = "covid-vs-normal"
     """Which labels are classes; images of other labels stay in the manifest as split 'unused'."""
     test_per_class: int = 200
     """Test images per class (the study used 200)."""
     val_fraction: float = 0.1
-    """Fraction of the non-test development images held out for validation (early stopping)."""
+    """Fraction of the non-test development images held out for validation (early stopping, calibration)."""
     train_size: int = 850
     """Training images at most (the study used 850); fewer if fewer are available."""
     seed: int = 0
     """Seed of the patient-level split."""
-    protocol: str = "patient"
-    """'patient' (random by patient, stratified) or 'leave-source-out' (the test split is one whole source)."""
+    protocol: Literal["patient", "leave-source-out"] = "patient"
+    """'patient': random split by patient, stratified; 'leave-source-out': the test split is one whole source."""
     test_source: str | None = None
     """With --protocol leave-source-out: the source held out as the test split."""
     max_source_share: float = 1.0
     """Cap on one source's share of a class (e.g. 0.6); surplus images are left out of the task, counted."""
     dedup: bool = True
     """Remove near-duplicate images (perceptual hash confirmed by a pixel check) before splitting."""
-    cache_size: int = 256
-    """Shorter side of the preprocessed image cache written to DATASET_DIR/cache (0: no cache)."""
-    workers: int = field(default_factory=_default_workers)
-    """Processes used to check and hash images."""
+    cache: bool = True
+    """Write the preprocessed image cache (DATASET_DIR/cache), so training never decodes originals again."""
+    workers: int = field(default_factory=default_workers)
+    """Processes decoding and hashing images (default: the usable CPUs, at most 8)."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if (self.protocol == "leave-source-out") != (self.test_source is not None):
             raise ConfigError("--test-source goes with --protocol leave-source-out (and that protocol needs it)")
         if not 0.0 < self.max_source_share <= 1.0:
             raise ConfigError("--max-source-share must be in (0, 1]")
-        if self.cache_size and self.cache_size < 32:
-            raise ConfigError("--cache-size must be 0 (off) or at least 32")
         if not self.sources:
             raise ConfigError("no sources given; pass at least one --source NAME=PATH")
         names = [n for n, _ in self.sources if n != "folder"]  # several folder sources are fine
         if len(set(names)) != len(names) or len(set(self.sources)) != len(self.sources):
             raise ConfigError(f"a source is given twice: {[n for n, _ in self.sources]}")
-        if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.test_per_class < 1:
             raise ConfigError("--test-per-class must be at least 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("--val-fraction must be in [0, 1)")
         if self.train_size < 2:
             raise ConfigError("--train-size must be at least 2")
-        if self.workers < 1:
-            raise ConfigError("--workers must be at least 1")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["sources"] = [list(s) for s in self.sources]
-        return d
+        _positive("workers", self.workers)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Options of ``covid-cxr train``."""
+@dataclass(frozen=True, kw_only=True)
+class FetchConfig(_Config):
+    """``covid-cxr data fetch``: download a public source (Cohen over HTTP with resume; Kaggle sources through the
+    kaggle package, or exact manual steps)."""
 
-    data: str
-    """Dataset folder written by ``covid-cxr data build``."""
+    source: Literal["cohen", "mooney", "radiography"]
+    """Which source to download."""
     out: str
-    """Run folder: checkpoints, metrics.jsonl, config.yaml."""
+    """Folder to create (then pass it to `covid-cxr data build --source NAME=PATH`)."""
+    url: str | None = None
+    """Archive URL instead of the default (cohen only), e.g. a mirror or a pinned commit."""
+    sha256: str | None = None
+    """Expected SHA-256 of the downloaded archive; a mismatch is an error."""
+    overwrite: bool = False
+    """Replace an existing non-empty --out folder."""
+    timeout: float = 60.0
+    """Seconds to wait for the server to connect or send more bytes."""
+    progress: bool = True
+    """Show a progress bar."""
+    max_unpacked_bytes: int = 20 * 2**30
+    """Refuse archives that unpack to more than this many bytes (zip-bomb guard)."""
+
+    def __post_init__(self) -> None:
+        if not str(self.out).strip():
+            raise ConfigError("--out is empty; give the folder to create")
+        if self.url is not None:
+            if self.source != "cohen":
+                raise ConfigError(f"--url applies to cohen only; {self.source} is downloaded from Kaggle")
+            if not re.match(r"^https?://", self.url):
+                raise ConfigError(f"--url must start with http:// or https://, got {self.url!r}")
+        if self.sha256 is not None:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+                raise ConfigError(f"--sha256 must be 64 hexadecimal digits, got {self.sha256!r}")
+            object.__setattr__(self, "sha256", self.sha256.lower())
+        _positive("timeout", self.timeout)
+        _positive("max_unpacked_bytes", self.max_unpacked_bytes)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions(_Config):
+    """How to train a model (shared by ``train`` and ``crossval``)."""
+
     epochs: int = 10
     """Maximum number of epochs."""
     image_size: int = 224
     """Side of the square network input in pixels."""
     batch_size: int = 16
     """Images per optimisation step (per process under torchrun)."""
+    arch: Arch = "densenet121"
+    """Network (torchvision): densenet121 (the study's), resnet18, resnet50, efficientnet_b0, convnext_tiny."""
     weights: str = "imagenet"
     """'imagenet' (torchvision's cached ImageNet weights), 'none' (from scratch) or a state-dict file."""
     freeze_backbone: bool = False
-    """Train only the classifier; by default all layers are fine-tuned, as in the study."""
-    resume: bool = False
-    """Continue from RUN_DIR/last.pt."""
+    """Train only the head; by default all layers are fine-tuned, as in the study."""
     lr: float | None = None
     """Peak AdamW learning rate; default 1e-4 with pretrained weights, 1e-3 from scratch."""
     weight_decay: float = 1e-4
@@ -152,158 +218,537 @@ class TrainConfig:
     """Linear warm-up length (epochs, fractions allowed) before cosine decay."""
     patience: int = 5
     """Stop when validation ROC AUC has not improved for this many epochs (0: never stop early)."""
-    balance: str = "loss"
-    """'loss' (class-weighted cross-entropy) or 'sampler' (class-balanced sampling)."""
-    threshold_rule: str = "sensitivity"
-    """Operating point chosen on validation: 'sensitivity' (highest threshold meeting --target-sensitivity)
-    or 'youden' (max sensitivity + specificity - 1)."""
+    balance: Literal["loss", "sampler", "source"] = "loss"
+    """'loss': class-weighted cross-entropy; 'sampler': class-balanced sampling; 'source': batches balanced over
+    source x class, so no source dominates a class in what the model sees."""
+    intensity: Intensity = "none"
+    """Per-image intensity standardisation, part of the preprocessing stored in the checkpoint: none, equalize
+    (global histogram equalisation) or clahe (contrast-limited adaptive equalisation)."""
+    acquisition_augment: bool = False
+    """Also augment with acquisition differences: down-and-up sampling, JPEG re-compression, gamma, blur, noise."""
+    mixup: float = 0.0
+    """MixUp alpha (Beta(alpha, alpha) mixing of image pairs and their labels); 0: off."""
+    adversarial: float = 0.0
+    """Weight of a source-adversarial head trained through gradient reversal (the features are pushed to not
+    tell the source apart); 0: off. Needs at least two sources in the training split."""
+    threshold_rule: Literal["sensitivity", "youden"] = "sensitivity"
+    """Operating point chosen on validation: 'sensitivity' (highest threshold meeting --target-sensitivity) or
+    'youden' (max sensitivity + specificity - 1)."""
     target_sensitivity: float = 0.95
     """COVID sensitivity the 'sensitivity' rule must reach on validation."""
+    gate_quantile: float = 0.99
+    """Out-of-scope gate: the fraction of validation images its threshold keeps in scope."""
     seed: int = 0
     """Seed of initialisation, shuffling and augmentation."""
     workers: int | None = None
-    """DataLoader worker processes; default 1 on CPU (one single-threaded worker overlaps augmentation
-    with the model step), up to 8 on CUDA."""
+    """DataLoader worker processes; default 1 on CPU (overlaps augmentation with the model step), up to 8 on CUDA."""
     device: str = "auto"
-    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'."""
+    """Where to train: auto (CUDA if available), cpu, cuda or cuda:N."""
     amp: bool = True
     """Mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError("--epochs must be at least 1")
+        _positive("epochs", self.epochs)
         if not 32 <= self.image_size <= 1024:
             raise ConfigError("--image-size must be between 32 and 1024")
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be at least 1")
-        if self.weights not in WEIGHTS_CHOICES and not Path(self.weights).is_file():
+        _positive("batch_size", self.batch_size)
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise ConfigError(f"--weights {self.weights!r}: not 'imagenet', 'none' or an existing file")
-        if self.threshold_rule not in ("sensitivity", "youden"):
-            raise ConfigError("--threshold-rule must be 'sensitivity' or 'youden'")
         if not 0.0 < self.target_sensitivity <= 1.0:
             raise ConfigError("--target-sensitivity must be in (0, 1]")
-        if self.balance not in ("loss", "sampler"):
-            raise ConfigError("--balance must be 'loss' or 'sampler'")
+        if not 0.5 <= self.gate_quantile <= 1.0:
+            raise ConfigError("--gate-quantile must be in [0.5, 1]")
         if self.lr is None:
             object.__setattr__(self, "lr", 1e-3 if self.weights == "none" else 1e-4)
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.patience < 0:
-            raise ConfigError("--lr must be > 0; weight decay, warm-up and patience must be >= 0")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError("--workers must be >= 0")
+        _positive("lr", self.lr)
+        for name in ("weight_decay", "warmup_epochs", "patience", "mixup", "adversarial"):
+            _positive(name, getattr(self, name), strict=False)
+        if self.workers is not None:
+            _positive("workers", self.workers, strict=False)
+        _device(self.device)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(TrainOptions):
+    """``covid-cxr train``: train a model on a dataset's train split, with early stopping, calibration and the
+    out-of-scope gate fitted on its validation split. Runs under torchrun for several GPUs or nodes."""
+
+    data: str
+    """Dataset folder written by `covid-cxr data build`."""
+    out: str
+    """Run folder: checkpoints, metrics.jsonl, config.yaml, calibration."""
+    resume: bool = False
+    """Continue an interrupted run from RUN_DIR/last.pt."""
+    all_images: bool = False
+    """Final-model mode: train on every image of the task except the validation split (no internal test split);
+    report the performance estimate of --estimate-from."""
+    estimate_from: str | None = None
+    """With --all-images: the crossval folder whose out-of-source estimate describes this model."""
+    source_roots: tuple[tuple[str, str], ...] = ()
+    """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.estimate_from is not None and not self.all_images:
+            raise ConfigError("--estimate-from goes with --all-images (a final model without a test split)")
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """Options of ``covid-cxr evaluate``."""
+@dataclass(frozen=True, kw_only=True)
+class CrossvalConfig(TrainOptions):
+    """``covid-cxr crossval``: out-of-source validation. One model per source, each trained with that whole
+    source held out; every image of every source is scored by a model that never saw its source."""
+
+    data: str
+    """Dataset folder written by `covid-cxr data build`."""
+    out: str
+    """Crossval folder: folds/<source>/{dataset,run}, crossval.json, predictions.csv, pictures."""
+    by: Literal["source"] = "source"
+    """What a fold holds out (a whole source: its images and patients)."""
+    folds: tuple[str, ...] = ()
+    """Only these held-out sources (default: every source with images of the task); repeatable."""
+    val_fraction: float = 0.1
+    """Fraction of each fold's training patients held out for validation."""
+    resume: bool = False
+    """Skip finished folds, continue interrupted ones."""
+    prepare_only: bool = False
+    """Write the fold datasets and the commands that train them (to run folds on other machines), then stop."""
+    final: bool = False
+    """After the folds, train the final model on every image (CV_DIR/final), its estimate taken from crossval."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (by patient) for the pooled AUC's 95% interval."""
+    source_roots: tuple[tuple[str, str], ...] = ()
+    """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("--val-fraction must be in (0, 1): each fold needs validation images")
+        _positive("bootstrap", self.bootstrap, strict=False)
+
+
+# ----------------------------------------------------------------------------- using a run
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(_Config):
+    """``covid-cxr evaluate``: metrics with patient-bootstrap CIs, the study's classification report and pictures
+    for one manifest split; writes RUN_DIR/eval-<split>/."""
 
     run: str
-    """Run folder written by ``covid-cxr train``."""
+    """Run folder written by `covid-cxr train`."""
     data: str | None = None
     """Dataset folder; default: the one the run was trained on."""
-    split: str = "test"
+    split: SplitName = "test"
     """Which manifest split to evaluate."""
-    checkpoint: str = "best"
-    """'best' or 'last'."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
     batch_size: int = 32
-    workers: int = field(default_factory=_default_workers)
+    """Images per forward pass."""
+    workers: int = field(default_factory=default_workers)
+    """Processes decoding images that are not in the cache."""
     device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
     bootstrap: int = 1000
     """Bootstrap resamples (by patient) for 95% confidence intervals; 0 disables them."""
     seed: int = 0
+    """Seed of the bootstrap."""
+    source_roots: tuple[tuple[str, str], ...] = ()
+    """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
 
     def __post_init__(self) -> None:
-        if self.split not in ("train", "val", "test"):
-            raise ConfigError("--split must be train, val or test")
-        if self.checkpoint not in ("best", "last"):
-            raise ConfigError("--checkpoint must be best or last")
-        if self.bootstrap < 0 or self.batch_size < 1:
-            raise ConfigError("--bootstrap must be >= 0 and --batch-size >= 1")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        _positive("bootstrap", self.bootstrap, strict=False)
+        _positive("batch_size", self.batch_size)
+        _positive("workers", self.workers)
+        _device(self.device)
 
 
-@dataclass(frozen=True)
-class PredictConfig:
-    """Options of ``covid-cxr predict``."""
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig(_Config):
+    """``covid-cxr audit``: does the model look at the lungs? AUC with the lungs masked and with only the border,
+    a source probe on frozen features, per-source performance; writes RUN_DIR/audit-<split>/ with verdicts."""
 
     run: str
-    """Run folder (or a checkpoint file)."""
+    """Run folder written by `covid-cxr train`."""
+    data: str | None = None
+    """Dataset folder; default: the one the run was trained on."""
+    split: SplitName = "test"
+    """Which manifest split to audit."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    bootstrap: int = 500
+    """Bootstrap resamples (by patient) for the AUC intervals; 0 disables them."""
+    device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+    seed: int = 0
+    """Seed of the bootstrap and the probe."""
+    batch_size: int = 32
+    """Images per forward pass."""
+    workers: int = field(default_factory=default_workers)
+    """Processes decoding images that are not in the cache."""
+    source_roots: tuple[tuple[str, str], ...] = ()
+    """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
+
+    def __post_init__(self) -> None:
+        _positive("bootstrap", self.bootstrap, strict=False)
+        _positive("batch_size", self.batch_size)
+        _positive("workers", self.workers)
+        _device(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig(_Config):
+    """``covid-cxr predict``: class probabilities, the decision at the model's threshold and the out-of-scope flag
+    for image files and folders (PNG, JPEG and DICOM, also DICOM files without an ending)."""
+
     inputs: tuple[str, ...]
-    """Image files and/or folders (searched recursively for PNG and JPEG files)."""
+    """Image files and/or folders (searched recursively)."""
+    run: str
+    """Run folder, checkpoint file, or (with --backend onnx) an .onnx file."""
     out: str | None = None
     """Output file; default: print to standard output."""
-    format: str = "csv"
-    """'csv' or 'json'."""
+    format: Literal["csv", "json"] = "csv"
+    """Output format."""
     skip_unreadable: bool = False
     """Write a row with the reason for an unreadable file instead of stopping."""
-    checkpoint: str = "best"
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
     batch_size: int = 16
+    """Images per forward pass."""
     device: str = "auto"
-    backend: str = "torch"
-    """'torch' (the checkpoint) or 'onnx' (RUN/model.onnx from `covid-cxr export`, or an .onnx file as --run)."""
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+    backend: Backend = "torch"
+    """torch (the checkpoint) or onnx (RUN/model.onnx from `covid-cxr export`)."""
     heatmaps: str | None = None
-    """Folder for Grad-CAM overlays of every readable image (computed with the torch checkpoint)."""
+    """Folder for Grad-CAM overlays of every readable image (computed with the PyTorch checkpoint)."""
+    progress: bool = True
+    """Show a progress bar for many files."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError("predict needs at least one image file or folder")
-        if self.backend not in ("torch", "onnx"):
-            raise ConfigError("--backend must be torch or onnx")
-        if self.format not in ("csv", "json"):
-            raise ConfigError("--format must be csv or json")
-        if self.checkpoint not in ("best", "last"):
-            raise ConfigError("--checkpoint must be best or last")
+        _positive("batch_size", self.batch_size)
+        _device(self.device)
+        if self.out is not None and Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a folder; give a file name, e.g. {Path(self.out) / 'predictions.csv'}")
+        if self.heatmaps is not None and Path(self.heatmaps).exists() and not Path(self.heatmaps).is_dir():
+            raise ConfigError(f"--heatmaps {self.heatmaps} is a file; give a folder for the overlay images")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainConfig(_Config):
+    """``covid-cxr explain``: a Grad-CAM overlay PNG per image and explanations.json (research use only: shows where
+    evidence was found, not why)."""
+
+    inputs: tuple[str, ...]
+    """Image files and/or folders (searched recursively)."""
+    run: str
+    """Run folder or checkpoint file."""
+    out: str
+    """Folder for the heatmap PNGs and explanations.json."""
+    target: str | None = None
+    """Class to explain; default: the positive class (covid)."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("explain needs at least one image file or folder")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a file; give a folder for the overlay images")
+        _device(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(_Config):
+    """``covid-cxr report``: RUN_DIR/report.html, one self-contained page: the study's table beside ours, metrics
+    with CIs, the out-of-source estimate, ROC, confusion matrix, calibration, learning curves, per-source tables,
+    the audit, Grad-CAM examples, the dataset and a model card. Runs evaluate (and audit) first if needed."""
+
+    run: str
+    """Run folder."""
+    split: Literal["val", "test"] = "test"
+    """Split the metrics come from."""
+    audit: bool = True
+    """Run the shortcut audit if it is missing."""
+    data: str | None = None
+    """Dataset folder; default: the one the run was trained on."""
+    crossval: str | None = None
+    """Crossval folder whose out-of-source estimate to show (default: the one recorded in the model, if any)."""
+    device: str = "auto"
+    """Where to run evaluate, audit and Grad-CAM: auto, cpu, cuda or cuda:N."""
+    source_roots: tuple[tuple[str, str], ...] = ()
+    """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
+
+    def __post_init__(self) -> None:
+        _device(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig(_Config):
+    """``covid-cxr export``: the model in a deployable format, with its metadata; the ONNX graph is checked against
+    PyTorch before anything is written."""
+
+    run: str
+    """Run folder or checkpoint file."""
+    format: Literal["onnx"] = "onnx"
+    """Export format: onnx (model.onnx + model.json, dynamic batch)."""
+    out: str | None = None
+    """Output file (default RUN_DIR/model.onnx)."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    opset: int = 18
+    """ONNX opset (18 or newer: the torch.export-based exporter writes no older one)."""
+
+    def __post_init__(self) -> None:
+        if self.opset < 18:
+            raise ConfigError(f"--opset {self.opset} is not supported: the torch.export-based ONNX exporter writes "
+                              "opset 18 or newer (ONNX Runtime >= 1.14 reads it); pass --opset 18")
+        if self.out is not None and not str(self.out).endswith(".onnx"):
+            raise ConfigError(f"--out {self.out}: the ONNX file name must end in .onnx (its metadata goes beside it "
+                              "as .json)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(_Config):
+    """``covid-cxr serve``: POST /v1/predict, GET /healthz, OpenAPI docs at /docs and a web page at / (research use
+    only)."""
+
+    run: str
+    """Run folder (or a checkpoint file)."""
+    host: str = "127.0.0.1"
+    """Address to bind. The app has no TLS: bind other addresses only behind a proxy that adds it."""
+    port: int = 8000
+    """TCP port (0: any free port)."""
+    backend: Backend = "torch"
+    """torch (the checkpoint) or onnx (RUN/model.onnx, exported from the checkpoint if missing)."""
+    max_upload_mb: float = 20.0
+    """Largest accepted upload in MB (2**20 bytes); larger ones get HTTP 413 before they are read in full."""
+    workers: int = 2
+    """Images decoded and predicted at the same time; further requests wait their turn."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    onnx_path: str | None = None
+    """ONNX file for backend onnx (default RUN/model.onnx)."""
+    device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        if not str(self.run):
+            raise ConfigError("serve needs --run (a run folder or checkpoint file)")
+        if not self.host:
+            raise ConfigError("--host must not be empty (e.g. 127.0.0.1)")
+        if not 0 <= int(self.port) <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        _positive("max_upload_mb", self.max_upload_mb)
+        _positive("workers", self.workers)
+        _device(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig(_Config):
+    """``covid-cxr demo``: the whole pipeline, offline, on synthetic phantom chest X-rays (not patients): data build
+    -> train (from scratch, small images) -> evaluate -> predict -> report. A few minutes on a CPU."""
+
+    out: str = "demo-output"
+    """Output folder."""
+    per_class: int = 160
+    """Phantoms per class."""
+    image_size: int = 64
+    """Network input side."""
+    epochs: int = 8
+    """Training epochs."""
+    seed: int = 0
+    """Seed of the phantoms, the split and training."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.per_class < 20:
+            raise ConfigError("--per-class must be at least 20")
+        if not 32 <= self.image_size <= 256:
+            raise ConfigError("--image-size must be between 32 and 256")
+        _positive("epochs", self.epochs)
+
+
+COMMANDS: dict[str, type] = {
+    "data build": DataConfig, "data fetch": FetchConfig, "train": TrainConfig, "crossval": CrossvalConfig,
+    "evaluate": EvalConfig, "predict": PredictConfig, "explain": ExplainConfig, "audit": AuditConfig,
+    "report": ReportConfig, "export": ExportConfig, "serve": ServeConfig, "demo": DemoConfig,
+}
+"""Command -> its config class (the CLI's table)."""
+
+
+# ----------------------------------------------------------------------------- reflection: docs and types
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (and of its bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # pragma: no cover - no source available
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def class_doc(cls: type) -> str:
+    """The class docstring as plain text (for ``--help``)."""
+    return " ".join((cls.__doc__ or "").replace("``", "").split())
+
+
+@lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(the type inside ``X | None``, whether None is allowed)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def required_fields(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+@lru_cache(maxsize=None)
+def _choice_fields(cls: type) -> tuple[tuple[str, tuple], ...]:
+    """(name, allowed values) of every ``Literal`` field of a config class."""
+    out = []
+    for name, tp in field_types(cls).items():
+        inner, _ = unwrap_optional(tp)
+        if typing.get_origin(inner) is Literal:
+            out.append((name, typing.get_args(inner)))
+    return tuple(out)
+
+
+def _check_choices(config: Any) -> None:
+    for name, choices in _choice_fields(type(config)):
+        value = getattr(config, name)
+        if value is not None and value not in choices:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                              f"got {value!r}")
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Check a value read from YAML (or given in Python) against the field's type; convert lists to tuples."""
+    tp, optional = unwrap_optional(field_types(cls)[name])
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{flag} cannot be empty")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{flag} must be a whole number, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{flag} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{flag} must be text, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        if typing.get_origin(inner) is tuple:
+            out = []
+            for item in value:
+                if isinstance(item, str) and "=" in item:
+                    item = item.split("=", 1)
+                elif isinstance(item, Mapping) and len(item) == 1:
+                    item = next(iter(item.items()))
+                if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(isinstance(x, str) for x in item):
+                    raise ConfigError(f"{flag} takes NAME=PATH pairs, got {item!r}")
+                out.append((item[0], item[1]))
+            return tuple(out)
+        if not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in value):
+            raise ConfigError(f"{flag} takes a list of text values, got {value!r}")
+        return tuple(str(x) for x in value)
+    return value
 
 
 T = TypeVar("T")
+
+
+def load_yaml_options(yaml_file: str | Path) -> dict:
+    """The options in a YAML file (a mapping of option names to values).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not YAML, uses tags, or is not a mapping.
+    """
+    path = Path(yaml_file)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; write it as a YAML mapping of options") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}; only plain YAML mappings of "
+                          "option names to values are read (no tags)") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+        raise ConfigError(f"config file {path}: expected a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in loaded.items()}
 
 
 def make_config(cls: type[T], overrides: Mapping[str, Any], yaml_file: str | None = None) -> T:
     """Build ``cls`` from its defaults, overlaid by ``yaml_file`` then by ``overrides``.
 
     Raises:
-        ConfigError: the YAML names an unknown field or a value is invalid.
+        ConfigError: the YAML is broken or names an unknown option, a value has the wrong type, an option is
+            missing, or a value is invalid. Messages name options as flags, never internal classes.
     """
     values: dict[str, Any] = {}
     if yaml_file:
-        path = Path(yaml_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of option names to values")
-        values.update(loaded)
+        values.update(load_yaml_options(yaml_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
-    required = [f.name for f in fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [n for n in required if n not in values]
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+    missing = [n for n in required_fields(cls) if n not in values]
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join('--' + n.replace('_', '-') for n in missing)}")
-    if "sources" in values:
-        values["sources"] = tuple(tuple(s) for s in values["sources"])
-    if "inputs" in values:
-        values["inputs"] = tuple(values["inputs"])
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{cls.__name__}: {exc}") from exc
-
-
-def write_yaml(path: Path, data: dict) -> None:
-    """Write ``data`` as YAML atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    values = {k: _coerce(cls, k, v) for k, v in values.items()}
+    return cls(**values)

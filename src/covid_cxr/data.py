@@ -1,10 +1,10 @@
-"""Datasets and samplers over a manifest split, shared by training and evaluation.
+"""PyTorch datasets and samplers over a manifest split, shared by training and by users' own loops.
 
-Images are decoded once per run into an in-memory uint8 stack at the model's input size
-(:func:`covid_cxr.images.load_resized_stack`), so epochs do not decode full-resolution
-files again. Randomness (shuffling, balanced sampling, augmentation) is a pure function
-of (seed, epoch, index): results do not depend on the number of workers or on resuming,
-and each rank of a multi-process run draws its own shard.
+Images are decoded once per run into an in-memory stack of model pixels (``Dataset.pixels``: from
+the dataset's cache where it has them), so epochs do not decode full-resolution files again.
+Randomness (shuffling, balanced sampling, augmentation) is a pure function of (seed, epoch, index):
+results do not depend on the number of workers or on resuming, and each rank of a multi-process run
+draws its own shard.
 """
 
 from __future__ import annotations
@@ -13,43 +13,32 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from covid_cxr.cache import ImageCache, load_model_pixels
-from covid_cxr.transforms import AugmentSpec, PreprocessSpec, augment, normalize
+from covid_cxr.augment import AugmentSpec, augment
+from covid_cxr.pixels import PreprocessSpec, finish
 
 
-def load_rows(rows: pd.DataFrame, dataset_dir: str | Path, spec: PreprocessSpec, workers: int | None = None,
-              progress: bool = False) -> np.ndarray:
-    """Model pixels (N, size, size) uint8 of manifest rows, from the dataset's cache where it has them.
-
-    The cache (``DATASET_DIR/cache``, written by data build) holds preprocessing stage 1, so the
-    pixels equal those of :func:`covid_cxr.transforms.preprocess` on the original file. Images not
-    cached yet are decoded and added. Unreadable files raise ImageReadError naming them.
-    """
-    root = Path(dataset_dir) / "cache"
-    cache = ImageCache(root, spec.base_short_side) if root.is_dir() else None
-    return load_model_pixels(rows["path"].tolist(), rows["sha256"].tolist(), spec.size, spec.base_short_side,
-                             cache=cache, workers=workers, progress=progress)
-
-
-def _seed(*parts: int) -> int:
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed that depends only on ``parts`` (e.g. seed, epoch, index)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class StackDataset(Dataset):
-    """(image, target, index) samples from a pre-decoded (N, S, S) uint8 stack."""
+    """(input, target, index) samples from a (N, S, S) uint8 stack of model pixels.
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, spec: PreprocessSpec,
+    Without augmentation a sample's input is exactly :func:`covid_cxr.pixels.finish` of its pixels, the
+    input every inference path gives the model; with it, :func:`covid_cxr.augment.augment` runs first.
+    """
+
+    def __init__(self, pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec,
                  augment_spec: AugmentSpec | None = None, seed: int = 0):
-        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (spec.size, spec.size):
-            raise ValueError(f"expected a (N, {spec.size}, {spec.size}) uint8 stack, got {images.dtype} "
-                             f"{images.shape}")
-        if len(images) != len(targets):
-            raise ValueError("images and targets differ in length")
-        self.images = images
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[1:] != (spec.size, spec.size):
+            raise ValueError(f"expected a (N, {spec.size}, {spec.size}) uint8 stack, got {pixels.dtype} {pixels.shape}")
+        if len(pixels) != len(targets):
+            raise ValueError("pixels and targets differ in length")
+        self.pixels = pixels
         self.targets = np.asarray(targets, dtype=np.int64)
         self.spec = spec
         self.augment_spec = augment_spec
@@ -61,29 +50,34 @@ class StackDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.pixels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        x = torch.from_numpy(self.images[i])
+        x = self.pixels[i]
         if self.augment_spec is not None:
-            g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, i))
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
             x = augment(x, self.augment_spec, g)
-        return normalize(x, self.spec), int(self.targets[i]), i
+        return torch.from_numpy(finish(x, self.spec)), int(self.targets[i]), i
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffled (or class-balanced, with replacement) indices for one rank, reproducible per epoch.
+    """Shuffled (or balanced, with replacement) indices for one rank, reproducible per epoch.
 
     Args:
         targets: class index per sample.
-        balanced: draw classes equally often (with replacement) instead of a permutation.
-        rank, world_size: this process's shard; every rank yields the same count.
+        seed: seed of the order.
+        strata: ``None`` (a permutation), or a stratum per sample (class, or source x class): each epoch
+            draws strata equally often, with replacement within each.
+        rank, world_size: this process's shard; every rank yields the same count, and together the
+            shards cover the epoch (padded by repeating the first indices).
+        shuffle: permute (False: dataset order, for evaluation).
     """
 
-    def __init__(self, targets: np.ndarray, seed: int, balanced: bool = False, rank: int = 0,
+    def __init__(self, targets: np.ndarray, seed: int, strata: np.ndarray | None = None, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True):
         self.targets = np.asarray(targets)
-        self.seed, self.balanced, self.shuffle = seed, balanced, shuffle
+        self.strata = None if strata is None else np.asarray(strata)
+        self.seed, self.shuffle = seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.per_rank = -(-len(self.targets) // world_size)
@@ -91,25 +85,68 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _indices(self) -> np.ndarray:
+    def indices(self) -> np.ndarray:
+        """All ranks' indices of this epoch (rank r takes every world_size-th, from r)."""
         n = len(self.targets)
-        rng = np.random.default_rng(_seed(self.seed, self.epoch, 7919))
-        if self.balanced:
-            counts = np.bincount(self.targets)
-            weights = 1.0 / counts[self.targets]
+        rng = np.random.default_rng(sample_seed(self.seed, self.epoch, 7919))
+        if self.strata is not None:
+            _, inverse, counts = np.unique(self.strata, return_inverse=True, return_counts=True)
+            weights = 1.0 / counts[inverse]
             return rng.choice(n, size=self.per_rank * self.world_size, replace=True, p=weights / weights.sum())
         idx = rng.permutation(n) if self.shuffle else np.arange(n)
         pad = self.per_rank * self.world_size - n
         return np.concatenate([idx, idx[:pad]]) if pad > 0 else idx
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.rank::self.world_size].tolist())
+        return iter(self.indices()[self.rank::self.world_size].tolist())
 
     def __len__(self) -> int:
         return self.per_rank
 
 
 def worker_init(worker_id: int) -> None:
-    """One thread per DataLoader worker: augmentation is light, and oversubscribed
-    threads slow down the training process on small CPUs."""
+    """One thread per DataLoader worker: augmentation is light, and oversubscribed threads slow down the
+    training process on small CPUs."""
     torch.set_num_threads(1)
+
+
+class ManifestDataset(Dataset):
+    """A manifest split as a ``torch.utils.data.Dataset`` of ``(image tensor, class index)``, for your own loops.
+
+    The pixels are exactly those covid-cxr trains and predicts on (the dataset's cache, the same pixel
+    pipeline); with ``augment=True`` the training augmentation is applied (seeded by ``seed``, the epoch
+    set with :meth:`set_epoch`, and the index).
+
+    Args:
+        dataset_dir: folder written by ``covid-cxr data build``.
+        split: ``train``, ``val`` or ``test``.
+        image_size: side of the square input.
+        augment: apply training augmentation.
+        intensity: ``none``, ``equalize`` or ``clahe`` (stage 3 of the pixel pipeline).
+        seed: augmentation seed.
+        source_roots: ``{source: folder}`` for sources whose images moved.
+
+    Attributes:
+        labels: class names in index order. rows: the manifest rows (a DataFrame). spec: the PreprocessSpec.
+    """
+
+    def __init__(self, dataset_dir: str | Path, split: str, image_size: int = 224, augment: bool = False,
+                 intensity: str = "none", seed: int = 0, source_roots: dict | None = None):
+        from covid_cxr.dataset import read_dataset
+
+        ds = read_dataset(dataset_dir, source_roots)
+        self.labels = ds.labels
+        self.rows = ds.rows(split)
+        self.spec = PreprocessSpec.for_size(image_size, intensity)
+        self._inner = StackDataset(ds.pixels(self.rows, self.spec), ds.targets(self.rows), self.spec,
+                                   AugmentSpec() if augment else None, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y, _ = self._inner[i]
+        return x, y

@@ -52,14 +52,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import imagehash
 import numpy as np
 from PIL import Image
 
-from covid_cxr.images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -200,17 +198,6 @@ def fingerprint(image: np.ndarray) -> Fingerprint:
         small = np.asarray(win.reduce(HASH_INPUT_SIZE // THUMB_SIZE))
         thumbs.append(_equalise(small))
     return Fingerprint(phash=tuple(hashes), thumbs=np.stack(thumbs).tobytes())
-
-
-def fingerprint_file(path: str | Path) -> Fingerprint:
-    """Decode an image file with :func:`covid_cxr.images.load_image` and fingerprint it.
-
-    A top-level function, so it can be handed to a process pool.
-
-    Raises:
-        ImageReadError: the file cannot be decoded.
-    """
-    return fingerprint(load_image(path))
 
 
 def _popcount64(x: np.ndarray, out: np.ndarray) -> np.ndarray:

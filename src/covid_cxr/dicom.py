@@ -5,7 +5,7 @@ byte 128) to :func:`load_dicom`, so every stage decodes a DICOM file the same wa
 
 1. refuse files that are not chest radiographs (no pixel data, a non-radiograph Modality,
    a Body Part Examined that is clearly not the chest) and headers claiming more than
-   :data:`covid_cxr.images.MAX_PIXELS` pixels, all before any pixel is decoded;
+   :data:`covid_cxr.MAX_PIXELS` pixels, all before any pixel is decoded;
 2. decode the first frame with pydicom (compressed transfer syntaxes through its optional
    plugins: pylibjpeg with pylibjpeg-libjpeg, -openjpeg and -rle are the ones we install);
 3. grayscale: Modality LUT (or Rescale Slope/Intercept), then the first VOI LUT or window,
@@ -30,8 +30,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from covid_cxr import images
 from covid_cxr.errors import ImageReadError
+from covid_cxr.limits import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,11 @@ def _header_size(path: Path, ds: Dataset) -> tuple[int, int]:
 
 
 def _check_size(path: Path, ds: Dataset) -> None:
-    """Refuse a frame of more than :data:`covid_cxr.images.MAX_PIXELS` pixels before decoding it."""
+    """Refuse a frame of more than :data:`covid_cxr.MAX_PIXELS` pixels before decoding it."""
     w, h = _header_size(path, ds)
-    if w * h > images.MAX_PIXELS:
+    if w * h > MAX_PIXELS:
         raise ImageReadError(
-            path, f"header claims {w}x{h} pixels, more than the {images.MAX_PIXELS:,} allowed "
+            path, f"header claims {w}x{h} pixels, more than the {MAX_PIXELS:,} allowed "
             "(possible decompression bomb); downscale the file if it is a real radiograph")
 
 
@@ -197,16 +197,6 @@ def _colour_to_uint8(rgb: np.ndarray) -> np.ndarray:
     return _scale(luma, float(luma.min()), float(luma.max()))
 
 
-def read_dicom_size(path: str | Path) -> tuple[int, int]:
-    """Return (width, height) of a DICOM image from its header, without reading the pixels.
-
-    Raises:
-        ImageReadError: the file is missing, not DICOM, or has no Rows/Columns.
-    """
-    path = Path(path)
-    return _header_size(path, _read_header(path, stop_before_pixels=True))
-
-
 def load_dicom(path: str | Path) -> np.ndarray:
     """Decode the first frame of a DICOM chest radiograph into an 8-bit grayscale (H, W) array.
 
@@ -215,7 +205,7 @@ def load_dicom(path: str | Path) -> np.ndarray:
     Raises:
         ImageReadError: the file is missing or corrupt; has no pixel data; its Modality is not
             CR/DX/DR/RG or its Body Part Examined is not the chest; its header claims more than
-            :data:`covid_cxr.images.MAX_PIXELS` pixels; its compressed frame is cut off; or its
+            :data:`covid_cxr.MAX_PIXELS` pixels; its compressed frame is cut off; or its
             transfer syntax cannot be decoded (the message names the package to install).
     """
     path = Path(path)

@@ -1,10 +1,17 @@
-"""Exception types. Each message says what went wrong and what to do about it."""
+"""Every exception type covid-cxr raises on purpose. Each message says what went wrong and what to do.
+
+The CLI prints :class:`CovidCxrError` messages as one line (no traceback); anything else is a bug.
+"""
 
 from __future__ import annotations
 
 
 class CovidCxrError(Exception):
     """Base class for errors the CLI reports without a traceback."""
+
+
+class ConfigError(CovidCxrError):
+    """An option value is invalid."""
 
 
 class SourceError(CovidCxrError):
@@ -24,7 +31,11 @@ class ImageReadError(CovidCxrError):
 
 
 class DatasetError(CovidCxrError):
-    """A dataset cannot be built or a manifest violates the contract."""
+    """A dataset cannot be built, or a manifest violates the contract, or a dataset folder is incomplete."""
+
+
+class RunError(CovidCxrError):
+    """A run folder is missing, incomplete or in use."""
 
 
 class WeightsNotFound(CovidCxrError):
@@ -33,3 +44,28 @@ class WeightsNotFound(CovidCxrError):
 
 class CheckpointError(CovidCxrError):
     """A checkpoint file is missing, corrupt or incompatible."""
+
+
+class CacheError(CovidCxrError):
+    """The preprocessed image cache cannot be used as it is (the message says how to rebuild it)."""
+
+
+class CalibrationError(CovidCxrError, ValueError):
+    """Inputs that cannot be calibrated or thresholded (wrong shape, one class only, bad option)."""
+
+
+class ExportError(CovidCxrError):
+    """A model cannot be exported, or the exported graph does not reproduce PyTorch."""
+
+
+class FetchError(CovidCxrError):
+    """A source cannot be downloaded or unpacked; the message says what to do."""
+
+
+class UploadError(CovidCxrError):
+    """A request that does not carry one acceptable image; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+        super().__init__(message)

@@ -31,15 +31,16 @@ from http.client import HTTPException
 from pathlib import Path
 
 from covid_cxr import __version__
-from covid_cxr.config import ConfigError
-from covid_cxr.errors import CovidCxrError
+from covid_cxr.config import FetchConfig
+from covid_cxr.errors import FetchError
+from covid_cxr.files import atomic_write
 from covid_cxr.images import sha256_file
 
 log = logging.getLogger(__name__)
 
 COHEN_URL = "https://github.com/ieee8023/covid-chestxray-dataset/archive/refs/heads/master.zip"
 
-MAX_UNPACKED_BYTES = 20 * 2**30
+MAX_UNPACKED_BYTES = FetchConfig.max_unpacked_bytes
 """Default limit on the total uncompressed size of an archive (zip-bomb guard); the Cohen
 archive unpacks to well under this."""
 
@@ -47,10 +48,6 @@ MAX_MEMBERS = 500_000
 """Most entries an archive may hold."""
 
 _CHUNK = 1 << 20
-
-
-class FetchError(CovidCxrError):
-    """A source cannot be downloaded or unpacked; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -77,47 +74,6 @@ FETCHABLE: dict[str, Fetchable] = {
                              kaggle="tawsifurrahman/covid19-radiography-database"),
 }
 """``covid-cxr data fetch NAME`` names and where each source comes from."""
-
-
-@dataclass(frozen=True)
-class FetchConfig:
-    """Options of ``covid-cxr data fetch``."""
-
-    source: str
-    """Which source: a key of :data:`FETCHABLE`."""
-    out: str
-    """Folder to create (then pass it to ``covid-cxr data build --source NAME=PATH``)."""
-    url: str | None = None
-    """Archive URL instead of the default (cohen only), e.g. a mirror or a pinned commit."""
-    sha256: str | None = None
-    """Expected SHA-256 of the downloaded archive; a mismatch is an error."""
-    overwrite: bool = False
-    """Replace an existing non-empty ``out`` folder."""
-    timeout: float = 60.0
-    """Seconds to wait for the server to connect or send more bytes."""
-    progress: bool = True
-    """Show a progress bar."""
-    max_unpacked_bytes: int = MAX_UNPACKED_BYTES
-    """Refuse archives that unpack to more than this many bytes."""
-
-    def __post_init__(self) -> None:
-        if self.source not in FETCHABLE:
-            raise ConfigError(f"unknown source {self.source!r} to fetch; use one of {', '.join(FETCHABLE)}")
-        if not str(self.out).strip():
-            raise ConfigError("--out is empty; give the folder to create")
-        if self.url is not None:
-            if FETCHABLE[self.source].url is None:
-                raise ConfigError(f"--url applies to cohen only; {self.source} is downloaded from Kaggle")
-            if not re.match(r"^https?://", self.url):
-                raise ConfigError(f"--url must start with http:// or https://, got {self.url!r}")
-        if self.sha256 is not None:
-            if not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
-                raise ConfigError(f"--sha256 must be 64 hexadecimal digits, got {self.sha256!r}")
-            object.__setattr__(self, "sha256", self.sha256.lower())
-        if not self.timeout > 0:
-            raise ConfigError("--timeout must be positive")
-        if self.max_unpacked_bytes < 1:
-            raise ConfigError("max_unpacked_bytes must be at least 1")
 
 
 def run(cfg: FetchConfig) -> dict:
@@ -333,9 +289,7 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(meta))
 
 
 def _set_aside(archive: Path, suffix: str) -> Path:

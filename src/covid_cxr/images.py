@@ -1,55 +1,99 @@
-"""Reading chest X-ray image files into 8-bit grayscale arrays.
+"""Decoding chest X-ray image files into 8-bit grayscale arrays (decoding only: the pixel pipeline
+that follows is :mod:`covid_cxr.pixels`).
 
-Every stage (data build, training, evaluation, prediction) reads images through
-:func:`load_image`, so one file decodes to the same pixels everywhere.
+Every stage (data build, training, evaluation, prediction, the web app) reads images through
+:func:`load_image`, so one file decodes to the same pixels everywhere. The file type is decided by
+its first bytes, not its name: PNG, JPEG and DICOM only, and Pillow is only ever asked to open PNG
+and JPEG (a TIFF, an EPS or anything else named ``.png`` is refused, never handed to another
+decoder).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from covid_cxr.errors import ImageReadError
+from covid_cxr.limits import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
-"""File endings of DICOM files, decoded by :func:`covid_cxr.dicom.load_dicom`."""
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg") + DICOM_SUFFIXES
-"""File endings treated as images (compared case-insensitively)."""
+"""File endings listed as images in folders (compared case-insensitively); files without an ending are
+listed when they are DICOM (PACS exports often have none)."""
 
-MAX_PIXELS = 100_000_000
-"""Largest width*height we decode (10k x 10k). Larger headers are rejected before
-decoding, so a decompression bomb cannot exhaust memory."""
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+DICOM_MAGIC_OFFSET = 128
+"""A DICOM Part 10 file has a 128-byte preamble, then ``DICM``."""
+SNIFF_BYTES = DICOM_MAGIC_OFFSET + 4
+ACCEPTED = "PNG, JPEG or DICOM"
+
+
+def sniff_bytes(head: bytes) -> str | None:
+    """``png``, ``jpeg`` or ``dicom`` from a file's first :data:`SNIFF_BYTES` bytes, or None."""
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    if head.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return "dicom"
+    return None
+
+
+def sniff(path: str | Path) -> str | None:
+    """The kind of an image file by its first bytes (None: not PNG, JPEG or Part-10 DICOM, or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            return sniff_bytes(f.read(SNIFF_BYTES))
+    except OSError:
+        return None
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a file whose ending is one of :data:`IMAGE_SUFFIXES`, ignoring macOS resource forks."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("._")
-
-
-def _is_dicom(path: Path) -> bool:
-    """A DICOM ending, or the 'DICM' marker at byte 128 (PACS exports often have no ending)."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
+    """True for a file with an image ending, or without an ending but with the DICOM marker; macOS
+    resource forks (``._name``) are not images."""
+    if path.name.startswith("._"):
         return False
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    return suffix == "" and sniff(path) == "dicom"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def list_images(inputs: list[str] | tuple[str, ...]) -> list[Path]:
+    """Expand files and folders (recursively) into image paths, in a stable order.
+
+    Folders contribute files ending in :data:`IMAGE_SUFFIXES` and DICOM files without an ending.
+
+    Raises:
+        CovidCxrError: a path does not exist, or a folder holds no image file.
+    """
+    from covid_cxr.errors import CovidCxrError
+
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not files:
+                raise CovidCxrError(f"folder {p} holds no PNG, JPEG or DICOM files")
+            found.extend(files)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise CovidCxrError(f"{p} does not exist; pass image files or folders")
+    return found
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """SHA-256 of a file's bytes, hex encoded."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -81,45 +125,47 @@ def _to_gray_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """Return (width, height) from the file header without decoding the pixels.
-
-    Raises:
-        ImageReadError: the file is missing or not a recognised image.
-    """
-    if _is_dicom(Path(path)):
-        from covid_cxr.dicom import read_dicom_size  # imported here: pydicom costs ~0.5 s to import
-
-        return read_dicom_size(path)
+def _kind(path: Path) -> str:
+    """The decoder for ``path``: by magic bytes; a ``.dcm`` file without the Part-10 marker is tried as DICOM."""
     try:
-        with Image.open(path) as img:
-            return img.size
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a folder, not an image file") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot open: {exc.strerror or exc}") from None
+    kind = sniff_bytes(head)
+    if kind is None and path.suffix.lower() in DICOM_SUFFIXES:
+        kind = "dicom"  # old-style DICOM without preamble; the DICOM reader checks it further
+    if kind is None:
+        what = "an empty file" if not head else f"not a {ACCEPTED} file (first bytes {head[:8].hex()})"
+        raise ImageReadError(path, f"{what}; covid-cxr reads {ACCEPTED} chest X-rays: convert the file to PNG")
+    return kind
 
 
 def load_image(path: str | Path) -> np.ndarray:
     """Decode an image file into an 8-bit grayscale array of shape (H, W).
 
-    Handles grayscale, RGB, RGBA (composited on black), palette and 16-bit images,
-    and applies the EXIF orientation. DICOM files (see :func:`_is_dicom`) are decoded by
-    :func:`covid_cxr.dicom.load_dicom`.
+    Handles grayscale, RGB, RGBA (composited on black), palette and 16-bit PNG, JPEG, and DICOM
+    (:func:`covid_cxr.dicom.load_dicom`), and applies the EXIF orientation.
 
     Raises:
-        ImageReadError: the file is missing, truncated, not an image, or its header
-            claims more than :data:`MAX_PIXELS` pixels (a decompression bomb).
+        ImageReadError: the file is missing, truncated, not PNG/JPEG/DICOM by its content, or its
+            header claims more than :data:`MAX_PIXELS` pixels (a decompression bomb).
     """
     path = Path(path)
-    if _is_dicom(path):
+    kind = _kind(path)
+    if kind == "dicom":
         from covid_cxr.dicom import load_dicom  # imported here: pydicom costs ~0.5 s to import
 
         return load_dicom(path)
     try:
         with warnings.catch_warnings():
-            # Pillow warns (rather than raises) between MAX_IMAGE_PIXELS and 2x; we
-            # enforce our own limit below instead.
+            # Pillow warns (rather than raises) between MAX_IMAGE_PIXELS and 2x; we enforce our own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=["PNG"] if kind == "png" else ["JPEG"]) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ImageReadError(
@@ -139,77 +185,3 @@ def load_image(path: str | Path) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[0] < 8 or arr.shape[1] < 8:
         raise ImageReadError(path, f"decoded to an unusable shape {arr.shape}")
     return arr
-
-
-BASE_SHORT_SIDE = 256
-"""Stage 1 of preprocessing: images whose shorter side is longer than this are first shrunk
-(aspect kept) to it. The preprocessed cache stores exactly this stage, so cached and uncached
-paths give identical pixels."""
-
-
-def _check_gray_u8(image: np.ndarray) -> None:
-    if image.dtype != np.uint8 or image.ndim != 2:
-        raise ValueError(f"expected a (H, W) uint8 image, got {image.dtype} {image.shape}")
-
-
-def shrink_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
-    """Shrink a (H, W) uint8 image so its shorter side is ``short_side`` (never enlarges)."""
-    _check_gray_u8(image)
-    h, w = image.shape
-    if min(h, w) <= short_side:
-        return image
-    scale = short_side / min(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if h <= w:
-        size = (size[0], short_side)
-    else:
-        size = (short_side, size[1])
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
-
-
-def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a (H, W) uint8 image to (size, size) with antialiasing.
-
-    The whole image is kept (aspect ratio is not preserved): cropping could cut off
-    lung fields and padding would add artificial borders a model can learn from.
-    """
-    _check_gray_u8(image)
-    if image.shape == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR,
-                                                    reducing_gap=3.0))
-
-
-def to_model_pixels(image: np.ndarray, size: int, base_short_side: int = BASE_SHORT_SIDE) -> np.ndarray:
-    """Both resizing stages: shrink the shorter side to ``base_short_side``, then squash to (size, size)."""
-    return resize_uint8(shrink_short_side(image, base_short_side), size)
-
-
-def _load_resized(args: tuple[str, int, int]) -> np.ndarray:
-    path, size, base = args
-    return to_model_pixels(load_image(path), size, base)
-
-
-def load_resized_stack(paths: Sequence[str | Path], size: int, base_short_side: int = BASE_SHORT_SIDE,
-                       workers: int | None = None, progress: bool = False, desc: str = "decoding") -> np.ndarray:
-    """Decode many images into one (N, size, size) uint8 array of model pixels (:func:`to_model_pixels`).
-
-    Used so that training epochs do not decode full-resolution files again.
-    Any unreadable file raises :class:`ImageReadError` naming it; nothing is skipped.
-    """
-    from tqdm.auto import tqdm
-
-    paths = [str(p) for p in paths]
-    out = np.empty((len(paths), size, size), dtype=np.uint8)
-    if workers is None:
-        workers = min(len(os.sched_getaffinity(0)), 8)
-    args = [(p, size, base_short_side) for p in paths]
-    if workers <= 1 or len(paths) < 32:
-        for i, arr in enumerate(tqdm(map(_load_resized, args), total=len(paths), desc=desc, disable=not progress)):
-            out[i] = arr
-        return out
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        jobs = pool.map(_load_resized, args, chunksize=8)
-        for i, arr in enumerate(tqdm(jobs, total=len(paths), desc=desc, disable=not progress)):
-            out[i] = arr
-    return out

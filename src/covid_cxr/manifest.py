@@ -7,9 +7,7 @@ manifest and ``dataset.json``, never a source-specific file.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -18,25 +16,25 @@ from pathlib import Path
 import pandas as pd
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.config import TASKS, DataConfig, Task, write_yaml
-from covid_cxr.errors import DatasetError, ImageReadError
 from covid_cxr.cache import ImageCache
 from covid_cxr.card import write_card
+from covid_cxr.config import TASKS, DataConfig, Task
+from covid_cxr.dataset import MANIFEST_COLUMNS, source_root_record
 from covid_cxr.dedup import cluster, find_near_duplicates, fingerprint
-from covid_cxr.images import load_image, sha256_file, shrink_short_side
+from covid_cxr.errors import DatasetError, ImageReadError
+from covid_cxr.files import atomic_write, write_json, write_yaml
+from covid_cxr.images import load_image, sha256_file
+from covid_cxr.paths import DatasetDir
+from covid_cxr.pixels import BASE_SHORT_SIDE, shrink_short_side
 from covid_cxr.sources import PATIENT_METADATA_PRIORITY, read_source
 from covid_cxr.splits import (SPLITS, UNUSED, assign_groups, cap_source_share, check_patient_disjoint,  # noqa: F401
                               split_by_patient, split_leave_source_out)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["path", "label", "target", "source", "patient_id", "view", "sha256", "width", "height",
-                    "split", "group", "finding", "source_split"]
-"""``label``: the source's label mapped onto normal/covid/pneumonia/other; ``target``: the task's class
-('' when the image is outside the task); ``group``: the split group (patient, joined across copies)."""
 
 
-def inspect_image(path: str, cache_root: str | None = None, cache_size: int = 0, fingerprints: bool = False) -> dict:
+def inspect_image(path: str, cache_root: str | None = None, fingerprints: bool = False) -> dict:
     """Decode an image fully (proving it is readable) and return its sha256, width and height.
 
     In the same pass it stores the image's preprocessing stage 1 in the cache (so training never
@@ -47,8 +45,8 @@ def inspect_image(path: str, cache_root: str | None = None, cache_size: int = 0,
     except ImageReadError as exc:
         return {"sha256": "", "width": 0, "height": 0, "error": exc.reason, "fingerprint": None}
     sha = sha256_file(Path(path))
-    if cache_root and cache_size:
-        ImageCache(cache_root, cache_size).put(sha, shrink_short_side(arr, cache_size))
+    if cache_root:
+        ImageCache(cache_root, BASE_SHORT_SIDE).put(sha, shrink_short_side(arr, BASE_SHORT_SIDE))
     fp = fingerprint(arr) if fingerprints else None
     return {"sha256": sha, "width": arr.shape[1], "height": arr.shape[0], "error": "", "fingerprint": fp}
 
@@ -56,8 +54,8 @@ def inspect_image(path: str, cache_root: str | None = None, cache_size: int = 0,
 def _inspect_all(paths: list[str], cfg: DataConfig) -> list[dict]:
     from tqdm.auto import tqdm
 
-    cache_root = str(Path(cfg.out) / "cache") if cfg.cache_size else None
-    job = partial(inspect_image, cache_root=cache_root, cache_size=cfg.cache_size, fingerprints=cfg.dedup)
+    cache_root = str(DatasetDir(Path(cfg.out)).cache) if cfg.cache else None
+    job = partial(inspect_image, cache_root=cache_root, fingerprints=cfg.dedup)
     bar = partial(tqdm, total=len(paths), desc="checking images", disable=not cfg.progress)
     if cfg.workers <= 1 or len(paths) < 16:
         return list(bar(map(job, paths)))
@@ -132,33 +130,6 @@ def remove_near_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], 
     dropped = [{"source": pos.at[i, "source"], "item": pos.at[i, "path"], "reason": r} for i, r in drop_idx.items()]
     kept = pos.drop(index=list(drop_idx)).drop(columns=["_cluster", "_rank", "_area"])
     return kept, dropped, pd.DataFrame(rows, columns=DUPLICATE_COLUMNS), notes
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_manifest(dataset_dir: str | Path) -> tuple[pd.DataFrame, dict]:
-    """Load ``manifest.csv`` and ``dataset.json`` from a dataset folder.
-
-    Raises:
-        DatasetError: files missing or columns missing.
-    """
-    d = Path(dataset_dir)
-    mpath, jpath = d / "manifest.csv", d / "dataset.json"
-    for p in (mpath, jpath):
-        if not p.is_file():
-            raise DatasetError(f"{p} not found; build the dataset first with `covid-cxr data build --out {d}`")
-    df = pd.read_csv(mpath, dtype={"patient_id": str, "sha256": str, "view": str, "finding": str,
-                                   "source_split": str, "target": str, "label": str}, keep_default_na=False)
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise DatasetError(f"{mpath} lacks columns {missing}; rebuild it with `covid-cxr data build`")
-    meta = json.loads(jpath.read_text())
-    return df, meta
 
 
 def _label_source_table(df: pd.DataFrame) -> dict:
@@ -252,8 +223,7 @@ def build(cfg: DataConfig) -> dict:
     check_patient_disjoint(df)
     report = _report(cfg, list(task.classes), reads, df, dropped, conflict_notes, cap_notes)
     report["near_duplicates"] = _duplicate_summary(duplicates, cfg.dedup)
-    _write(cfg, df, dropped, report, list(task.classes), duplicates)
-    write_card(Path(cfg.out), df, report)
+    _write(cfg, df, dropped, report, list(task.classes), duplicates, reads)
     return report
 
 
@@ -342,22 +312,32 @@ def _reason_kind(reason: str) -> str:
     return reason
 
 
+def _relative_paths(df: pd.DataFrame, reads) -> pd.Series:
+    """Image paths relative to their source's root (what manifest.csv stores)."""
+    roots = {r.source: Path(r.root) for r in reads}
+    return pd.Series([str(Path(p).relative_to(roots[s])) for s, p in zip(df["source"], df["path"])], index=df.index)
+
+
 def _write(cfg: DataConfig, df: pd.DataFrame, dropped: list[dict], report: dict, classes: list[str],
-           duplicates: pd.DataFrame) -> None:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset_meta = {"task": cfg.task, "labels": classes, "positive_class": TASKS[cfg.task].positive,
-                    "protocol": report["protocol"], "sources": {n: str(Path(p).resolve()) for n, p in cfg.sources},
+           duplicates: pd.DataFrame, reads) -> None:
+    d = DatasetDir(Path(cfg.out))
+    d.root.mkdir(parents=True, exist_ok=True)
+    task = TASKS[cfg.task]
+    dataset_meta = {"task": cfg.task, "labels": classes, "positive_class": task.positive,
+                    "protocol": report["protocol"],
+                    "source_roots": {r.source: source_root_record(r.root, d.root, r.synthetic) for r in reads},
                     "covid_cxr_version": __version__, "splits": report["splits"],
-                    "cache": {"dir": "cache", "short_side": cfg.cache_size} if cfg.cache_size else None}
-    write_yaml(out / "build_config.yaml", cfg.to_dict())
-    atomic_write_text(out / "duplicates.csv", duplicates.to_csv(index=False))
-    atomic_write_text(out / "dropped.csv", pd.DataFrame(dropped, columns=["source", "item", "reason"]).to_csv(
-        index=False))
-    atomic_write_text(out / "ingest_report.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "dataset.json", json.dumps(dataset_meta, indent=2))
+                    "cache": {"path": "cache", "absolute": str(d.cache.resolve()), "short_side": BASE_SHORT_SIDE}
+                    if cfg.cache else None}
+    write_yaml(d.build_config, cfg.to_dict())
+    atomic_write(d.duplicates, duplicates.to_csv(index=False))
+    atomic_write(d.dropped, pd.DataFrame(dropped, columns=["source", "item", "reason"]).to_csv(index=False))
+    write_json(d.ingest_report, report)
+    write_json(d.info, dataset_meta)
+    write_card(d.root, df, report)
     # The manifest goes last: its presence means the rest is complete.
-    atomic_write_text(out / "manifest.csv", df.to_csv(index=False))
+    manifest = df.assign(path=_relative_paths(df, reads))
+    atomic_write(d.manifest, manifest.to_csv(index=False))
 
 
 def format_report(report: dict, out: str | Path) -> str:

@@ -1,4 +1,9 @@
-"""Classification metrics with patient-level bootstrap confidence intervals."""
+"""Classification metrics with patient-level bootstrap confidence intervals.
+
+Inputs are float64 log-probabilities (``ModelMeta.log_probs``) and the decided class per image
+(``ModelMeta.decide``), never float32 probabilities: rankings (AUC, ROC) use log-odds, which do not
+saturate, so confident images are never tied.
+"""
 
 from __future__ import annotations
 
@@ -7,61 +12,54 @@ import math
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
 
+from covid_cxr.meta import class_log_odds
 
-def roc_auc(targets: np.ndarray, probs: np.ndarray) -> float:
-    """ROC AUC of the positive class (2 classes) or one-vs-rest macro AUC; NaN if a class is absent."""
+
+def roc_auc(targets: np.ndarray, lp: np.ndarray, positive: int | None = 1) -> float:
+    """ROC AUC of the positive class on its log-odds (two classes), or the one-vs-rest macro AUC on
+    log-probabilities (more classes); NaN when a class is absent."""
     targets = np.asarray(targets)
-    k = probs.shape[1]
+    lp = np.asarray(lp, dtype=np.float64)
+    k = lp.shape[1]
     present = np.unique(targets)
     if len(present) < 2:
         return float("nan")
     if k == 2:
-        return float(roc_auc_score(targets, probs[:, 1]))
-    aucs = [roc_auc_score(targets == c, probs[:, c]) for c in range(k) if c in present]
-    return float(np.mean(aucs))
+        pos = 1 if positive is None else positive
+        return float(roc_auc_score(targets == pos, class_log_odds(lp, pos)))
+    aucs = [roc_auc_score(targets == c, class_log_odds(lp, c))
+            for c in range(k) if c in present and len(np.unique(targets == c)) == 2]
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else float("nan")
 
 
-def binary_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    """Accuracy, sensitivity, specificity, PPV, NPV (positive = class 1) at ``threshold`` on ``scores``."""
-    pred = (scores >= threshold).astype(int)
-    tp = int(((pred == 1) & (targets == 1)).sum())
-    tn = int(((pred == 0) & (targets == 0)).sum())
-    fp = int(((pred == 1) & (targets == 0)).sum())
-    fn = int(((pred == 0) & (targets == 1)).sum())
-    return {"accuracy": _ratio(tp + tn, len(targets)), "sensitivity": _ratio(tp, tp + fn),
+def rates(is_positive: np.ndarray, called_positive: np.ndarray) -> dict:
+    """Accuracy, sensitivity, specificity, PPV, NPV and the four counts of a binary decision."""
+    t, p = np.asarray(is_positive, bool), np.asarray(called_positive, bool)
+    tp, tn = int((p & t).sum()), int((~p & ~t).sum())
+    fp, fn = int((p & ~t).sum()), int((~p & t).sum())
+    return {"accuracy": _ratio(tp + tn, len(t)), "sensitivity": _ratio(tp, tp + fn),
             "specificity": _ratio(tn, tn + fp), "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn),
             "tp": tp, "tn": tn, "fp": fp, "fn": fn}
 
 
-def headline_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float, positive: int = 1) -> dict:
-    """Accuracy, ROC AUC, and sensitivity/specificity/PPV/NPV of the positive class (covid).
-
-    Two classes: the positive class is predicted when its probability reaches ``threshold``.
-    More classes: the predicted class is the argmax; the positive-class metrics are one-vs-rest and
-    ``roc_auc`` is the one-vs-rest macro AUC.
-    """
-    if probs.shape[1] == 2:
-        out = binary_metrics(targets, probs[:, 1], threshold)
+def headline_metrics(targets: np.ndarray, lp: np.ndarray, pred: np.ndarray, positive: int | None) -> dict:
+    """Accuracy and ROC AUC, plus sensitivity/specificity/PPV/NPV of the positive class (one-vs-rest for
+    more than two classes) at the decisions ``pred``."""
+    targets, pred = np.asarray(targets), np.asarray(pred)
+    if positive is None:
+        out = {"accuracy": float(np.mean(pred == targets))}
     else:
-        pred = probs.argmax(1)
-        out = binary_metrics((targets == positive).astype(int), (pred == positive).astype(float), 0.5)
+        out = rates(targets == positive, pred == positive)
         out["accuracy"] = float(np.mean(pred == targets))
-    out["roc_auc"] = roc_auc(targets, probs)
+    out["roc_auc"] = roc_auc(targets, lp, positive)
     return out
 
 
-def predicted_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Class 1 when its probability reaches ``threshold`` (2 classes), else the argmax."""
-    if probs.shape[1] == 2:
-        return (probs[:, 1] >= threshold).astype(int)
-    return probs.argmax(1)
-
-
-def bootstrap_ci(targets: np.ndarray, probs: np.ndarray, groups: np.ndarray, threshold: float,
+def bootstrap_ci(targets: np.ndarray, lp: np.ndarray, pred: np.ndarray, groups: np.ndarray, positive: int | None,
                  n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Percentile confidence intervals, resampling patients (groups) with replacement, not images.
 
@@ -69,13 +67,15 @@ def bootstrap_ci(targets: np.ndarray, probs: np.ndarray, groups: np.ndarray, thr
     """
     groups = np.asarray(groups)
     uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    members = [order[bounds[i]:bounds[i + 1]] for i in range(len(uniq))]
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
     for _ in range(n_resamples):
         pick = rng.integers(0, len(uniq), len(uniq))
         idx = np.concatenate([members[i] for i in pick])
-        m = headline_metrics(targets[idx], probs[idx], threshold)
+        m = headline_metrics(targets[idx], lp[idx], pred[idx], positive)
         for k, v in m.items():
             if k not in ("tp", "tn", "fp", "fn"):
                 samples.setdefault(k, []).append(v)
@@ -86,6 +86,27 @@ def bootstrap_ci(targets: np.ndarray, probs: np.ndarray, groups: np.ndarray, thr
         out[k] = [float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))] if len(arr) else [
             float("nan"), float("nan")]
     return out
+
+
+def auc_with_ci(targets: np.ndarray, lp: np.ndarray, groups: np.ndarray, positive: int | None,
+                n_resamples: int, seed: int, level: float = 0.95) -> dict:
+    """{"auc", "ci95"}: ROC AUC and its percentile interval from resampling patients (None if 0 resamples)."""
+    targets, groups = np.asarray(targets), np.asarray(groups)
+    auc = roc_auc(targets, lp, positive)
+    if not n_resamples or math.isnan(auc):
+        return {"auc": auc, "ci95": None}
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_resamples):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+        v = roc_auc(targets[idx], lp[idx], positive)
+        if not math.isnan(v):
+            vals.append(v)
+    alpha = (1 - level) / 2
+    ci = [float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))] if vals else None
+    return {"auc": auc, "ci95": ci}
 
 
 def per_class_report(targets: np.ndarray, pred: np.ndarray, labels: list[str]) -> tuple[str, dict]:
@@ -100,3 +121,15 @@ def per_class_report(targets: np.ndarray, pred: np.ndarray, labels: list[str]) -
 
 def confusion(targets: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     return confusion_matrix(targets, pred, labels=list(range(k)))
+
+
+def sensitivity_at_specificity(targets: np.ndarray, scores: np.ndarray, specificity: float = 0.95) -> float:
+    """Highest sensitivity with specificity >= ``specificity`` (binary targets, higher score = positive)."""
+    t = np.asarray(targets, bool)
+    s = np.asarray(scores, dtype=np.float64)
+    neg = np.sort(s[~t])
+    if not len(neg) or not t.any():
+        return float("nan")
+    k = math.ceil(specificity * len(neg))  # at least k negatives must score below the threshold
+    thr = neg[k - 1] if k >= 1 else -math.inf
+    return float(np.mean(s[t] > thr))

@@ -1,17 +1,24 @@
 """Building, saving and loading the classifier: one way each.
 
-* :func:`build_model` - torchvision's DenseNet-121 with a new classifier, optionally
+* :func:`build_model` - a torchvision classification network whose last linear layer is replaced
+  by our ``head``, wrapped in :class:`CxrNet` (which also carries the out-of-scope gate), optionally
   initialised from ImageNet weights (torchvision's weights API and cache) or a file.
-* :func:`save_checkpoint` / :func:`load_checkpoint` - self-describing state dicts
-  (labels, preprocessing, threshold, config, versions); never pickled modules.
+* :func:`save_checkpoint` / :func:`read_checkpoint` / :func:`load_model` - the one writer and the
+  one reader of checkpoints: ``{"format", "meta": ModelMeta, "state_dict", "training"?, "checksum"}``,
+  loaded with ``weights_only=True`` and ``strict=True``, never pickled modules. The checksum covers
+  every tensor and the meta, so a damaged file is refused instead of silently loaded.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
+import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +27,99 @@ import torchvision
 from torch import nn
 
 from covid_cxr import __version__
-from covid_cxr.errors import CheckpointError, WeightsNotFound
-from covid_cxr.transforms import PreprocessSpec
+from covid_cxr.errors import CheckpointError, CovidCxrError, WeightsNotFound
+from covid_cxr.files import atomic_write
+from covid_cxr.gate import ScopeGateModule
+from covid_cxr.meta import Calibration, ModelMeta, TrainingData
+from covid_cxr.pixels import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("densenet121",)
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 OFFLINE_ENV = "COVID_CXR_OFFLINE"
 """Set to 1 to never try downloading weights (tests set it; no test may reach the internet)."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A supported torchvision architecture."""
+
+    name: str
+    head: str
+    """Dotted path of the network's last linear layer (replaced by our ``head``)."""
+    cam_layers: tuple[str, ...]
+    """Grad-CAM candidate layers (dotted paths inside the torchvision network), deepest first."""
+
+
+ARCHS: dict[str, Arch] = {
+    "densenet121": Arch("densenet121", "classifier",
+                        ("features", "features.denseblock3", "features.denseblock2", "features.denseblock1")),
+    "resnet18": Arch("resnet18", "fc", ("layer4", "layer3", "layer2", "layer1")),
+    "resnet50": Arch("resnet50", "fc", ("layer4", "layer3", "layer2", "layer1")),
+    "efficientnet_b0": Arch("efficientnet_b0", "classifier.1", ("features", "features.5", "features.3",
+                                                                "features.2")),
+    "convnext_tiny": Arch("convnext_tiny", "classifier.2", ("features", "features.5", "features.3",
+                                                            "features.1")),
+}
+"""``--arch`` names. DenseNet-121 is the study's network and the default."""
 
 _LEGACY_DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
-def _imagenet_weights(arch: str):
-    return torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+def get_arch(name: str) -> Arch:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise CovidCxrError(f"unsupported architecture {name!r}; choose one of {', '.join(ARCHS)}") from None
+
+
+def _get_sub(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def _set_sub(module: nn.Module, dotted: str, value: nn.Module) -> None:
+    parent, _, last = dotted.rpartition(".")
+    owner = _get_sub(module, parent) if parent else module
+    if last.isdigit():
+        owner[int(last)] = value
+    else:
+        setattr(owner, last, value)
+
+
+class CxrNet(nn.Module):
+    """A torchvision network without its last layer (``net``: images -> pooled features), our ``head``
+    (features -> logits) and, once fitted, the out-of-scope ``gate`` (features -> distance)."""
+
+    def __init__(self, arch: str, net: nn.Module, in_features: int, num_classes: int):
+        super().__init__()
+        self.arch = arch
+        self.net = net
+        self.head = nn.Linear(in_features, num_classes)
+        self.gate: ScopeGateModule | None = None
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, C): what the head and the gate read."""
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        f = self.net(x)
+        logits = self.head(f)
+        return (logits, f) if with_features else logits
+
+    def cam_module(self, name: str) -> nn.Module:
+        return _get_sub(self.net, name)
 
 
 def imagenet_weights_path(arch: str = "densenet121") -> Path:
     """Where torchvision caches ``arch``'s ImageNet weights (honours ``$TORCH_HOME``)."""
-    url = _imagenet_weights(arch).url
+    url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
@@ -59,8 +138,8 @@ def _torch_load(path: Path) -> Any:
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} not found") from exc
     except Exception as exc:  # torch raises many types for corrupt or pickled-module files
-        raise CheckpointError(f"cannot load {path} as a state dict ({type(exc).__name__}: {exc}); it must be a "
-                              "tensor state dict saved with torch.save(model.state_dict(), path)") from exc
+        raise CheckpointError(f"cannot load {path} ({type(exc).__name__}: {str(exc)[:200]}); it must be a covid-cxr "
+                              "checkpoint or a tensor state dict saved with torch.save(model.state_dict(), path)") from None
 
 
 def load_imagenet_state_dict(arch: str = "densenet121") -> dict[str, torch.Tensor]:
@@ -69,7 +148,7 @@ def load_imagenet_state_dict(arch: str = "densenet121") -> dict[str, torch.Tenso
     Raises:
         WeightsNotFound: not cached and the download failed (or ``COVID_CXR_OFFLINE=1``).
     """
-    weights = _imagenet_weights(arch)
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
     path = imagenet_weights_path(arch)
     if not path.is_file():
         if os.environ.get(OFFLINE_ENV) == "1":
@@ -96,53 +175,57 @@ def load_imagenet_state_dict(arch: str = "densenet121") -> dict[str, torch.Tenso
 def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
     obj = _torch_load(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # a covid-cxr checkpoint: reuse its backbone
+        obj = obj["state_dict"]  # a covid-cxr checkpoint (or a Lightning one): reuse its backbone
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
-    obj = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    obj = {k.removeprefix("module.").removeprefix("_orig_mod.").removeprefix("net."): v for k, v in obj.items()}
     return fix_legacy_keys(obj)
 
 
 def build_model(labels: list[str] | tuple[str, ...], arch: str = "densenet121",
-                weights: str | Path | None = "imagenet") -> nn.Module:
-    """DenseNet-121 (torchvision) with a ``len(labels)``-way classifier.
+                weights: str | Path | None = "imagenet") -> CxrNet:
+    """A :class:`CxrNet` of ``arch`` with a ``len(labels)``-way head.
 
     Args:
         labels: class names in index order.
-        arch: torchvision architecture name (only ``densenet121`` is supported).
+        arch: one of :data:`ARCHS`.
         weights: ``"imagenet"`` (torchvision's cached ImageNet-1k weights), ``None``/``"none"``
-            (random init) or a path to a torchvision-format state dict (legacy ``norm.1`` keys
-            and covid-cxr checkpoints accepted). The backbone must load exactly; only the
-            classifier is replaced (its keys are logged).
+            (random init) or a path to a state dict of the torchvision network (legacy DenseNet
+            ``norm.1`` keys and covid-cxr checkpoints accepted). The backbone must load exactly;
+            the original last layer is dropped (logged).
 
     Raises:
         WeightsNotFound, CheckpointError: weights missing or not matching the architecture.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unsupported arch {arch!r}; supported: {ARCHS}")
-    model = torchvision.models.get_model(arch, weights=None)
+    spec = get_arch(arch)
+    net = torchvision.models.get_model(arch, weights=None)
     if weights is not None and str(weights) != "none":
         if str(weights) == "imagenet":
             state, origin = load_imagenet_state_dict(arch), f"ImageNet ({imagenet_weights_path(arch)})"
         else:
             state, origin = _state_dict_from_file(Path(weights)), str(weights)
-        backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        missing, unexpected = model.load_state_dict(backbone, strict=False)
+        head_prefix = spec.head + "."
+        extra_heads = ("head.", "gate.")  # a covid-cxr checkpoint's own head and gate
+        backbone = {k: v for k, v in state.items() if not k.startswith(head_prefix) and not k.startswith(extra_heads)}
+        missing, unexpected = net.load_state_dict(backbone, strict=False)
         # Files older than BatchNorm's num_batches_tracked buffer lack it; it is not a weight.
-        missing = [k for k in missing if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")]
+        missing = [k for k in missing if not k.startswith(head_prefix) and not k.endswith("num_batches_tracked")]
         if missing or unexpected:
             raise CheckpointError(f"weights {origin} do not fit {arch}: missing {missing[:5]}, unexpected "
                                   f"{unexpected[:5]}")
-        dropped = sorted(k for k in state if k.startswith("classifier."))
-        log.info("loaded %s backbone weights from %s; replaced classifier (dropped %s)", arch, origin,
+        dropped = sorted(k for k in state if k.startswith(head_prefix) or k.startswith(extra_heads))
+        log.info("loaded %s backbone weights from %s; replaced the last layer (dropped %s)", arch, origin,
                  ", ".join(dropped) or "nothing")
-    model.classifier = nn.Linear(model.classifier.in_features, len(labels))
-    return model
+    last = _get_sub(net, spec.head)
+    if not isinstance(last, nn.Linear):  # pragma: no cover - a wrong entry in ARCHS
+        raise TypeError(f"{arch}.{spec.head} is {type(last).__name__}, not a Linear layer")
+    _set_sub(net, spec.head, nn.Identity())
+    return CxrNet(arch, net, last.in_features, len(labels))
 
 
 def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter except the classifier's."""
-    return [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    """Every parameter except the head's."""
+    return list(unwrap(model).net.parameters())
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -160,68 +243,152 @@ def versions() -> dict[str, str]:
     return {"covid_cxr": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
 
 
-def save_checkpoint(path: Path, model: nn.Module, labels: list[str], preprocess: PreprocessSpec,
-                    config: dict, threshold: float = 0.5, extra: dict | None = None) -> None:
-    """Write a self-describing checkpoint atomically (temp file, then rename).
+# ----------------------------------------------------------------------------- checkpoints
 
-    ``extra`` may hold training state (optimizer, scheduler, RNG) for ``--resume``.
+def _feed(h, obj: Any) -> None:
+    """Feed a nested structure of tensors and plain values into a hash, in a canonical order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for k in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def checksum(payload: dict) -> str:
+    """sha256 over everything in a checkpoint payload except its ``checksum`` entry."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, training: dict | None = None) -> None:
+    """Write a self-describing checkpoint atomically: the weights of the unwrapped model, the meta and,
+    for ``last.pt``, the training state (optimizer, scheduler, RNG) that ``--resume`` needs.
+
+    Raises:
+        CovidCxrError: the disk is full or not writable (the previous file, if any, is untouched).
     """
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "arch": "densenet121",
-        "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "labels": list(labels),
-        "preprocess": preprocess.to_dict(),
-        "threshold": float(threshold),
-        "config": config,
-        "version": versions(),
-    }
-    if extra:
-        payload.update(extra)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    payload: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "meta": meta.to_dict(), "state_dict": state}
+    if training is not None:
+        payload["training"] = training
+    payload["checksum"] = checksum(payload)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    try:
+        atomic_write(path, buf.getbuffer())
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+        raise CovidCxrError(f"cannot write {path}: {'no space left on the device' if full else exc.strerror or exc}; "
+                            f"{'free some space' if full else 'check the folder'} and run again (with --resume to "
+                            "continue training): the previous checkpoint is untouched") from None
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The raw checkpoint dict (``weights_only`` load), checked for the required keys."""
+@dataclass
+class Checkpoint:
+    """A checkpoint as read from disk."""
+
+    path: Path
+    meta: ModelMeta
+    state_dict: dict[str, torch.Tensor]
+    training: dict | None
+    checksum: str
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint (``weights_only`` load, checksum checked).
+
+    Raises:
+        CheckpointError: missing, not a covid-cxr checkpoint, damaged (checksum mismatch), or newer.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; train a model with `covid-cxr train` first")
-    ckpt = _torch_load(path)
-    required = ("state_dict", "labels", "preprocess", "threshold", "arch")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
+    raw = _torch_load(path)
+    if not isinstance(raw, dict) or "state_dict" not in raw:
+        raise CheckpointError(f"{path} is not a covid-cxr checkpoint")
+    fmt = raw.get("format", 0)
+    if fmt > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was written by a newer covid-cxr (format {fmt}); upgrade covid-cxr")
+    if fmt < 2:
+        return _read_v1(path, raw)
+    stored = raw.get("checksum")
+    actual = checksum(raw)
+    if stored != actual:
+        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with it (the "
+                              "file was changed or corrupted on disk); use another copy, or for last.pt start the "
+                              "run again")
+    meta = ModelMeta.from_dict(raw["meta"], where=str(path))
+    return Checkpoint(path, meta, raw["state_dict"], raw.get("training"), actual)
+
+
+def _read_v1(path: Path, raw: dict) -> Checkpoint:
+    """A covid-cxr 0.1 checkpoint: DenseNet keys at the top level, metadata in loose keys."""
+    required = ("labels", "preprocess", "threshold", "arch")
+    if any(k not in raw for k in required):
         raise CheckpointError(f"{path} is not a covid-cxr checkpoint (needs keys {required})")
-    if ckpt.get("format", 0) > CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} was written by a newer covid-cxr (format {ckpt['format']}); upgrade")
-    return ckpt
+    state = {}
+    for k, v in raw["state_dict"].items():
+        state["head." + k[len("classifier."):] if k.startswith("classifier.") else "net." + k] = v
+    p = raw["preprocess"]
+    spec = PreprocessSpec(size=int(p["size"]), base_short_side=int(p.get("base_short_side", max(256, int(p["size"])))))
+    labels = tuple(raw["labels"])
+    from covid_cxr.meta import logit
+
+    cal = raw.get("calibration") or {}
+    meta = ModelMeta(arch=raw["arch"], labels=labels, positive="covid" if "covid" in labels else None, preprocess=spec,
+                     threshold_log_odds=logit(float(raw["threshold"])), temperature=float(raw.get("temperature", 1.0)),
+                     calibration=Calibration(temperature=float(raw.get("temperature", 1.0)),
+                                             status="fitted" if cal else "not fitted",
+                                             threshold_rule=str((cal.get("operating_point") or {}).get("rule", "default 0.5"))),
+                     training=dict(raw.get("config") or {}), epoch=raw.get("epoch"),
+                     val_metrics=dict(raw.get("val_metrics") or {}), versions=dict(raw.get("version") or {}))
+    training = {k: raw[k] for k in ("optimizer", "scheduler", "scaler", "train_state", "rng") if k in raw} or None
+    return Checkpoint(path, meta, state, training, "")
 
 
-def resolve_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
-    """A run folder -> its ``best.pt``/``last.pt``; a file -> itself."""
-    p = Path(run_or_file)
-    if p.is_dir():
-        p = p / f"{which}.pt"
-    return p
+def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> CxrNet:
+    """Rebuild the network of a checkpoint (gate included), ``strict=True``, in eval mode."""
+    meta = ckpt.meta
+    model = build_model(meta.labels, arch=meta.arch, weights=None)
+    if meta.gate is not None:
+        model.gate = ScopeGateModule(meta.gate.feature_dim, meta.gate.n_means)
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt.path}: weights do not match {meta.arch}: {str(exc)[:300]}") from None
+    return model.to(device).eval()
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model from a checkpoint, in eval mode. Returns (model, metadata).
-
-    The state dict is loaded with ``strict=True``; metadata holds everything but the weights.
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CxrNet, ModelMeta]:
+    """(model in eval mode, its meta) from a checkpoint file.
 
     Raises:
         CheckpointError: missing, corrupt, or not matching the architecture.
     """
     ckpt = read_checkpoint(path)
-    model = build_model(ckpt["labels"], arch=ckpt["arch"], weights=None)
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match {ckpt['arch']}: {exc}") from exc
-    model.to(device).eval()
-    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler", "scaler", "rng")}
-    meta["preprocess_spec"] = PreprocessSpec.from_dict(ckpt["preprocess"])
-    meta["path"] = str(path)
-    return model, meta
+    return model_from_checkpoint(ckpt, device), ckpt.meta
+
+
+def new_meta(arch: str, labels: tuple[str, ...], positive: str | None, spec: PreprocessSpec, training: dict,
+             data: TrainingData | None) -> ModelMeta:
+    """The meta of a model about to be trained (uncalibrated, no gate)."""
+    from covid_cxr.meta import now
+
+    return ModelMeta(arch=arch, labels=tuple(labels), positive=positive, preprocess=spec, training=training,
+                     data=data, versions=versions(), created=now())
+
+
+def meta_json(meta: ModelMeta) -> str:
+    return json.dumps(meta.to_dict(), indent=2)

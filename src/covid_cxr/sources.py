@@ -40,6 +40,10 @@ class SourceRead:
 
     source: str
     images: pd.DataFrame
+    root: Path | None = None
+    """The source's folder (resolved); every image path lies inside it."""
+    synthetic: bool = False
+    """The images are synthetic (phantoms), not patients: reports say so."""
     dropped: list[dict] = field(default_factory=list)
     """One dict per unused file or metadata row: ``{"source", "item", "reason"}``."""
     notes: list[str] = field(default_factory=list)
@@ -106,6 +110,15 @@ def _require_dir(root: Path, what: str) -> Path:
     return root.resolve()
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """True when ``path`` (after resolving links and ``..``) lies inside ``root``."""
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
 def _frame(rows: list[dict], source: str) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=SOURCE_COLUMNS)
     df["source"] = source
@@ -120,7 +133,7 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
     meta = root / "metadata.csv"
     required = ["patientid", "finding", "view", "modality"] + extra_required
     df, encoding = read_metadata_csv(meta, required)
-    out = SourceRead(source, _frame([], source))
+    out = SourceRead(source, _frame([], source), root=root)
     if encoding != "utf-8":
         out.notes.append(f"{meta.name} is {encoding}-encoded, not UTF-8")
     by_path: dict[Path, dict] = {}
@@ -131,6 +144,9 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
             out.drop(item, "metadata row names no image file")
             continue
         path = resolve(root, row)
+        if path is not None and not _inside(path, root):
+            out.drop(item, "the image path in metadata.csv points outside the source folder (refused)")
+            continue
         if path is None or not path.is_file():
             out.drop(item, f"image file {path.name if path else '?'} listed in metadata.csv is missing")
             continue
@@ -255,7 +271,7 @@ def read_radiography(root: str | Path) -> SourceRead:
     if base is None:
         raise SourceError(f"{root}: no COVID/, Normal/, COVID-19/ or 'Viral Pneumonia/' folder found; "
                           "point --source radiography=PATH at the unpacked COVID-19 Radiography Database")
-    out = SourceRead("radiography", _frame([], "radiography"))
+    out = SourceRead("radiography", _frame([], "radiography"), root=root)
     out.notes.append("no patient ids: each image is treated as its own patient, so images of one patient "
                      "may fall in different splits")
     rows = []
@@ -276,7 +292,7 @@ def read_radiography(root: str | Path) -> SourceRead:
             elif not is_image_file(f):
                 out.drop(f, "not an image file")
             else:
-                rows.append({"path": str(f.resolve()), "label": label, "finding": finding,
+                rows.append({"path": str(f), "label": label, "finding": finding,
                              "patient_id": f"{cls_dir.name}/{f.stem}", "view": "unknown", "source_split": ""})
     for f in sorted(base.iterdir()):
         if f.is_file():
@@ -305,7 +321,7 @@ def read_mooney(root: str | Path) -> SourceRead:
     ``source_split`` only; covid-cxr makes its own patient-level split.
     """
     root = _require_dir(Path(root), "mooney")
-    out = SourceRead("mooney", _frame([], "mooney"))
+    out = SourceRead("mooney", _frame([], "mooney"), root=root)
     out.notes.append("pediatric (children aged 1-5): a normal class drawn from here against adult COVID "
                      "images lets a model learn age instead of disease")
     rows, unparsed = [], 0
@@ -326,7 +342,7 @@ def read_mooney(root: str | Path) -> SourceRead:
         finding = "Normal" if cls == "NORMAL" else (
             "Bacterial pneumonia" if "bacteria" in name else "Viral pneumonia" if "virus" in name else "Pneumonia")
         split = f.parent.parent.name.lower()
-        rows.append({"path": str(f.resolve()), "label": "normal" if cls == "NORMAL" else "pneumonia",
+        rows.append({"path": str(f), "label": "normal" if cls == "NORMAL" else "pneumonia",
                      "finding": finding, "patient_id": patient, "view": "unknown",
                      "source_split": split if split in ("train", "val", "test") else ""})
     if not rows:
@@ -351,8 +367,11 @@ def read_folder(root: str | Path) -> SourceRead:
     """
     root = _require_dir(Path(root), "folder")
     name = root.name
-    out = SourceRead(name, _frame([], name))
+    out = SourceRead(name, _frame([], name), root=root, synthetic=is_synthetic_folder(root))
     out.notes.append("generic folder source: no patient ids, each image is its own patient")
+    if out.synthetic:
+        out.notes.append("SYNTHETIC images (README.txt says so): not patients; results on them show that the "
+                         "pipeline works, not that anything detects COVID-19")
     rows = []
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = f.relative_to(root)
@@ -366,10 +385,20 @@ def read_folder(root: str | Path) -> SourceRead:
         elif not is_image_file(f):
             out.drop(f, "not an image file")
         else:
-            rows.append({"path": str(f.resolve()), "label": label, "finding": rel.parts[0],
+            rows.append({"path": str(f), "label": label, "finding": rel.parts[0],
                          "patient_id": str(rel.with_suffix("")), "view": "unknown", "source_split": ""})
     out.images = _frame(rows, name)
     return out
+
+
+def is_synthetic_folder(root: Path) -> bool:
+    """A folder whose README.txt starts with SYNTHETIC (as :func:`covid_cxr.phantoms.generate_phantoms` writes)."""
+    readme = Path(root) / "README.txt"
+    try:
+        with open(readme, encoding="utf-8", errors="replace") as f:
+            return f.readline().strip().upper().startswith("SYNTHETIC")
+    except OSError:
+        return False
 
 
 READERS: dict[str, Callable[[str | Path], SourceRead]] = {

@@ -1,7 +1,12 @@
-"""``covid-cxr train``: fine-tune DenseNet-121 on a manifest's train split.
+"""``covid-cxr train``: train a classifier on a manifest's train split.
 
-The loop is shaped for ``torchrun``: device and rank come from the environment, every
-rank draws its own shard of each epoch, and only rank 0 writes files.
+The loop is shaped for ``torchrun``: device and rank come from the environment, every rank draws its
+own shard of each epoch, validation is sharded and gathered so each image counts once, every rank
+takes the same early-stopping decision, and only rank 0 writes files.
+
+After the last epoch (rank 0): the best checkpoint is calibrated on the validation split (temperature
+and operating point, :func:`covid_cxr.calibration.calibrate`), its out-of-scope gate is fitted
+(:func:`covid_cxr.gate.fit_gate`), and it is saved again through the one checkpoint writer.
 """
 
 from __future__ import annotations
@@ -9,31 +14,37 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from covid_cxr.config import TrainConfig, write_yaml
-from covid_cxr.data import EpochSampler, StackDataset, load_rows, worker_init
-from covid_cxr.errors import CheckpointError, CovidCxrError
-from covid_cxr.manifest import read_manifest
+from covid_cxr.augment import AugmentSpec, mixup_lambda
+from covid_cxr.calibration import calibrate, reliability_diagram_png
+from covid_cxr.config import TrainConfig
+from covid_cxr.data import EpochSampler, StackDataset, sample_seed, worker_init
+from covid_cxr.dataset import Dataset, read_dataset
+from covid_cxr.errors import CheckpointError, CovidCxrError, RunError
+from covid_cxr.files import RunLock, atomic_write, default_workers, read_json, relative_or_absolute, write_json, write_yaml
+from covid_cxr.gate import fit_gate
+from covid_cxr.inference import forward_pixels
+from covid_cxr.meta import ModelMeta, TrainingData
 from covid_cxr.metrics import roc_auc
-from covid_cxr.model import backbone_parameters, build_model, read_checkpoint, save_checkpoint, unwrap
-from covid_cxr.predict import probabilities
+from covid_cxr.model import (backbone_parameters, build_model, model_from_checkpoint, new_meta, read_checkpoint,
+                             save_checkpoint, unwrap)
+from covid_cxr.paths import RunDir
+from covid_cxr.pixels import PreprocessSpec
+from covid_cxr.plots import learning_curves_png
 from covid_cxr.runtime import Runtime, amp_dtype, autocast, setup_runtime
-from covid_cxr.transforms import AugmentSpec, PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-# Options that may differ between an interrupted run and its --resume.
 RESUME_FREE_OPTIONS = ("resume", "workers", "progress", "device")
+"""Options that may differ between an interrupted run and its ``--resume``."""
 
 
 def seed_everything(seed: int) -> None:
@@ -55,27 +66,87 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+# ----------------------------------------------------------------------------- source-adversarial head
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by ``-weight`` on the way back (Ganin & Lempitsky, 2015)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.weight * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """``x`` unchanged; its gradient reversed and scaled by ``weight`` in the backward pass."""
+    return _ReverseGradient.apply(x, float(weight))
+
+
+class SourceAdversary(nn.Module):
+    """Predicts the source from the penultimate features through a gradient-reversal layer: minimising its loss
+    trains it to tell sources apart and pushes the features to make that impossible."""
+
+    def __init__(self, feature_dim: int, n_sources: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_sources))
+
+    def forward(self, features: torch.Tensor, weight: float) -> torch.Tensor:
+        return self.net(reverse_gradient(features, weight))
+
+
+def adversary_weight(max_weight: float, progress: float) -> float:
+    """DANN's ramp: 0 at the start of training, ``max_weight`` towards the end."""
+    return float(max_weight * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0))
+
+
+# ----------------------------------------------------------------------------- one epoch
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, device: torch.device,
                     dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-                    progress: bool = False, desc: str = "train") -> dict:
-    """One pass over ``loader``. Returns {"loss", "accuracy", "images"} averaged over samples."""
+                    progress: bool = False, desc: str = "train", mixup: float = 0.0, seed: int = 0, epoch: int = 0,
+                    adversary: SourceAdversary | None = None, sources: torch.Tensor | None = None,
+                    adversary_max: float = 0.0, total_steps: int = 1) -> dict:
+    """One pass over ``loader``. Returns {"loss", "accuracy", "images"} (plus ``adv_loss``/``adv_accuracy``).
+
+    MixUp (``mixup`` > 0) mixes each batch with a permutation of itself, with lambda and the permutation
+    drawn from (seed, epoch, step). The adversary (if given) reads the features of the same forward pass.
+    """
     from tqdm.auto import tqdm
 
     model.train()
-    frozen = getattr(unwrap(model), "_covid_cxr_frozen", False)
-    if frozen:  # keep frozen BatchNorm statistics fixed
-        unwrap(model).features.eval()
-    total_loss, correct, seen = 0.0, 0, 0
+    if getattr(unwrap(model), "_covid_cxr_frozen", False):  # keep frozen BatchNorm statistics fixed
+        unwrap(model).net.eval()
+    total_loss, correct, seen, adv_loss, adv_correct = 0.0, 0, 0, 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
-    for x, y, _ in bar:
+    steps_done = scheduler.last_epoch
+    for step, (x, y, idx) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        lam, perm = 1.0, None
+        if mixup > 0:
+            s = sample_seed(seed, epoch, step, 104729)
+            lam = mixup_lambda(mixup, s)
+            perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(s)).to(device)
+            x = lam * x + (1.0 - lam) * x[perm]
         with autocast(device, dtype):
-            logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            logits, feats = model(x, with_features=True)
+            logits = logits.float()
+            loss = loss_fn(logits, y) if perm is None else lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y[perm])
+            if adversary is not None:
+                src = sources[idx].to(device)
+                w = adversary_weight(adversary_max, (steps_done + step) / max(1, total_steps))
+                adv_logits = adversary(feats.float(), w)
+                a_loss = nn.functional.cross_entropy(adv_logits, src) if perm is None else (
+                    lam * nn.functional.cross_entropy(adv_logits, src)
+                    + (1 - lam) * nn.functional.cross_entropy(adv_logits, src[perm]))
+                loss = loss + a_loss
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -88,222 +159,272 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         n = y.shape[0]
         total_loss += float(loss.detach()) * n
         correct += int((logits.argmax(1) == y).sum())
+        if adversary is not None:
+            adv_loss += float(a_loss.detach()) * n
+            adv_correct += int((adv_logits.argmax(1) == src).sum())
         seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
                         lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen}
+    out = {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen}
+    if adversary is not None:
+        out.update(adv_loss=adv_loss / max(seen, 1), adv_accuracy=adv_correct / max(seen, 1))
+    return out
 
 
-@torch.no_grad()
-def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device,
-                   dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, K) as float32 and targets (N,) in dataset order."""
-    model.eval()
-    logits, targets, order = [], [], []
-    for x, y, idx in loader:
-        x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            out = model(x)
-        logits.append(out.float().cpu())
-        targets.append(y)
-        order.append(idx)
-    inv = torch.argsort(torch.cat(order))
-    return torch.cat(logits)[inv].numpy(), torch.cat(targets)[inv].numpy()
+def validation_metrics(logits: np.ndarray, targets: np.ndarray, positive: int | None) -> dict:
+    """Loss, accuracy and ROC AUC (on log-odds; one-vs-rest macro for more than two classes)."""
+    from covid_cxr.meta import log_probs
+
+    lp = log_probs(logits)
+    return {"loss": float(-lp[np.arange(len(targets)), targets].mean()),
+            "accuracy": float(np.mean(lp.argmax(1) == targets)), "auc": roc_auc(targets, lp, positive)}
 
 
-def validation_metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
-    """Loss, accuracy and ROC AUC (one-vs-rest macro for more than two classes)."""
-    probs = probabilities(torch.from_numpy(logits)).numpy()
-    eps = 1e-7
-    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], eps, 1.0))))
-    return {"loss": loss, "accuracy": float(np.mean(probs.argmax(1) == targets)),
-            "auc": roc_auc(targets, probs)}
+def validation_logits(model: nn.Module, pixels: np.ndarray, spec: PreprocessSpec, rt: Runtime, batch_size: int,
+                      dtype) -> np.ndarray:
+    """Validation logits of every image, computed in shards across ranks and gathered, so each image counts once
+    and every rank sees the same numbers."""
+    if not rt.distributed:
+        return forward_pixels(model, pixels, spec, rt.device, batch_size, dtype=dtype).logits
+    import torch.distributed as dist
+
+    mine = np.arange(rt.rank, len(pixels), rt.world_size)
+    part = forward_pixels(model, pixels[mine], spec, rt.device, batch_size, dtype=dtype).logits
+    gathered: list = [None] * rt.world_size
+    dist.all_gather_object(gathered, (mine, part))
+    out = np.empty((len(pixels), part.shape[1]), dtype=np.float32)
+    for idx, lg in gathered:
+        out[idx] = lg
+    return out
 
 
-def calibrate(run_dir: Path, val_loader: DataLoader | None, labels: list[str], cfg: TrainConfig,
-              rt: Runtime) -> dict:
-    """Fit temperature scaling and choose the operating point on the validation split; store both in best.pt.
+# ----------------------------------------------------------------------------- the run folder
 
-    The threshold applies to the calibrated probability of the positive class (covid); with more
-    than two classes the argmax is used and only the temperature is fitted.
-    """
-    from covid_cxr.calibration import (choose_threshold, expected_calibration_error, fit_temperature, nll,
-                                       reliability_diagram_png)
-    from covid_cxr.model import load_checkpoint
-
-    best = run_dir / "best.pt"
-    result: dict = {"split": "val", "temperature": 1.0, "threshold": 0.5, "notes": []}
-    if val_loader is None:
-        result["notes"].append("no validation split: temperature 1 and threshold 0.5 kept")
-        return result
-    model, _ = load_checkpoint(best, rt.device)
-    logits, targets = predict_loader(model, val_loader, rt.device)
-    positive = labels.index("covid") if "covid" in labels else 1
-    try:
-        t = fit_temperature(logits, targets)
-    except ValueError as exc:
-        t = 1.0
-        result["notes"].append(f"temperature not fitted ({exc}); 1.0 kept")
-    before = probabilities(torch.from_numpy(logits)).numpy()
-    after = probabilities(torch.from_numpy(logits), t).numpy()
-    result.update(temperature=float(t), nll_before=nll(logits, targets), nll_after=nll(logits, targets, t),
-                  ece_before=expected_calibration_error(before, targets)["ece"],
-                  ece_after=expected_calibration_error(after, targets)["ece"], n=int(len(targets)))
-    if len(labels) == 2:
-        try:
-            op = choose_threshold(after[:, positive], (targets == positive).astype(int), cfg.threshold_rule,
-                                  cfg.target_sensitivity)
-            # The threshold equals one validation score; a hair below it keeps that image positive when
-            # batch size or hardware changes the probability in the 7th digit.
-            result.update(threshold=float(op["threshold"]) - 1e-6, operating_point=op)
-        except ValueError as exc:
-            result["notes"].append(f"threshold not chosen ({exc}); 0.5 kept")
-    else:
-        result.update(threshold=None, operating_point={"rule": "argmax"})
-    reliability_diagram_png(after, targets, run_dir / "calibration_val.png",
-                            f"validation, temperature {t:.2f}", probs_before=before)
-    ckpt = torch.load(best, map_location="cpu", weights_only=True)
-    ckpt.update(temperature=result["temperature"], threshold=result["threshold"] if result["threshold"] is not None
-                else 0.5, calibration=result)
-    tmp = best.with_name(f".{best.name}.tmp-{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, best)
-    (run_dir / "calibration.json").write_text(json.dumps(result, indent=2))
-    return result
+def _comparable(options: dict, run_relative_base: Path) -> dict:
+    """Options with their paths made absolute, so `./runs/a` and `/home/me/runs/a` compare equal."""
+    out = dict(options)
+    for k in ("data", "out", "estimate_from"):
+        if out.get(k):
+            p = Path(out[k])
+            out[k] = str((p if p.is_absolute() else run_relative_base / p).resolve())
+    if out.get("weights") not in (None, "imagenet", "none"):
+        out["weights"] = str(Path(out["weights"]).resolve())
+    return out
 
 
-def _load_split(df: pd.DataFrame, data_dir: str, split: str, labels: list[str], spec: PreprocessSpec,
-                progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    rows = df[(df["split"] == split) & df["target"].isin(labels)]
-    targets = rows["target"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
-    return load_rows(rows, data_dir, spec, progress=progress), targets
-
-
-def _check_run_dir(cfg: TrainConfig) -> dict | None:
-    """Refuse to overwrite a run; on --resume return the last checkpoint after checking its config."""
-    out = Path(cfg.out)
-    last = out / "last.pt"
+def _check_run_dir(cfg: TrainConfig, run: RunDir):
+    """Refuse to overwrite a run; on --resume return the last checkpoint after checking its options."""
     if not cfg.resume:
-        if last.exists() or (out / "best.pt").exists():
-            raise CovidCxrError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if run.last.exists() or run.best.exists():
+            raise RunError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
         return None
-    if not last.exists():
-        raise CheckpointError(f"--resume: {last} not found; start the run without --resume")
-    ckpt = read_checkpoint(last)
-    saved = ckpt.get("config", {})
-    now = cfg.to_dict()
-    diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE_OPTIONS and saved.get(k) != now[k]}
+    if not run.last.exists():
+        raise CheckpointError(f"--resume: {run.last} not found; start the run without --resume")
+    ckpt = read_checkpoint(run.last)
+    if not ckpt.training or "optimizer" not in ckpt.training:
+        raise CheckpointError(f"--resume: {run.last} holds no training state (optimizer, schedule); it is not a "
+                              "last.pt written by `covid-cxr train`: start a new run with another --out")
+    saved = _comparable(ckpt.meta.training, run.root)
+    now = _comparable(cfg.to_dict(), Path.cwd())
+    diff = {k: (saved.get(k), now[k]) for k in now
+            if k not in RESUME_FREE_OPTIONS and k in saved and saved.get(k) != now[k]}
     if diff:
-        raise CovidCxrError(f"--resume: options differ from the interrupted run {diff} (saved, now); resume with "
-                            "the same options or start a new --out")
+        raise RunError("--resume: options differ from the interrupted run: "
+                       + "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                       + "; resume with the same options or start a new --out")
     return ckpt
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:
     """DataLoader workers: as requested, else 1 on CPU and up to 8 on CUDA.
 
-    On CPU one single-threaded worker prepares the next batch while the model computes; in the
-    main process augmentation would compete with the model's threads (measured ~50x slower
-    per image under load by benchmarks/bench_data.py)."""
+    On CPU one single-threaded worker prepares the next batch while the model computes; in the main
+    process augmentation would compete with the model's threads (measured ~50x slower per image under
+    load by benchmarks/bench_data.py)."""
     if requested is not None:
         return requested
-    return 1 if device.type == "cpu" else min(8, len(os.sched_getaffinity(0)))
-
-
-def _make_loader(ds: StackDataset, sampler, cfg: TrainConfig, rt: Runtime, train: bool = False) -> DataLoader:
-    workers = loader_workers(cfg.workers, rt.device)
-    # A last training batch of one image breaks BatchNorm; drop it (it is a different image each epoch).
-    drop_last = train and len(sampler) % cfg.batch_size == 1
-    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=rt.device.type == "cuda", worker_init_fn=worker_init if workers else None,
-                      persistent_workers=False)
+    return 1 if device.type == "cpu" else default_workers(8)
 
 
 def _class_weights(targets: np.ndarray, k: int) -> torch.Tensor:
     counts = np.bincount(targets, minlength=k).astype(np.float64)
     if (counts == 0).any():
-        raise CovidCxrError(f"the train split has no images of some class (counts {counts.tolist()})")
+        raise CovidCxrError(f"the train split has no images of some class (counts {counts.tolist()}); rebuild the "
+                            "dataset with more images of every class")
     return torch.tensor(len(targets) / (k * counts), dtype=torch.float32)
 
+
+def _training_options(cfg: TrainConfig, run: RunDir) -> dict:
+    """The options as stored in config.yaml and in the checkpoint: the dataset relative to the run folder."""
+    d = cfg.to_dict()
+    d["data"] = relative_or_absolute(cfg.data, run.root)
+    d["data_absolute"] = str(Path(cfg.data).resolve())
+    d["out"] = "."
+    if cfg.weights not in ("imagenet", "none"):
+        d["weights"] = str(Path(cfg.weights).resolve())
+    if cfg.estimate_from:
+        d["estimate_from"] = relative_or_absolute(cfg.estimate_from, run.root)
+    return d
+
+
+def _estimate(cfg: TrainConfig, run: RunDir) -> dict | None:
+    if not cfg.all_images:
+        return None
+    if not cfg.estimate_from:
+        return {"source": "none", "note": "trained on every image without a test split and without a crossval "
+                                          "estimate: this model's performance is unknown"}
+    doc = read_json(Path(cfg.estimate_from) / "crossval.json", "crossval result")
+    pooled = doc.get("pooled", {})
+    return {"source": "crossval", "crossval": relative_or_absolute(cfg.estimate_from, run.root),
+            "pooled_auc": pooled.get("auc"), "ci95": pooled.get("ci95"), "protocol": doc.get("protocol"),
+            "per_source": {k: v.get("auc") for k, v in doc.get("per_source", {}).items()}}
+
+
+# ----------------------------------------------------------------------------- run
 
 def run(cfg: TrainConfig) -> dict:
     """Train a model as configured; returns a summary (best epoch, best validation AUC, paths)."""
     rt = setup_runtime(cfg.device)
-    resume_ckpt = _check_run_dir(cfg)
+    run_dir = RunDir(Path(cfg.out))
+    lock = RunLock(run_dir.lock) if rt.is_main else None
+    if lock is not None:
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        return _run(cfg, rt, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: TrainConfig, rt: Runtime, run_dir: RunDir) -> dict:
+    resume_ckpt = _check_run_dir(cfg, run_dir)
     seed_everything(cfg.seed)
-    df, meta = read_manifest(cfg.data)
-    labels = list(meta["labels"])
-    spec = PreprocessSpec.for_size(cfg.image_size)
-    out = Path(cfg.out)
+    ds = read_dataset(cfg.data, cfg.source_roots)
+    labels, positive = ds.labels, ds.info.positive
+    spec = PreprocessSpec.for_size(cfg.image_size, cfg.intensity)
+    options = _training_options(cfg, run_dir)
+    train_rows = ds.rows(("train", "test", "unused")) if cfg.all_images else ds.rows("train")
+    val_rows = ds.rows("val")
+    if train_rows.empty:
+        raise CovidCxrError(f"{ds.dir.root}: the train split is empty")
+    data = TrainingData(task=ds.info.task, sources=tuple(sorted(set(train_rows["source"]) | set(val_rows["source"]))),
+                        synthetic_sources=tuple(s for s in ds.info.synthetic_sources
+                                                if s in set(train_rows["source"]) | set(val_rows["source"])),
+                        protocol=str(ds.info.protocol.get("description", ds.info.protocol.get("name", ""))),
+                        n_train=int(len(train_rows)), n_val=int(len(val_rows)), test_split=not cfg.all_images)
+    meta = new_meta(cfg.arch, tuple(labels), positive, spec, options, data).replace(estimate=_estimate(cfg, run_dir))
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_yaml(out / "config.yaml", {**cfg.to_dict(), "labels": labels, "dataset": meta})
+        write_yaml(run_dir.config, {**options, "labels": labels,
+                                    "positive": positive, "preprocess": spec.to_dict()})
     t0 = time.perf_counter()
-    train_x, train_y = _load_split(df, cfg.data, "train", labels, spec, cfg.progress and rt.is_main)
-    val_x, val_y = _load_split(df, cfg.data, "val", labels, spec, cfg.progress and rt.is_main)
-    if len(train_x) == 0:
-        raise CovidCxrError(f"{cfg.data}: the train split is empty")
-    log.info("decoded %d train and %d val images at %d px in %.1f s", len(train_x), len(val_x), cfg.image_size,
+    progress = cfg.progress and rt.is_main
+    train_px = ds.pixels(train_rows, spec, progress=progress)
+    val_px = ds.pixels(val_rows, spec, progress=progress)
+    train_y, val_y = ds.targets(train_rows), ds.targets(val_rows)
+    log.info("loaded %d train and %d val images at %d px in %.1f s", len(train_px), len(val_px), cfg.image_size,
              time.perf_counter() - t0)
-    train_ds = StackDataset(train_x, train_y, spec, AugmentSpec(), seed=cfg.seed)
-    sampler = EpochSampler(train_y, cfg.seed, balanced=cfg.balance == "sampler", rank=rt.rank,
+    return _train(cfg, rt, run_dir, ds, meta, train_rows, train_px, train_y, val_px, val_y, resume_ckpt)
+
+
+def _strata(cfg: TrainConfig, train_rows, train_y) -> np.ndarray | None:
+    if cfg.balance == "sampler":
+        return train_y
+    if cfg.balance == "source":
+        return (train_rows["source"].astype(str) + "|" + train_rows["target"].astype(str)).to_numpy()
+    return None
+
+
+def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: ModelMeta, train_rows, train_px,
+           train_y, val_px, val_y, resume_ckpt) -> dict:
+    labels, spec = list(meta.labels), meta.preprocess
+    aug = AugmentSpec(acquisition=cfg.acquisition_augment)
+    train_ds = StackDataset(train_px, train_y, spec, aug, seed=cfg.seed)
+    sampler = EpochSampler(train_y, cfg.seed, strata=_strata(cfg, train_rows, train_y), rank=rt.rank,
                            world_size=rt.world_size)
-    train_loader = _make_loader(train_ds, sampler, cfg, rt, train=True)
-    val_loader = None
-    if len(val_x):
-        val_ds = StackDataset(val_x, val_y, spec)
-        val_loader = _make_loader(val_ds, EpochSampler(val_y, cfg.seed, shuffle=False), cfg, rt)
-    model = build_model(labels, weights=None if cfg.weights == "none" else cfg.weights)
+    workers = loader_workers(cfg.workers, rt.device)
+    # A last training batch of one image breaks BatchNorm; drop it (it is a different image each epoch).
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                              drop_last=len(sampler) % cfg.batch_size == 1, pin_memory=rt.device.type == "cuda",
+                              worker_init_fn=worker_init if workers else None)
+    model = build_model(labels, arch=cfg.arch, weights=None if cfg.weights == "none" else cfg.weights)
     if cfg.freeze_backbone:
         for p in backbone_parameters(model):
             p.requires_grad_(False)
         model._covid_cxr_frozen = True
+    source_names = sorted(set(train_rows["source"]))
+    adversary = None
+    sources = None
+    if cfg.adversarial > 0:
+        if len(source_names) < 2:
+            raise CovidCxrError(f"--adversarial needs at least two sources in the training split, found "
+                                f"{source_names}; use --adversarial 0")
+        adversary = SourceAdversary(model.feature_dim, len(source_names))
+        sources = torch.as_tensor(train_rows["source"].map({s: i for i, s in enumerate(source_names)}).to_numpy())
     model.to(rt.device)
+    if adversary is not None:
+        adversary.to(rt.device)
     if rt.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad] + (
+        list(adversary.parameters()) if adversary is not None else [])
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.epochs * steps, int(round(cfg.warmup_epochs * steps))))
-    dtype = amp_dtype(rt, cfg.amp)
+    dtype = amp_dtype(rt.device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     weight = _class_weights(train_y, len(labels)) if cfg.balance == "loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight.to(rt.device) if weight is not None else None)
     state = {"epoch": 0, "best_auc": -math.inf, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
     if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["state_dict"], strict=True)
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        if scaler is not None and resume_ckpt.get("scaler"):
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        state = dict(resume_ckpt["train_state"])
-        torch.set_rng_state(resume_ckpt["rng"])
-        log.info("resuming %s after epoch %d", out, state["epoch"])
+        tr = resume_ckpt.training
+        model.load_state_dict(resume_ckpt.state_dict, strict=True)
+        optimizer.load_state_dict(tr["optimizer"])
+        scheduler.load_state_dict(tr["scheduler"])
+        if scaler is not None and tr.get("scaler"):
+            scaler.load_state_dict(tr["scaler"])
+        if adversary is not None and tr.get("adversary"):
+            adversary.load_state_dict(tr["adversary"])
+        state = dict(tr["train_state"])
+        torch.set_rng_state(tr["rng"])
+        log.info("resuming %s after epoch %d", run_dir.root, state["epoch"])
         if rt.is_main:
-            _truncate_metrics(out / "metrics.jsonl", state["epoch"])
+            _truncate_metrics(run_dir.metrics, state["epoch"])
     train_model = model
-    if rt.world_size > 1:
+    if rt.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return _epochs(cfg, rt, labels, spec, train_model, model, train_ds, sampler, train_loader, val_loader,
-                   optimizer, scheduler, scaler, loss_fn, dtype, state)
+    loop = dict(cfg=cfg, rt=rt, run_dir=run_dir, meta=meta, train_model=train_model, model=model, train_ds=train_ds,
+                sampler=sampler, train_loader=train_loader, val_px=val_px, val_y=val_y, optimizer=optimizer,
+                scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, dtype=dtype, state=state, adversary=adversary,
+                sources=sources)
+    summary = _epochs(**loop)
+    if rt.is_main:
+        summary.update(finalize(run_dir, cfg, rt, train_px, train_y, val_px, val_y))
+    if rt.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks return once rank 0 has written the final checkpoint
+    return summary
 
 
-def _epochs(cfg, rt, labels, spec, train_model, model, train_ds, sampler, train_loader, val_loader,
-            optimizer, scheduler, scaler, loss_fn, dtype, state) -> dict:
-    out = Path(cfg.out)
+def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train_loader, val_px, val_y, optimizer,
+            scheduler, scaler, loss_fn, dtype, state, adversary, sources) -> dict:
     stopped_early = False
+    positive = meta.positive_index
+    total_steps = cfg.epochs * len(train_loader)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         train_ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         tr = train_one_epoch(train_model, train_loader, optimizer, scheduler, loss_fn, rt.device, dtype, scaler,
-                             progress=cfg.progress and rt.is_main, desc=f"epoch {epoch}/{cfg.epochs}")
+                             progress=cfg.progress and rt.is_main, desc=f"epoch {epoch}/{cfg.epochs}",
+                             mixup=cfg.mixup, seed=cfg.seed, epoch=epoch, adversary=adversary, sources=sources,
+                             adversary_max=cfg.adversarial, total_steps=total_steps)
         train_s = time.perf_counter() - t0
-        val = validation_metrics(*predict_loader(model, val_loader, rt.device, dtype)) if val_loader else {}
+        val = validation_metrics(validation_logits(model, val_px, meta.preprocess, rt, cfg.batch_size, dtype), val_y,
+                                 positive) if len(val_px) else {}
         auc = val.get("auc")
         loss = val.get("loss", tr["loss"])
         score = auc if auc is not None and not math.isnan(auc) else -math.inf
@@ -313,32 +434,86 @@ def _epochs(cfg, rt, labels, spec, train_model, model, train_ds, sampler, train_
         if improved:
             state.update(best_auc=score, best_loss=loss, best_epoch=epoch)
         record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+                  **{k: v for k, v in tr.items() if k.startswith("adv_")},
                   **{f"val_{k}": v for k, v in val.items()}, "lr": scheduler.get_last_lr()[0],
                   "epoch_seconds": round(time.perf_counter() - t0, 2),
-                  "train_images_per_second": round(tr["images"] / train_s, 2), "best_epoch": state["best_epoch"]}
+                  "train_images_per_second": round(tr["images"] * rt.world_size / train_s, 2),
+                  "best_epoch": state["best_epoch"]}
         if rt.is_main:
-            config = cfg.to_dict()
+            epoch_meta = meta.replace(epoch=epoch, val_metrics=val)
             if improved:
-                save_checkpoint(out / "best.pt", model, labels, spec, config,
-                                extra={"epoch": epoch, "val_metrics": val})
-            save_checkpoint(out / "last.pt", model, labels, spec, config, extra={
-                "epoch": epoch, "val_metrics": val, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "train_state": dict(state), "rng": torch.get_rng_state()})
-            with open(out / "metrics.jsonl", "a") as f:
+                save_checkpoint(run_dir.best, model, epoch_meta)
+            save_checkpoint(run_dir.last, model, epoch_meta, training={
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "train_state": dict(state),
+                "rng": torch.get_rng_state(), "adversary": adversary.state_dict() if adversary is not None else None})
+            with open(run_dir.metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %s acc %s auc %s | %.1f s", epoch, cfg.epochs,
                  tr["loss"], tr["accuracy"], _fmt(val.get("loss")), _fmt(val.get("accuracy")), _fmt(auc),
                  record["epoch_seconds"])
-        if cfg.patience and val_loader is not None and state["bad_epochs"] >= cfg.patience:
+        if cfg.patience and len(val_px) and state["bad_epochs"] >= cfg.patience:
             log.info("early stopping: validation AUC has not improved for %d epochs", cfg.patience)
             stopped_early = True
             break
-    calibration = calibrate(out, val_loader, labels, cfg, rt) if rt.is_main else {}
-    return {"run": str(out), "best_epoch": state["best_epoch"], "best_val_auc": state["best_auc"],
+    return {"run": str(run_dir.root), "best_epoch": state["best_epoch"], "best_val_auc": state["best_auc"],
             "epochs_run": state["epoch"], "stopped_early": stopped_early,
-            "temperature": calibration.get("temperature"), "threshold": calibration.get("threshold"),
-            "best_checkpoint": str(out / "best.pt"), "last_checkpoint": str(out / "last.pt")}
+            "best_checkpoint": str(run_dir.best), "last_checkpoint": str(run_dir.last)}
+
+
+def finalize(run_dir: RunDir, cfg: TrainConfig, rt: Runtime, train_px: np.ndarray, train_y: np.ndarray,
+             val_px: np.ndarray, val_y: np.ndarray) -> dict:
+    """Calibrate the best checkpoint and fit its out-of-scope gate on validation; save it through the writer.
+
+    Writes ``calibration.json``, ``calibration_val.png`` and ``learning_curves.png``. Returns a summary.
+    """
+    ckpt = read_checkpoint(run_dir.best)
+    model = model_from_checkpoint(ckpt, rt.device)
+    meta = ckpt.meta
+    spec, synthetic = meta.preprocess, bool(meta.data and meta.data.synthetic)
+    train_out = forward_pixels(model, train_px, spec, rt.device, cfg.batch_size, features=True)
+    val_out = forward_pixels(model, val_px, spec, rt.device, cfg.batch_size, features=True) if len(val_px) else None
+    doc: dict = {"split": "val", "n": int(len(val_px))}
+    if val_out is not None:
+        cal, threshold_lo, plot = calibrate(val_out.logits, val_y, meta.positive_index if meta.binary else None,
+                                            cfg.threshold_rule, cfg.target_sensitivity)
+        reliability_diagram_png(plot["probs_after"], val_y, run_dir.calibration_png,
+                                f"validation, temperature {cal.temperature:.3g} ({cal.status})",
+                                probs_before=plot["probs_before"])
+    else:
+        from covid_cxr.meta import Calibration
+
+        cal, threshold_lo = Calibration(warnings=("no validation split: the temperature (1) and threshold (0.5) were "
+                                                  "not fitted",)), 0.0
+    gate_module, gate_info, gate_summary = fit_gate(train_out.features, train_out.views, train_y,
+                                                    None if val_out is None else val_out.features,
+                                                    None if val_out is None else val_out.views, cfg.gate_quantile)
+    model.gate = gate_module.to(rt.device)
+    meta = meta.replace(temperature=cal.temperature, threshold_log_odds=threshold_lo, calibration=cal, gate=gate_info)
+    save_checkpoint(run_dir.best, model, meta)
+    doc.update(calibration=cal.to_dict(), threshold=meta.threshold, threshold_log_odds=meta.threshold_log_odds,
+               threshold_text=meta.threshold_text(), gate=gate_summary)
+    write_json(run_dir.calibration, doc)
+    for w in cal.warnings:
+        log.warning("calibration: %s", w)
+    _learning_curves(run_dir, synthetic)
+    return {"temperature": cal.temperature, "calibration_status": cal.status, "threshold": meta.threshold,
+            "threshold_text": meta.threshold_text(), "calibration_warnings": list(cal.warnings),
+            "gate_threshold": gate_info.threshold}
+
+
+def _learning_curves(run_dir: RunDir, synthetic: bool) -> None:
+    records = read_metrics(run_dir)
+    if records:
+        best = max((r.get("best_epoch") or 0) for r in records)
+        learning_curves_png(records, run_dir.learning_curves_png, best_epoch=best or None, synthetic=synthetic)
+
+
+def read_metrics(run_dir: RunDir) -> list[dict]:
+    """The epochs recorded in metrics.jsonl (empty if none)."""
+    if not run_dir.metrics.is_file():
+        return []
+    return [json.loads(line) for line in run_dir.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _fmt(v) -> str:
@@ -349,5 +524,20 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Drop metric lines of epochs after the checkpoint we resume from (they will be rerun)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    atomic_write(path, "".join(line + "\n" for line in keep))
+
+
+def format_summary(summary: dict) -> str:
+    """A readable terminal summary of a training run."""
+    lines = [f"trained {summary['run']}: {summary['epochs_run']} epochs"
+             + (" (stopped early)" if summary.get("stopped_early") else "")
+             + f"; best validation AUC {_fmt(summary['best_val_auc'])} at epoch {summary['best_epoch']}"]
+    if "threshold_text" in summary:
+        lines.append(f"operating point {summary['threshold_text']}; temperature {summary['temperature']:.3g} "
+                     f"({summary['calibration_status']})")
+    lines += [f"WARNING: {w}" for w in summary.get("calibration_warnings", [])]
+    lines.append(f"model: {summary['best_checkpoint']}")
+    return "\n".join(lines)
+

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from covid_cxr.serve.config import ServeConfig
+from covid_cxr.config import ServeConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.errors import CovidCxrError, ImageReadError
-from covid_cxr.serve.config import ServeConfig
+from covid_cxr.config import ServeConfig, make_config
+from covid_cxr.errors import CovidCxrError, ImageReadError, UploadError
 from covid_cxr.serve.engine import Engine
-from covid_cxr.serve.uploads import ACCEPTED, FIELD, UploadError, limit_text, receive_upload
+from covid_cxr.serve.uploads import ACCEPTED, FIELD, limit_text, receive_upload
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,16 @@ class ModelInfo(BaseModel):
     checkpoint_sha256: str
     backend: str = Field(description="torch or onnx")
     labels: list[str]
+    positive_class: str | None = None
+    threshold_text: str = Field(description="the decision rule, e.g. P(covid) >= 0.18")
     temperature: float = Field(description="softmax temperature from calibration (1.0: uncalibrated)")
     image_size: int = Field(description="model input side in pixels")
+    preprocessing: str = ""
     trained_with: dict[str, str] | None = Field(None, description="versions recorded in the checkpoint")
+    created: str = ""
+    trained_on: dict | None = Field(None, description="task, sources (and whether any is synthetic), image counts")
+    estimate: dict | None = Field(None, description="out-of-source performance estimate (from crossval), if recorded")
+    out_of_scope_gate: bool = False
     onnx_file: str | None = None
 
 
@@ -61,8 +68,13 @@ class HeatmapInfo(BaseModel):
 class Prediction(BaseModel):
     probabilities: dict[str, float] = Field(description="label -> probability; they sum to 1")
     label: str = Field(description="predicted label (threshold on the positive class for two classes)")
-    threshold: float
+    log_odds: float | None = Field(None, description="log(P(positive) / P(other)), the unsaturated score")
+    threshold: float | None = Field(description="threshold on P(positive class) (None: argmax)")
+    threshold_text: str = Field(description="the decision rule in words, with the digits that matter")
     positive_class: str | None = Field(description="class the threshold applies to (None: argmax)")
+    in_scope: bool | None = Field(None, description="False: the image is unlike the training images (flagged)")
+    scope_score: float | None = Field(None, description="out-of-scope distance (higher: less like training)")
+    scope_warning: str | None = None
     model: ModelInfo
     disclaimer: str
     image: ImageInfo
@@ -80,6 +92,7 @@ class Health(BaseModel):
     max_upload_mb: float
     workers: int
     disclaimer: str
+    model: ModelInfo
 
 
 _ERRORS = {
@@ -129,8 +142,9 @@ def create_app(run: str, backend: str = "torch", max_upload_mb: float = 20, work
         ConfigError: an invalid option.
         CheckpointError, ExportError: the model cannot be loaded or exported.
     """
-    ServeConfig(run=str(run), backend=backend, max_upload_mb=max_upload_mb, workers=workers,
-                checkpoint=checkpoint, onnx_path=onnx_path, device=device)  # the option checks
+    # the option checks, types and choices included (a direct ServeConfig(...) does not check Literal choices)
+    make_config(ServeConfig, {"run": str(run), "backend": backend, "max_upload_mb": max_upload_mb, "workers": workers,
+                              "checkpoint": checkpoint, "onnx_path": onnx_path, "device": device})
     page = _page()
     engine = Engine(run, backend=backend, checkpoint=checkpoint, onnx_path=onnx_path, device=device)
     pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="covid-cxr-infer")
@@ -152,7 +166,7 @@ def create_app(run: str, backend: str = "torch", max_upload_mb: float = 20, work
         eng = app.state.engine
         return {"status": "ok", "model_loaded": True, "backend": eng.backend, "version": __version__,
                 "labels": eng.labels, "checkpoint": eng.checkpoint.name, "max_upload_mb": max_bytes / 2**20,
-                "workers": int(workers), "disclaimer": DISCLAIMER}
+                "workers": int(workers), "disclaimer": DISCLAIMER, "model": eng.model_info()}
 
     @app.post("/v1/predict", response_model=Prediction, response_model_exclude_unset=True,
               summary="classify one chest X-ray", responses=_ERRORS, openapi_extra=_UPLOAD_BODY)

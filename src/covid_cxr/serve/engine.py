@@ -1,14 +1,14 @@
 """The model behind the web app: loaded once, shared by concurrent requests.
 
-:class:`Engine` predicts with the same functions as ``covid-cxr predict`` (PyTorch:
-:func:`covid_cxr.predict.predict_arrays`; ONNX: :meth:`covid_cxr.export.OnnxModel.predict_arrays`,
-which calls the same function) and explains with :func:`covid_cxr.explain.heatmap_for_image`.
+:class:`Engine` predicts with the same :class:`~covid_cxr.inference.Predictor` as ``covid-cxr predict``
+(either backend) and explains with :func:`covid_cxr.explain.explain_array`.
 
-Thread safety: a forward pass in eval/inference mode does not change the module, so several
-threads may predict with one model at once. Grad-CAM does change it while it runs (it attaches
-forward hooks and needs gradients), so heatmaps use their own copy of the PyTorch model, one at
-a time under a lock. With the ONNX backend the heatmap comes from the PyTorch checkpoint the
-graph was exported from (checked by sha256): a graph has no gradients to take.
+Thread safety: a forward pass in inference mode does not change the model, so several threads may
+predict with one model at once. Grad-CAM does change it while it runs (it attaches forward hooks and
+needs gradients), so heatmaps use their own copy of the PyTorch model, one at a time under a lock.
+With the ONNX backend the heatmap comes from the PyTorch checkpoint the graph was exported from
+(checked by sha256), loaded on the first heatmap request: a graph has no gradients to take, and
+serving without heatmaps never imports PyTorch.
 """
 
 from __future__ import annotations
@@ -16,75 +16,52 @@ from __future__ import annotations
 import base64
 import copy
 import io
-import json
 import logging
 import re
 import tempfile
 import threading
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.errors import CheckpointError
-from covid_cxr.explain import caption_for, heatmap_for_image, overlay_png, resolve_target
 from covid_cxr.images import load_image, sha256_file
-from covid_cxr.metrics import predicted_labels
-from covid_cxr.model import load_checkpoint, resolve_checkpoint
-from covid_cxr.predict import predict_arrays
+from covid_cxr.inference import BACKENDS, Predictor, load_predictor, read_onnx_meta
+from covid_cxr.paths import locate_checkpoint
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
 
-
-def _torch_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available; use device 'cpu'")
-    return torch.device(device)
-
-
-def _onnx_source_sha(onnx_file: Path) -> str | None:
-    from covid_cxr.export import metadata_path
-
-    try:
-        doc = json.loads(metadata_path(onnx_file).read_text(encoding="utf-8"))
-        return doc["source_checkpoint"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def ensure_onnx(checkpoint: Path, checkpoint_sha: str, onnx_path: str | Path | None,
-                scratch: list[tempfile.TemporaryDirectory]) -> Path:
+def ensure_onnx(checkpoint: Path, onnx_path: str | Path | None, scratch: list[tempfile.TemporaryDirectory]) -> Path:
     """The ONNX file to serve for ``checkpoint``, exporting it when there is none.
 
     ``onnx_path`` given: exported there if missing; an existing file must come from ``checkpoint``.
-    Not given: ``<checkpoint folder>/model.onnx``, exported there if missing; if that file comes from
-    another checkpoint (or the folder is read-only), a fresh export goes to a temporary folder kept
-    for the life of the app (appended to ``scratch``), and the run folder is left alone.
+    Not given: ``<checkpoint folder>/model.onnx``, exported there if missing; if that file comes from another
+    checkpoint (or the folder is read-only), a fresh export goes to a temporary folder kept for the life of
+    the app (appended to ``scratch``), and the run folder is left alone.
 
     Raises:
         CheckpointError: an explicit ``onnx_path`` was exported from a different checkpoint.
         ExportError: the export failed.
     """
-    from covid_cxr.export import export_onnx
-
     explicit = onnx_path is not None
     target = Path(onnx_path) if explicit else checkpoint.parent / "model.onnx"
     if target.is_file():
-        source = _onnx_source_sha(target)
-        if source == checkpoint_sha:
+        try:
+            source = read_onnx_meta(target)[1].get("source_checkpoint", {}).get("sha256")
+        except CheckpointError:
+            source = None
+        want = sha256_file(checkpoint)
+        if source == want:
             return target
         if explicit:
-            raise CheckpointError(f"{target} was exported from another checkpoint (sha256 {source}, not "
-                                  f"{checkpoint_sha} of {checkpoint}); export {checkpoint} again with "
-                                  "`covid-cxr export` or pass the matching --run/--checkpoint")
+            raise CheckpointError(f"{target} was exported from another checkpoint (sha256 {source}, not {want} of "
+                                  f"{checkpoint}); export {checkpoint} again with `covid-cxr export` or pass the "
+                                  "matching --run/--checkpoint")
         log.warning("%s was exported from another checkpoint than %s; exporting to a temporary folder instead",
                     target, checkpoint)
     else:
+        from covid_cxr.export import export_onnx
+
         try:
             log.info("no ONNX model at %s: exporting %s (once)", target, checkpoint)
             export_onnx(checkpoint, target)
@@ -93,6 +70,8 @@ def ensure_onnx(checkpoint: Path, checkpoint_sha: str, onnx_path: str | Path | N
             if explicit:
                 raise
             log.warning("cannot write %s (%s); exporting to a temporary folder instead", target, exc)
+    from covid_cxr.export import export_onnx
+
     scratch.append(tempfile.TemporaryDirectory(prefix="covid-cxr-onnx-"))
     target = Path(scratch[-1].name) / "model.onnx"
     export_onnx(checkpoint, target)
@@ -116,7 +95,7 @@ class Engine:
         onnx_threads: intra-op threads for ONNX Runtime on CPU (None: all CPUs this process may use).
 
     Raises:
-        CheckpointError, ExportError, ValueError: the model cannot be loaded.
+        CheckpointError, RunError, ExportError: the model cannot be loaded.
     """
 
     def __init__(self, run: str | Path, backend: str = "torch", checkpoint: str = "best",
@@ -124,81 +103,78 @@ class Engine:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
-        self.checkpoint = resolve_checkpoint(run, checkpoint)
-        self.device = _torch_device(device)
-        model, meta = load_checkpoint(self.checkpoint, self.device)
-        self.checkpoint_sha256 = sha256_file(self.checkpoint)
         self._scratch: list[tempfile.TemporaryDirectory] = []
-        self.onnx_file: Path | None = None
-        if backend == "torch":
-            self._predictor = model
-            self._cam_model = copy.deepcopy(model)
+        _, self.checkpoint = locate_checkpoint(run, checkpoint)
+        self.checkpoint_sha256 = sha256_file(self.checkpoint)
+        if backend == "onnx":
+            onnx_file = ensure_onnx(self.checkpoint, onnx_path, self._scratch)
+            self.predictor: Predictor = load_predictor(onnx_file, "onnx", device, threads=onnx_threads)
         else:
-            from covid_cxr.export import load_onnx
-
-            self.onnx_file = ensure_onnx(self.checkpoint, self.checkpoint_sha256, onnx_path, self._scratch)
-            self._predictor = load_onnx(self.onnx_file, device="cpu" if self.device.type == "cpu" else "auto",
-                                        threads=onnx_threads)
-            if list(self._predictor.meta["labels"]) != list(meta["labels"]):
-                raise CheckpointError(f"{self.onnx_file} has labels {self._predictor.meta['labels']}, "
-                                      f"{self.checkpoint} has {meta['labels']}; export the checkpoint again")
-            self._cam_model = model  # only heatmaps use the PyTorch model
-        self.meta = meta
-        self.labels: list[str] = list(meta["labels"])
-        self.threshold = float(meta["threshold"])
-        self.temperature = float(meta.get("temperature", 1.0))
+            self.predictor = load_predictor(self.checkpoint, "torch", device)
+        self.meta = self.predictor.meta
+        self.labels: list[str] = list(self.meta.labels)
+        self._cam_model = None
         self._cam_lock = threading.Lock()
 
     @property
     def positive_class(self) -> str | None:
-        """The class the threshold applies to (class 1 of a two-class model); None: argmax over K classes."""
-        return self.labels[1] if len(self.labels) == 2 else None
+        """The class the threshold applies to (None: argmax over K classes)."""
+        return self.meta.positive if self.meta.binary else None
 
     def model_info(self) -> dict:
-        """What a response says about the model."""
+        """What a response says about the model (including what it was trained on)."""
+        meta = self.meta
         info = {"version": __version__, "checkpoint": self.checkpoint.name,
                 "checkpoint_sha256": self.checkpoint_sha256, "backend": self.backend, "labels": self.labels,
-                "temperature": self.temperature, "image_size": self.meta["preprocess_spec"].size,
-                "trained_with": self.meta.get("version")}
-        if self.onnx_file is not None:
-            info["onnx_file"] = self.onnx_file.name
+                "positive_class": meta.positive, "threshold_text": meta.threshold_text(),
+                "temperature": meta.temperature, "image_size": meta.preprocess.size,
+                "preprocessing": meta.preprocess.describe(), "trained_with": meta.versions, "created": meta.created,
+                "trained_on": meta.data.to_dict() if meta.data else None, "estimate": meta.estimate,
+                "out_of_scope_gate": meta.gate is not None}
+        if self.backend == "onnx":
+            info["onnx_file"] = self.predictor.source.name
         return info
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """(K,) class probabilities for one decoded (H, W) uint8 image, with the configured backend."""
-        if self.backend == "onnx":
-            return self._predictor.predict_arrays([image])[0]
-        return predict_arrays(self._predictor, [image], self.meta["preprocess_spec"], self.device,
-                              self.temperature)[0]
-
-    def heatmap(self, image: np.ndarray, probs: np.ndarray, filename: str = "") -> dict:
-        """Grad-CAM overlay PNG (base64) and what it shows, from the PyTorch checkpoint."""
-        target = resolve_target(self.labels, None, probs, self.threshold)
+    def _cam(self):
         with self._cam_lock:
-            heat = heatmap_for_image(self._cam_model, self.meta, image, target)
+            if self._cam_model is None:
+                model = self.predictor.torch_model()
+                self._cam_model = copy.deepcopy(model) if self.backend == "torch" else model
+            return self._cam_model
+
+    def heatmap(self, image, filename: str = "") -> dict:
+        """Grad-CAM overlay PNG (base64) and what it shows, from the PyTorch checkpoint."""
+        from covid_cxr.explain import CAVEAT, caption_for, explain_array, overlay_png
+
+        model = self._cam()
+        with self._cam_lock:
+            r = explain_array(model, self.meta, image, None, path="upload")
         buf = io.BytesIO()
-        overlay_png(image, heat, buf, caption_for(_caption_name(filename), self.labels, probs, self.threshold,
-                                                  target))
+        overlay_png(r["display"], r["heatmap"], buf, caption_for(_caption_name(filename), self.meta, r["log_probs"],
+                                                                 r["target"]))
         source = "the PyTorch checkpoint" + (" the ONNX graph was exported from (a graph has no gradients)"
                                              if self.backend == "onnx" else "")
         return {"heatmap_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
-                "heatmap": {"method": "Grad-CAM", "target": self.labels[target], "computed_with": source,
-                            "note": "Where the model found evidence for the target class, scaled per image; "
-                                    "not why, and not a localisation of disease"}}
+                "heatmap": {"method": "Grad-CAM", "target": self.labels[r["target"]], "computed_with": source,
+                            "note": CAVEAT}}
 
     def analyse(self, path: Path, heatmap: bool = False, filename: str = "") -> dict:
         """Decode an image file and answer as ``POST /v1/predict`` does.
 
         Raises:
-            ImageReadError: the file cannot be decoded.
+            ImageReadError: the file cannot be decoded (or, with a heatmap, has an absurd aspect ratio).
         """
         image = load_image(path)
-        probs = self.probabilities(image)
-        k = int(predicted_labels(probs[None], self.threshold)[0])
-        result = {"probabilities": {lab: float(p) for lab, p in zip(self.labels, probs)},
-                  "label": self.labels[k], "threshold": self.threshold, "positive_class": self.positive_class,
+        res = self.predictor.predict_arrays([image])[0]
+        result = {"probabilities": res["probabilities"], "label": res["label"], "log_odds": res["log_odds"],
+                  "threshold": self.meta.threshold if self.meta.binary else None,
+                  "threshold_text": self.meta.threshold_text(), "positive_class": self.positive_class,
+                  "in_scope": res["in_scope"], "scope_score": res["scope_score"],
                   "model": self.model_info(), "disclaimer": DISCLAIMER,
                   "image": {"width": int(image.shape[1]), "height": int(image.shape[0])}}
+        if res["in_scope"] is False:
+            result["scope_warning"] = ("this image is unlike the frontal chest X-rays the model was trained on; its "
+                                       "output is not meaningful")
         if heatmap:
-            result.update(self.heatmap(image, probs, filename))
+            result.update(self.heatmap(image, filename))
         return result

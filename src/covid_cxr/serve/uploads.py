@@ -18,6 +18,10 @@ from typing import BinaryIO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from covid_cxr.errors import UploadError
+from covid_cxr.images import ACCEPTED as _KINDS
+from covid_cxr.images import SNIFF_BYTES, sniff_bytes
+
 log = logging.getLogger(__name__)
 
 FIELD = "file"
@@ -26,26 +30,11 @@ FIELD = "file"
 MULTIPART_OVERHEAD = 64 * 1024
 """Bytes a request body may carry beyond the file limit: boundaries, part headers, small fields."""
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
-DICOM_MAGIC_OFFSET = 128
-"""A DICOM Part 10 file has a 128-byte preamble, then ``DICM``."""
-SNIFF_BYTES = DICOM_MAGIC_OFFSET + 4
-
 SUFFIXES = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
 """Sniffed kind -> the ending the upload is stored under (so :func:`covid_cxr.images.load_image`
 takes the right decoder; the client's file name is never used for a path)."""
 
-ACCEPTED = "PNG, JPEG or DICOM (Part 10, with the 'DICM' marker at byte 128)"
-
-
-class UploadError(Exception):
-    """A request that does not carry one acceptable image; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str):
-        self.status = status
-        self.message = message
-        super().__init__(message)
+ACCEPTED = f"{_KINDS} (DICOM: Part 10, with the 'DICM' marker at byte 128)"
 
 
 @dataclass(frozen=True)
@@ -60,17 +49,6 @@ class Upload:
     """Bytes."""
     filename: str
     """The name the client gave (for display only; may be empty)."""
-
-
-def sniff(head: bytes) -> str | None:
-    """``png``, ``jpeg`` or ``dicom`` from a file's first 132 bytes, or None for anything else."""
-    if head.startswith(PNG_MAGIC):
-        return "png"
-    if head.startswith(JPEG_MAGIC):
-        return "jpeg"
-    if head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
-        return "dicom"
-    return None
 
 
 def limit_text(max_bytes: int) -> str:
@@ -195,7 +173,7 @@ async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes],
         raise UploadError(422, f"the request has no '{FIELD}' field; send the image as multipart field '{FIELD}'")
     if writer.size == 0:
         raise UploadError(422, f"the '{FIELD}' field is empty")
-    image_kind = sniff(writer.head)
+    image_kind = sniff_bytes(writer.head)
     if image_kind is None:
         raise UploadError(415, f"the upload is not a {ACCEPTED} file (its first bytes match none of them)")
     path = raw.rename(folder / f"upload{SUFFIXES[image_kind]}")

@@ -1,0 +1,377 @@
+"""The one inference path: model pixels in, logits (and the out-of-scope score, and optionally
+features) out, with either backend, for predict, evaluate, audit, explain, export checks and serve.
+
+* :func:`forward_pixels` - the one forward loop of a PyTorch model over (N, S, S) uint8 model
+  pixels (stages 1-2 of :mod:`covid_cxr.pixels`); it applies stages 3-4 batch by batch.
+* :class:`OnnxModel` - an exported graph run by ONNX Runtime, the same contract.
+* :class:`Predictor` / :func:`load_predictor` - a loaded model of either backend plus its
+  :class:`~covid_cxr.meta.ModelMeta`: decisions, probabilities, the gate, rows for files.
+
+PyTorch is imported only by the torch backend, so ONNX inference runs without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from covid_cxr.errors import CheckpointError, CovidCxrError, ImageReadError
+from covid_cxr.files import default_workers, read_json
+from covid_cxr.images import load_image
+from covid_cxr.meta import ModelMeta
+from covid_cxr.paths import RunDir, locate_checkpoint
+from covid_cxr.pixels import finish, geometry
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_LOGITS = "logits"
+OUTPUT_SCOPE = "scope"
+ONNX_META_FORMAT = 2
+
+
+@dataclass
+class Outputs:
+    """What a forward pass gives for N images."""
+
+    logits: np.ndarray
+    """(N, K) float32 raw logits."""
+    scope: np.ndarray | None = None
+    """(N,) out-of-scope distances (None: the model has no gate)."""
+    features: np.ndarray | None = None
+    """(N, C) penultimate features, when asked for (PyTorch backend only)."""
+    views: np.ndarray | None = None
+    """(N, 112) the gate's image views of the network input (:func:`covid_cxr.gate.image_views`), with ``features``."""
+
+
+def forward_pixels(model, pixels: np.ndarray, spec, device, batch_size: int = 32, features: bool = False,
+                   dtype=None) -> Outputs:
+    """The PyTorch forward loop: (N, S, S) uint8 model pixels -> :class:`Outputs` in input order.
+
+    Args:
+        model: a :class:`~covid_cxr.model.CxrNet` (its mode is restored afterwards).
+        pixels: model pixels (stages 1-2); stages 3-4 are applied here.
+        spec: the model's :class:`~covid_cxr.pixels.PreprocessSpec`.
+        device: where to run.
+        batch_size: images per forward pass.
+        features: also return the penultimate features.
+        dtype: autocast dtype on CUDA (None: full precision).
+    """
+    import torch
+
+    from covid_cxr.runtime import autocast
+
+    if pixels.ndim != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected (N, S, S) uint8 model pixels, got {pixels.dtype} {pixels.shape}")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    from covid_cxr.gate import image_views
+
+    logits, scopes, feats, views = [], [], [], []
+    gate = getattr(model, "gate", None)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(pixels), batch_size):
+                x = torch.from_numpy(finish(pixels[start:start + batch_size], spec)).to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device, dtype):
+                    out, f = model(x, with_features=True)
+                f = f.float()
+                logits.append(out.float().cpu())
+                if gate is not None:
+                    scopes.append(gate(f, x).cpu())
+                if features:
+                    feats.append(f.cpu())
+                    views.append(image_views(x).cpu())
+    finally:
+        model.train(was_training)
+    k = model.head.out_features
+    cat = (lambda xs, shape: torch.cat(xs).numpy() if xs else np.zeros(shape, dtype=np.float32))
+    return Outputs(logits=cat(logits, (0, k)), scope=cat(scopes, (0,)) if gate is not None else None,
+                   features=cat(feats, (0, model.feature_dim)) if features else None,
+                   views=cat(views, (0, 112)) if features else None)
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime backend
+
+def onnx_meta_path(model_path: str | Path) -> Path:
+    """The JSON written beside an ONNX file: ``model.onnx`` -> ``model.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def read_onnx_meta(path: Path) -> tuple[ModelMeta, dict]:
+    """(the model's meta, the export details) from the JSON beside ``path``."""
+    meta_file = onnx_meta_path(path)
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file} not found: an ONNX model needs the metadata JSON that "
+                              "`covid-cxr export` writes beside it; export the checkpoint again")
+    try:
+        doc = read_json(meta_file, "ONNX metadata")
+    except CovidCxrError as exc:
+        raise CheckpointError(f"{exc}; export the checkpoint again") from None
+    if not isinstance(doc, dict) or "meta" not in doc or "onnx" not in doc:
+        raise CheckpointError(f"{meta_file} is not covid-cxr {ONNX_META_FORMAT} ONNX metadata (written by an older "
+                              "covid-cxr?); export the checkpoint again with `covid-cxr export`")
+    if int(doc.get("format", 0)) > ONNX_META_FORMAT:
+        raise CheckpointError(f"{meta_file} was written by a newer covid-cxr; upgrade covid-cxr")
+    return ModelMeta.from_dict(doc["meta"], where=str(meta_file)), doc["onnx"]
+
+
+def _providers(device: str, available: list[str]) -> list[str]:
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise CovidCxrError(f"device must be auto, cpu or cuda, got {device!r}")
+    has_cuda = "CUDAExecutionProvider" in available
+    if str(device).startswith("cuda") and not has_cuda:
+        raise CovidCxrError(f"device {device} asked for, but this onnxruntime has only {available}; install "
+                            "onnxruntime-gpu or use --device cpu")
+    if device != "cpu" and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxModel:
+    """An exported model (``model.onnx`` + ``model.json``) run by ONNX Runtime.
+
+    Args:
+        path: the ONNX file written by ``covid-cxr export``.
+        device: ``auto`` (CUDA when ONNX Runtime has it), ``cpu`` or ``cuda``.
+        threads: intra-op threads on CPU; default: the CPUs this process may use.
+        spinning: let idle intra-op threads busy-wait. Off by default: on few shared cores a spinning
+            thread takes the CPU from the one everyone waits for (benchmarks/bench_infer.py measured ~2x
+            lower latency without it on a 2-core VM).
+
+    Raises:
+        CheckpointError: missing or corrupt files, a pair that does not belong together, or a graph
+            whose inputs and outputs do not match its metadata.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, spinning: bool = False):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"ONNX model {path} not found; create it with `covid-cxr export --run RUN_DIR`")
+        self.path = path
+        self.meta, self.export = read_onnx_meta(path)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.export.get("onnx_sha256"):
+            raise CheckpointError(f"{path} does not match {onnx_meta_path(path).name} (sha256 differs): the file "
+                                  "was changed or the pair comes from different exports; export again")
+        self.providers = _providers(device, ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = int(threads) if threads else default_workers(limit=64)
+        options.inter_op_num_threads = 1  # one sequential chain of convolutions: nothing to run in parallel
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+        try:
+            self.session = ort.InferenceSession(data, sess_options=options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            raise CheckpointError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {exc}); "
+                                  "export the checkpoint again") from None
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._check_signature()
+
+    def _check_signature(self) -> None:
+        spec, k = self.meta.preprocess, len(self.meta.labels)
+        inputs = self.session.get_inputs()
+        want = [OUTPUT_LOGITS] + ([OUTPUT_SCOPE] if self.meta.gate else [])
+        if [i.name for i in inputs] != [INPUT_NAME] or self._outputs != want:
+            raise CheckpointError(f"{self.path}: expected input {INPUT_NAME!r} and outputs {want}, found "
+                                  f"{[i.name for i in inputs]} and {self._outputs}; export again")
+        shape = list(inputs[0].shape[1:])
+        if shape != [spec.channels, spec.size, spec.size] or self.session.get_outputs()[0].shape[-1] != k:
+            raise CheckpointError(f"{self.path}: the graph takes {inputs[0].shape}, but its metadata says "
+                                  f"{spec.channels}x{spec.size}x{spec.size} images and {k} labels; export again")
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (N, K), scope (N,) or None) for a preprocessed float32 batch (N, C, S, S)."""
+        out = self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    def forward_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> Outputs:
+        logits, scopes = [], []
+        for start in range(0, len(pixels), batch_size):
+            lg, sc = self.run(finish(pixels[start:start + batch_size], self.meta.preprocess))
+            logits.append(lg)
+            if sc is not None:
+                scopes.append(sc)
+        k = len(self.meta.labels)
+        return Outputs(logits=np.concatenate(logits) if logits else np.zeros((0, k), np.float32),
+                       scope=(np.concatenate(scopes) if scopes else np.zeros(0, np.float32)) if self.meta.gate else None)
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({str(self.path)!r}, providers={self.providers})"
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+BACKENDS = ("torch", "onnx")
+
+
+class Predictor:
+    """A loaded model (either backend) and its meta: the one way every stage predicts.
+
+    Build it with :func:`load_predictor`. Thread safety: prediction does not change the model, so
+    several threads may predict at once.
+    """
+
+    def __init__(self, meta: ModelMeta, backend: str, source: Path, run: RunDir | None, model: Any = None,
+                 onnx: OnnxModel | None = None, device: Any = "cpu"):
+        self.meta = meta
+        self.backend = backend
+        self.source = Path(source)
+        """The checkpoint or ONNX file the model came from."""
+        self.run = run
+        self.model = model
+        self.onnx = onnx
+        self.device = device
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.meta.labels
+
+    def outputs(self, pixels: np.ndarray, batch_size: int = 32, features: bool = False) -> Outputs:
+        """Logits (and scope, and optionally features) for (N, S, S) uint8 model pixels."""
+        if self.backend == "onnx":
+            if features:
+                raise CovidCxrError("features need the PyTorch backend (--backend torch)")
+            return self.onnx.forward_pixels(pixels, batch_size)
+        return forward_pixels(self.model, pixels, self.meta.preprocess, self.device, batch_size, features)
+
+    def results(self, out: Outputs) -> list[dict]:
+        """One result per image: ``probabilities``, ``label``, ``log_odds`` (two classes), ``in_scope``,
+        ``scope_score``."""
+        lp = self.meta.log_probs(out.logits)
+        probs = np.exp(lp)
+        decided = self.meta.decide(lp)
+        log_odds = self.meta.positive_log_odds(lp) if self.meta.binary else None
+        rows = []
+        for i in range(len(lp)):
+            row = {"probabilities": {lab: float(p) for lab, p in zip(self.labels, probs[i])},
+                   "label": self.labels[int(decided[i])],
+                   "log_odds": None if log_odds is None else float(log_odds[i]),
+                   "in_scope": None, "scope_score": None}
+            if out.scope is not None and self.meta.gate is not None:
+                row["scope_score"] = float(out.scope[i])
+                row["in_scope"] = bool(out.scope[i] <= self.meta.gate.threshold)
+            rows.append(row)
+        return rows
+
+    def predict_arrays(self, images: Sequence[np.ndarray], batch_size: int = 32) -> list[dict]:
+        """Results for decoded (H, W) uint8 images."""
+        if not len(images):
+            return []
+        pixels = np.stack([geometry(img, self.meta.preprocess) for img in images])
+        return self.results(self.outputs(pixels, batch_size))
+
+    def predict_files(self, paths: Sequence[str | Path], batch_size: int = 16, skip_unreadable: bool = False,
+                      progress: bool = False) -> list[dict]:
+        """One flat row per file (for CSV/JSON): ``path``, ``prob_<label>``..., ``log_odds``,
+        ``predicted_label``, ``threshold``, ``in_scope``, ``scope_score``, ``error``.
+
+        Raises:
+            ImageReadError: an unreadable file, unless ``skip_unreadable`` (then its row carries the reason).
+        """
+        from tqdm.auto import tqdm
+
+        rows: list[dict] = []
+        bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
+        try:
+            for start in range(0, len(paths), batch_size):
+                chunk = [Path(p) for p in paths[start:start + batch_size]]
+                decoded, ok = [], []
+                for p in chunk:
+                    try:
+                        decoded.append(load_image(p))
+                        ok.append(p)
+                    except ImageReadError as exc:
+                        if not skip_unreadable:
+                            raise
+                        rows.append(self.flat_row(p, None, exc.reason))
+                for p, res in zip(ok, self.predict_arrays(decoded, batch_size)):
+                    rows.append(self.flat_row(p, res))
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        order = {str(p): i for i, p in enumerate(paths)}
+        return sorted(rows, key=lambda r: order[r["path"]])
+
+    def flat_row(self, path: str | Path, res: dict | None, error: str = "") -> dict:
+        row: dict[str, Any] = {"path": str(path)}
+        for lab in self.labels:
+            row[f"prob_{lab}"] = None if res is None else res["probabilities"][lab]
+        if self.meta.binary:
+            row["log_odds"] = None if res is None else res["log_odds"]
+        row["predicted_label"] = None if res is None else res["label"]
+        row["threshold"] = self.meta.threshold if self.meta.binary else "argmax"
+        row["in_scope"] = None if res is None else res["in_scope"]
+        row["scope_score"] = None if res is None else res["scope_score"]
+        row["error"] = error
+        return row
+
+    def torch_model(self):
+        """The PyTorch network (for Grad-CAM): this one, or for the ONNX backend the checkpoint it was
+        exported from (checked by sha256) when the run folder still holds it.
+
+        Raises:
+            CheckpointError: an ONNX model whose checkpoint is not available.
+        """
+        if self.backend == "torch":
+            return self.model
+        from covid_cxr.images import sha256_file
+        from covid_cxr.model import load_model
+
+        want = (self.onnx.export.get("source_checkpoint") or {}).get("sha256")
+        for cand in (self.source.parent / "best.pt", self.source.parent / "last.pt"):
+            if cand.is_file() and sha256_file(cand) == want:
+                model, _ = load_model(cand, self.device if self.device != "cpu" else "cpu")
+                return model
+        raise CheckpointError(f"heatmaps need the PyTorch checkpoint {self.source.name} was exported from "
+                              f"(sha256 {str(want)[:12]}...), and it is not beside it; use --backend torch")
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.backend}): {self.meta.describe()}"
+
+
+def load_predictor(run: str | Path, backend: str = "torch", device: str = "auto", checkpoint: str = "best",
+                   onnx_path: str | Path | None = None, threads: int | None = None) -> Predictor:
+    """Load a model for inference.
+
+    Args:
+        run: a run folder, a checkpoint file, or (ONNX backend) an ``.onnx`` file.
+        backend: ``torch`` (the checkpoint) or ``onnx`` (``RUN/model.onnx`` or ``onnx_path``, written by
+            ``covid-cxr export``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        checkpoint: ``best`` or ``last`` (for a run folder).
+        onnx_path: the ONNX file for the ONNX backend (default ``RUN/model.onnx``).
+        threads: ONNX Runtime intra-op threads on CPU (default: all usable CPUs).
+
+    Raises:
+        CheckpointError, RunError: the model cannot be found or loaded (the message says how to make it).
+    """
+    if backend not in BACKENDS:
+        raise CovidCxrError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnx":
+        p = Path(onnx_path) if onnx_path else Path(run)
+        onnx_file = p if p.suffix == ".onnx" else RunDir(p).onnx
+        if not onnx_file.is_file():
+            raise CheckpointError(f"{onnx_file} not found; export the model first: covid-cxr export --run {run}")
+        model = OnnxModel(onnx_file, device="cpu" if device == "cpu" else "auto", threads=threads)
+        run_dir = RunDir(onnx_file.parent) if onnx_file.parent.joinpath("best.pt").exists() else None
+        return Predictor(model.meta, "onnx", onnx_file, run_dir, onnx=model, device="cpu")
+    from covid_cxr.model import load_model
+    from covid_cxr.runtime import resolve_device
+
+    run_dir, ckpt = locate_checkpoint(run, checkpoint)
+    dev = resolve_device(device)
+    model, meta = load_model(ckpt, dev)
+    return Predictor(meta, "torch", ckpt, run_dir, model=model, device=dev)

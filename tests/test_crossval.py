@@ -1,0 +1,155 @@
+"""Out-of-source crossval on phantoms from two synthetic "hospitals": folds never see their source, every image is
+predicted once, finished folds are skipped on --resume, the final model records where its estimate comes from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covid_cxr import crossval
+from covid_cxr.config import CrossvalConfig, DataConfig
+from covid_cxr.dataset import read_dataset
+from covid_cxr.errors import DatasetError
+from covid_cxr.model import read_checkpoint
+from covid_cxr.phantoms import generate_phantoms
+
+slow = pytest.mark.slow  # the crossval fixture trains 3 small models (~1 min on 2 cores)
+
+OPTIONS = dict(epochs=1, image_size=32, batch_size=16, weights="none", progress=False, bootstrap=50, seed=0)
+
+
+@pytest.fixture(scope="module")
+def two_hospitals(tmp_path_factory) -> Path:
+    from covid_cxr import manifest
+
+    root = tmp_path_factory.mktemp("hospitals")
+    generate_phantoms(root / "hospital-a", 24, size=64, seed=1)
+    generate_phantoms(root / "hospital-b", 24, size=64, seed=2)
+    out = root / "dataset"
+    manifest.build(DataConfig(sources=(("folder", str(root / "hospital-a")), ("folder", str(root / "hospital-b"))),
+                              out=str(out), test_per_class=6, val_fraction=0.2, train_size=200, workers=1,
+                              progress=False, dedup=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cv_result(two_hospitals, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cv") / "cv"
+    doc = crossval.run(CrossvalConfig(data=str(two_hospitals), out=str(out), final=True, **OPTIONS))
+    return out, doc
+
+
+@slow
+def test_folds_never_see_their_source(cv_result):
+    out, _ = cv_result
+    for held_out in ("hospital-a", "hospital-b"):
+        ds = read_dataset(out / "folds" / held_out / "dataset")
+        task = ds.df[ds.df["target"] != ""]
+        assert set(task.loc[task["split"] == "test", "source"]) == {held_out}
+        assert held_out not in set(task.loc[task["split"].isin(("train", "val")), "source"])
+        assert (task["source"] == held_out).sum() == (task["split"] == "test").sum()
+        meta = read_checkpoint(out / "folds" / held_out / "run" / "best.pt").meta
+        assert held_out not in meta.data.sources
+        # The fold reads the images through the parent dataset's roots and cache: its paths resolve.
+        assert all(Path(p).is_file() for p in ds.rows("test")["path"])
+
+
+@slow
+def test_every_image_is_predicted_once_by_the_model_that_never_saw_it(cv_result, two_hospitals):
+    out, doc = cv_result
+    pred = pd.read_csv(out / "predictions.csv")
+    task = read_dataset(two_hospitals).df
+    task = task[task["target"] != ""]
+    assert sorted(pred["path"]) == sorted(task["path"])
+    assert (pred["fold"] == pred["source"]).all()
+    assert doc["complete"] and doc["missing_folds"] == []
+    pooled = doc["pooled"]
+    assert 0.0 <= pooled["auc"] <= 1.0 and pooled["ci95"][0] <= pooled["auc"] <= pooled["ci95"][1]
+    assert pooled["n"] == len(task) == 96
+    assert set(doc["per_source"]) == {"hospital-a", "hospital-b"}
+    for row in doc["per_source"].values():
+        assert row["n"] == 48 and row["per_class"] == {"normal": 24, "covid": 24} and row["auc"] is not None
+    on_disk = json.loads((out / "crossval.json").read_text())
+    assert on_disk["pooled"]["auc"] == pytest.approx(pooled["auc"])
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "per_source.csv").is_file()
+    assert doc["synthetic_sources"] == ["hospital-a", "hospital-b"]
+
+
+@slow
+def test_pooled_auc_is_computed_from_log_odds_across_folds(cv_result):
+    from sklearn.metrics import roc_auc_score
+
+    out, doc = cv_result
+    pred = pd.read_csv(out / "predictions.csv")
+    assert doc["pooled"]["auc"] == pytest.approx(roc_auc_score(pred["target"] == "covid", pred["log_odds"]))
+
+
+@slow
+def test_resume_skips_finished_folds(cv_result, two_hospitals):
+    out, _ = cv_result
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("folds/*/run/best.pt")}
+    doc = crossval.run(CrossvalConfig(data=str(two_hospitals), out=str(out), resume=True, **OPTIONS))
+    assert {p: p.stat().st_mtime_ns for p in out.glob("folds/*/run/best.pt")} == stamps
+    assert doc["complete"]
+
+
+@slow
+def test_a_finished_crossval_is_not_overwritten_without_resume(cv_result, two_hospitals):
+    out, _ = cv_result
+    with pytest.raises(DatasetError, match="--resume"):
+        crossval.run(CrossvalConfig(data=str(two_hospitals), out=str(out), **OPTIONS))
+
+
+@slow
+def test_final_model_records_its_crossval_estimate(cv_result):
+    out, doc = cv_result
+    meta = read_checkpoint(out / "final" / "best.pt").meta
+    assert meta.estimate["source"] == "crossval"
+    assert meta.estimate["pooled_auc"] == pytest.approx(doc["pooled"]["auc"])
+    assert meta.data.test_split is False
+    # Every image except the validation split trained the final model.
+    ds = read_dataset(meta.training["data_absolute"])
+    assert meta.data.n_train == len(ds.rows(("train", "test", "unused")))
+
+
+@slow
+def test_prepare_only_writes_one_train_command_per_fold(two_hospitals, tmp_path):
+    doc = crossval.run(CrossvalConfig(data=str(two_hospitals), out=str(tmp_path / "cv"), prepare_only=True,
+                                      **OPTIONS))
+    lines = (tmp_path / "cv" / "commands.sh").read_text().splitlines()
+    train_lines = [line for line in lines if line.startswith("covid-cxr train")]
+    assert len(train_lines) == 2 and all("--data folds/" in line for line in train_lines)
+    assert "--image-size 32" in train_lines[0]
+    assert not list((tmp_path / "cv").glob("folds/*/run"))
+    assert doc["pooled"] is None
+
+
+@slow
+def test_one_source_is_refused(tmp_path):
+    from covid_cxr import manifest
+
+    generate_phantoms(tmp_path / "only", 12, size=64, seed=3)
+    manifest.build(DataConfig(sources=(("folder", str(tmp_path / "only")),), out=str(tmp_path / "ds"),
+                              test_per_class=3, workers=1, progress=False, dedup=False))
+    with pytest.raises(DatasetError, match="at least two sources"):
+        crossval.run(CrossvalConfig(data=str(tmp_path / "ds"), out=str(tmp_path / "cv"), **OPTIONS))
+
+
+def test_pool_and_per_source_table_on_known_predictions():
+    pred = pd.DataFrame({"fold": ["a"] * 4 + ["b"] * 2, "source": ["a"] * 4 + ["b"] * 2,
+                         "target": ["covid", "normal", "covid", "normal", "covid", "covid"],
+                         "log_odds": [3.0, -1.0, 0.5, 1.0, 2.0, -2.0],
+                         "predicted_label": ["covid", "normal", "covid", "covid", "covid", "normal"],
+                         "group": [1, 2, 3, 4, 5, 6], "in_scope": [True] * 5 + [False]})
+    pooled = crossval.pool(pred, "covid", 0, 0)
+    # positives 3, 0.5, 2, -2 against negatives -1, 1: 5 of 8 pairs ranked right.
+    assert pooled["auc"] == pytest.approx(5 / 8)
+    assert pooled["in_scope"] == pytest.approx(5 / 6)
+    table = crossval.per_source_table(pred, ["normal", "covid"], "covid")
+    assert table["a"]["auc"] == pytest.approx(0.75) and table["a"]["specificity"] == 0.5
+    assert table["b"]["auc"] is None and table["b"]["sensitivity"] == 0.5 and table["b"]["specificity"] is None
+    assert np.isclose(table["b"]["in_scope"], 0.5)
