@@ -122,3 +122,25 @@ def test_report_is_self_contained_and_complete(learned_phantom_run):
     assert not re.search(r'src="(?!data:)', text)  # nothing fetched from elsewhere
     assert "true positive" in text
     assert "threshold 1.00" not in text
+
+
+def test_report_puts_the_out_of_source_estimate_beside_the_internal_number(tiny_copy, without_audit, tmp_path):
+    """Without crossval the report says the internal number is optimistic; with a crossval folder it says what to
+    expect on a hospital the model has not seen, with the pooled AUC and its CI, and a per-source table."""
+    from covid_cxr.files import write_json
+
+    _, text = without_audit
+    assert "No out-of-source estimate" in section(text, "How it should do on a new hospital")
+    cv = tmp_path / "cv"
+    write_json(cv / "crossval.json", {
+        "protocol": {"description": "leave-one-source-out"},
+        "pooled": {"auc": 0.6123, "ci95": [0.5801, 0.6452]},
+        "per_source": {"hospital-a": {"n": 40, "per_class": {"normal": 20, "covid": 20}, "auc": 0.7, "sensitivity": 0.9,
+                                      "specificity": 0.4, "in_scope": 0.95}}})
+    page = report.run(ReportConfig(run=str(tiny_copy), audit=False, crossval=str(cv), device="cpu")).read_text()
+    part = section(page, "How it should do on a new hospital")
+    assert "Expect about this on a hospital the model has not seen" in part
+    assert "0.612" in part and "0.580" in part and "0.645" in part and "hospital-a" in part
+    assert "own test split" in part  # the internal number stays beside it
+    with pytest.raises(Exception, match="crossval"):
+        report.run(ReportConfig(run=str(tiny_copy), audit=False, crossval=str(tmp_path / "none"), device="cpu"))
