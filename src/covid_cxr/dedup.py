@@ -58,6 +58,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from covid_cxr.hamming import ChunkIndex, plan, popcount64, search
+
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,54 @@ class Fingerprint:
     def thumbnails(self) -> np.ndarray:
         """The thumbnails as a read-only (len(WINDOWS), THUMB_SIZE, THUMB_SIZE) uint8 array."""
         return np.frombuffer(self.thumbs, dtype=np.uint8).reshape(len(WINDOWS), THUMB_SIZE, THUMB_SIZE)
+
+
+class FingerprintTable:
+    """The fingerprints of many images as two arrays, rather than one object per image (a 100,000-image
+    build keeps ~6 KB per image and no Python object per image).
+
+    Attributes:
+        phash: (n, len(WINDOWS)) uint64, :attr:`Fingerprint.phash` per row.
+        thumbs: (n, len(WINDOWS), THUMB_SIZE, THUMB_SIZE) uint8, :meth:`Fingerprint.thumbnails` per row.
+    """
+
+    def __init__(self, n: int):
+        self.phash = np.zeros((n, len(WINDOWS)), dtype=np.uint64)
+        self.thumbs = np.zeros((n, len(WINDOWS), THUMB_SIZE, THUMB_SIZE), dtype=np.uint8)
+
+    @classmethod
+    def of(cls, fps: "Sequence[Fingerprint] | FingerprintTable") -> "FingerprintTable":
+        """``fps`` as a table (a table is returned as it is)."""
+        if isinstance(fps, FingerprintTable):
+            return fps
+        table = cls(len(fps))
+        for k, fp in enumerate(fps):
+            table[k] = fp
+        return table
+
+    def __len__(self) -> int:
+        return len(self.phash)
+
+    def __setitem__(self, k: int, fp: Fingerprint) -> None:
+        self.phash[k] = np.array(fp.phash, dtype=np.uint64)
+        self.thumbs[k] = fp.thumbnails()
+
+    def __getitem__(self, k: int) -> Fingerprint:
+        return Fingerprint(phash=tuple(int(h) for h in self.phash[k]), thumbs=self.thumbs[k].tobytes())
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> "FingerprintTable":
+        """A table of the given rows, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = FingerprintTable(0)
+        out.phash, out.thumbs = self.phash[rows], self.thumbs[rows]
+        return out
+
+    def square(self) -> np.ndarray:
+        """(n,) bool: the centre-square windows repeat the full ones (a square image)."""
+        same = (self.phash[:, :_N_FULL] == self.phash[:, _N_FULL:]).all(1)
+        for k in np.flatnonzero(same):  # only the few whose hashes agree need their thumbnails compared
+            same[k] = np.array_equal(self.thumbs[k, :_N_FULL], self.thumbs[k, _N_FULL:])
+        return same
 
 
 @dataclass(frozen=True)
@@ -200,15 +250,6 @@ def fingerprint(image: np.ndarray) -> Fingerprint:
     return Fingerprint(phash=tuple(hashes), thumbs=np.stack(thumbs).tobytes())
 
 
-def _popcount64(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Number of set bits of each uint64, written to the uint8 array ``out`` (numpy >= 2 has it built in)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x, out=out)
-    table = np.array([bin(k).count("1") for k in range(256)], dtype=np.uint8)
-    out[...] = table[x.view(np.uint8).reshape(*x.shape, 8)].sum(-1, dtype=np.uint8)
-    return out
-
-
 def _hash_candidates(hashes: np.ndarray, max_distance: int, block: int) -> np.ndarray:
     """Rows (i, j, combo, distance) with i < j for every combo within ``max_distance`` bits.
 
@@ -228,7 +269,7 @@ def _hash_candidates(hashes: np.ndarray, max_distance: int, block: int) -> np.nd
         upper = np.arange(cols)[None, :] > np.arange(rows)[:, None]
         for c, (a, b) in enumerate(COMBOS):
             x = np.bitwise_xor(by_window[a, i0:i1, None], by_window[b, None, i0:], out=xor[:rows, :cols])
-            d = _popcount64(x, out=dist[:rows, :cols])
+            d = popcount64(x, out=dist[:rows, :cols])
             ok = np.less_equal(d, max_distance, out=near[:rows, :cols])
             ok &= upper
             ii, jj = np.nonzero(ok)
@@ -237,6 +278,49 @@ def _hash_candidates(hashes: np.ndarray, max_distance: int, block: int) -> np.nd
     if not found:
         return np.zeros((0, 4), dtype=np.int64)
     return np.concatenate(found)
+
+
+def _indexed_candidates(hashes: np.ndarray, max_distance: int, m: int) -> np.ndarray:
+    """The rows of :func:`_hash_candidates` (same set, other order) from a multi-index search.
+
+    Every combo (a, b) has its mirror (b, a) in :data:`COMBOS`, so one search of window ``a`` of
+    every image against an index of window ``b`` of every image serves both: a hit (x, y) is combo
+    (a, b) for i = x < j = y and combo (b, a) for i = y < j = x.
+    """
+    found = []
+    indexes: dict[int, ChunkIndex] = {}
+    for a, b in COMBOS:
+        if a < b:
+            continue  # served by its mirror
+        index = indexes.get(b) or indexes.setdefault(b, ChunkIndex(hashes[:, b], m))
+        x, y, d = search(hashes[:, a], index, max_distance)
+        forward = COMBOS.index((a, b))
+        if a == b:
+            keep = x < y
+            found.append(np.stack([x[keep], y[keep], np.full(keep.sum(), forward), d[keep]], axis=1))
+            continue
+        mirror = COMBOS.index((b, a))
+        lo, hi = x < y, x > y
+        found.append(np.stack([x[lo], y[lo], np.full(lo.sum(), forward), d[lo]], axis=1))
+        found.append(np.stack([y[hi], x[hi], np.full(hi.sum(), mirror), d[hi]], axis=1))
+    return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 4), dtype=np.int64)
+
+
+def hash_candidates(hashes: np.ndarray, max_distance: int, method: str = "auto", block: int = 64) -> np.ndarray:
+    """Rows (i, j, combo, distance), i < j, of every :data:`COMBOS` window pair within ``max_distance`` bits,
+    sorted. ``method``: ``"index"`` (multi-index hashing, :mod:`covid_cxr.hamming`), ``"all-pairs"``
+    (blocks of the full distance matrix) or ``"auto"`` (the index when its cost model says it is cheaper);
+    all give the same rows."""
+    if method not in ("auto", "index", "all-pairs"):
+        raise ValueError(f"method must be 'auto', 'index' or 'all-pairs', got {method!r}")
+    m = plan(len(hashes), max_distance) if method != "all-pairs" else None
+    if method == "index" and m is None:
+        m = 3
+    if m is None:
+        cand = _hash_candidates(hashes, max_distance, block)
+    else:
+        cand = _indexed_candidates(hashes, max_distance, m)
+    return cand[np.lexsort((cand[:, 2], cand[:, 1], cand[:, 0]))] if len(cand) else cand
 
 
 def _highpass_int8(thumbs: np.ndarray) -> np.ndarray:
@@ -292,12 +376,14 @@ def _method(a: int, b: int) -> str:
     return view if fa == fb == 1.0 else f"{view} {fa:.0%}/{fb:.0%}"
 
 
-def find_near_duplicates(fps: Sequence[Fingerprint], max_hash_distance: int = 8, min_similarity: float = 0.75,
-                         block_rows: int = 64, chunk_pairs: int = 4096) -> list[DuplicatePair]:
+def find_near_duplicates(fps: Sequence[Fingerprint] | FingerprintTable, max_hash_distance: int = 8,
+                         min_similarity: float = 0.75, block_rows: int = 64, chunk_pairs: int = 4096,
+                         method: str = "auto") -> list[DuplicatePair]:
     """All pairs of images confirmed to be copies of the same radiograph.
 
     Args:
-        fps: fingerprints from :func:`fingerprint`, one per image; pair indices refer to this order.
+        fps: fingerprints from :func:`fingerprint`, one per image (or a :class:`FingerprintTable`); pair
+            indices refer to this order.
         max_hash_distance: a window pair is a candidate when its pHashes differ in at most this many
             of 64 bits. Copies made by re-encoding, rescaling, squashing, centre crops or brightness
             and gamma changes measured at most 6 (pHash distances are even); distinct chest X-rays
@@ -309,6 +395,8 @@ def find_near_duplicates(fps: Sequence[Fingerprint], max_hash_distance: int = 8,
             different patients <= 0.64.
         block_rows: rows of the Hamming-distance matrices computed at once (memory ~10 * block_rows * n bytes).
         chunk_pairs: candidate window pairs scored at once (memory ~30 KB each).
+        method: how hash candidates are found: ``"index"`` (multi-index hashing, sub-quadratic),
+            ``"all-pairs"`` or ``"auto"``; the result is the same.
 
     Returns:
         One :class:`DuplicatePair` per confirmed pair (the best-scoring window pair), sorted by (i, j).
@@ -323,12 +411,11 @@ def find_near_duplicates(fps: Sequence[Fingerprint], max_hash_distance: int = 8,
     n = len(fps)
     if n < 2:
         return []
-    hashes = np.array([fp.phash for fp in fps], dtype=np.uint64)
-    cand = _hash_candidates(hashes, max_hash_distance, block_rows)
+    table = FingerprintTable.of(fps)
+    cand = hash_candidates(table.phash, max_hash_distance, method, block_rows)
     # For a square image the centre-square windows are the full windows; when both images are
     # square, a centre-square row repeats a full row, so it is not scored twice.
-    square = np.array([fp.phash[:_N_FULL] == fp.phash[_N_FULL:] and fp.thumbs[:_N_FULL * THUMB_SIZE ** 2] ==
-                       fp.thumbs[_N_FULL * THUMB_SIZE ** 2:] for fp in fps])
+    square = table.square()
     repeat = _CENTRE_SQUARE_COMBO[cand[:, 2]] & square[cand[:, 0]] & square[cand[:, 1]]
     cand = cand[~repeat]
     log.info("near-duplicates: %d images, %d candidate window pairs within %d bits", n, len(cand), max_hash_distance)
@@ -342,7 +429,7 @@ def find_near_duplicates(fps: Sequence[Fingerprint], max_hash_distance: int = 8,
     detail = np.empty((len(keys), THUMB_SIZE, THUMB_SIZE), dtype=np.int8)
     for s in range(0, len(keys), chunk_pairs):
         part = keys[s:s + chunk_pairs]
-        detail[s:s + len(part)] = _highpass_int8(np.stack([fps[k // nw].thumbnails()[k % nw] for k in part]))
+        detail[s:s + len(part)] = _highpass_int8(table.thumbs[part // nw, part % nw])
     left, right = inverse[:len(cand)], inverse[len(cand):]
     scores = np.empty(len(cand), dtype=np.float32)
     for s in range(0, len(cand), chunk_pairs):

@@ -1,0 +1,144 @@
+"""Near neighbours in Hamming space: every pair of 64-bit hashes within ``r`` bits, without all pairs.
+
+Multi-index hashing (Norouzi, Punjani and Fleet, 2012): the 64 bits are cut into ``m`` chunks. If
+two hashes differ in at most ``r`` bits, then (pigeonhole) some chunk differs in at most
+``r // m`` bits. Each side's chunk values are indexed in a direct-address table (bucket start
+offsets for every possible chunk value); a query probes, in every chunk, its own value XOR each
+mask of at most ``r // m`` bits, and every hash in the probed buckets is a candidate whose full
+distance is then checked. A pair is reported by the first chunk that finds it only, so each pair
+comes out once.
+
+Chunks take every m-th bit (bit b goes to chunk b % m) rather than runs of neighbouring bits: the
+bits of a pHash are DCT signs in row-major order, and neighbours are correlated (the first ones
+almost constant on chest X-rays); interleaving spreads what entropy there is evenly over the chunks,
+so buckets stay small.
+
+The result is exactly the set an all-pairs comparison returns: the index only avoids looking at
+pairs that cannot be within ``r`` bits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+MAX_CHUNK_BITS = 22
+"""Largest chunk width indexed by a direct-address table (2**22 offsets, 16 MB of int32)."""
+
+PAIRS_PER_STEP = 4_000_000
+"""Candidate pairs materialised at once (about 100 MB of temporaries)."""
+
+
+def popcount64(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Number of set bits of each uint64 as uint8 (numpy >= 2 has it built in)."""
+    if out is None:
+        out = np.empty(x.shape, dtype=np.uint8)
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x, out=out)
+    table = np.array([bin(k).count("1") for k in range(256)], dtype=np.uint8)
+    out[...] = table[x.view(np.uint8).reshape(*x.shape, 8)].sum(-1, dtype=np.uint8)
+    return out
+
+
+def _masks(bits: int, radius: int) -> np.ndarray:
+    """Every ``bits``-bit mask with at most ``radius`` bits set, as int64."""
+    out = [0]
+    for k in range(1, radius + 1):
+        out += [sum(1 << b for b in combo) for combo in itertools.combinations(range(bits), k)]
+    return np.array(out, dtype=np.int64)
+
+
+def plan(n: int, r: int) -> int | None:
+    """Number of chunks for ``n`` hashes and radius ``r``, or None when comparing all pairs is cheaper.
+
+    The cost model counts probes (``n * m * masks``) and, for uniformly spread hashes, the expected
+    bucket hits; all pairs cost ``n**2 / 2``.
+    """
+    best, best_cost = None, n * n / 2
+    for m in range(1, 65):
+        bits = math.ceil(64 / m)
+        if bits > MAX_CHUNK_BITS:
+            continue
+        k = r // m
+        probes = sum(math.comb(bits, i) for i in range(k + 1))
+        # Chest X-ray pHashes carry ~52 of 64 bits of entropy: count a chunk as 80% of its width.
+        cost = n * m * probes * (2.0 + n * 2.0 ** (-0.8 * bits))
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+class ChunkIndex:
+    """A direct-address index of one set of 64-bit hashes, chunk by chunk."""
+
+    def __init__(self, hashes: np.ndarray, m: int):
+        self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+        self.m = m
+        self.positions = [np.arange(c, 64, m, dtype=np.uint64) for c in range(m)]
+        self.masks64 = [np.bitwise_or.reduce(np.uint64(1) << p) for p in self.positions]
+        self.order, self.starts = [], []
+        for c in range(m):
+            v = self.chunk(self.hashes, c)
+            self.order.append(np.argsort(v, kind="stable").astype(np.int64))
+            counts = np.bincount(v, minlength=1 << len(self.positions[c]))
+            self.starts.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+
+    def chunk(self, hashes: np.ndarray, c: int) -> np.ndarray:
+        """The compact value (bits of chunk ``c`` packed together) of each hash, as int64."""
+        out = np.zeros(hashes.shape, dtype=np.uint64)
+        for k, b in enumerate(self.positions[c]):
+            out |= ((hashes >> b) & np.uint64(1)) << np.uint64(k)
+        return out.astype(np.int64)
+
+
+def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + c)`` for every (start, count), vectorised."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + (np.arange(total, dtype=np.int64) - offsets)
+
+
+def search(queries: np.ndarray, index: ChunkIndex, r: int, rows_per_step: int = 2048) -> tuple[np.ndarray, ...]:
+    """Every (x, y) with ``popcount(queries[x] ^ index.hashes[y]) <= r``.
+
+    Returns:
+        (x, y, distance) arrays (int64, int64, uint8), in no particular order; each pair once.
+    """
+    m = index.m
+    k = r // m
+    queries = np.ascontiguousarray(queries, dtype=np.uint64)
+    out_x, out_y, out_d = [], [], []
+    for c in range(m):
+        masks = _masks(len(index.positions[c]), k)
+        qv = index.chunk(queries, c)
+        step = max(1, min(rows_per_step, PAIRS_PER_STEP // max(1, len(masks))))
+        for q0 in range(0, len(queries), step):
+            probe = qv[q0:q0 + step, None] ^ masks[None, :]  # (rows, masks)
+            lo = index.starts[c][probe]
+            cnt = index.starts[c][probe + 1] - lo
+            per_row = cnt.sum(1)
+            # Cap the pairs materialised at once: a step ends where the running count passes the cap.
+            cum = np.cumsum(per_row)
+            r0 = 0
+            while r0 < len(per_row):
+                base = int(cum[r0 - 1]) if r0 else 0
+                r1 = max(r0 + 1, int(np.searchsorted(cum, base + PAIRS_PER_STEP, side="right")))
+                ys = index.order[c][_expand(lo[r0:r1].ravel(), cnt[r0:r1].ravel())]
+                xs = np.repeat(np.arange(q0 + r0, q0 + r1, dtype=np.int64), per_row[r0:r1])
+                r0 = r1
+                xor = queries[xs] ^ index.hashes[ys]
+                d = popcount64(xor)
+                ok = d <= r
+                # Report a pair from the first chunk within r // m bits only (it is found there).
+                for c_prev in range(c):
+                    ok &= popcount64(xor & index.masks64[c_prev]) > k
+                out_x.append(xs[ok])
+                out_y.append(ys[ok])
+                out_d.append(d[ok])
+    if not out_x:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    return np.concatenate(out_x), np.concatenate(out_y), np.concatenate(out_d)
