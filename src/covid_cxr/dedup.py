@@ -54,7 +54,6 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-import imagehash
 import numpy as np
 from PIL import Image
 
@@ -139,6 +138,8 @@ class FingerprintTable:
     def __init__(self, n: int):
         self.phash = np.zeros((n, len(WINDOWS)), dtype=np.uint64)
         self.thumbs = np.zeros((n, len(WINDOWS), THUMB_SIZE, THUMB_SIZE), dtype=np.uint8)
+        self.rows: np.ndarray | None = None
+        """Row of ``thumbs`` for each row of ``phash`` (None: the same row); :meth:`take` shares ``thumbs``."""
 
     @classmethod
     def of(cls, fps: "Sequence[Fingerprint] | FingerprintTable") -> "FingerprintTable":
@@ -153,25 +154,33 @@ class FingerprintTable:
     def __len__(self) -> int:
         return len(self.phash)
 
+    def _row(self, k):
+        return k if self.rows is None else self.rows[k]
+
     def __setitem__(self, k: int, fp: Fingerprint) -> None:
         self.phash[k] = np.array(fp.phash, dtype=np.uint64)
-        self.thumbs[k] = fp.thumbnails()
+        self.thumbs[self._row(k)] = fp.thumbnails()
 
     def __getitem__(self, k: int) -> Fingerprint:
-        return Fingerprint(phash=tuple(int(h) for h in self.phash[k]), thumbs=self.thumbs[k].tobytes())
+        return Fingerprint(phash=tuple(int(h) for h in self.phash[k]), thumbs=self.thumbs[self._row(k)].tobytes())
+
+    def window_thumbs(self, images: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """(P, THUMB_SIZE, THUMB_SIZE) thumbnails of window ``windows[p]`` of image ``images[p]``."""
+        return self.thumbs[self._row(images), windows]
 
     def take(self, rows: Sequence[int] | np.ndarray) -> "FingerprintTable":
-        """A table of the given rows, in that order."""
+        """A table of the given rows, in that order; it shares the thumbnails (no copy of ~6 KB per image)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = FingerprintTable(0)
-        out.phash, out.thumbs = self.phash[rows], self.thumbs[rows]
+        out.phash, out.thumbs, out.rows = self.phash[rows], self.thumbs, self._row(rows)
         return out
 
     def square(self) -> np.ndarray:
         """(n,) bool: the centre-square windows repeat the full ones (a square image)."""
         same = (self.phash[:, :_N_FULL] == self.phash[:, _N_FULL:]).all(1)
         for k in np.flatnonzero(same):  # only the few whose hashes agree need their thumbnails compared
-            same[k] = np.array_equal(self.thumbs[k, :_N_FULL], self.thumbs[k, _N_FULL:])
+            t = self.thumbs[self._row(k)]
+            same[k] = np.array_equal(t[:_N_FULL], t[_N_FULL:])
         return same
 
 
@@ -239,15 +248,39 @@ def fingerprint(image: np.ndarray) -> Fingerprint:
         factor = min(h, w) // _BASE_SHORT_SIDE
         base = base.reduce(factor)
     sx, sy = base.width / w, base.height / h
-    hashes, thumbs = [], []
+    hash_px, thumbs = [], []
     for view, fraction in WINDOWS:
         left, top, right, bottom = _window_box(h, w, view, fraction)
         box = (left * sx, top * sy, right * sx, bottom * sy)
         win = base.resize((HASH_INPUT_SIZE, HASH_INPUT_SIZE), Image.Resampling.BOX, box=box)
-        hashes.append(int(str(imagehash.phash(win)), 16))
-        small = np.asarray(win.reduce(HASH_INPUT_SIZE // THUMB_SIZE))
-        thumbs.append(_equalise(small))
-    return Fingerprint(phash=tuple(hashes), thumbs=np.stack(thumbs).tobytes())
+        hash_px.append(np.asarray(win.resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS)))
+        thumbs.append(np.asarray(win.reduce(HASH_INPUT_SIZE // THUMB_SIZE)))
+    return Fingerprint(phash=_phash_many(np.stack(hash_px)), thumbs=_equalise_many(np.stack(thumbs)).tobytes())
+
+
+_PHASH_SIDE = 32
+"""``imagehash.phash`` (hash_size 8, highfreq_factor 4) shrinks its input to 32x32 with Lanczos."""
+
+
+def _phash_many(pixels: np.ndarray) -> tuple[int, ...]:
+    """``int(str(imagehash.phash(window)), 16)`` for a stack of windows already shrunk to 32x32, bit for bit
+    (the same DCT, median and bit order, one call for all windows instead of one per window)."""
+    import scipy.fftpack
+
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=1), axis=2)[:, :8, :8].reshape(len(pixels), 64)
+    bits = dct > np.median(dct, axis=1, keepdims=True)
+    return tuple(int.from_bytes(row.tobytes(), "big") for row in np.packbits(bits, axis=1))
+
+
+def _equalise_many(thumbs: np.ndarray) -> np.ndarray:
+    """:func:`_equalise` of each image in a (P, S, S) uint8 stack, in one pass."""
+    p = len(thumbs)
+    hist = np.bincount((np.arange(p)[:, None, None] * 256 + thumbs).ravel(), minlength=256 * p).reshape(p, 256)
+    below = np.cumsum(hist, axis=1) - hist
+    mid = below + (hist - 1) / 2.0
+    scale = 255.0 / max(thumbs[0].size - 1, 1)
+    lut = np.round(mid * scale).astype(np.uint8)
+    return np.take_along_axis(lut, thumbs.reshape(p, -1).astype(np.intp), axis=1).reshape(thumbs.shape)
 
 
 def _hash_candidates(hashes: np.ndarray, max_distance: int, block: int) -> np.ndarray:
@@ -429,7 +462,7 @@ def find_near_duplicates(fps: Sequence[Fingerprint] | FingerprintTable, max_hash
     detail = np.empty((len(keys), THUMB_SIZE, THUMB_SIZE), dtype=np.int8)
     for s in range(0, len(keys), chunk_pairs):
         part = keys[s:s + chunk_pairs]
-        detail[s:s + len(part)] = _highpass_int8(table.thumbs[part // nw, part % nw])
+        detail[s:s + len(part)] = _highpass_int8(table.window_thumbs(part // nw, part % nw))
     left, right = inverse[:len(cand)], inverse[len(cand):]
     scores = np.empty(len(cand), dtype=np.float32)
     for s in range(0, len(cand), chunk_pairs):
