@@ -11,7 +11,7 @@ every 0.1 s from /proc), the duplicate-search time and pairs found (from ingest_
 load average while it ran. Then:
 
 * a re-run into the same folder (every image has a finished cache record: nothing is decoded);
-* at the largest synthetic size, a build killed with SIGKILL half-way through decoding, and the
+* at the smallest synthetic size, a build killed with SIGKILL half-way through decoding, and the
   re-run that resumes it (how many images it decoded).
 
 Synthetic collections (a folder source ``synthetic-N/{covid,normal}/``, README says SYNTHETIC) are
@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
             print(_line(name, w, "first build", run_build(sources, out, w)), flush=True)
         print(_line(name, w, "re-run (all cached)", run_build(sources, out, w)), flush=True)
     if not args.no_resume and args.sizes:
-        n = max(args.sizes)
-        name, sources = collections[-1]
+        n = min(args.sizes)
+        name, sources = next(c for c in collections if c[0] == f"synthetic-{n // 1000}k")
         out = args.work / "datasets" / f"{name}-resume"
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.parent / f".{out.name}.staging", ignore_errors=True)

@@ -148,22 +148,25 @@ def confounder_warnings(df: pd.DataFrame, classes: list[str], margin: float = 0.
     return out
 
 
-def _read_and_check(cfg: DataConfig, cache_root: Path | None, reuse: list[Path]
-                    ) -> tuple[list, pd.DataFrame, list[dict], FingerprintTable | None, dict]:
-    """Read the sources and run the one pass over every file (:func:`covid_cxr.ingest.inspect_all`).
-
-    Returns (source reads, rows of readable images with sha256/width/height/rel/fp_row, dropped records,
-    fingerprints or None, pass statistics).
-    """
+def _read_sources(cfg: DataConfig) -> list:
     reads = [read_source(name, path) for name, path in cfg.sources]
     names = [r.source for r in reads]
     if len(set(names)) != len(names):
         raise DatasetError(f"two sources would both be called {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
                            "folder sources are named after their folder, so give them different folder names")
-    frames = [r.images for r in reads if not r.images.empty]
-    if not frames:
+    if all(r.images.empty for r in reads):
         raise DatasetError("the sources hold no usable images; check the --source paths")
-    df = pd.concat(frames, ignore_index=True)
+    return reads
+
+
+def _read_and_check(cfg: DataConfig, reads: list, cache_root: Path | None, reuse: list[Path]
+                    ) -> tuple[pd.DataFrame, list[dict], FingerprintTable | None, dict]:
+    """Run the one pass over every file of the sources (:func:`covid_cxr.ingest.inspect_all`).
+
+    Returns (rows of readable images with sha256/width/height/rel/fp_row, dropped records, fingerprints or
+    None, pass statistics).
+    """
+    df = pd.concat([r.images for r in reads if not r.images.empty], ignore_index=True)
     df["rel"] = _relative_paths(df, reads)
     dropped = [d for r in reads for d in r.dropped]
     swept = sweep_temp_files(cache_root) if cache_root and cache_root.is_dir() else 0
@@ -175,7 +178,7 @@ def _read_and_check(cfg: DataConfig, cache_root: Path | None, reuse: list[Path]
                 for s, p, e in zip(bad["source"], bad["path"], bad["error"])]
     stats = {"files": len(df), "decoded": seen.decoded, "reused_from_cache": len(df) - seen.decoded,
              "seconds": round(seen.seconds, 2), "workers": cfg.workers, "stale_temp_files_removed": swept}
-    return reads, df[df["error"] == ""].drop(columns="error"), dropped, seen.fingerprints, stats
+    return df[df["error"] == ""].drop(columns="error"), dropped, seen.fingerprints, stats
 
 
 def _assign_splits(df: pd.DataFrame, cfg: DataConfig, task: Task) -> tuple[pd.DataFrame, list[str]]:
@@ -213,9 +216,10 @@ def build(cfg: DataConfig) -> dict:
 
     t0 = time.perf_counter()
     task = TASKS[cfg.task]
+    reads = _read_sources(cfg)
     with Staging(cfg.out) as staging:
         cache_root = staging.cache if cfg.cache else None
-        reads, df, dropped, fps, stats = _read_and_check(cfg, cache_root, [DatasetDir(staging.out).cache])
+        df, dropped, fps, stats = _read_and_check(cfg, reads, cache_root, [DatasetDir(staging.out).cache])
         df, dup_dropped, conflict_notes = remove_byte_duplicates(df)
         dropped += dup_dropped
         duplicates = pd.DataFrame(columns=DUPLICATE_COLUMNS)

@@ -92,8 +92,13 @@ class Staging:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._lock.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is not None and self.dir.is_dir() and not any(
+                    files for _, _, files in os.walk(self.dir)):
+                shutil.rmtree(self.dir, ignore_errors=True)  # nothing worth keeping for the next build
+        finally:
+            self._lock.release()
 
     def recover(self) -> None:
         """Finish or undo a swap that a kill interrupted, and delete folders a swap left to delete."""
