@@ -19,6 +19,7 @@ from conftest import make_gray
 from covid_cxr import dedup
 from covid_cxr.dedup import (COMBOS, DuplicatePair, Fingerprint, FingerprintTable, cluster, find_near_duplicates,
                              fingerprint, hash_candidates)
+from covid_cxr import hamming
 from covid_cxr.hamming import ChunkIndex, plan, search
 from covid_cxr.images import load_image
 from covid_cxr.manifest import inspect_image
@@ -238,7 +239,7 @@ def test_indexed_hash_search_returns_exactly_the_all_pairs_candidates(r: int) ->
     assert len(reference) > 0
     assert np.array_equal(hash_candidates(hashes, r, "index"), reference)
     for m in (3, 4, 9) if r in (2, 8) else ():  # every chunking gives the same set (ChunkIndex with m chunks)
-        got = dedup._indexed_candidates(hashes, r, m)
+        got = hamming._indexed(hashes, COMBOS, r, m)
         assert np.array_equal(got[np.lexsort((got[:, 2], got[:, 1], got[:, 0]))], reference)
 
 

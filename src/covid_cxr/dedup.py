@@ -57,7 +57,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from covid_cxr.hamming import ChunkIndex, plan, popcount64, search
+from covid_cxr.hamming import window_pairs
 
 
 log = logging.getLogger(__name__)
@@ -283,77 +283,10 @@ def _equalise_many(thumbs: np.ndarray) -> np.ndarray:
     return np.take_along_axis(lut, thumbs.reshape(p, -1).astype(np.intp), axis=1).reshape(thumbs.shape)
 
 
-def _hash_candidates(hashes: np.ndarray, max_distance: int, block: int) -> np.ndarray:
-    """Rows (i, j, combo, distance) with i < j for every combo within ``max_distance`` bits.
-
-    The (n, n) distance matrices are computed ``block`` rows at a time into reused buffers, so
-    memory stays at ~10 * block * n bytes while n**2 / 2 * len(COMBOS) distances are checked.
-    """
-    n = len(hashes)
-    by_window = np.ascontiguousarray(hashes.T)  # (windows, n): contiguous rows for broadcasting
-    xor = np.empty((block, n), dtype=np.uint64)
-    dist = np.empty((block, n), dtype=np.uint8)
-    near = np.empty((block, n), dtype=bool)
-    found = []
-    for i0 in range(0, n, block):
-        i1 = min(i0 + block, n)
-        rows, cols = i1 - i0, n - i0
-        # Column k of this block is image i0 + k; keep only j > i (the diagonal block's upper triangle).
-        upper = np.arange(cols)[None, :] > np.arange(rows)[:, None]
-        for c, (a, b) in enumerate(COMBOS):
-            x = np.bitwise_xor(by_window[a, i0:i1, None], by_window[b, None, i0:], out=xor[:rows, :cols])
-            d = popcount64(x, out=dist[:rows, :cols])
-            ok = np.less_equal(d, max_distance, out=near[:rows, :cols])
-            ok &= upper
-            ii, jj = np.nonzero(ok)
-            if len(ii):
-                found.append(np.stack([ii + i0, jj + i0, np.full(len(ii), c), d[ii, jj]], axis=1).astype(np.int64))
-    if not found:
-        return np.zeros((0, 4), dtype=np.int64)
-    return np.concatenate(found)
-
-
-def _indexed_candidates(hashes: np.ndarray, max_distance: int, m: int) -> np.ndarray:
-    """The rows of :func:`_hash_candidates` (same set, other order) from a multi-index search.
-
-    Every combo (a, b) has its mirror (b, a) in :data:`COMBOS`, so one search of window ``a`` of
-    every image against an index of window ``b`` of every image serves both: a hit (x, y) is combo
-    (a, b) for i = x < j = y and combo (b, a) for i = y < j = x.
-    """
-    found = []
-    indexes: dict[int, ChunkIndex] = {}
-    for a, b in COMBOS:
-        if a < b:
-            continue  # served by its mirror
-        index = indexes.get(b) or indexes.setdefault(b, ChunkIndex(hashes[:, b], m))
-        x, y, d = search(hashes[:, a], index, max_distance)
-        forward = COMBOS.index((a, b))
-        if a == b:
-            keep = x < y
-            found.append(np.stack([x[keep], y[keep], np.full(keep.sum(), forward), d[keep]], axis=1))
-            continue
-        mirror = COMBOS.index((b, a))
-        lo, hi = x < y, x > y
-        found.append(np.stack([x[lo], y[lo], np.full(lo.sum(), forward), d[lo]], axis=1))
-        found.append(np.stack([y[hi], x[hi], np.full(hi.sum(), mirror), d[hi]], axis=1))
-    return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 4), dtype=np.int64)
-
-
 def hash_candidates(hashes: np.ndarray, max_distance: int, method: str = "auto", block: int = 64) -> np.ndarray:
     """Rows (i, j, combo, distance), i < j, of every :data:`COMBOS` window pair within ``max_distance`` bits,
-    sorted. ``method``: ``"index"`` (multi-index hashing, :mod:`covid_cxr.hamming`), ``"all-pairs"``
-    (blocks of the full distance matrix) or ``"auto"`` (the index when its cost model says it is cheaper);
-    all give the same rows."""
-    if method not in ("auto", "index", "all-pairs"):
-        raise ValueError(f"method must be 'auto', 'index' or 'all-pairs', got {method!r}")
-    m = plan(len(hashes), max_distance) if method != "all-pairs" else None
-    if method == "index" and m is None:
-        m = 3
-    if m is None:
-        cand = _hash_candidates(hashes, max_distance, block)
-    else:
-        cand = _indexed_candidates(hashes, max_distance, m)
-    return cand[np.lexsort((cand[:, 2], cand[:, 1], cand[:, 0]))] if len(cand) else cand
+    sorted (see :func:`covid_cxr.hamming.window_pairs`)."""
+    return window_pairs(hashes, COMBOS, max_distance, method, block)
 
 
 def _highpass_int8(thumbs: np.ndarray) -> np.ndarray:
