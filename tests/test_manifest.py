@@ -641,6 +641,10 @@ def test_real_build(real_build, real_data: Path) -> None:
     assert any("mooney" in w and "pediatric" in w for w in warnings_)
     assert any("'normal'" in w and "'radiography'" in w for w in warnings_)
     assert set(report["sources"]) == set(REAL_SOURCES)
+    # The near-duplicate result before the multi-index search (all pairs compared) was 64 pairs in 43 clusters.
+    nd = report["near_duplicates"]
+    assert (nd["pairs"], nd["clusters"]) == (64, 43)
+    assert report["build"]["files"] == report["build"]["decoded"] + report["build"]["reused_from_cache"]
     # Every real source contributes rows to the manifest.
     assert set(df["source"]) == set(REAL_SOURCES)
 
