@@ -267,6 +267,20 @@ def test_indexed_find_equals_all_pairs_on_synthetic_near_duplicates(tmp_path: Pa
     assert cluster(len(fps), old).tolist() == cluster(len(fps), find_near_duplicates(fps, method="index")).tolist()
 
 
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_energies_computed_per_thumbnail_give_bit_identical_scores(batch: int) -> None:
+    """find_near_duplicates computes each thumbnail's shift energies once, not once per pair: the scores (and so
+    the pairs, the similarities in duplicates.csv and the kept images) stay exactly what per-pair scoring gives."""
+    rng = np.random.default_rng(batch)
+    x = rng.normal(0, 40, (64, 32, 32)).round().astype(np.float32)
+    y = rng.normal(0, 40, (64, 32, 32)).round().astype(np.float32)
+    y[5] = 0  # no detail at all
+    reference = dedup._elastic_correlation(x, y)
+    energy = np.concatenate([dedup._shift_energies(y[k:k + batch]) for k in range(0, 64, batch)], axis=1)
+    got = dedup._elastic_correlation(x, y, energy=energy, x_energy=dedup._quadrant_sums(x * x))
+    assert np.array_equal(got.view(np.uint32), reference.view(np.uint32)) and got[5] == 0
+
+
 def _reference_fingerprint(image: np.ndarray) -> Fingerprint:
     """The fingerprint as first written: one ``imagehash.phash`` call and one equalisation per window."""
     import imagehash

@@ -304,7 +304,34 @@ def _highpass_int8(thumbs: np.ndarray) -> np.ndarray:
     return np.round(scaled).astype(np.int8)
 
 
-def _elastic_correlation(x: np.ndarray, y: np.ndarray, max_shift: int = MAX_SHIFT) -> np.ndarray:
+def _quadrant_sums(a: np.ndarray) -> np.ndarray:
+    """(P, S, S) -> (P, 4) sums over the four quadrants (contiguous reductions; each value is summed in the
+    same order whatever P is, so values computed per image and per pair are bit-identical)."""
+    p, s, _ = a.shape
+    half = s // 2
+    return a.reshape(p, s, 2, half).sum(-1).reshape(p, 2, half, 2).sum(2).reshape(p, 4)
+
+
+def _shifts(max_shift: int) -> list[tuple[int, int]]:
+    return [(dy, dx) for dy in range(2 * max_shift + 1) for dx in range(2 * max_shift + 1)]
+
+
+def _shift_energies(y: np.ndarray, max_shift: int = MAX_SHIFT) -> np.ndarray:
+    """(len(shifts), P, 4) quadrant energies of ``y`` under every shift: they depend on ``y`` alone, so
+    :func:`find_near_duplicates` computes them once per thumbnail rather than once per candidate pair."""
+    p, s, _ = y.shape
+    m = max_shift
+    padded = np.pad(y, ((0, 0), (m, m), (m, m)))
+    shifts = _shifts(m)
+    energy = np.empty((len(shifts), p, 4), dtype=np.float32)
+    for k, (dy, dx) in enumerate(shifts):
+        shifted = padded[:, dy:dy + s, dx:dx + s]
+        energy[k] = _quadrant_sums(shifted * shifted)
+    return energy
+
+
+def _elastic_correlation(x: np.ndarray, y: np.ndarray, max_shift: int = MAX_SHIFT, energy: np.ndarray | None = None,
+                         x_energy: np.ndarray | None = None) -> np.ndarray:
     """Correlation of x and y where each quadrant of y may shift by up to ``max_shift`` pixels.
 
     Per quadrant the shift with the highest local correlation is chosen; the score pools the
@@ -312,28 +339,27 @@ def _elastic_correlation(x: np.ndarray, y: np.ndarray, max_shift: int = MAX_SHIF
 
     Args:
         x, y: (P, S, S) float32 arrays (S even), already high-passed.
+        energy: ``_shift_energies(y)`` if already known; x_energy: ``_quadrant_sums(x * x)`` if known
+            (the result is the same, bit for bit).
 
     Returns:
         (P,) scores in [-1, 1]; 0 where either image has no detail at all.
     """
     p, s, _ = x.shape
-    half, m = s // 2, max_shift
-    shifts = [(dy, dx) for dy in range(2 * m + 1) for dx in range(2 * m + 1)]
+    m = max_shift
+    shifts = _shifts(m)
     padded = np.pad(y, ((0, 0), (m, m), (m, m)))
-
-    def quadrant_sums(a: np.ndarray) -> np.ndarray:  # (p, s, s) -> (p, 4), contiguous reductions
-        return a.reshape(p, s, 2, half).sum(-1).reshape(p, 2, half, 2).sum(2).reshape(p, 4)
-
+    if energy is None:
+        energy = _shift_energies(y, m)
+    if x_energy is None:
+        x_energy = _quadrant_sums(x * x)
     num = np.empty((len(shifts), p, 4), dtype=np.float32)
-    energy = np.empty_like(num)
     for k, (dy, dx) in enumerate(shifts):
-        shifted = padded[:, dy:dy + s, dx:dx + s]
-        num[k] = quadrant_sums(x * shifted)
-        energy[k] = quadrant_sums(shifted * shifted)
+        num[k] = _quadrant_sums(x * padded[:, dy:dy + s, dx:dx + s])
     best = (num / np.sqrt(energy + 1e-12)).argmax(0)[None]
     best_num = np.take_along_axis(num, best, 0)[0].sum(1)
     best_energy = np.take_along_axis(energy, best, 0)[0].sum(1)
-    denom = np.sqrt(quadrant_sums(x * x).sum(1) * best_energy)
+    denom = np.sqrt(x_energy.sum(1) * best_energy)
     return np.where(denom > 1e-12, best_num / np.maximum(denom, 1e-12), 0.0).astype(np.float32)
 
 
@@ -393,15 +419,21 @@ def find_near_duplicates(fps: Sequence[Fingerprint] | FingerprintTable, max_hash
     keys, inverse = np.unique(np.concatenate([cand[:, 0] * nw + combos[cand[:, 2], 0],
                                               cand[:, 1] * nw + combos[cand[:, 2], 1]]), return_inverse=True)
     detail = np.empty((len(keys), THUMB_SIZE, THUMB_SIZE), dtype=np.int8)
+    n_shifts = len(_shifts(MAX_SHIFT))
+    energy = np.empty((n_shifts, len(keys), 4), dtype=np.float32)  # per thumbnail, not per pair (~150 B each)
+    self_energy = np.empty((len(keys), 4), dtype=np.float32)
     for s in range(0, len(keys), chunk_pairs):
         part = keys[s:s + chunk_pairs]
         detail[s:s + len(part)] = _highpass_int8(table.window_thumbs(part // nw, part % nw))
+        d = detail[s:s + len(part)].astype(np.float32)
+        energy[:, s:s + len(part)] = _shift_energies(d)
+        self_energy[s:s + len(part)] = _quadrant_sums(d * d)
     left, right = inverse[:len(cand)], inverse[len(cand):]
     scores = np.empty(len(cand), dtype=np.float32)
     for s in range(0, len(cand), chunk_pairs):
-        x = detail[left[s:s + chunk_pairs]].astype(np.float32)
-        y = detail[right[s:s + chunk_pairs]].astype(np.float32)
-        scores[s:s + chunk_pairs] = _elastic_correlation(x, y)
+        lk, rk = left[s:s + chunk_pairs], right[s:s + chunk_pairs]
+        scores[s:s + chunk_pairs] = _elastic_correlation(
+            detail[lk].astype(np.float32), detail[rk].astype(np.float32), energy=energy[:, rk], x_energy=self_energy[lk])
     keep = scores >= min_similarity
     cand, scores = cand[keep], scores[keep]
     # Best window pair per image pair: sort by pair, then score descending, then combo, so ties
