@@ -247,7 +247,8 @@ def test_hamming_search_small_cases() -> None:
     idx = ChunkIndex(np.array([0, 1, 3, 2**64 - 1], dtype=np.uint64), m=4)
     x, y, d = search(np.array([0, 2**64 - 1], dtype=np.uint64), idx, r=2)
     assert sorted(zip(x.tolist(), y.tolist(), d.tolist())) == [(0, 0, 0), (0, 1, 1), (0, 2, 2), (1, 3, 0)]
-    assert plan(100_000, 8) is not None and plan(100_000, 40) is None  # all pairs where probing costs more
+    spread = np.random.default_rng(0).integers(0, 2**63, 20_000, dtype=np.uint64)
+    assert plan(spread, 8) is not None and plan(spread, 40) is None  # all pairs where probing costs more
     with pytest.raises(ValueError, match="method"):
         hash_candidates(np.zeros((2, 6), np.uint64), 8, "bk-tree")
 
