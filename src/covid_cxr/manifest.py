@@ -378,6 +378,10 @@ def format_report(report: dict, out: str | Path) -> str:
                      f"  {report['patients_per_split'][split]:>8}")
     lines.append(f"not used: {report['not_used_total']} files/rows (reasons in ingest_report.json, each item in "
                  "dropped.csv)")
+    b = report.get("build")
+    if b:
+        lines.append(f"images checked: {b['files']} with {b['workers']} worker(s) in {b['seconds']:.1f} s: "
+                     f"{b['decoded']} decoded, {b['reused_from_cache']} from finished cache entries")
     for name, s in report["sources"].items():
         lines += [f"note ({name}): {n}" for n in s["notes"]]
     lines += [f"WARNING: {w}" for w in report["warnings"]]
