@@ -264,6 +264,7 @@ def test_indexed_find_equals_all_pairs_on_synthetic_near_duplicates(tmp_path: Pa
     assert len(old) >= len(COPIES)
     assert find_near_duplicates(table, method="index") == old
     assert find_near_duplicates(table.take(range(len(fps))), method="index") == old
+    assert find_near_duplicates(table, method="index", workers=2, chunk_pairs=3) == old  # processes, small chunks
     assert [table[k] for k in range(len(fps))] == fps
     assert cluster(len(fps), old).tolist() == cluster(len(fps), find_near_duplicates(fps, method="index")).tolist()
 

@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image
 
 from covid_cxr.hamming import window_pairs
+from covid_cxr.workers import run_batches
 
 
 log = logging.getLogger(__name__)
@@ -286,10 +287,11 @@ def _equalise_many(thumbs: np.ndarray) -> np.ndarray:
     return np.take_along_axis(lut, thumbs.reshape(p, -1).astype(np.intp), axis=1).reshape(thumbs.shape)
 
 
-def hash_candidates(hashes: np.ndarray, max_distance: int, method: str = "auto", block: int = 64) -> np.ndarray:
+def hash_candidates(hashes: np.ndarray, max_distance: int, method: str = "auto", block: int = 64,
+                    workers: int = 1) -> np.ndarray:
     """Rows (i, j, combo, distance), i < j, of every :data:`COMBOS` window pair within ``max_distance`` bits,
     sorted (see :func:`covid_cxr.hamming.window_pairs`)."""
-    return window_pairs(hashes, COMBOS, max_distance, method, block)
+    return window_pairs(hashes, COMBOS, max_distance, method, block, workers)
 
 
 def _highpass_int8(thumbs: np.ndarray) -> np.ndarray:
@@ -366,6 +368,29 @@ def _elastic_correlation(x: np.ndarray, y: np.ndarray, max_shift: int = MAX_SHIF
     return np.where(denom > 1e-12, best_num / np.maximum(denom, 1e-12), 0.0).astype(np.float32)
 
 
+class _PairChunks:
+    """Candidate pairs cut into chunks of what scoring them needs (built only when a chunk is taken)."""
+
+    def __init__(self, detail, energy, self_energy, left, right, size: int):
+        self.detail, self.energy, self.self_energy = detail, energy, self_energy
+        self.left, self.right, self.size = left, right, size
+
+    def __len__(self) -> int:
+        return -(-len(self.left) // self.size)
+
+    def __getitem__(self, k: slice) -> list[tuple]:
+        out = []
+        for c in range(*k.indices(len(self))):
+            lk, rk = self.left[c * self.size:(c + 1) * self.size], self.right[c * self.size:(c + 1) * self.size]
+            out.append((self.detail[lk], self.detail[rk], self.energy[:, rk], self.self_energy[lk]))
+        return out
+
+
+def _score_chunks(chunks: list[tuple]) -> np.ndarray:
+    return np.concatenate([_elastic_correlation(x.astype(np.float32), y.astype(np.float32), energy=e, x_energy=xe)
+                           for x, y, e, xe in chunks])
+
+
 def _method(a: int, b: int) -> str:
     (view, fa), (_, fb) = WINDOWS[a], WINDOWS[b]
     return view if fa == fb == 1.0 else f"{view} {fa:.0%}/{fb:.0%}"
@@ -373,7 +398,7 @@ def _method(a: int, b: int) -> str:
 
 def find_near_duplicates(fps: Sequence[Fingerprint] | FingerprintTable, max_hash_distance: int = 8,
                          min_similarity: float = 0.75, block_rows: int = 64, chunk_pairs: int = 4096,
-                         method: str = "auto") -> list[DuplicatePair]:
+                         method: str = "auto", workers: int = 1) -> list[DuplicatePair]:
     """All pairs of images confirmed to be copies of the same radiograph.
 
     Args:
@@ -392,6 +417,7 @@ def find_near_duplicates(fps: Sequence[Fingerprint] | FingerprintTable, max_hash
         chunk_pairs: candidate window pairs scored at once (memory ~30 KB each).
         method: how hash candidates are found: ``"index"`` (multi-index hashing, sub-quadratic),
             ``"all-pairs"`` or ``"auto"``; the result is the same.
+        workers: processes for the hash search and the scoring (the result is the same).
 
     Returns:
         One :class:`DuplicatePair` per confirmed pair (the best-scoring window pair), sorted by (i, j).
@@ -407,7 +433,7 @@ def find_near_duplicates(fps: Sequence[Fingerprint] | FingerprintTable, max_hash
     if n < 2:
         return []
     table = FingerprintTable.of(fps)
-    cand = hash_candidates(table.phash, max_hash_distance, method, block_rows)
+    cand = hash_candidates(table.phash, max_hash_distance, method, block_rows, workers)
     # For a square image the centre-square windows are the full windows; when both images are
     # square, a centre-square row repeats a full row, so it is not scored twice.
     square = table.square()
@@ -432,11 +458,8 @@ def find_near_duplicates(fps: Sequence[Fingerprint] | FingerprintTable, max_hash
         energy[:, s:s + len(part)] = _shift_energies(d)
         self_energy[s:s + len(part)] = _quadrant_sums(d * d)
     left, right = inverse[:len(cand)], inverse[len(cand):]
-    scores = np.empty(len(cand), dtype=np.float32)
-    for s in range(0, len(cand), chunk_pairs):
-        lk, rk = left[s:s + chunk_pairs], right[s:s + chunk_pairs]
-        scores[s:s + chunk_pairs] = _elastic_correlation(
-            detail[lk].astype(np.float32), detail[rk].astype(np.float32), energy=energy[:, rk], x_energy=self_energy[lk])
+    chunks = _PairChunks(detail, energy, self_energy, left, right, chunk_pairs)
+    scores = np.concatenate([np.zeros(0, np.float32)] + list(run_batches(_score_chunks, chunks, workers, batch=1)))
     keep = scores >= min_similarity
     cand, scores = cand[keep], scores[keep]
     # Best window pair per image pair: sort by pair, then score descending, then combo, so ties

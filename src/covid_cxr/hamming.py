@@ -19,8 +19,10 @@ pairs that cannot be within ``r`` bits.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -193,21 +195,12 @@ def _all_pairs(hashes: np.ndarray, combos, max_distance: int, block: int) -> np.
     return np.concatenate(found)
 
 
-def _indexed(hashes: np.ndarray, combos, max_distance: int, m: int) -> np.ndarray:
-    """The rows of :func:`_all_pairs` (same set, other order) from a multi-index search.
-
-    Every combo (a, b) has its mirror (b, a) in ``combos``, so one search of window ``a`` of
-    every image against an index of window ``b`` of every image serves both: a hit (x, y) is combo
-    (a, b) for i = x < j = y and combo (b, a) for i = y < j = x.
-    """
+def _search_pairs(window_pairs_: Sequence[tuple[int, int]], hashes: np.ndarray, combos: list, max_distance: int,
+                  m: int) -> list[np.ndarray]:
+    """Rows for each (a, b) window pair with a >= b (see :func:`_indexed`)."""
     found = []
-    indexes: dict[int, ChunkIndex] = {}
-    combos = list(combos)
-    for a, b in combos:
-        if a < b:
-            continue  # served by its mirror
-        index = indexes.get(b) or indexes.setdefault(b, ChunkIndex(hashes[:, b], m))
-        x, y, d = search(hashes[:, a], index, max_distance)
+    for a, b in window_pairs_:
+        x, y, d = search(hashes[:, a], ChunkIndex(hashes[:, b], m), max_distance)
         forward = combos.index((a, b))
         if a == b:
             keep = x < y
@@ -217,11 +210,29 @@ def _indexed(hashes: np.ndarray, combos, max_distance: int, m: int) -> np.ndarra
         lo, hi = x < y, x > y
         found.append(np.stack([x[lo], y[lo], np.full(lo.sum(), forward), d[lo]], axis=1))
         found.append(np.stack([y[hi], x[hi], np.full(hi.sum(), mirror), d[hi]], axis=1))
+    return found
+
+
+def _indexed(hashes: np.ndarray, combos, max_distance: int, m: int, workers: int = 1) -> np.ndarray:
+    """The rows of :func:`_all_pairs` (same set, other order) from a multi-index search.
+
+    Every combo (a, b) has its mirror (b, a) in ``combos``, so one search of window ``a`` of
+    every image against an index of window ``b`` of every image serves both: a hit (x, y) is combo
+    (a, b) for i = x < j = y and combo (b, a) for i = y < j = x. The searches are independent and
+    run in ``workers`` processes.
+    """
+    from covid_cxr.workers import run_batches
+
+    combos = list(combos)
+    todo = [(a, b) for a, b in combos if a >= b]
+    job = functools.partial(_search_pairs, hashes=np.ascontiguousarray(hashes, dtype=np.uint64), combos=combos,
+                            max_distance=max_distance, m=m)
+    found = [rows for part in run_batches(job, todo, workers, batch=1) for rows in part]
     return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 4), dtype=np.int64)
 
 
-def window_pairs(hashes: np.ndarray, combos, max_distance: int, method: str = "auto", block: int = 64
-                 ) -> np.ndarray:
+def window_pairs(hashes: np.ndarray, combos, max_distance: int, method: str = "auto", block: int = 64,
+                 workers: int = 1) -> np.ndarray:
     """Rows (i, j, combo, distance), i < j, sorted, of every combo (window a of image i, window b of image j) of
     ``combos`` whose hashes (``hashes[i, a]``, ``hashes[j, b]``) are within ``max_distance`` bits.
     ``method``: ``"index"`` (multi-index hashing), ``"all-pairs"``
@@ -236,5 +247,5 @@ def window_pairs(hashes: np.ndarray, combos, max_distance: int, method: str = "a
     if m is None:
         cand = _all_pairs(hashes, combos, max_distance, block)
     else:
-        cand = _indexed(hashes, combos, max_distance, m)
+        cand = _indexed(hashes, combos, max_distance, m, workers)
     return cand[np.lexsort((cand[:, 2], cand[:, 1], cand[:, 0]))] if len(cand) else cand

@@ -13,11 +13,9 @@ and is decoded again) and decodes only the files without a record. ``<algorithm>
 the fingerprint of fixed test patterns: records from another fingerprint algorithm (or another
 Pillow) are simply not found.
 
-Work is spread over ``workers`` processes in batches, a bounded number in flight, so memory stays
-flat however many images there are: the parent keeps sha256, size and a 6 KB fingerprint per image
-in arrays (:class:`~covid_cxr.dedup.FingerprintTable`). Worker processes die with their parent
-(``PR_SET_PDEATHSIG`` on Linux, a watchdog thread elsewhere) and ignore Ctrl-C, which the parent
-handles by stopping them: a killed or interrupted build leaves no process behind.
+Work is spread over ``workers`` processes in batches (:func:`covid_cxr.workers.run_batches`), a bounded
+number in flight, so memory stays flat however many images there are: the parent keeps sha256, size
+and a 6 KB fingerprint per image in arrays (:class:`~covid_cxr.dedup.FingerprintTable`).
 """
 
 from __future__ import annotations
@@ -26,16 +24,12 @@ import functools
 import hashlib
 import logging
 import os
-import signal
 import struct
-import sys
-import threading
 import time
 import zlib
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -45,6 +39,7 @@ from covid_cxr.errors import CacheError, ImageReadError
 from covid_cxr.files import atomic_write
 from covid_cxr.images import load_image, sha256_file
 from covid_cxr.pixels import BASE_SHORT_SIDE, shrink_short_side
+from covid_cxr.workers import run_batches
 
 log = logging.getLogger(__name__)
 
@@ -203,88 +198,6 @@ def _inspect_batch(paths: Sequence[str], job: Job) -> list[dict]:
     return [inspect_file(p, job, opened) for p in paths]
 
 
-# ----------------------------------------------------------------------------- worker processes
-
-
-def _die_with_parent(parent: int) -> None:
-    """Pool initializer: this worker ends when the build process ends, however it ends (even kill -9)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
-    done = False
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            done = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
-        except (OSError, AttributeError):
-            done = False
-    if os.getppid() != parent:  # the parent died before the death signal was armed
-        os._exit(1)
-    if not done:
-        def watch() -> None:
-            while os.getppid() == parent:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True, name="covid-cxr-parent-watch").start()
-
-
-def _stop(pool: ProcessPoolExecutor, clean: bool) -> None:
-    """Shut the pool down; after an error or an interrupt, end its processes at once rather than wait."""
-    if clean:
-        pool.shutdown(wait=True)
-        return
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for p in processes:
-        if p.is_alive():
-            p.terminate()
-    for p in processes:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
-
-
-def make_pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool whose workers die with this process and leave Ctrl-C to it."""
-    return ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
-
-
-def run_batches(fn: Callable, items: Sequence, workers: int, batch: int = BATCH, on_done: Callable | None = None):
-    """Yield ``fn(items[k:k + batch])`` for consecutive batches, in order, computed by ``workers`` processes
-    with a bounded number of batches in flight; the pool is shut down on every exit path."""
-    batches = [items[k:k + batch] for k in range(0, len(items), batch)]
-    if workers <= 1 or len(batches) <= 1:
-        for b in batches:
-            out = fn(b)
-            if on_done:
-                on_done(len(b))
-            yield out
-        return
-    pool = make_pool(workers)
-    clean = False
-    try:
-        pending: dict[int, object] = {}
-        results: dict[int, object] = {}
-        nxt = emitted = 0
-        while emitted < len(batches):
-            while nxt < len(batches) and len(pending) < 3 * workers:
-                pending[nxt] = pool.submit(fn, batches[nxt])
-                nxt += 1
-            done, _ = wait(list(pending.values()), return_when=FIRST_COMPLETED)
-            for k in [k for k, f in pending.items() if f in done]:
-                results[k] = pending.pop(k).result()
-                if on_done:
-                    on_done(len(batches[k]))
-            while emitted in results:
-                yield results.pop(emitted)
-                emitted += 1
-        clean = True
-    finally:
-        _stop(pool, clean)
-
-
 # ----------------------------------------------------------------------------- the pass over all files
 
 
@@ -345,7 +258,7 @@ def inspect_all(paths: Sequence[str], cache_root: str | Path | None, fingerprint
     bar = tqdm(total=n, desc="checking images", disable=not progress)
     k = 0
     try:
-        for results in run_batches(functools.partial(_inspect_batch, job=job), list(paths), workers,
+        for results in run_batches(functools.partial(_inspect_batch, job=job), list(paths), workers, BATCH,
                                    on_done=bar.update):
             for r in results:
                 out.sha256[k], out.width[k], out.height[k], out.error[k] = (r["sha256"], r["width"], r["height"],

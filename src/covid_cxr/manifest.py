@@ -75,7 +75,7 @@ DUPLICATE_COLUMNS = ["cluster", "path_a", "source_a", "label_a", "path_b", "sour
                      "similarity", "method", "kept"]
 
 
-def remove_near_duplicates(df: pd.DataFrame, fingerprints: FingerprintTable
+def remove_near_duplicates(df: pd.DataFrame, fingerprints: FingerprintTable, workers: int = 1
                            ) -> tuple[pd.DataFrame, list[dict], pd.DataFrame, list[str]]:
     """Keep one image per near-duplicate cluster (sources with patient metadata first, then the
     larger image); if a cluster's copies carry conflicting labels, leave all of them out.
@@ -83,7 +83,7 @@ def remove_near_duplicates(df: pd.DataFrame, fingerprints: FingerprintTable
     ``df`` needs a ``fp_row`` column: each row's row in ``fingerprints``. Returns (kept rows, dropped
     records, one row per duplicate pair for duplicates.csv, notes).
     """
-    pairs = find_near_duplicates(fingerprints.take(df["fp_row"].to_numpy()))
+    pairs = find_near_duplicates(fingerprints.take(df["fp_row"].to_numpy()), workers=workers)
     clusters = cluster(len(df), pairs)
     pos = df.reset_index(drop=True)
     if "rel" not in pos:
@@ -225,7 +225,7 @@ def build(cfg: DataConfig) -> dict:
         duplicates = pd.DataFrame(columns=DUPLICATE_COLUMNS)
         if cfg.dedup:
             t1 = time.perf_counter()
-            df, near_dropped, duplicates, near_notes = remove_near_duplicates(df, fps)
+            df, near_dropped, duplicates, near_notes = remove_near_duplicates(df, fps, cfg.workers)
             stats["duplicate_search_seconds"] = round(time.perf_counter() - t1, 2)
             dropped += near_dropped
             conflict_notes += near_notes
