@@ -281,12 +281,20 @@ def test_links_and_dotdot_never_leave_the_source(tmp_path: Path) -> None:
                 [["COVID-1", "COVID-19", "PA", "X-ray"], ["../../../../../etc/passwd", "COVID-19", "PA", "X-ray"]])
     got = read_figure1(fig)
     assert len(got.images) == 1 and "outside the source folder" in got.dropped[0]["reason"]
+    # metadata.csv and README.txt are not read through links out of the source either.
+    (cohen / "metadata.csv").unlink()
+    (cohen / "metadata.csv").symlink_to(fig / "metadata.csv")
+    with pytest.raises(SourceError, match="outside the source folder"):
+        read_cohen(cohen)
+    (site / "README.txt").symlink_to(secret / "README.txt")
+    (secret / "README.txt").write_text("SYNTHETIC (a file outside the source)")
+    assert read_folder(site).synthetic is False
     # The whole build: counted in dropped.csv, nothing from /etc anywhere.
     out = tmp_path / "ds"
     build(DataConfig(sources=(("folder", str(site)),), out=str(out), test_per_class=2, workers=1, progress=False))
     dropped = pd.read_csv(out / "dropped.csv", keep_default_na=False)
     assert sorted(dropped.loc[dropped["reason"].str.contains("outside the source"), "item"]) == [
-        "covid/etc", "covid/stolen.png", "normal/passwd.png", "other"]
+        "README.txt", "covid/etc", "covid/stolen.png", "normal/passwd.png", "other"]
     assert not (out / "manifest.csv").read_text().count("passwd")
 
 

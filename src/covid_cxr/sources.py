@@ -226,6 +226,8 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
     """Shared logic of the Cohen-style sources (Cohen, Actualmed, Figure1)."""
     root = _require_dir(root, source)
     meta = root / "metadata.csv"
+    if meta.is_symlink() and not _inside(meta, root):
+        raise SourceError(f"{meta} is a link pointing outside the source folder (refused); copy the real file there")
     required = ["patientid", "finding", "view", "modality"] + extra_required
     df, encoding = read_metadata_csv(meta, required)
     out = SourceRead(source, _frame([], source), root=root)
@@ -497,6 +499,8 @@ def read_folder(root: str | Path) -> SourceRead:
 def is_synthetic_folder(root: Path) -> bool:
     """A folder whose README.txt starts with SYNTHETIC (as :func:`covid_cxr.phantoms.generate_phantoms` writes)."""
     readme = Path(root) / "README.txt"
+    if readme.is_symlink() and not _inside(readme, Path(root)):
+        return False  # never read a file outside the source folder
     try:
         with open(readme, encoding="utf-8", errors="replace") as f:
             return f.readline().strip().upper().startswith("SYNTHETIC")
