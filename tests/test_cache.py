@@ -414,3 +414,50 @@ def test_real_images_cached_equal_uncached(real_data: Path, tmp_path: Path) -> N
     np.testing.assert_array_equal(model_pixels(paths, spec, shas, cache=cache), expected)
     small = model_pixels(paths[:6], _spec(64, 256), shas[:6], cache=cache)
     np.testing.assert_array_equal(small, _reference(paths[:6], 64, 256))
+
+
+# --------------------------------------------------------------------------- build records (covid_cxr.ingest)
+
+
+def test_records_round_trip_and_damage_is_removed(tmp_path: Path, caplog) -> None:
+    from covid_cxr.dedup import fingerprint
+    from covid_cxr.ingest import Record, RecordStore, fingerprint_version
+
+    store = RecordStore(tmp_path)
+    sha = "ab" * 32
+    assert store.get(sha) is None
+    fp = fingerprint(load_image(_files(tmp_path / "src")[0][1]))
+    store.put(sha, Record(40, 48, fp))
+    assert store.get(sha) == Record(40, 48, fp)
+    store.put("cd" * 32, Record(7, 9, None))
+    assert store.get("cd" * 32) == Record(7, 9, None)
+    assert store.path(sha).parent.parent.name == fingerprint_version() == fingerprint_version()
+    data = bytearray(store.path(sha).read_bytes())
+    data[30] ^= 0xFF
+    store.path(sha).write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.ingest"):
+        assert store.get(sha) is None
+    assert "damaged record" in caplog.text and not store.path(sha).exists()
+
+
+def test_inspect_file_decodes_once_then_reuses_the_record(tmp_path: Path, monkeypatch) -> None:
+    from covid_cxr import ingest
+
+    paths, shas = _files(tmp_path / "src")
+    calls = []
+    real_load = ingest.load_image
+    monkeypatch.setattr(ingest, "load_image", lambda p: calls.append(p) or real_load(p))
+    job = ingest.Job(str(tmp_path / "cache"), fingerprints=True)
+    first = [ingest.inspect_file(p, job) for p in paths]
+    assert len(calls) == len(paths) and all(r["decoded"] for r in first)
+    again = [ingest.inspect_file(p, job) for p in paths]
+    assert len(calls) == len(paths) and not any(r["decoded"] for r in again)
+    for a, b, sha in zip(first, again, shas):
+        assert a["sha256"] == b["sha256"] == sha and (a["width"], a["height"]) == (b["width"], b["height"])
+        assert a["fingerprint"] == b["fingerprint"] is not None
+    # A record without a fingerprint does not serve a build that needs one; a missing cache entry neither.
+    ImageCache(tmp_path / "cache", BASE_SHORT_SIDE).entry_path(shas[0]).unlink()
+    assert ingest.inspect_file(paths[0], job)["decoded"]
+    other = ingest.Job(str(tmp_path / "other"), fingerprints=False, reuse=(str(tmp_path / "cache"),))
+    linked = ingest.inspect_file(paths[1], other)  # linked from an earlier build's cache, not decoded
+    assert not linked["decoded"] and (tmp_path / "other" / "s256").is_dir()

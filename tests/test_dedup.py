@@ -16,7 +16,11 @@ import pytest
 from PIL import Image
 
 from conftest import make_gray
-from covid_cxr.dedup import DuplicatePair, Fingerprint, cluster, find_near_duplicates, fingerprint
+from covid_cxr import dedup
+from covid_cxr.dedup import (COMBOS, DuplicatePair, Fingerprint, FingerprintTable, cluster, find_near_duplicates,
+                             fingerprint, hash_candidates)
+from covid_cxr import hamming
+from covid_cxr.hamming import ChunkIndex, plan, search
 from covid_cxr.images import load_image
 from covid_cxr.manifest import inspect_image
 
@@ -210,29 +214,142 @@ def test_build_fingerprints_the_decoded_pixels(tmp_path: Path) -> None:
     assert info["fingerprint"] is None and info["error"]
 
 
+# --------------------------------------------------------------------------- the indexed search equals all pairs
+
+
+def _near_hashes(n: int, seed: int) -> np.ndarray:
+    """(n, 6) uint64 hashes: clusters of copies a few bits apart (0-12 flips, per window), plus unrelated ones."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 2**63, (n, len(dedup.WINDOWS)), dtype=np.uint64) << np.uint64(1)
+    base ^= rng.integers(0, 2, (n, len(dedup.WINDOWS)), dtype=np.uint64)
+    for k in range(n // 2, n):  # half of them are copies of an earlier one
+        src = int(rng.integers(0, n // 2))
+        flips = rng.integers(0, 13, len(dedup.WINDOWS))
+        base[k] = base[src]
+        for w, f in enumerate(flips):
+            for b in rng.choice(64, size=f, replace=False):
+                base[k, w] ^= np.uint64(1) << np.uint64(b)
+    return base
+
+
+@pytest.mark.parametrize("r", [0, 1, 2, 5, 8, 9])
+def test_indexed_hash_search_returns_exactly_the_all_pairs_candidates(r: int) -> None:
+    hashes = _near_hashes(600, seed=r)
+    reference = hash_candidates(hashes, r, "all-pairs")
+    assert len(reference) > 0
+    assert np.array_equal(hash_candidates(hashes, r, "index"), reference)
+    for m in (3, 4, 9) if r in (2, 8) else ():  # every chunking gives the same set (ChunkIndex with m chunks)
+        got = hamming._indexed(hashes, COMBOS, r, m)
+        assert np.array_equal(got[np.lexsort((got[:, 2], got[:, 1], got[:, 0]))], reference)
+
+
+def test_hamming_search_small_cases() -> None:
+    idx = ChunkIndex(np.array([0, 1, 3, 2**64 - 1], dtype=np.uint64), m=4)
+    x, y, d = search(np.array([0, 2**64 - 1], dtype=np.uint64), idx, r=2)
+    assert sorted(zip(x.tolist(), y.tolist(), d.tolist())) == [(0, 0, 0), (0, 1, 1), (0, 2, 2), (1, 3, 0)]
+    spread = np.random.default_rng(0).integers(0, 2**63, 20_000, dtype=np.uint64)
+    assert plan(spread, 8) is not None and plan(spread, 40) is None  # all pairs where probing costs more
+    with pytest.raises(ValueError, match="method"):
+        hash_candidates(np.zeros((2, 6), np.uint64), 8, "bk-tree")
+
+
+def test_indexed_find_equals_all_pairs_on_synthetic_near_duplicates(tmp_path: Path) -> None:
+    originals = [phantom(s) for s in range(40, 52)]
+    images = list(originals)
+    for k, kind in enumerate(COPIES):  # one copy of each kind, of different originals
+        images.append(COPIES[kind](originals[k % len(originals)], tmp_path))
+    fps = [fingerprint(im) for im in images]
+    table = FingerprintTable.of(fps)
+    old = find_near_duplicates(fps, method="all-pairs")
+    assert len(old) >= len(COPIES)
+    assert find_near_duplicates(table, method="index") == old
+    assert find_near_duplicates(table.take(range(len(fps))), method="index") == old
+    assert find_near_duplicates(table, method="index", workers=2, chunk_pairs=3) == old  # processes, small chunks
+    assert [table[k] for k in range(len(fps))] == fps
+    assert cluster(len(fps), old).tolist() == cluster(len(fps), find_near_duplicates(fps, method="index")).tolist()
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_energies_computed_per_thumbnail_give_bit_identical_scores(batch: int) -> None:
+    """find_near_duplicates computes each thumbnail's shift energies once, not once per pair: the scores (and so
+    the pairs, the similarities in duplicates.csv and the kept images) stay exactly what per-pair scoring gives."""
+    rng = np.random.default_rng(batch)
+    x = rng.normal(0, 40, (64, 32, 32)).round().astype(np.float32)
+    y = rng.normal(0, 40, (64, 32, 32)).round().astype(np.float32)
+    y[5] = 0  # no detail at all
+    reference = dedup._elastic_correlation(x, y)
+    energy = np.concatenate([dedup._shift_energies(y[k:k + batch]) for k in range(0, 64, batch)], axis=1)
+    got = dedup._elastic_correlation(x, y, energy=energy, x_energy=dedup._quadrant_sums(x * x))
+    assert np.array_equal(got.view(np.uint32), reference.view(np.uint32)) and got[5] == 0
+
+
+def _reference_fingerprint(image: np.ndarray) -> Fingerprint:
+    """The fingerprint as first written: one ``imagehash.phash`` call and one equalisation per window."""
+    import imagehash
+
+    h, w = image.shape
+    base = Image.fromarray(image)
+    if min(h, w) > 512:
+        base = base.reduce(min(h, w) // 256)
+    sx, sy = base.width / w, base.height / h
+    hashes, thumbs = [], []
+    for view, fraction in dedup.WINDOWS:
+        left, top, right, bottom = dedup._window_box(h, w, view, fraction)
+        win = base.resize((64, 64), Image.Resampling.BOX, box=(left * sx, top * sy, right * sx, bottom * sy))
+        hashes.append(int(str(imagehash.phash(win)), 16))
+        thumbs.append(dedup._equalise(np.asarray(win.reduce(2))))
+    return Fingerprint(phash=tuple(hashes), thumbs=np.stack(thumbs).tobytes())
+
+
+def test_fingerprint_is_bit_identical_to_the_imagehash_reference(tmp_path: Path) -> None:
+    images = [phantom(3), phantom(4, (300, 1100)), make_gray(5, (8, 8)), np.full((40, 30), 128, np.uint8),
+              COPIES["squash_224_rgb"](phantom(6), tmp_path)]
+    for im in images:
+        assert fingerprint(im) == _reference_fingerprint(im)
+
+
 # --------------------------------------------------------------------------- real collection
 
 
-@pytest.mark.integration
-def test_real_collection_listed_pairs_found_and_few_extra(real_data: Path) -> None:
+@pytest.fixture(scope="module")
+def real_fingerprints(real_data: Path) -> tuple[list[str], list[Fingerprint]]:
     with open(real_data / "inventory.csv", newline="") as f:
         paths = [row["relative_path"] for row in csv.DictReader(f)]
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        info = list(pool.map(functools.partial(inspect_image, fingerprints=True), [str(real_data / p) for p in paths],
+                             chunksize=16))
+    assert all(i["error"] == "" for i in info)
+    return paths, [i["fingerprint"] for i in info]
+
+
+@pytest.mark.integration
+def test_real_collection_indexed_search_is_identical_to_all_pairs(real_fingerprints, real_data: Path) -> None:
+    paths, fps = real_fingerprints
+    table = FingerprintTable.of(fps)
+    for r in (4, 8, 10):
+        assert np.array_equal(hash_candidates(table.phash, r, "index"), hash_candidates(table.phash, r, "all-pairs"))
+    old, new = find_near_duplicates(fps, method="all-pairs"), find_near_duplicates(table, method="index")
+    assert new == old and len(old) > 57
+    assert cluster(len(fps), new).tolist() == cluster(len(fps), old).tolist()
+    # The fingerprints themselves equal the imagehash reference (on every 10th image: ~3 s).
+    for p, fp in list(zip(paths, fps))[::10]:
+        assert fp == _reference_fingerprint(load_image(real_data / p)), p
+
+
+
+@pytest.mark.integration
+def test_real_collection_listed_pairs_found_and_few_extra(real_fingerprints, real_data: Path) -> None:
+    paths, fps = real_fingerprints
     index = {p: k for k, p in enumerate(paths)}
     with open(real_data / "near_duplicates.csv", newline="") as f:
         listed = [tuple(sorted((index[r["relative_path_a"]], index[r["relative_path_b"]]))) for r in csv.DictReader(f)]
     assert len(listed) == 57
 
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        fps = list(pool.map(functools.partial(inspect_image, fingerprints=True), [str(real_data / p) for p in paths],
-                            chunksize=16))
-    assert all(fp["error"] == "" for fp in fps)
-    fps = [fp["fingerprint"] for fp in fps]
     t1 = time.perf_counter()
     pairs = find_near_duplicates(fps)
     t2 = time.perf_counter()
     ids = cluster(len(fps), pairs)
-    print(f"\n{len(fps)} images: fingerprints {t1 - t0:.1f} s, matching {t2 - t1:.2f} s, {len(pairs)} pairs")
+    print(f"\n{len(fps)} images: matching {t2 - t1:.2f} s, {len(pairs)} pairs")
 
     found = {(p.i, p.j) for p in pairs}
     recalled = [pair for pair in listed if pair in found or ids[pair[0]] == ids[pair[1]]]

@@ -171,8 +171,12 @@ def test_real_tasks_and_protocols(real_data, tmp_path, task, protocol):
     dup = pd.read_csv(tmp_path / "ds" / "duplicates.csv")
     kept = set(df["path"])
     assert all(Path(p).is_absolute() for p in kept) and len(dup) > 0
+    # duplicates.csv names images relative to their source root, with the source beside.
+    roots = {n: (real_data / "sources" / f).resolve() for n, f in REAL_SOURCES.items()}
     for _, pair in dup.iterrows():  # never both copies of a duplicate pair in the manifest
-        assert not (pair["path_a"] in kept and pair["path_b"] in kept)
+        a, b = str(roots[pair["source_a"]] / pair["path_a"]), str(roots[pair["source_b"]] / pair["path_b"])
+        assert Path(a).is_file() and Path(b).is_file()
+        assert not (a in kept and b in kept)
     if protocol == "leave-source-out":
         assert set(used.loc[used["split"] == "test", "source"]) == {"actualmed"}
     assert any("radiography" in w or "cohen" in w for w in report["warnings"])

@@ -129,8 +129,8 @@ class DataConfig(_Config):
     """Remove near-duplicate images (perceptual hash confirmed by a pixel check) before splitting."""
     cache: bool = True
     """Write the preprocessed image cache (DATASET_DIR/cache), so training never decodes originals again."""
-    workers: int = field(default_factory=default_workers)
-    """Processes decoding and hashing images (default: the usable CPUs, at most 8)."""
+    workers: int = field(default_factory=lambda: default_workers(limit=1024))
+    """Processes decoding, hashing, fingerprinting and caching images (default: every usable CPU)."""
     progress: bool = True
     """Show progress bars."""
 

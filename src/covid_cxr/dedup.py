@@ -43,9 +43,12 @@ be far too many (of 120 images with 6% cut from the top 105 were found, with 8% 
 22; in the real collection a copy with 4% cut from one side and squashed is missed). Flat images
 have no detail and never match.
 
-Speed (2 shared cores): fingerprinting is dominated by decoding (1,255 files in ~15 s with 2
-workers); matching takes ~1 s for 1,255 images and ~40-90 s for 20,000 (about 10 s of Hamming
-distances, the rest confirming a few hundred thousand candidate window pairs).
+Speed: candidates are found with multi-index hashing (:mod:`covid_cxr.hamming`), not by comparing
+all pairs: the same candidates, in time that grows with the number of candidates rather than with
+n**2. Each thumbnail is high-passed once and its shift energies computed once, however many
+candidates share it; only the correlations are per pair. Fingerprints are kept as arrays
+(:class:`FingerprintTable`, ~6 KB per image). ``benchmarks/bench_build.py`` measures the whole
+build on 1,255 real and 20,000 and 100,000 synthetic images.
 """
 
 from __future__ import annotations
@@ -54,9 +57,11 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-import imagehash
 import numpy as np
 from PIL import Image
+
+from covid_cxr.hamming import window_pairs
+from covid_cxr.workers import run_batches
 
 
 log = logging.getLogger(__name__)
@@ -125,6 +130,64 @@ class Fingerprint:
         return np.frombuffer(self.thumbs, dtype=np.uint8).reshape(len(WINDOWS), THUMB_SIZE, THUMB_SIZE)
 
 
+class FingerprintTable:
+    """The fingerprints of many images as two arrays, rather than one object per image (a 100,000-image
+    build keeps ~6 KB per image and no Python object per image).
+
+    Attributes:
+        phash: (n, len(WINDOWS)) uint64, :attr:`Fingerprint.phash` per row.
+        thumbs: (n, len(WINDOWS), THUMB_SIZE, THUMB_SIZE) uint8, :meth:`Fingerprint.thumbnails` per row.
+    """
+
+    def __init__(self, n: int):
+        self.phash = np.zeros((n, len(WINDOWS)), dtype=np.uint64)
+        self.thumbs = np.zeros((n, len(WINDOWS), THUMB_SIZE, THUMB_SIZE), dtype=np.uint8)
+        self.rows: np.ndarray | None = None
+        """Row of ``thumbs`` for each row of ``phash`` (None: the same row); :meth:`take` shares ``thumbs``."""
+
+    @classmethod
+    def of(cls, fps: "Sequence[Fingerprint] | FingerprintTable") -> "FingerprintTable":
+        """``fps`` as a table (a table is returned as it is)."""
+        if isinstance(fps, FingerprintTable):
+            return fps
+        table = cls(len(fps))
+        for k, fp in enumerate(fps):
+            table[k] = fp
+        return table
+
+    def __len__(self) -> int:
+        return len(self.phash)
+
+    def _row(self, k):
+        return k if self.rows is None else self.rows[k]
+
+    def __setitem__(self, k: int, fp: Fingerprint) -> None:
+        self.phash[k] = np.array(fp.phash, dtype=np.uint64)
+        self.thumbs[self._row(k)] = fp.thumbnails()
+
+    def __getitem__(self, k: int) -> Fingerprint:
+        return Fingerprint(phash=tuple(int(h) for h in self.phash[k]), thumbs=self.thumbs[self._row(k)].tobytes())
+
+    def window_thumbs(self, images: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """(P, THUMB_SIZE, THUMB_SIZE) thumbnails of window ``windows[p]`` of image ``images[p]``."""
+        return self.thumbs[self._row(images), windows]
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> "FingerprintTable":
+        """A table of the given rows, in that order; it shares the thumbnails (no copy of ~6 KB per image)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = FingerprintTable(0)
+        out.phash, out.thumbs, out.rows = self.phash[rows], self.thumbs, self._row(rows)
+        return out
+
+    def square(self) -> np.ndarray:
+        """(n,) bool: the centre-square windows repeat the full ones (a square image)."""
+        same = (self.phash[:, :_N_FULL] == self.phash[:, _N_FULL:]).all(1)
+        for k in np.flatnonzero(same):  # only the few whose hashes agree need their thumbnails compared
+            t = self.thumbs[self._row(k)]
+            same[k] = np.array_equal(t[:_N_FULL], t[_N_FULL:])
+        return same
+
+
 @dataclass(frozen=True)
 class DuplicatePair:
     """Two images confirmed to be copies of one radiograph.
@@ -189,54 +252,46 @@ def fingerprint(image: np.ndarray) -> Fingerprint:
         factor = min(h, w) // _BASE_SHORT_SIDE
         base = base.reduce(factor)
     sx, sy = base.width / w, base.height / h
-    hashes, thumbs = [], []
+    hash_px, thumbs = [], []
     for view, fraction in WINDOWS:
         left, top, right, bottom = _window_box(h, w, view, fraction)
         box = (left * sx, top * sy, right * sx, bottom * sy)
         win = base.resize((HASH_INPUT_SIZE, HASH_INPUT_SIZE), Image.Resampling.BOX, box=box)
-        hashes.append(int(str(imagehash.phash(win)), 16))
-        small = np.asarray(win.reduce(HASH_INPUT_SIZE // THUMB_SIZE))
-        thumbs.append(_equalise(small))
-    return Fingerprint(phash=tuple(hashes), thumbs=np.stack(thumbs).tobytes())
+        hash_px.append(np.asarray(win.resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS)))
+        thumbs.append(np.asarray(win.reduce(HASH_INPUT_SIZE // THUMB_SIZE)))
+    return Fingerprint(phash=_phash_many(np.stack(hash_px)), thumbs=_equalise_many(np.stack(thumbs)).tobytes())
 
 
-def _popcount64(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Number of set bits of each uint64, written to the uint8 array ``out`` (numpy >= 2 has it built in)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x, out=out)
-    table = np.array([bin(k).count("1") for k in range(256)], dtype=np.uint8)
-    out[...] = table[x.view(np.uint8).reshape(*x.shape, 8)].sum(-1, dtype=np.uint8)
-    return out
+_PHASH_SIDE = 32
+"""``imagehash.phash`` (hash_size 8, highfreq_factor 4) shrinks its input to 32x32 with Lanczos."""
 
 
-def _hash_candidates(hashes: np.ndarray, max_distance: int, block: int) -> np.ndarray:
-    """Rows (i, j, combo, distance) with i < j for every combo within ``max_distance`` bits.
+def _phash_many(pixels: np.ndarray) -> tuple[int, ...]:
+    """``int(str(imagehash.phash(window)), 16)`` for a stack of windows already shrunk to 32x32, bit for bit
+    (the same DCT, median and bit order, one call for all windows instead of one per window)."""
+    import scipy.fftpack
 
-    The (n, n) distance matrices are computed ``block`` rows at a time into reused buffers, so
-    memory stays at ~10 * block * n bytes while n**2 / 2 * len(COMBOS) distances are checked.
-    """
-    n = len(hashes)
-    by_window = np.ascontiguousarray(hashes.T)  # (windows, n): contiguous rows for broadcasting
-    xor = np.empty((block, n), dtype=np.uint64)
-    dist = np.empty((block, n), dtype=np.uint8)
-    near = np.empty((block, n), dtype=bool)
-    found = []
-    for i0 in range(0, n, block):
-        i1 = min(i0 + block, n)
-        rows, cols = i1 - i0, n - i0
-        # Column k of this block is image i0 + k; keep only j > i (the diagonal block's upper triangle).
-        upper = np.arange(cols)[None, :] > np.arange(rows)[:, None]
-        for c, (a, b) in enumerate(COMBOS):
-            x = np.bitwise_xor(by_window[a, i0:i1, None], by_window[b, None, i0:], out=xor[:rows, :cols])
-            d = _popcount64(x, out=dist[:rows, :cols])
-            ok = np.less_equal(d, max_distance, out=near[:rows, :cols])
-            ok &= upper
-            ii, jj = np.nonzero(ok)
-            if len(ii):
-                found.append(np.stack([ii + i0, jj + i0, np.full(len(ii), c), d[ii, jj]], axis=1).astype(np.int64))
-    if not found:
-        return np.zeros((0, 4), dtype=np.int64)
-    return np.concatenate(found)
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=1), axis=2)[:, :8, :8].reshape(len(pixels), 64)
+    bits = dct > np.median(dct, axis=1, keepdims=True)
+    return tuple(int.from_bytes(row.tobytes(), "big") for row in np.packbits(bits, axis=1))
+
+
+def _equalise_many(thumbs: np.ndarray) -> np.ndarray:
+    """:func:`_equalise` of each image in a (P, S, S) uint8 stack, in one pass."""
+    p = len(thumbs)
+    hist = np.bincount((np.arange(p)[:, None, None] * 256 + thumbs).ravel(), minlength=256 * p).reshape(p, 256)
+    below = np.cumsum(hist, axis=1) - hist
+    mid = below + (hist - 1) / 2.0
+    scale = 255.0 / max(thumbs[0].size - 1, 1)
+    lut = np.round(mid * scale).astype(np.uint8)
+    return np.take_along_axis(lut, thumbs.reshape(p, -1).astype(np.intp), axis=1).reshape(thumbs.shape)
+
+
+def hash_candidates(hashes: np.ndarray, max_distance: int, method: str = "auto", block: int = 64,
+                    workers: int = 1) -> np.ndarray:
+    """Rows (i, j, combo, distance), i < j, of every :data:`COMBOS` window pair within ``max_distance`` bits,
+    sorted (see :func:`covid_cxr.hamming.window_pairs`)."""
+    return window_pairs(hashes, COMBOS, max_distance, method, block, workers)
 
 
 def _highpass_int8(thumbs: np.ndarray) -> np.ndarray:
@@ -254,7 +309,34 @@ def _highpass_int8(thumbs: np.ndarray) -> np.ndarray:
     return np.round(scaled).astype(np.int8)
 
 
-def _elastic_correlation(x: np.ndarray, y: np.ndarray, max_shift: int = MAX_SHIFT) -> np.ndarray:
+def _quadrant_sums(a: np.ndarray) -> np.ndarray:
+    """(P, S, S) -> (P, 4) sums over the four quadrants (contiguous reductions; each value is summed in the
+    same order whatever P is, so values computed per image and per pair are bit-identical)."""
+    p, s, _ = a.shape
+    half = s // 2
+    return a.reshape(p, s, 2, half).sum(-1).reshape(p, 2, half, 2).sum(2).reshape(p, 4)
+
+
+def _shifts(max_shift: int) -> list[tuple[int, int]]:
+    return [(dy, dx) for dy in range(2 * max_shift + 1) for dx in range(2 * max_shift + 1)]
+
+
+def _shift_energies(y: np.ndarray, max_shift: int = MAX_SHIFT) -> np.ndarray:
+    """(len(shifts), P, 4) quadrant energies of ``y`` under every shift: they depend on ``y`` alone, so
+    :func:`find_near_duplicates` computes them once per thumbnail rather than once per candidate pair."""
+    p, s, _ = y.shape
+    m = max_shift
+    padded = np.pad(y, ((0, 0), (m, m), (m, m)))
+    shifts = _shifts(m)
+    energy = np.empty((len(shifts), p, 4), dtype=np.float32)
+    for k, (dy, dx) in enumerate(shifts):
+        shifted = padded[:, dy:dy + s, dx:dx + s]
+        energy[k] = _quadrant_sums(shifted * shifted)
+    return energy
+
+
+def _elastic_correlation(x: np.ndarray, y: np.ndarray, max_shift: int = MAX_SHIFT, energy: np.ndarray | None = None,
+                         x_energy: np.ndarray | None = None) -> np.ndarray:
     """Correlation of x and y where each quadrant of y may shift by up to ``max_shift`` pixels.
 
     Per quadrant the shift with the highest local correlation is chosen; the score pools the
@@ -262,29 +344,51 @@ def _elastic_correlation(x: np.ndarray, y: np.ndarray, max_shift: int = MAX_SHIF
 
     Args:
         x, y: (P, S, S) float32 arrays (S even), already high-passed.
+        energy: ``_shift_energies(y)`` if already known; x_energy: ``_quadrant_sums(x * x)`` if known
+            (the result is the same, bit for bit).
 
     Returns:
         (P,) scores in [-1, 1]; 0 where either image has no detail at all.
     """
     p, s, _ = x.shape
-    half, m = s // 2, max_shift
-    shifts = [(dy, dx) for dy in range(2 * m + 1) for dx in range(2 * m + 1)]
+    m = max_shift
+    shifts = _shifts(m)
     padded = np.pad(y, ((0, 0), (m, m), (m, m)))
-
-    def quadrant_sums(a: np.ndarray) -> np.ndarray:  # (p, s, s) -> (p, 4), contiguous reductions
-        return a.reshape(p, s, 2, half).sum(-1).reshape(p, 2, half, 2).sum(2).reshape(p, 4)
-
+    if energy is None:
+        energy = _shift_energies(y, m)
+    if x_energy is None:
+        x_energy = _quadrant_sums(x * x)
     num = np.empty((len(shifts), p, 4), dtype=np.float32)
-    energy = np.empty_like(num)
     for k, (dy, dx) in enumerate(shifts):
-        shifted = padded[:, dy:dy + s, dx:dx + s]
-        num[k] = quadrant_sums(x * shifted)
-        energy[k] = quadrant_sums(shifted * shifted)
+        num[k] = _quadrant_sums(x * padded[:, dy:dy + s, dx:dx + s])
     best = (num / np.sqrt(energy + 1e-12)).argmax(0)[None]
     best_num = np.take_along_axis(num, best, 0)[0].sum(1)
     best_energy = np.take_along_axis(energy, best, 0)[0].sum(1)
-    denom = np.sqrt(quadrant_sums(x * x).sum(1) * best_energy)
+    denom = np.sqrt(x_energy.sum(1) * best_energy)
     return np.where(denom > 1e-12, best_num / np.maximum(denom, 1e-12), 0.0).astype(np.float32)
+
+
+class _PairChunks:
+    """Candidate pairs cut into chunks of what scoring them needs (built only when a chunk is taken)."""
+
+    def __init__(self, detail, energy, self_energy, left, right, size: int):
+        self.detail, self.energy, self.self_energy = detail, energy, self_energy
+        self.left, self.right, self.size = left, right, size
+
+    def __len__(self) -> int:
+        return -(-len(self.left) // self.size)
+
+    def __getitem__(self, k: slice) -> list[tuple]:
+        out = []
+        for c in range(*k.indices(len(self))):
+            lk, rk = self.left[c * self.size:(c + 1) * self.size], self.right[c * self.size:(c + 1) * self.size]
+            out.append((self.detail[lk], self.detail[rk], self.energy[:, rk], self.self_energy[lk]))
+        return out
+
+
+def _score_chunks(chunks: list[tuple]) -> np.ndarray:
+    return np.concatenate([_elastic_correlation(x.astype(np.float32), y.astype(np.float32), energy=e, x_energy=xe)
+                           for x, y, e, xe in chunks])
 
 
 def _method(a: int, b: int) -> str:
@@ -292,12 +396,14 @@ def _method(a: int, b: int) -> str:
     return view if fa == fb == 1.0 else f"{view} {fa:.0%}/{fb:.0%}"
 
 
-def find_near_duplicates(fps: Sequence[Fingerprint], max_hash_distance: int = 8, min_similarity: float = 0.75,
-                         block_rows: int = 64, chunk_pairs: int = 4096) -> list[DuplicatePair]:
+def find_near_duplicates(fps: Sequence[Fingerprint] | FingerprintTable, max_hash_distance: int = 8,
+                         min_similarity: float = 0.75, block_rows: int = 64, chunk_pairs: int = 4096,
+                         method: str = "auto", workers: int = 1) -> list[DuplicatePair]:
     """All pairs of images confirmed to be copies of the same radiograph.
 
     Args:
-        fps: fingerprints from :func:`fingerprint`, one per image; pair indices refer to this order.
+        fps: fingerprints from :func:`fingerprint`, one per image (or a :class:`FingerprintTable`); pair
+            indices refer to this order.
         max_hash_distance: a window pair is a candidate when its pHashes differ in at most this many
             of 64 bits. Copies made by re-encoding, rescaling, squashing, centre crops or brightness
             and gamma changes measured at most 6 (pHash distances are even); distinct chest X-rays
@@ -309,6 +415,9 @@ def find_near_duplicates(fps: Sequence[Fingerprint], max_hash_distance: int = 8,
             different patients <= 0.64.
         block_rows: rows of the Hamming-distance matrices computed at once (memory ~10 * block_rows * n bytes).
         chunk_pairs: candidate window pairs scored at once (memory ~30 KB each).
+        method: how hash candidates are found: ``"index"`` (multi-index hashing, sub-quadratic),
+            ``"all-pairs"`` or ``"auto"``; the result is the same.
+        workers: processes for the hash search and the scoring (the result is the same).
 
     Returns:
         One :class:`DuplicatePair` per confirmed pair (the best-scoring window pair), sorted by (i, j).
@@ -323,12 +432,11 @@ def find_near_duplicates(fps: Sequence[Fingerprint], max_hash_distance: int = 8,
     n = len(fps)
     if n < 2:
         return []
-    hashes = np.array([fp.phash for fp in fps], dtype=np.uint64)
-    cand = _hash_candidates(hashes, max_hash_distance, block_rows)
+    table = FingerprintTable.of(fps)
+    cand = hash_candidates(table.phash, max_hash_distance, method, block_rows, workers)
     # For a square image the centre-square windows are the full windows; when both images are
     # square, a centre-square row repeats a full row, so it is not scored twice.
-    square = np.array([fp.phash[:_N_FULL] == fp.phash[_N_FULL:] and fp.thumbs[:_N_FULL * THUMB_SIZE ** 2] ==
-                       fp.thumbs[_N_FULL * THUMB_SIZE ** 2:] for fp in fps])
+    square = table.square()
     repeat = _CENTRE_SQUARE_COMBO[cand[:, 2]] & square[cand[:, 0]] & square[cand[:, 1]]
     cand = cand[~repeat]
     log.info("near-duplicates: %d images, %d candidate window pairs within %d bits", n, len(cand), max_hash_distance)
@@ -340,15 +448,18 @@ def find_near_duplicates(fps: Sequence[Fingerprint], max_hash_distance: int = 8,
     keys, inverse = np.unique(np.concatenate([cand[:, 0] * nw + combos[cand[:, 2], 0],
                                               cand[:, 1] * nw + combos[cand[:, 2], 1]]), return_inverse=True)
     detail = np.empty((len(keys), THUMB_SIZE, THUMB_SIZE), dtype=np.int8)
+    n_shifts = len(_shifts(MAX_SHIFT))
+    energy = np.empty((n_shifts, len(keys), 4), dtype=np.float32)  # per thumbnail, not per pair (~150 B each)
+    self_energy = np.empty((len(keys), 4), dtype=np.float32)
     for s in range(0, len(keys), chunk_pairs):
         part = keys[s:s + chunk_pairs]
-        detail[s:s + len(part)] = _highpass_int8(np.stack([fps[k // nw].thumbnails()[k % nw] for k in part]))
+        detail[s:s + len(part)] = _highpass_int8(table.window_thumbs(part // nw, part % nw))
+        d = detail[s:s + len(part)].astype(np.float32)
+        energy[:, s:s + len(part)] = _shift_energies(d)
+        self_energy[s:s + len(part)] = _quadrant_sums(d * d)
     left, right = inverse[:len(cand)], inverse[len(cand):]
-    scores = np.empty(len(cand), dtype=np.float32)
-    for s in range(0, len(cand), chunk_pairs):
-        x = detail[left[s:s + chunk_pairs]].astype(np.float32)
-        y = detail[right[s:s + chunk_pairs]].astype(np.float32)
-        scores[s:s + chunk_pairs] = _elastic_correlation(x, y)
+    chunks = _PairChunks(detail, energy, self_energy, left, right, chunk_pairs)
+    scores = np.concatenate([np.zeros(0, np.float32)] + list(run_batches(_score_chunks, chunks, workers, batch=1)))
     keep = scores >= min_similarity
     cand, scores = cand[keep], scores[keep]
     # Best window pair per image pair: sort by pair, then score descending, then combo, so ties

@@ -8,24 +8,24 @@ manifest and ``dataset.json``, never a source-specific file.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.cache import ImageCache
 from covid_cxr.card import write_card
 from covid_cxr.config import TASKS, DataConfig, Task
 from covid_cxr.dataset import MANIFEST_COLUMNS, source_root_record
-from covid_cxr.dedup import cluster, find_near_duplicates, fingerprint
-from covid_cxr.errors import DatasetError, ImageReadError
+from covid_cxr.dedup import FingerprintTable, cluster, find_near_duplicates
+from covid_cxr.errors import DatasetError
 from covid_cxr.files import atomic_write, write_json, write_yaml
-from covid_cxr.images import load_image, sha256_file
+from covid_cxr.ingest import Job, inspect_all, inspect_file, sweep_temp_files
 from covid_cxr.paths import DatasetDir
-from covid_cxr.pixels import BASE_SHORT_SIDE, shrink_short_side
+from covid_cxr.pixels import BASE_SHORT_SIDE
+from covid_cxr.publish import Staging
 from covid_cxr.sources import PATIENT_METADATA_PRIORITY, read_source
 from covid_cxr.splits import (SPLITS, UNUSED, assign_groups, cap_source_share, check_patient_disjoint,  # noqa: F401
                               split_by_patient, split_leave_source_out)
@@ -35,37 +35,20 @@ log = logging.getLogger(__name__)
 
 
 def inspect_image(path: str, cache_root: str | None = None, fingerprints: bool = False) -> dict:
-    """Decode an image fully (proving it is readable) and return its sha256, width and height.
-
-    In the same pass it stores the image's preprocessing stage 1 in the cache (so training never
-    decodes the original again) and computes its near-duplicate fingerprint.
-    """
-    try:
-        arr = load_image(path)
-    except ImageReadError as exc:
-        return {"sha256": "", "width": 0, "height": 0, "error": exc.reason, "fingerprint": None}
-    sha = sha256_file(Path(path))
-    if cache_root:
-        ImageCache(cache_root, BASE_SHORT_SIDE).put(sha, shrink_short_side(arr, BASE_SHORT_SIDE))
-    fp = fingerprint(arr) if fingerprints else None
-    return {"sha256": sha, "width": arr.shape[1], "height": arr.shape[0], "error": "", "fingerprint": fp}
-
-
-def _inspect_all(paths: list[str], cfg: DataConfig) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    cache_root = str(DatasetDir(Path(cfg.out)).cache) if cfg.cache else None
-    job = partial(inspect_image, cache_root=cache_root, fingerprints=cfg.dedup)
-    bar = partial(tqdm, total=len(paths), desc="checking images", disable=not cfg.progress)
-    if cfg.workers <= 1 or len(paths) < 16:
-        return list(bar(map(job, paths)))
-    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
-        return list(bar(pool.map(job, paths, chunksize=8)))
+    """Decode an image fully (proving it is readable) and return its sha256, width, height and (with
+    ``fingerprints``) near-duplicate fingerprint; with ``cache_root`` its stage 1 is cached in the same pass
+    (see :func:`covid_cxr.ingest.inspect_file`, which skips the decode when a finished record exists)."""
+    return inspect_file(path, Job(cache_root, fingerprints))
 
 
 def _source_rank(source: str) -> int:
     return PATIENT_METADATA_PRIORITY.index(source) if source in PATIENT_METADATA_PRIORITY else len(
         PATIENT_METADATA_PRIORITY)
+
+
+def _name(row: pd.Series) -> str:
+    """How reports name an image: its path relative to its source root (``rel``) where known."""
+    return str(row.get("rel", row["path"]))
 
 
 def remove_byte_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], list[str]]:
@@ -79,11 +62,12 @@ def remove_byte_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], 
     dropped, notes = [], []
     for _, row in ranked[ranked.duplicated("sha256", keep="first")].iterrows():
         keep = kept_by_sha.loc[row["sha256"]]
+        kept_name, row_name = _name(keep), _name(row)
         dropped.append({"source": row["source"], "item": row["path"],
-                        "reason": f"byte-identical copy of {keep['path']} ({keep['source']})"})
+                        "reason": f"byte-identical copy of {kept_name} ({keep['source']})"})
         if keep["label"] != row["label"]:
-            notes.append(f"label conflict: {row['path']} ({row['source']}: {row['label']}) is byte-identical to "
-                         f"{keep['path']} ({keep['source']}: {keep['label']}); kept {keep['label']!r}")
+            notes.append(f"label conflict: {row_name} ({row['source']}: {row['label']}) is byte-identical to "
+                         f"{kept_name} ({keep['source']}: {keep['label']}); kept {keep['label']!r}")
     return first.drop(columns="_rank").sort_index(), dropped, notes
 
 
@@ -91,17 +75,19 @@ DUPLICATE_COLUMNS = ["cluster", "path_a", "source_a", "label_a", "path_b", "sour
                      "similarity", "method", "kept"]
 
 
-def remove_near_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], pd.DataFrame, list[str]]:
+def remove_near_duplicates(df: pd.DataFrame, fingerprints: FingerprintTable, workers: int = 1
+                           ) -> tuple[pd.DataFrame, list[dict], pd.DataFrame, list[str]]:
     """Keep one image per near-duplicate cluster (sources with patient metadata first, then the
     larger image); if a cluster's copies carry conflicting labels, leave all of them out.
 
-    ``df`` needs a ``fingerprint`` column. Returns (kept rows, dropped records, one row per
-    duplicate pair for duplicates.csv, notes).
+    ``df`` needs a ``fp_row`` column: each row's row in ``fingerprints``. Returns (kept rows, dropped
+    records, one row per duplicate pair for duplicates.csv, notes).
     """
-    fps = df["fingerprint"].tolist()
-    pairs = find_near_duplicates(fps)
+    pairs = find_near_duplicates(fingerprints.take(df["fp_row"].to_numpy()), workers=workers)
     clusters = cluster(len(df), pairs)
     pos = df.reset_index(drop=True)
+    if "rel" not in pos:
+        pos["rel"] = pos["path"]
     pos["_cluster"] = clusters
     pos["_rank"] = pos["source"].map(_source_rank)
     pos["_area"] = -(pos["width"].astype(int) * pos["height"].astype(int))
@@ -112,7 +98,7 @@ def remove_near_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], 
     for cid in sizes[sizes > 1].index:
         members = pos[pos["_cluster"] == cid].sort_values(["_rank", "_area", "path"])
         if members["label"].nunique() > 1:
-            desc = ", ".join(f"{p} ({s}: {lab})" for p, s, lab in zip(members["path"], members["source"],
+            desc = ", ".join(f"{p} ({s}: {lab})" for p, s, lab in zip(members["rel"], members["source"],
                                                                      members["label"]))
             notes.append(f"near-duplicate copies with conflicting labels, all left out: {desc}")
             for i in members.index:
@@ -120,11 +106,11 @@ def remove_near_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], 
             kept_of[cid] = ""
             continue
         keep = members.index[0]
-        kept_of[cid] = members.at[keep, "path"]
+        kept_of[cid] = members.at[keep, "rel"]
         for i in members.index[1:]:
-            drop_idx[i] = f"near-duplicate of {members.at[keep, 'path']} ({members.at[keep, 'source']})"
-    rows = [{"cluster": int(clusters[p.i]), "path_a": pos.at[p.i, "path"], "source_a": pos.at[p.i, "source"],
-             "label_a": pos.at[p.i, "label"], "path_b": pos.at[p.j, "path"], "source_b": pos.at[p.j, "source"],
+            drop_idx[i] = f"near-duplicate of {members.at[keep, 'rel']} ({members.at[keep, 'source']})"
+    rows = [{"cluster": int(clusters[p.i]), "path_a": pos.at[p.i, "rel"], "source_a": pos.at[p.i, "source"],
+             "label_a": pos.at[p.i, "label"], "path_b": pos.at[p.j, "rel"], "source_b": pos.at[p.j, "source"],
              "label_b": pos.at[p.j, "label"], "hash_distance": p.hash_distance, "similarity": p.similarity,
              "method": p.method, "kept": kept_of.get(int(clusters[p.i]), "")} for p in pairs]
     dropped = [{"source": pos.at[i, "source"], "item": pos.at[i, "path"], "reason": r} for i, r in drop_idx.items()]
@@ -162,23 +148,37 @@ def confounder_warnings(df: pd.DataFrame, classes: list[str], margin: float = 0.
     return out
 
 
-def _read_and_check(cfg: DataConfig) -> tuple[list, pd.DataFrame, list[dict]]:
+def _read_sources(cfg: DataConfig) -> list:
     reads = [read_source(name, path) for name, path in cfg.sources]
     names = [r.source for r in reads]
     if len(set(names)) != len(names):
         raise DatasetError(f"two sources would both be called {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
                            "folder sources are named after their folder, so give them different folder names")
-    frames = [r.images for r in reads if not r.images.empty]
-    if not frames:
+    if all(r.images.empty for r in reads):
         raise DatasetError("the sources hold no usable images; check the --source paths")
-    df = pd.concat(frames, ignore_index=True)
+    return reads
+
+
+def _read_and_check(cfg: DataConfig, reads: list, cache_root: Path | None, reuse: list[Path]
+                    ) -> tuple[pd.DataFrame, list[dict], FingerprintTable | None, dict]:
+    """Run the one pass over every file of the sources (:func:`covid_cxr.ingest.inspect_all`).
+
+    Returns (rows of readable images with sha256/width/height/rel/fp_row, dropped records, fingerprints or
+    None, pass statistics).
+    """
+    df = pd.concat([r.images for r in reads if not r.images.empty], ignore_index=True)
+    df["rel"] = _relative_paths(df, reads)
     dropped = [d for r in reads for d in r.dropped]
-    info = _inspect_all(df["path"].tolist(), cfg)
-    df = pd.concat([df, pd.DataFrame(info, index=df.index)], axis=1)
+    swept = sweep_temp_files(cache_root) if cache_root and cache_root.is_dir() else 0
+    seen = inspect_all(df["path"].tolist(), cache_root, cfg.dedup, cfg.workers, reuse=reuse, progress=cfg.progress)
+    df["sha256"], df["width"], df["height"], df["error"] = seen.sha256, seen.width, seen.height, seen.error
+    df["fp_row"] = np.arange(len(df))
     bad = df[df["error"] != ""]
     dropped += [{"source": s, "item": p, "reason": f"unreadable image: {e}"}
                 for s, p, e in zip(bad["source"], bad["path"], bad["error"])]
-    return reads, df[df["error"] == ""].drop(columns="error"), dropped
+    stats = {"files": len(df), "decoded": seen.decoded, "reused_from_cache": len(df) - seen.decoded,
+             "seconds": round(seen.seconds, 2), "workers": cfg.workers, "stale_temp_files_removed": swept}
+    return df[df["error"] == ""].drop(columns="error"), dropped, seen.fingerprints, stats
 
 
 def _assign_splits(df: pd.DataFrame, cfg: DataConfig, task: Task) -> tuple[pd.DataFrame, list[str]]:
@@ -203,27 +203,41 @@ def build(cfg: DataConfig) -> dict:
     """Read the sources, check every image, remove duplicates, split by the protocol, write the dataset.
 
     Writes ``manifest.csv``, ``ingest_report.json``, ``dropped.csv``, ``dataset.json`` and
-    ``build_config.yaml`` (plus duplicates.csv and the dataset card) into ``cfg.out``. If a check fails
-    no dataset file is written (only the image cache, so a retry does not decode again); the manifest
-    is written last, atomically, so an interrupted build never leaves a half-written one.
+    ``build_config.yaml`` (plus duplicates.csv, the dataset card and the image cache) into a staging
+    folder beside ``cfg.out`` and swaps it in at the end (:mod:`covid_cxr.publish`): until then an
+    existing dataset at ``cfg.out`` is untouched, and a build that fails or is killed changes nothing
+    there. Its finished cache entries stay in the staging folder, so the next build decodes only the
+    images it had not reached.
 
     Returns:
         The ingest report (also written as JSON).
     """
+    import time
+
+    t0 = time.perf_counter()
     task = TASKS[cfg.task]
-    reads, df, dropped = _read_and_check(cfg)
-    df, dup_dropped, conflict_notes = remove_byte_duplicates(df)
-    dropped += dup_dropped
-    duplicates = pd.DataFrame(columns=DUPLICATE_COLUMNS)
-    if cfg.dedup:
-        df, near_dropped, duplicates, near_notes = remove_near_duplicates(df)
-        dropped += near_dropped
-        conflict_notes += near_notes
-    df, cap_notes = _assign_splits(df, cfg, task)
-    check_patient_disjoint(df)
-    report = _report(cfg, list(task.classes), reads, df, dropped, conflict_notes, cap_notes)
-    report["near_duplicates"] = _duplicate_summary(duplicates, cfg.dedup)
-    _write(cfg, df, dropped, report, list(task.classes), duplicates, reads)
+    reads = _read_sources(cfg)
+    with Staging(cfg.out) as staging:
+        cache_root = staging.cache if cfg.cache else None
+        df, dropped, fps, stats = _read_and_check(cfg, reads, cache_root, [DatasetDir(staging.out).cache])
+        df, dup_dropped, conflict_notes = remove_byte_duplicates(df)
+        dropped += dup_dropped
+        duplicates = pd.DataFrame(columns=DUPLICATE_COLUMNS)
+        if cfg.dedup:
+            t1 = time.perf_counter()
+            df, near_dropped, duplicates, near_notes = remove_near_duplicates(df, fps, cfg.workers)
+            stats["duplicate_search_seconds"] = round(time.perf_counter() - t1, 2)
+            dropped += near_dropped
+            conflict_notes += near_notes
+        del fps
+        df, cap_notes = _assign_splits(df, cfg, task)
+        check_patient_disjoint(df)
+        report = _report(cfg, list(task.classes), reads, df, dropped, conflict_notes, cap_notes)
+        report["near_duplicates"] = _duplicate_summary(duplicates, cfg.dedup)
+        report["build"] = stats
+        _write(cfg, staging, df, dropped, report, list(task.classes), duplicates, reads)
+        staging.publish()
+    log.info("data build finished in %.1f s", time.perf_counter() - t0)
     return report
 
 
@@ -318,20 +332,30 @@ def _relative_paths(df: pd.DataFrame, reads) -> pd.Series:
     return pd.Series([str(Path(p).relative_to(roots[s])) for s, p in zip(df["source"], df["path"])], index=df.index)
 
 
-def _write(cfg: DataConfig, df: pd.DataFrame, dropped: list[dict], report: dict, classes: list[str],
-           duplicates: pd.DataFrame, reads) -> None:
-    d = DatasetDir(Path(cfg.out))
+def _relative_item(item: str, root: Path | None) -> str:
+    """A dropped item (a file or ``FILE:row N``) relative to its source root, as manifest.csv names images."""
+    prefix = f"{root}{os.sep}" if root is not None else None
+    return item[len(prefix):] if prefix and item.startswith(prefix) else item
+
+
+def _write(cfg: DataConfig, staging: Staging, df: pd.DataFrame, dropped: list[dict], report: dict,
+           classes: list[str], duplicates: pd.DataFrame, reads) -> None:
+    """Write every dataset file into the staging folder (the manifest last); paths recorded in them name
+    the final folder ``staging.out``."""
+    d, final = DatasetDir(staging.dir), DatasetDir(staging.out)
     d.root.mkdir(parents=True, exist_ok=True)
     task = TASKS[cfg.task]
+    roots = {r.source: r.root for r in reads}
     dataset_meta = {"task": cfg.task, "labels": classes, "positive_class": task.positive,
                     "protocol": report["protocol"],
-                    "source_roots": {r.source: source_root_record(r.root, d.root, r.synthetic) for r in reads},
+                    "source_roots": {r.source: source_root_record(r.root, final.root, r.synthetic) for r in reads},
                     "covid_cxr_version": __version__, "splits": report["splits"],
-                    "cache": {"path": "cache", "absolute": str(d.cache.resolve()), "short_side": BASE_SHORT_SIDE}
+                    "cache": {"path": "cache", "absolute": str(final.cache), "short_side": BASE_SHORT_SIDE}
                     if cfg.cache else None}
     write_yaml(d.build_config, cfg.to_dict())
     atomic_write(d.duplicates, duplicates.to_csv(index=False))
-    atomic_write(d.dropped, pd.DataFrame(dropped, columns=["source", "item", "reason"]).to_csv(index=False))
+    rows = [{**r, "item": _relative_item(r["item"], roots.get(r["source"]))} for r in dropped]
+    atomic_write(d.dropped, pd.DataFrame(rows, columns=["source", "item", "reason"]).to_csv(index=False))
     write_json(d.ingest_report, report)
     write_json(d.info, dataset_meta)
     write_card(d.root, df, report)
@@ -354,6 +378,10 @@ def format_report(report: dict, out: str | Path) -> str:
                      f"  {report['patients_per_split'][split]:>8}")
     lines.append(f"not used: {report['not_used_total']} files/rows (reasons in ingest_report.json, each item in "
                  "dropped.csv)")
+    b = report.get("build")
+    if b:
+        lines.append(f"images checked: {b['files']} with {b['workers']} worker(s) in {b['seconds']:.1f} s: "
+                     f"{b['decoded']} decoded, {b['reused_from_cache']} from finished cache entries")
     for name, s in report["sources"].items():
         lines += [f"note ({name}): {n}" for n in s["notes"]]
     lines += [f"WARNING: {w}" for w in report["warnings"]]

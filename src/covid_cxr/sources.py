@@ -8,7 +8,11 @@ source's own wording is kept in ``finding``.
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,32 +83,123 @@ def view_kind(view: str) -> str:
     return "unknown"
 
 
+_CSV_FIX = "save it from a spreadsheet program as CSV (comma-separated, UTF-8)"
+
+
+def _decode_metadata(path: Path, raw: bytes) -> tuple[str, str]:
+    """The text of a metadata file and its encoding: UTF-16 and UTF-8 with a byte-order mark, UTF-8, Windows-1252."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            raise SourceError(f"{path} starts with a UTF-16 byte-order mark but is not valid UTF-16; {_CSV_FIX}") from None
+    if b"\x00" in raw:
+        raise SourceError(f"{path} contains NUL bytes (UTF-16 without a byte-order mark, or not a text file); {_CSV_FIX}")
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return raw.decode(encoding), "utf-8" if encoding == "utf-8-sig" else encoding
+        except UnicodeDecodeError:
+            continue
+    raise SourceError(f"{path}: cannot decode as UTF-8 or Windows-1252; {_CSV_FIX}")
+
+
 def read_metadata_csv(path: Path, required: list[str]) -> tuple[pd.DataFrame, str]:
-    """Read a metadata CSV as strings, trying UTF-8 then Windows-1252. Returns (frame, encoding).
+    """Read a metadata CSV as strings (UTF-8, UTF-16 with a byte-order mark, or Windows-1252). Returns (frame,
+    encoding); the frame's ``_line`` column is each row's line in the file.
 
     Raises:
-        SourceError: the file is missing or lacks a required column.
+        SourceError: one line naming the file and the fix: the file is missing, empty or not a well-formed
+            CSV (a row with more or fewer fields than the header, an unbalanced quote), or lacks a required column.
     """
     if not path.is_file():
         raise SourceError(f"{path} not found: point --source at the folder that holds the source's metadata.csv")
-    for encoding in ("utf-8", "cp1252"):
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
-            break
-        except UnicodeDecodeError:
-            continue
-    else:  # pragma: no cover - cp1252 decodes almost anything
-        raise SourceError(f"{path}: cannot decode as UTF-8 or Windows-1252")
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SourceError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    text, encoding = _decode_metadata(path, raw)
+    if not text.strip():
+        raise SourceError(f"{path} is empty; it needs a header row ({', '.join(required)}) and one row per image")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows, lines = [], []
+    try:
+        header = [c.strip() for c in next(reader)]
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # a blank line
+            if len(row) != len(header):
+                raise SourceError(
+                    f"{path}, line {reader.line_num}: {len(row)} fields but the header has {len(header)} (a field "
+                    "with a comma that is not in double quotes, or a missing field that shifts the row); fix that "
+                    f"row or {_CSV_FIX}")
+            rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise SourceError(f"{path}, line {reader.line_num}: not a well-formed CSV ({exc}; often an unbalanced double "
+                          f"quote); fix that row or {_CSV_FIX}") from None
+    named = [c for c in header if c]
+    twice = sorted({c for c in named if named.count(c) > 1})
+    if twice:
+        raise SourceError(f"{path}: column {twice[0]!r} appears twice in the header; rename or remove one of them")
+    missing = [c for c in required if c not in header]
     if missing:
         raise SourceError(f"{path} has no column {', '.join(repr(m) for m in missing)} "
-                          f"(columns: {', '.join(c for c in df.columns if c)}); is this the right source's metadata.csv?")
+                          f"(columns: {', '.join(named)}); is this the right source's metadata.csv?")
+    df = pd.DataFrame(rows, columns=header, dtype=str)
+    df = df.loc[:, [bool(c) for c in header]]  # unnamed columns carry nothing we read
+    df["_line"] = lines
     return df, encoding
+
+
+def printable(path: str | Path) -> str:
+    """A path as text that can be written anywhere: bytes that are not UTF-8 appear as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def walk_files(root: Path, out: "SourceRead") -> list[Path]:
+    """Every regular file under ``root`` (sorted), never leaving it, each refusal counted in ``out``.
+
+    Links to folders are not followed; a link to a file is kept only if it resolves inside ``root``; a name
+    that is not valid UTF-8 is skipped (it could not be written to the manifest).
+    """
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        d = Path(dirpath)
+        for name in list(dirnames):
+            p = d / name
+            if not _utf8(p):
+                out.drop(printable(p), "folder name is not valid UTF-8 (its files were not read); rename the folder")
+                dirnames.remove(name)
+            elif p.is_symlink():
+                out.drop(p, "link to a folder outside the source folder (refused)" if not _inside(p, root)
+                         else "link to a folder (not followed: its files are read where they are)")
+                dirnames.remove(name)
+        dirnames.sort()
+        for name in filenames:
+            p = d / name
+            if not _utf8(p):
+                out.drop(printable(p), "file name is not valid UTF-8; rename the file")
+            elif p.is_symlink() and not _inside(p, root):
+                out.drop(p, "link pointing outside the source folder (refused)")
+            elif not p.is_file():
+                out.drop(p, "broken link or not a regular file")
+            else:
+                files.append(p)
+    return sorted(files)
 
 
 def _require_dir(root: Path, what: str) -> Path:
     root = Path(root).expanduser()
+    if not _utf8(root):
+        raise SourceError(f"{what} folder {printable(root)}: its path is not valid UTF-8; rename the folder")
     if not root.is_dir():
         raise SourceError(f"{what} folder {root} does not exist; pass --source NAME=PATH with the unpacked download")
     return root.resolve()
@@ -131,6 +226,8 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
     """Shared logic of the Cohen-style sources (Cohen, Actualmed, Figure1)."""
     root = _require_dir(root, source)
     meta = root / "metadata.csv"
+    if meta.is_symlink() and not _inside(meta, root):
+        raise SourceError(f"{meta} is a link pointing outside the source folder (refused); copy the real file there")
     required = ["patientid", "finding", "view", "modality"] + extra_required
     df, encoding = read_metadata_csv(meta, required)
     out = SourceRead(source, _frame([], source), root=root)
@@ -138,16 +235,22 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
         out.notes.append(f"{meta.name} is {encoding}-encoded, not UTF-8")
     by_path: dict[Path, dict] = {}
     referenced: set[Path] = set()
-    for i, row in df.iterrows():
-        item = f"{meta}:row {i + 2}"
+    for _, row in df.iterrows():
+        item = f"{meta}:row {row['_line']}"
         if image_column and not row[image_column].strip():
             out.drop(item, "metadata row names no image file")
             continue
-        path = resolve(root, row)
-        if path is not None and not _inside(path, root):
+        try:
+            path = resolve(root, row)
+            outside = path is not None and not _inside(path, root)
+            missing = not outside and (path is None or not path.is_file())
+        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+            out.drop(item, "the image file name in metadata.csv is not a valid file name")
+            continue
+        if outside:
             out.drop(item, "the image path in metadata.csv points outside the source folder (refused)")
             continue
-        if path is None or not path.is_file():
+        if missing:
             out.drop(item, f"image file {path.name if path else '?'} listed in metadata.csv is missing")
             continue
         referenced.add(path)
@@ -182,10 +285,14 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
     if unknown_views:
         out.notes.append(f"{unknown_views} images have no view in metadata.csv; kept as view 'unknown'")
     for folder in sorted({p.parent for p in referenced} | {root / "images"}):
-        if not folder.is_dir():
+        if not folder.is_dir() or not _inside(folder, root):
             continue
         for f in sorted(folder.iterdir()):
-            if f.is_file() and f.resolve() not in referenced:
+            if not _utf8(f):
+                out.drop(printable(f), "file name is not valid UTF-8; rename the file")
+            elif f.is_symlink() and not _inside(f, root):
+                out.drop(f, "link pointing outside the source folder (refused)")
+            elif f.is_file() and f.resolve() not in referenced:
                 out.drop(f, "not listed in metadata.csv" if is_image_file(f) else "not an image file")
     out.images = _frame(list(by_path.values()), source)
     return out
@@ -218,6 +325,10 @@ def read_figure1(root: str | Path) -> SourceRead:
 
     def resolve(r: Path, row: dict) -> Path | None:
         pid = row["patientid"].strip()
+        if not pid:
+            return None
+        if "/" in pid or "\\" in pid or pid in (".", ".."):
+            return r / "images" / pid  # not globbed: refused if it leads outside, else missing
         for f in sorted((r / "images").glob(f"{glob_escape(pid)}.*")):
             if is_image_file(f):
                 return f.resolve()
@@ -248,7 +359,7 @@ def _find_class_root(root: Path, known: set[str], depth: int = 3) -> Path | None
     for _ in range(depth + 1):
         nxt = []
         for d in level:
-            subs = [s for s in d.iterdir() if s.is_dir() and s.name != "__MACOSX"]
+            subs = [s for s in d.iterdir() if s.is_dir() and not s.is_symlink() and s.name != "__MACOSX" and _utf8(s)]
             if any(s.name.lower() in known for s in subs):
                 return d
             nxt.extend(sorted(subs))
@@ -275,28 +386,22 @@ def read_radiography(root: str | Path) -> SourceRead:
     out.notes.append("no patient ids: each image is treated as its own patient, so images of one patient "
                      "may fall in different splits")
     rows = []
-    for cls_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-        mapped = RADIOGRAPHY_CLASSES.get(cls_dir.name.lower())
-        if mapped is None:
-            for f in sorted(cls_dir.rglob("*")):
-                if f.is_file():
-                    out.drop(f, f"folder {cls_dir.name!r} is not a class of this database")
-            continue
-        label, finding = mapped
-        for f in sorted(cls_dir.rglob("*")):
-            if not f.is_file():
-                continue
-            rel = f.relative_to(cls_dir)
-            if "masks" in rel.parts[:-1]:
-                out.drop(f, "lung segmentation mask, not an X-ray")
-            elif not is_image_file(f):
-                out.drop(f, "not an image file")
-            else:
-                rows.append({"path": str(f), "label": label, "finding": finding,
-                             "patient_id": f"{cls_dir.name}/{f.stem}", "view": "unknown", "source_split": ""})
-    for f in sorted(base.iterdir()):
-        if f.is_file():
+    for f in walk_files(base, out):
+        rel = f.relative_to(base)
+        if len(rel.parts) == 1:
             out.drop(f, "not in a class folder" if is_image_file(f) else "not an image file")
+            continue
+        mapped = RADIOGRAPHY_CLASSES.get(rel.parts[0].lower())
+        if mapped is None:
+            out.drop(f, f"folder {rel.parts[0]!r} is not a class of this database")
+        elif "masks" in rel.parts[1:-1]:
+            out.drop(f, "lung segmentation mask, not an X-ray")
+        elif not is_image_file(f):
+            out.drop(f, "not an image file")
+        else:
+            label, finding = mapped
+            rows.append({"path": str(f), "label": label, "finding": finding,
+                         "patient_id": f"{rel.parts[0]}/{f.stem}", "view": "unknown", "source_split": ""})
     out.images = _frame(rows, "radiography")
     return out
 
@@ -325,7 +430,7 @@ def read_mooney(root: str | Path) -> SourceRead:
     out.notes.append("pediatric (children aged 1-5): a normal class drawn from here against adult COVID "
                      "images lets a model learn age instead of disease")
     rows, unparsed = [], 0
-    files = sorted(f for f in root.rglob("*") if f.is_file() and "__MACOSX" not in f.parts)
+    files = [f for f in walk_files(root, out) if "__MACOSX" not in f.parts]
     for f in files:
         cls = f.parent.name.upper()
         if cls not in ("NORMAL", "PNEUMONIA"):
@@ -373,7 +478,7 @@ def read_folder(root: str | Path) -> SourceRead:
         out.notes.append("SYNTHETIC images (README.txt says so): not patients; results on them show that the "
                          "pipeline works, not that anything detects COVID-19")
     rows = []
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in walk_files(root, out):
         rel = f.relative_to(root)
         if len(rel.parts) == 1:
             if is_image_file(f):
@@ -394,6 +499,8 @@ def read_folder(root: str | Path) -> SourceRead:
 def is_synthetic_folder(root: Path) -> bool:
     """A folder whose README.txt starts with SYNTHETIC (as :func:`covid_cxr.phantoms.generate_phantoms` writes)."""
     readme = Path(root) / "README.txt"
+    if readme.is_symlink() and not _inside(readme, Path(root)):
+        return False  # never read a file outside the source folder
     try:
         with open(readme, encoding="utf-8", errors="replace") as f:
             return f.readline().strip().upper().startswith("SYNTHETIC")
