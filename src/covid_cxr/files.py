@@ -132,6 +132,8 @@ def atomic_write(path: str | Path, data: str | bytes | Iterable[bytes | memoryvi
         if durable:
             _fsync_dir(path.parent)
     except OSError as exc:
+        if exc.filename is not None and TEMP_MARK in str(exc.filename):
+            exc = OSError(exc.errno, exc.strerror, str(path))  # name the file the user asked for
         raise output_error(exc, path) from None
     return path
 

@@ -216,6 +216,8 @@ def _comparable(options: dict, run_relative_base: Path) -> dict:
 def _check_same_options(saved_options: dict, cfg: TrainConfig, run: RunDir) -> None:
     saved = _comparable(saved_options, run.root)
     now = _comparable(cfg.to_dict(), Path.cwd())
+    if saved_options.get("data_absolute") and now.get("data") == str(Path(saved_options["data_absolute"]).resolve()):
+        saved["data"] = now["data"]  # the run folder was moved or copied; the dataset is where it was
     diff = {k: (saved.get(k), now[k]) for k in now
             if k not in RESUME_FREE_OPTIONS and k in saved and saved.get(k) != now[k]}
     if diff:
