@@ -189,6 +189,49 @@ def _read_deflated(path: Path, offset: int) -> Dataset:
     return ds
 
 
+class _CappedFile:
+    """A binary file whose reads never ask for more bytes than it has left.
+
+    Python allocates the size a read asks for before reading, and pydicom reads an element by its length
+    field: a corrupt length (up to 4 GB) in a 200-byte file cost 1 GB (found by tests/test_fuzz_inputs.py).
+    pydicom reopens the file through this class (``type(f)(name, "rb")``) for deferred values.
+    """
+
+    def __init__(self, path: str | Path, mode: str = "rb"):
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close() / the context manager
+        self.name = str(path)
+        self._size = os.fstat(self._f.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._f.read()
+        return self._f.read(max(0, min(size, self._size - self._f.tell())))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def closed(self) -> bool:  # pydicom reopens a closed file by name for deferred values
+        return self._f.closed
+
+    def __enter__(self) -> "_CappedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _dcmread(path: Path, force: bool = False) -> Dataset:
+    with _CappedFile(path) as f:
+        return pydicom.dcmread(f, defer_size="256 KB", force=force)
+
+
 def _read_header(path: Path) -> Dataset:
     """Parse a DICOM file; its pixel data is deferred (read only when decoded)."""
     try:
@@ -196,10 +239,10 @@ def _read_header(path: Path) -> Dataset:
         if tsyntax == DeflatedExplicitVRLittleEndian:
             return _read_deflated(path, offset)
         try:
-            ds = pydicom.dcmread(path, defer_size="256 KB")
+            ds = _dcmread(path)
         except InvalidDicomError:
             # No 128-byte preamble and 'DICM' marker: an old-style raw data set, or not DICOM at all.
-            ds = pydicom.dcmread(path, defer_size="256 KB", force=True)
+            ds = _dcmread(path, force=True)
             if "Rows" not in ds and "SOPClassUID" not in ds:
                 raise ImageReadError(path, "not a DICOM file (no 'DICM' marker at byte 128 and no DICOM image "
                                            "elements)") from None
