@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import time
 import typing
 from pathlib import Path
 
@@ -142,9 +143,14 @@ def test_option_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, needles", [
     (["--batch-size", "0"], ["--batch-size", "> 0"]),
+    (["--batch-size", "-1"], ["--batch-size", "> 0", "-1"]),
     (["--device", "foo"], ["--device", "'foo'"]),
     (["--image-size", "8"], ["--image-size"]),
     (["--weights", "/nonexistent/w.pt"], ["--weights"]),
+    (["--seed", "-1"], ["--seed", "between 0 and 4294967295"]),  # NumPy refused it mid-run: a "bug" message
+    (["--seed", str(2**32)], ["--seed"]),
+    (["--warmup-epochs", "1e308"], ["--warmup-epochs", "--epochs"]),  # overflowed the schedule mid-run
+    (["--workers", "100000"], ["--workers", "256"]),
 ])
 def test_invalid_values_are_one_line_errors(extra, needles, tmp_path, capsys):
     argv = ["train", "--data", str(tmp_path / "X"), "--out", str(tmp_path / "Y")] + extra
@@ -155,6 +161,12 @@ def test_invalid_values_are_one_line_errors(extra, needles, tmp_path, capsys):
 
 @pytest.mark.parametrize("text, needles", [
     ("epochs: 1\nbatch_size: [8\n", ["not valid YAML", "(line "]),
+    ("epochs: 1\n\0\n", ["not valid YAML", "special characters"]),
+    ("epochs: " + "[" * 3000 + "]" * 3000 + "\n", ["nests", "too deeply"]),  # was a RecursionError traceback
+    ("epochs: 2020-13-45\n", ["cannot be read", "month must be in 1..12", "quote it"]),  # was a ValueError
+    ("batch_size: !!binary aGVsbG8=\n", ["--batch-size", "whole number"]),
+    ("seed: -5\n", ["--seed", "between 0 and"]),
+    ("device: " + "x" * 5000 + "\n", ["--device", "..."]),
     ("epochs: !!python/object/apply:os.system ['echo pwned']\n", ["not valid YAML", "no tags"]),
     ("!!python/object:os.system {}\n", ["not valid YAML", "no tags"]),
     ('batch_size: "three"\n', ["--batch-size", "whole number", "'three'"]),
@@ -171,6 +183,115 @@ def test_bad_yaml_configs_are_one_line_errors(text, needles, tmp_path, capsys):
     if "YAML" in needles[0] or "mapping" in needles[0]:
         assert str(cfg) in line  # the file is named
     assert not (tmp_path / "Y").exists()
+
+
+def test_binary_huge_and_alias_bomb_configs_are_one_line_errors(tmp_path, capsys):
+    """A binary file, a file too large to be an options file, and a YAML "billion laughs" (a list of 9^9 strings
+    built from 9 aliases: the error message used to print its full repr, which never finished)."""
+    argv = ["train", "--data", str(tmp_path / "X"), "--out", str(tmp_path / "Y"), "--config"]
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 8)
+    assert main(argv + [str(binary)]) == 2
+    one_error_line(capsys, "binary.yaml", "not UTF-8")
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("epochs: 1\n" + "# padding\n" * 200_000)
+    assert main(argv + [str(huge)]) == 2
+    one_error_line(capsys, "huge.yaml", "larger than 1,048,576 bytes")
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "laughs.yaml"
+    for key in ("epochs", "source_roots", "lr"):
+        bomb.write_text("\n".join(lines[:-1] + [lines[-1].replace("l8: &l8", f"{key}:")]) + "\n")
+        t0 = time.perf_counter()
+        assert main(argv + [str(bomb)]) == 2
+        line = one_error_line(capsys)
+        assert time.perf_counter() - t0 < 10 and len(line) < 1000, len(line)
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+@pytest.mark.parametrize("extra, needles", [
+    (["--device", "foo"], ["--device", "'foo'"]),
+    (["--device", "cuda:x"], ["--device"]),
+])
+def test_predict_and_explain_option_values_are_one_line_errors(command, extra, needles, tmp_path, capsys):
+    image = write_image(tmp_path / "x.png", 1)
+    out = ["--out", str(tmp_path / "o")] if command == "explain" else []
+    assert main([command, "--run", str(tmp_path / "run"), str(image), *out, *extra]) == 2
+    one_error_line(capsys, *needles)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_predict_batch_size_must_be_positive(value, tmp_path, capsys):
+    """--batch-size -1 used to exit 0 with empty output."""
+    image = write_image(tmp_path / "x.png", 1)
+    assert main(["predict", "--run", str(tmp_path / "run"), str(image), "--batch-size", value]) == 2
+    one_error_line(capsys, "--batch-size must be > 0", value)
+
+
+def test_an_environment_os_error_is_one_line_and_a_bug_says_so(tmp_path, capsys, monkeypatch):
+    import errno
+
+    image = write_image(tmp_path / "x.png", 1)
+    argv = ["predict", "--run", str(tmp_path / "run"), str(image)]
+
+    def fail(code):
+        def run(cfg):
+            raise OSError(code, os.strerror(code), str(tmp_path / "o\udcff.csv"))
+        return run
+
+    monkeypatch.setattr("covid_cxr.predict.run", fail(errno.ENOSPC))
+    assert main(argv) == 2
+    one_error_line(capsys, "no space left on the device", "o\\xff.csv", "free some space")
+    monkeypatch.setattr("covid_cxr.predict.run", fail(errno.EROFS))
+    assert main(argv) == 2
+    one_error_line(capsys, "read-only")
+    monkeypatch.setattr("covid_cxr.predict.run", fail(errno.EINVAL))  # not the environment: a bug, said once
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "this is a bug in covid-cxr" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+NON_UTF8 = b"x\xff\xfe-\xe9"
+"""A file name that is not UTF-8 (Latin-1 bytes from an old archive); argv gives it to Python as surrogates."""
+
+
+def _cli(*args, env_extra=None, cwd=None):
+    """``covid-cxr ARGS`` in a subprocess whose standard output is strictly UTF-8 (a UTF-8 desktop locale)."""
+    import subprocess
+    import sys
+
+    import covid_cxr
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(covid_cxr.__file__).resolve().parents[1]), **(env_extra or {})}  # the code tested
+    return subprocess.run([sys.executable, "-m", "covid_cxr.cli", *args], capture_output=True, env=env, cwd=cwd,
+                          timeout=300)
+
+
+def test_file_names_that_are_not_utf8_are_read_printed_and_written(tiny_run, tmp_path):
+    """predict to standard output and to --out (also a non-UTF-8 --out), explain, and a missing such file: no
+    UnicodeEncodeError anywhere. Outputs keep the name's bytes (the CSV names the file that exists); messages
+    show them as \\xNN."""
+    folder = os.fsencode(tmp_path)
+    image = folder + b"/" + NON_UTF8 + b".png"
+    write_image(Path(os.fsdecode(image)), 1)
+    run = os.fsencode(tiny_run)
+    res = _cli(b"predict", b"--run", run, image, b"--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert image in res.stdout  # the exact bytes: the CSV row names the file
+    out_csv = folder + b"/pred-" + NON_UTF8 + b".csv"
+    res = _cli(b"predict", b"--run", run, image, b"--out", out_csv, b"--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert image in Path(os.fsdecode(out_csv)).read_bytes()
+    assert b"pred-x\\xff\\xfe-\\xe9.csv" in res.stderr  # the message escapes what it cannot show
+    explained = folder + b"/ex-" + NON_UTF8
+    res = _cli(b"explain", b"--run", run, image, b"--out", explained, b"--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert (Path(os.fsdecode(explained)) / os.fsdecode(NON_UTF8 + b"_gradcam.png")).is_file()
+    res = _cli(b"predict", b"--run", run, folder + b"/missing-" + NON_UTF8 + b".png")
+    assert res.returncode == 2
+    err = res.stderr.decode()
+    assert err.count("\n") == 1 and "missing-x\\xff\\xfe-\\xe9.png does not exist" in err, err
 
 
 def test_missing_config_file_and_flag_values(tmp_path, capsys):

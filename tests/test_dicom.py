@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import struct
 import time
+import tracemalloc
+import zlib
 from io import BytesIO
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels import get_decoder
 from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, JPEGLossless, JPEGLosslessSV1, RLELossless,
                          BasicTextSRStorage, ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
@@ -506,3 +508,264 @@ def test_computed_radiography_sop_class_is_read(tmp_path: Path) -> None:
     path = save(ds, tmp_path / "cr.dcm")
     np.testing.assert_array_equal(load_dicom(path), load_dicom(save(make_ds(ramp12(), bits_stored=12),
                                                                      tmp_path / "dx.dcm")))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
+@pytest.mark.parametrize("view", ["LL", "RL", "LATERAL", "LAT", "lateral ", "LAT LEFT"])
+def test_lateral_view_is_refused(tmp_path: Path, view: str) -> None:
+    path = save(make_ds(ramp12(), bits_stored=12, BodyPartExamined="CHEST", ViewPosition=view), tmp_path / "lat.dcm")
+    with pytest.raises(ImageReadError) as err:
+        load_image(path)
+    assert err.value.path == str(path)
+    assert "lateral view; covid-cxr reads frontal chest radiographs" in err.value.reason
+    assert repr(view.strip()) in err.value.reason and "(0018,5101)" in err.value.reason
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
+@pytest.mark.parametrize("view", ["PA", "AP", "", "LLD", "RLD", "AP SUPINE"])
+def test_frontal_or_unknown_view_is_read(tmp_path: Path, view: str) -> None:
+    path = save(make_ds(ramp12(), bits_stored=12, ViewPosition=view), tmp_path / "v.dcm")
+    assert load_dicom(path).shape == (40, 48)
+
+
+# --------------------------------------------------------------------------- decoded-size limits, every syntax
+
+
+def deflated_bomb(path: Path, ds: Dataset, pixel_bytes: int, private_bytes: int = 0) -> Path:
+    """``ds`` (its PixelData left out) as Deflated Explicit VR Little Endian, followed by a PixelData element of
+    ``pixel_bytes`` zeros (and before it a private OB element of ``private_bytes`` zeros), built from one
+    compressed megabyte repeated: a few KB on disk per GB inflated, written in milliseconds."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    del ds.PixelData
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_dataset(head, ds)
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    mb = 1 << 20
+    # Z_FULL_FLUSH ends each part on a byte boundary with no reference to earlier data, so a compressed
+    # megabyte of zeros can be repeated.
+    one_mb = z.compress(bytes(mb)) + z.flush(zlib.Z_FULL_FLUSH)
+
+    def zeros(n: int) -> bytes:
+        return one_mb * (n // mb) + z.compress(bytes(n % mb)) + z.flush(zlib.Z_FULL_FLUSH)
+
+    out = z.compress(head.getvalue()) + z.flush(zlib.Z_FULL_FLUSH)
+    if private_bytes:
+        out += z.compress(b"\x09\x00\x10\x00LO\x04\x00ACME" + b"\x09\x00\x00\x10OB\x00\x00"
+                          + struct.pack("<I", private_bytes)) + z.flush(zlib.Z_FULL_FLUSH) + zeros(private_bytes)
+    out += z.compress(b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", pixel_bytes)) + z.flush(zlib.Z_FULL_FLUSH)
+    out += zeros(pixel_bytes) + z.flush()
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + out)
+    return path
+
+
+def _refused_cheaply(path: Path, *needles: str, max_mb: float = 48.0) -> ImageReadError:
+    """Loading ``path`` raises ImageReadError naming it, within a second and without allocating more than
+    ``max_mb`` (tracemalloc sees NumPy's and Python's allocations, pydicom's buffers included)."""
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ImageReadError) as err:
+            load_image(path)
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.path == str(path)
+    for needle in needles:
+        assert needle in err.value.reason, (needle, err.value.reason)
+    assert elapsed < 2.0, elapsed
+    assert peak < max_mb * 2**20, peak
+    return err.value
+
+
+def test_deflated_dicom_decodes_like_uncompressed(tmp_path: Path) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = make_ds(ramp12(), bits_stored=12, WindowCenter=2000, WindowWidth=3000)
+    plain = load_dicom(save(ds, tmp_path / "plain.dcm"))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = save(ds, tmp_path / "deflated.dcm")
+    assert DeflatedExplicitVRLittleEndian.encode() in path.read_bytes()[:512]
+    np.testing.assert_array_equal(load_image(path), plain)
+
+
+def test_deflated_bomb_with_an_honest_header_is_refused_while_inflating(tmp_path: Path) -> None:
+    """The issue's file: a 256x256 8-bit header, and pixel data that inflates to a GB (pydicom inflates the whole
+    data set at once: 1 GB held, and 3 GB for the issue's 2.9 MB file)."""
+    path = deflated_bomb(tmp_path / "bomb.dcm", make_ds(make_gray(1, (256, 256))), pixel_bytes=2**30)
+    assert path.stat().st_size < 2 * 2**20
+    _refused_cheaply(path, "inflates to more than", "256x256", "decompression bomb")
+
+
+def test_deflated_bomb_in_the_header_is_refused_while_inflating(tmp_path: Path) -> None:
+    """A private element of 200 MB before the pixel data: the header is never inflated past 16 MiB."""
+    path = deflated_bomb(tmp_path / "bomb.dcm", make_ds(make_gray(1, (64, 64))), pixel_bytes=64 * 64,
+                         private_bytes=200 * 2**20)
+    _refused_cheaply(path, "inflates to more than 16,777,216 bytes", "before its pixel data")
+
+
+def test_cut_or_corrupt_deflate_stream_is_refused(tmp_path: Path) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = make_ds(ramp12((128, 128)), bits_stored=12)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = save(ds, tmp_path / "d.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    corrupt = tmp_path / "corrupt.dcm"
+    corrupt.write_bytes(data[:400] + bytes(b ^ 0x5A for b in data[400:600]) + data[600:])
+    for path in (cut, corrupt):
+        with pytest.raises(ImageReadError) as err:
+            load_image(path)
+        assert err.value.path == str(path)
+
+
+def _jpeg_ls_ds() -> Dataset:
+    src = get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    if src is None:
+        pytest.skip("pydicom's test file MR_small_jpeg_ls_lossless.dcm is not installed (no JPEG-LS encoder here)")
+    ds = dicom.pydicom.dcmread(src)
+    ds.Modality = "DX"
+    return ds
+
+
+def encoded(syntax: str) -> Dataset:
+    """A small radiograph stored with ``syntax`` (the encoders of the tests above)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    data = ramp12()
+    if syntax == "jpeg-ls":
+        return _jpeg_ls_ds()
+    if syntax == "jpeg-baseline":
+        gray = make_gray(8, (40, 48))
+        buf = BytesIO()
+        Image.fromarray(gray).save(buf, "JPEG", quality=90)
+        return _encapsulated(make_ds(gray), buf.getvalue(), JPEGBaseline8Bit)
+    ds = make_ds(data, bits_stored=12)
+    if syntax == "implicit":
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif syntax == "deflated":
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    elif syntax == "rle":
+        ds.compress(RLELossless)
+    elif syntax == "jpeg-lossless":
+        ds = _encapsulated(ds, _jpeg_lossless(data, 12), JPEGLosslessSV1)
+    elif syntax == "jpeg2000":
+        pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg (the JPEG 2000 encoder) is not installed")
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    return ds
+
+
+SYNTAXES = ["explicit", "implicit", "deflated", "rle", "jpeg-baseline", "jpeg-lossless", "jpeg-ls", "jpeg2000"]
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_every_syntax_decodes_within_the_limits(tmp_path: Path, syntax: str) -> None:
+    ds = encoded(syntax)
+    path = save(ds, tmp_path / f"{syntax}.dcm")
+    arr = load_image(path)
+    assert arr.shape == (ds.Rows, ds.Columns) and arr.std() > 10
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_every_syntax_refuses_more_decoded_bytes_than_allowed_before_decoding(tmp_path: Path, syntax: str,
+                                                                              monkeypatch) -> None:
+    """Rows x Columns x Samples x Bits Allocated / 8 x frames is checked against the limit before any decoder
+    runs (and, for the deflated syntax, before the pixel data is inflated)."""
+    ds = encoded(syntax)
+    path = save(ds, tmp_path / f"{syntax}.dcm")
+    needed = ds.Rows * ds.Columns * ds.BitsAllocated // 8
+    monkeypatch.setattr(dicom, "MAX_DECODED_BYTES", needed)
+    assert load_image(path).shape == (ds.Rows, ds.Columns)  # exactly at the limit: read
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("pixel data decoded despite the limit")
+
+    monkeypatch.setattr(dicom, "MAX_DECODED_BYTES", needed - 1)
+    monkeypatch.setattr(dicom, "pixel_array", no_decoding)
+    with pytest.raises(ImageReadError) as err:
+        load_image(path)
+    assert err.value.path == str(path)
+    assert f"{needed:,} bytes of decoded pixel data" in err.value.reason and "decompression bomb" in err.value.reason
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_every_syntax_refuses_a_header_claiming_too_many_frames(tmp_path: Path, syntax: str, monkeypatch) -> None:
+    ds = encoded(syntax)
+    ds.NumberOfFrames = 200_000  # 64x64x16 bits x 200,000 frames = 1.6 GB, one frame stored
+    path = save(ds, tmp_path / f"{syntax}.dcm")
+    monkeypatch.setattr(dicom, "pixel_array", lambda *a, **k: pytest.fail("decoded"))
+    err = _refused_cheaply(path, "200000 frames", "decompression bomb")
+    assert "more than the 200,000,000 allowed" in err.reason
+
+
+def _patch_codestream_size(syntax: str, frame: bytes, width: int, height: int) -> bytes:
+    data = bytearray(frame)
+    if syntax == "jpeg2000":
+        at = data.find(b"\xff\x4f\xff\x51") + 8
+        struct.pack_into(">II", data, at, width, height)  # Xsiz, Ysiz (offsets are 0)
+        return bytes(data)
+    sof = {"jpeg-baseline": b"\xff\xc0", "jpeg-lossless": b"\xff\xc3", "jpeg-ls": b"\xff\xf7"}[syntax]
+    at = data.find(sof)
+    assert at > 0
+    struct.pack_into(">HH", data, at + 5, height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("syntax", ["jpeg-baseline", "jpeg-lossless", "jpeg-ls", "jpeg2000"])
+@pytest.mark.parametrize("size", [(9000, 9000), (48, 41), (20_000, 20_000)], ids=["81Mpx", "one-row-more", "400Mpx"])
+def test_codestream_declaring_another_size_than_the_header_is_refused_before_decoding(
+        tmp_path: Path, syntax: str, size: tuple[int, int], monkeypatch) -> None:
+    """Decoders allocate what the codestream declares (a 64x48 header with a 9000x9000 JPEG frame took 2.3 s and
+    390 MB to decode before this check), so the codestream's own header must agree with the DICOM header."""
+    ds = encoded(syntax)
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    assert dicom.codestream_size(frame) == (ds.Columns, ds.Rows, 1)
+    ds.PixelData = encapsulate([_patch_codestream_size(syntax, frame, *size)])
+    path = save(ds, tmp_path / f"{syntax}.dcm")
+    monkeypatch.setattr(dicom, "pixel_array", lambda *a, **k: pytest.fail("decoded"))
+    _refused_cheaply(path, f"declares a {size[0]}x{size[1]} image", f"header says {ds.Columns}x{ds.Rows}")
+
+
+def test_uncompressed_pixel_data_longer_than_the_header_says_is_refused_unread(tmp_path: Path) -> None:
+    ds = make_ds(make_gray(1, (64, 64)))
+    ds.PixelData = bytes(64 * 2**20)  # 64 MB behind a 64x64 8-bit header
+    path = save(ds, tmp_path / "long.dcm")
+    _refused_cheaply(path, "uncompressed pixel data of 67,108,864 bytes", "64x64 x 1 sample x 8 bits")
+
+
+def test_rle_frame_larger_than_any_encoding_of_its_image_is_refused(tmp_path: Path) -> None:
+    """16 MB of replicate runs behind a 64x48 header: pydicom's own RLE decoder expands them to 1 GB before
+    trimming (2.3 s, 1 GB measured); refused from the frame's length."""
+    runs = struct.pack("<16I", 1, 64, *([0] * 14)) + bytes([0x81, 7]) * 8_000_000
+    ds = _encapsulated(make_ds(make_gray(1, (48, 64))), runs, RLELossless)
+    _refused_cheaply(save(ds, tmp_path / "rle.dcm"), "the RLE frame holds 16,000,064 bytes", max_mb=80)
+
+
+def test_decoded_array_larger_than_the_header_says_is_refused(tmp_path: Path, monkeypatch) -> None:
+    path = save(make_ds(ramp12(), bits_stored=12), tmp_path / "x.dcm")
+    monkeypatch.setattr(dicom, "pixel_array", lambda *a, **k: np.zeros((41, 48), np.uint16))  # a decoder gone wrong
+    with pytest.raises(ImageReadError) as err:
+        load_image(path)
+    assert "decoded to (41, 48) but the header says 48x40" in err.value.reason
+
+
+def test_codestream_size_reads_each_header_kind() -> None:
+    gray = make_gray(8, (40, 48))
+    buf = BytesIO()
+    Image.fromarray(gray).save(buf, "JPEG", quality=90)
+    assert dicom.codestream_size(buf.getvalue()) == (48, 40, 1)
+    assert dicom.codestream_size(_jpeg_lossless(ramp12(), 12)) == (48, 40, 1)
+    rgb = BytesIO()
+    Image.fromarray(np.stack([gray] * 3, -1)).save(rgb, "JPEG")
+    assert dicom.codestream_size(rgb.getvalue()) == (48, 40, 3)
+    for junk in (b"", b"\xff\xd8", b"\xff\xd8\xff\xda\x00\x02", b"\x00" * 64, b"\xff\x4f\xff\x51\x00"):
+        assert dicom.codestream_size(junk) is None

@@ -332,6 +332,76 @@ def test_other_formats_named_png_are_refused(tmp_path: Path, fmt: str) -> None:
     assert "PNG, JPEG or DICOM" in err.value.reason
 
 
+OTHER_FORMATS = {"EPS": "EpsImagePlugin.EpsImageFile", "TIFF": "TiffImagePlugin.TiffImageFile",
+                 "BMP": "BmpImagePlugin.BmpImageFile", "GIF": "GifImagePlugin.GifImageFile",
+                 "WEBP": "WebPImagePlugin.WebPImageFile", "ICO": "IcoImagePlugin.IcoImageFile",
+                 "PPM": "PpmImagePlugin.PpmImageFile", "TGA": "TgaImagePlugin.TgaImageFile"}
+
+
+@pytest.mark.parametrize("fmt", list(OTHER_FORMATS))
+def test_other_formats_named_png_never_reach_a_pillow_plugin(tmp_path: Path, fmt: str, monkeypatch) -> None:
+    """An EPS named .png must never reach Pillow's EPS plugin (which runs Ghostscript on load), nor any other
+    format its plugin: Pillow is not even asked to open the file, no plugin parses it, no process is started."""
+    import importlib
+    import subprocess
+
+    from PIL import features
+
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("this Pillow has no WebP support to write the test file")
+    path = tmp_path / f"scan-{fmt.lower()}.png"
+    Image.fromarray(make_gray(3, (48, 40))).save(path, format=fmt)
+    module, cls = OTHER_FORMATS[fmt].split(".")
+    plugin = getattr(importlib.import_module(f"PIL.{module}"), cls)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{fmt} reached {args[0] if args else 'Pillow'}")
+
+    monkeypatch.setattr(plugin, "_open", refuse)
+    monkeypatch.setattr(Image, "open", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)  # Ghostscript (EPS) and any other helper program
+    with pytest.raises(ImageReadError) as err:
+        load_image(path)
+    assert err.value.path == str(path) and "PNG, JPEG or DICOM" in err.value.reason
+
+
+def test_no_code_opens_images_without_naming_the_formats() -> None:
+    """Every ``Image.open`` in the package names the formats Pillow may try (``formats=``): without it, Pillow tries
+    every plugin it has (EPS runs Ghostscript) on whatever bytes it is given."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "covid_cxr"
+    calls, unrestricted = 0, []
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "open" \
+                    and ast.unparse(node.func.value) in ("Image", "PIL.Image"):
+                calls += 1
+                if not any(k.arg == "formats" for k in node.keywords):
+                    unrestricted.append(f"{path.name}:{node.lineno}")
+    assert calls >= 2  # images.load_image and augment's JPEG round trip
+    assert unrestricted == []
+    assert "from PIL.Image import open" not in "".join(p.read_text(encoding="utf-8") for p in src.rglob("*.py"))
+
+
+def test_png_whose_decoded_pixels_would_exceed_the_byte_limit_is_refused(tmp_path: Path) -> None:
+    """10000x10000 is within MAX_PIXELS, but as RGBA Pillow would hold 400 MB: refused from the header."""
+    src = _png_claiming(tmp_path, "rgba", 10_000, 10_000)
+    data = bytearray(src.read_bytes())
+    data[25] = 6  # IHDR colour type: RGBA
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    src.write_bytes(bytes(data))
+    t0 = time.perf_counter()
+    with pytest.raises(ImageReadError) as err:
+        load_image(src)
+    assert time.perf_counter() - t0 < 2.0
+    assert "10000x10000 RGBA pixels" in err.value.reason and "decompression bomb" in err.value.reason
+    big_gray = _png_claiming(tmp_path, "gray", 10_000, 10_000)  # 100 MB as L: within both limits, fails on data
+    with pytest.raises(ImageReadError) as err:
+        load_image(big_gray)
+    assert "decompression bomb" not in err.value.reason
+
+
 def test_empty_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "empty.png"
     path.write_bytes(b"")

@@ -338,3 +338,70 @@ def test_learns_phantoms_from_scratch(learned_phantom_run):
     result = evaluate.run(EvalConfig(run=str(learned_phantom_run), bootstrap=0))
     assert result["protocol"]["images"] == 80
     assert result["metrics"]["accuracy"] >= 0.9, result["classification_report"]
+
+
+def _same_weights(a_path, b_path) -> None:
+    a, b = _state(a_path), _state(b_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_run_interrupted_before_its_first_last_checkpoint_can_be_resumed(small_dataset, tmp_path, monkeypatch):
+    """Killed (or out of disk) after best.pt but before last.pt of epoch 1: the folder used to be neither resumable
+    (no last.pt) nor restartable (a best.pt). Now --resume starts it again, to the same weights."""
+    monkeypatch.setattr(train_mod, "finalize", lambda *args, **kwargs: {})
+    full = tmp_path / "full"
+    train_mod.run(_cfg(small_dataset, full, workers=0))
+    part = tmp_path / "part"
+    train_mod.run(_cfg(small_dataset, part, workers=0))
+    (part / "last.pt").unlink()  # what the interruption leaves: config.yaml, metrics.jsonl, best.pt
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')  # and, from an older version, half a line
+    with pytest.raises(RunError, match="interrupted during its first epoch; pass --resume"):
+        train_mod.run(_cfg(small_dataset, part, workers=0))
+    with pytest.raises(RunError, match="--lr was 0.001, now 0.5"):  # options are still checked (from config.yaml)
+        train_mod.run(_cfg(small_dataset, part, workers=0, lr=0.5, resume=True))
+    summary = train_mod.run(_cfg(small_dataset, part, workers=0, resume=True))
+    assert summary["epochs_run"] == 2
+    for name in ("best.pt", "last.pt"):
+        _same_weights(full / name, part / name)
+    assert [json.loads(x)["epoch"] for x in (part / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(CheckpointError, match="not found; start the run without --resume"):  # nothing started here
+        train_mod.run(_cfg(small_dataset, tmp_path / "never-started", resume=True))
+    (tmp_path / "copied").mkdir()
+    shutil.copyfile(full / "best.pt", tmp_path / "copied" / "best.pt")
+    with pytest.raises(RunError, match="already holds a model"):
+        train_mod.run(_cfg(small_dataset, tmp_path / "copied"))
+
+
+def test_resume_drops_damaged_metric_lines_and_stale_temporary_files(small_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "finalize", lambda *args, **kwargs: {})
+    out = tmp_path / "run"
+    train_mod.run(_cfg(small_dataset, out, epochs=1, workers=0))
+    stale = [out / ".last.pt.tmp-999999-deadbeef", out / ".metrics.jsonl.tmp-1-00000000"]
+    for p in stale:
+        p.write_bytes(b"\0" * 1000)  # what kill -9 during a write leaves
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write("garbage\n")
+    assert [r["epoch"] for r in train_mod.read_metrics(train_mod.RunDir(out))] == [1]  # read despite the damage
+    train_mod.run(_cfg(small_dataset, out, epochs=1, workers=0, resume=True))
+    assert not any(p.exists() for p in stale)
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_the_same_out_spelled_relative_or_absolute_is_the_same_run(small_dataset, tmp_path, monkeypatch, capsys):
+    """`--out ./C/int` and its absolute spelling (and the dataset likewise) are the same run to --resume."""
+    from covid_cxr.cli import main
+
+    monkeypatch.setattr(train_mod, "finalize", lambda *args, **kwargs: {"threshold_text": "P(covid) >= 0.5",
+                                                                         "temperature": 1.0,
+                                                                         "calibration_status": "skipped"})
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--weights", "none", "--patience",
+            "0", "--no-progress", "--workers", "0"]
+    assert main(base + ["--data", str(small_dataset), "--out", "./C/int"]) == 0
+    rel_data = os.path.relpath(small_dataset, tmp_path)
+    assert main(base + ["--data", rel_data, "--out", str(tmp_path / "C" / "int"), "--resume"]) == 0
+    assert main(base + ["--data", "./" + rel_data, "--out", "C/./int/", "--resume"]) == 0
+    assert "options differ" not in capsys.readouterr().err

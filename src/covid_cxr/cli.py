@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr import config as C
 from covid_cxr.errors import CovidCxrError
+from covid_cxr.files import describe_os_error, printable
 
 log = logging.getLogger("covid_cxr")
 
@@ -130,7 +131,7 @@ def _print_predict(result: dict, cfg) -> None:
     if result["text"] is not None:
         sys.stdout.write(result["text"])
     else:
-        print(f"wrote {result['images']} predictions to {result['out']}", file=sys.stderr)
+        print(printable(f"wrote {result['images']} predictions to {result['out']}"), file=sys.stderr)
     if result["unreadable"]:
         print(f"{result['unreadable']} unreadable files: see their 'error' column", file=sys.stderr)
     if result["out_of_scope"]:
@@ -140,7 +141,7 @@ def _print_predict(result: dict, cfg) -> None:
 
 
 def _print_explain(result: dict, cfg) -> None:
-    print(f"wrote {result['images']} Grad-CAM overlays and explanations.json to {result['out']}")
+    print(printable(f"wrote {result['images']} Grad-CAM overlays and explanations.json to {result['out']}"))
     print(result["caveat"])
 
 
@@ -237,19 +238,37 @@ def _configure_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _error(message: object) -> int:
+    """Print the one-line error (file names that are not UTF-8 shown as \\xNN); the exit status of user errors."""
+    print(f"covid-cxr: error: {printable(message)}", file=sys.stderr)
+    return 2
+
+
+def _tolerant_output() -> None:
+    """Standard output writes file names that are not UTF-8 as their original bytes (as ``ls`` does) instead of
+    failing: a CSV printed by predict must name the file that exists. (Python does this itself only in the C locale;
+    standard error already escapes them.)"""
+    out = sys.stdout
+    if getattr(out, "errors", None) == "strict" and hasattr(out, "reconfigure"):
+        try:
+            out.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # pragma: no cover - a stream that cannot be reconfigured
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``covid-cxr`` command. Returns the exit status."""
     # Idle OpenMP threads sleep instead of spinning: on a small shared CPU, spinning threads made a training
     # epoch ~9x slower (550 s vs 58 s at 128 px on 2 cores with other jobs running). Set before torch is
     # imported (commands import it lazily); an explicit setting in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _tolerant_output()
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
         provided = _yaml_keys(argv)
     except CovidCxrError as exc:
-        print(f"covid-cxr: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     parser = build_parser(provided)
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
@@ -263,17 +282,25 @@ def main(argv: list[str] | None = None) -> int:
         cmd.show(result, cfg)
         return 0
     except CovidCxrError as exc:
-        print(f"covid-cxr: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     except KeyboardInterrupt:
         print("covid-cxr: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the environment (a full disk, a read-only folder), not a bug: one line, exit 2
+        message = describe_os_error(exc)
+        if message is None:
+            return _bug(exc, verbose)
+        return _error(message)
     except Exception as exc:  # a bug: say so in one line, the traceback only with -v
-        if verbose:
-            raise
-        print(f"covid-cxr: unexpected error ({type(exc).__name__}: {exc}); this is a bug in covid-cxr: please "
-              "report it with the command you ran (add -v for the traceback)", file=sys.stderr)
-        return 1
+        return _bug(exc, verbose)
+
+
+def _bug(exc: BaseException, verbose: bool) -> int:
+    if verbose:
+        raise exc
+    print(printable(f"covid-cxr: unexpected error ({type(exc).__name__}: {exc}); this is a bug in covid-cxr: please "
+                    "report it with the command you ran (add -v for the traceback)"), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import math
 import re
+import reprlib
 import textwrap
 import types
 import typing
@@ -62,11 +63,34 @@ Backend = Literal["torch", "onnx"]
 Arch = Literal["densenet121", "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny"]
 Intensity = Literal["none", "equalize", "clahe"]
 DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N"
+MAX_WORKERS = 256
+"""Most worker processes any option may ask for (a typo must not fork thousands of processes)."""
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest YAML config file read (options files are a few hundred bytes)."""
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 5, 5
+
+
+def shown(value: Any) -> str:
+    """A value for an error message: a repr cut short (a YAML file can hold a list of a billion strings built from
+    a few aliases, whose full repr would never finish)."""
+    return _REPR.repr(value)
 
 
 def _device(value: str) -> None:
     if not (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(value))):
-        raise ConfigError(f"--device {value!r} is not valid; use {DEVICE_HELP}")
+        raise ConfigError(f"--device {shown(value)} is not valid; use {DEVICE_HELP}")
+
+
+def _check_common(config: Any) -> None:
+    """Checks of the fields several configs share: seeds NumPy and torch accept, a sane number of processes."""
+    seed = getattr(config, "seed", None)
+    if isinstance(seed, int) and not 0 <= seed < 2**32:
+        raise ConfigError(f"--seed must be between 0 and {2**32 - 1}, got {seed}")
+    workers = getattr(config, "workers", None)
+    if isinstance(workers, int) and not isinstance(workers, bool) and workers > MAX_WORKERS:
+        raise ConfigError(f"--workers {workers} is more than the {MAX_WORKERS} allowed; use about as many as CPU cores")
 
 
 def _positive(name: str, value: float | int, minimum: float = 0, strict: bool = True) -> None:
@@ -84,6 +108,7 @@ class _Config:
 
         def __post_init__(self) -> None:
             _check_choices(self)
+            _check_common(self)
             if own is not None:
                 own(self)
 
@@ -182,10 +207,10 @@ class FetchConfig(_Config):
             if self.source != "cohen":
                 raise ConfigError(f"--url applies to cohen only; {self.source} is downloaded from Kaggle")
             if not re.match(r"^https?://", self.url):
-                raise ConfigError(f"--url must start with http:// or https://, got {self.url!r}")
+                raise ConfigError(f"--url must start with http:// or https://, got {shown(self.url)}")
         if self.sha256 is not None:
             if not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
-                raise ConfigError(f"--sha256 must be 64 hexadecimal digits, got {self.sha256!r}")
+                raise ConfigError(f"--sha256 must be 64 hexadecimal digits, got {shown(self.sha256)}")
             object.__setattr__(self, "sha256", self.sha256.lower())
         _positive("timeout", self.timeout)
         _positive("max_unpacked_bytes", self.max_unpacked_bytes)
@@ -255,7 +280,7 @@ class TrainOptions(_Config):
             raise ConfigError("--image-size must be between 32 and 1024")
         _positive("batch_size", self.batch_size)
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
-            raise ConfigError(f"--weights {self.weights!r}: not 'imagenet', 'none' or an existing file")
+            raise ConfigError(f"--weights {shown(self.weights)}: not 'imagenet', 'none' or an existing file")
         if not 0.0 < self.target_sensitivity <= 1.0:
             raise ConfigError("--target-sensitivity must be in (0, 1]")
         if not 0.5 <= self.gate_quantile <= 1.0:
@@ -265,6 +290,9 @@ class TrainOptions(_Config):
         _positive("lr", self.lr)
         for name in ("weight_decay", "warmup_epochs", "patience", "mixup", "adversarial"):
             _positive(name, getattr(self, name), strict=False)
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs} is longer than --epochs {self.epochs}; warm up "
+                              "for at most the whole run")
         if self.workers is not None:
             _positive("workers", self.workers, strict=False)
         _device(self.device)
@@ -645,7 +673,7 @@ def _check_choices(config: Any) -> None:
         value = getattr(config, name)
         if value is not None and value not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
-                              f"got {value!r}")
+                              f"got {shown(value)}")
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
@@ -660,23 +688,23 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}, got {shown(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{flag} must be true or false, got {value!r}")
+            raise ConfigError(f"{flag} must be true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{flag} must be a whole number, got {value!r}")
+            raise ConfigError(f"{flag} must be a whole number, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{flag} must be a number, got {value!r}")
+            raise ConfigError(f"{flag} must be a number, got {shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{flag} must be text, got {value!r}")
+            raise ConfigError(f"{flag} must be text, got {shown(value)}")
         return str(value)
     if origin is tuple:
         (inner, *_rest) = typing.get_args(tp)
@@ -690,11 +718,11 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
                 elif isinstance(item, Mapping) and len(item) == 1:
                     item = next(iter(item.items()))
                 if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(isinstance(x, str) for x in item):
-                    raise ConfigError(f"{flag} takes NAME=PATH pairs, got {item!r}")
+                    raise ConfigError(f"{flag} takes NAME=PATH pairs, got {shown(item)}")
                 out.append((item[0], item[1]))
             return tuple(out)
         if not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in value):
-            raise ConfigError(f"{flag} takes a list of text values, got {value!r}")
+            raise ConfigError(f"{flag} takes a list of text values, got {shown(value)}")
         return tuple(str(x) for x in value)
     return value
 
@@ -712,7 +740,12 @@ def load_yaml_options(yaml_file: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES:,} bytes; an options file is a "
+                              "short YAML mapping of option names to values")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text; write it as a YAML mapping of options") from None
     except OSError as exc:
@@ -725,10 +758,17 @@ def load_yaml_options(yaml_file: str | Path) -> dict:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}; only plain YAML mappings of "
                           "option names to values are read (no tags)") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests lists or mappings too deeply to read; options are plain "
+                          "values or short lists") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a value PyYAML cannot build, e.g. the date 2020-13-45
+        raise ConfigError(f"config file {path} holds a value that cannot be read ({exc}); quote it if it is "
+                          "text") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
-        raise ConfigError(f"config file {path}: expected a mapping of option names to values")
+        raise ConfigError(f"config file {path}: expected a mapping of option names to values, got "
+                          f"{type(loaded).__name__ if not isinstance(loaded, dict) else 'other keys than names'}")
     return {k.replace("-", "_"): v for k, v in loaded.items()}
 
 
@@ -746,7 +786,8 @@ def make_config(cls: type[T], overrides: Mapping[str, Any], yaml_file: str | Non
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+        raise ConfigError(f"unknown option(s) {', '.join(u[:60] for u in unknown[:10])}"
+                          f"{' ...' if len(unknown) > 10 else ''}; valid: {', '.join(names)}")
     missing = [n for n in required_fields(cls) if n not in values]
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join('--' + n.replace('_', '-') for n in missing)}")

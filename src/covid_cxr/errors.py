@@ -38,6 +38,21 @@ class RunError(CovidCxrError):
     """A run folder is missing, incomplete or in use."""
 
 
+class OutputError(CovidCxrError, OSError):
+    """A file or folder cannot be written (disk full, read-only file system, no permission). It is also an
+    :class:`OSError` with the original ``errno`` and ``filename``, so code that handles OSError still does."""
+
+    def __init__(self, errno: int | None, strerror: str | None, filename, message: str):
+        OSError.__init__(self, errno, strerror, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return (type(self), (self.errno, self.strerror, self.filename, self.message))
+
+
 class WeightsNotFound(CovidCxrError):
     """Pretrained weights are not cached and cannot be downloaded."""
 

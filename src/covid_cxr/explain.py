@@ -32,7 +32,7 @@ from PIL import Image
 from covid_cxr import DISCLAIMER
 from covid_cxr.config import ExplainConfig
 from covid_cxr.errors import ConfigError, CovidCxrError, ImageReadError
-from covid_cxr.files import write_json
+from covid_cxr.files import printable, write_json
 from covid_cxr.images import list_images, load_image
 from covid_cxr.meta import ModelMeta, format_probability
 from covid_cxr.model import ARCHS, CxrNet
@@ -263,6 +263,7 @@ def caption_for(name: str, meta: ModelMeta, log_probs: np.ndarray, target: int, 
     labels = list(meta.labels)
     k = int(meta.decide(np.asarray(log_probs)[None])[0])
     probs = np.exp(log_probs)
+    name = printable(name)  # a file name that is not UTF-8 cannot be drawn as it is
     if len(name) > 60:
         name = name[:28] + "..." + name[-29:]
     pos = meta.positive_index

@@ -1,11 +1,14 @@
 """File helpers every stage shares: one atomic writer, JSON/YAML I/O, worker counts.
 
 Every output file is written to a temporary name in its folder and renamed over the target, so a
-crash or a kill never leaves half a file, and a reader sees either the old file or the new one.
+crash or a kill never leaves half a file, and a reader sees either the old file or the new one. A
+write that fails (disk full, read-only folder) removes its temporary file and raises
+:class:`~covid_cxr.errors.OutputError`, one line saying what to do.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,30 +28,167 @@ def default_workers(limit: int = 8) -> int:
     return max(1, min(n, limit))
 
 
-def atomic_write(path: str | Path, data: str | bytes | Iterable[bytes | memoryview]) -> Path:
+TEMP_MARK = ".tmp-"
+"""Temporary files are named ``.<name>.tmp-<pid>-<random>`` next to their target."""
+
+
+def _encode_text(text: str) -> bytes:
+    """UTF-8; file names that are not UTF-8 (lone surrogates in Python) keep their original bytes, so a CSV names
+    the file that exists; other lone surrogates are written as ``\\udNNN``."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace")
+
+
+def printable(text: object) -> str:
+    """``text`` as it can always be printed: bytes of a file name that are not UTF-8 (which Python keeps as lone
+    surrogates) are shown as ``\\xNN``, as ``ls -b`` would."""
+    s = str(text)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return _encode_text(s).decode("utf-8", "backslashreplace")
+
+
+def describe_os_error(exc: OSError) -> str | None:
+    """A one-line description with the fix of an error the environment causes (disk full, read-only, no
+    permission...); None for other errors (those are bugs, not the user's to fix)."""
+    name = printable(exc.filename) if exc.filename is not None else "a file"
+    code = exc.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"cannot write {name}: no space left on the device (or the disk quota is used up); free some space " \
+               "and run the command again"
+    if code == errno.EROFS:
+        return f"cannot write {name}: the file system is read-only; choose an output folder on a writable disk"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"cannot write or read {name}: permission denied; choose a folder you may write to, or fix its " \
+               "permissions"
+    if code == errno.EIO:
+        return f"input/output error on {name}: the disk or network file system failed; check it and run again"
+    if code == errno.ENAMETOOLONG:
+        return f"file name too long: {name}"
+    if code in (errno.EMFILE, errno.ENFILE):
+        return "too many open files; raise the limit (ulimit -n) or use fewer --workers"
+    if code == errno.EEXIST or code == errno.ENOTDIR:
+        return f"cannot write {name}: {exc.strerror}; a file stands where a folder is needed (or the reverse)"
+    return None
+
+
+def output_error(exc: OSError, path: str | Path | None = None) -> OSError:
+    """``exc`` as an :class:`~covid_cxr.errors.OutputError` when the environment caused it, else ``exc`` itself."""
+    from covid_cxr.errors import OutputError
+
+    if isinstance(exc, OutputError):
+        return exc
+    if exc.filename is None and path is not None:
+        exc = OSError(exc.errno, exc.strerror, str(path))
+    message = describe_os_error(exc)
+    if message is None:
+        return exc
+    return OutputError(exc.errno, exc.strerror, exc.filename, message)
+
+
+def atomic_write(path: str | Path, data: str | bytes | Iterable[bytes | memoryview], durable: bool = False) -> Path:
     """Write ``data`` (text as UTF-8, bytes, or chunks of bytes) to ``path`` via a temp file and a rename.
 
     The folder is created if needed. On any error the temp file is removed and the old ``path`` (if
-    any) is untouched.
+    any) is untouched. Text that names files whose names are not UTF-8 keeps their bytes.
+
+    Args:
+        durable: also flush the file and the rename to the disk (``fsync``), so that not even a power cut can
+            leave an empty file behind (for checkpoints; it costs a disk round trip).
+
+    Raises:
+        OutputError: the disk is full, the folder read-only or not writable (the message says so and what to do).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as f:
-            if isinstance(data, str):
-                f.write(data.encode("utf-8"))
-            elif isinstance(data, (bytes, bytearray, memoryview)):
-                f.write(data)
-            else:
-                for chunk in data:
-                    f.write(chunk)
-            f.flush()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                if isinstance(data, str):
+                    f.write(_encode_text(data))
+                elif isinstance(data, (bytes, bytearray, memoryview)):
+                    f.write(data)
+                else:
+                    for chunk in data:
+                        f.write(chunk)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # pragma: no cover - the folder vanished or turned read-only meanwhile
+                pass
+            raise
+        if durable:
+            _fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.filename is not None and TEMP_MARK in str(exc.filename):
+            exc = OSError(exc.errno, exc.strerror, str(path))  # name the file the user asked for
+        raise output_error(exc, path) from None
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - not supported here
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log file (e.g. metrics.jsonl) in a single write; if it fails (disk full), the file
+    is cut back to where it was, so it never ends in half a line.
+
+    Raises:
+        OutputError: the disk is full or the file not writable.
+    """
+    path = Path(path)
+    data = _encode_text(line.rstrip("\n") + "\n")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise output_error(exc, path) from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:  # pragma: no cover
+                pass
+            raise output_error(exc, path) from None
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``folder`` (call it only while holding the folder's
+    :class:`RunLock`: no live writer can then be writing there). Returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(f".*{TEMP_MARK}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _json_default(obj: Any):
@@ -131,8 +271,11 @@ class RunLock:
 
         from covid_cxr.errors import RunError
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise output_error(exc, self.path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from covid_cxr.errors import ImageReadError
-from covid_cxr.limits import MAX_PIXELS
+from covid_cxr.limits import MAX_DECODED_BYTES, MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _decoded_bytes_per_pixel(mode: str) -> int:
+    """Bytes per pixel Pillow holds for an image of ``mode`` once decoded (several bands: 4, as Pillow stores them)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
 def _to_gray_uint8(img: Image.Image) -> np.ndarray:
     """Convert any Pillow mode to an 8-bit grayscale array, scaling high bit depths."""
     mode = img.mode
@@ -153,7 +162,8 @@ def load_image(path: str | Path) -> np.ndarray:
 
     Raises:
         ImageReadError: the file is missing, truncated, not PNG/JPEG/DICOM by its content, or its
-            header claims more than :data:`MAX_PIXELS` pixels (a decompression bomb).
+            header claims more than :data:`MAX_PIXELS` pixels or
+            :data:`~covid_cxr.limits.MAX_DECODED_BYTES` of decoded pixels (a decompression bomb).
     """
     path = Path(path)
     kind = _kind(path)
@@ -172,7 +182,12 @@ def load_image(path: str | Path) -> np.ndarray:
                         path, f"header claims {w}x{h} pixels, more than the {MAX_PIXELS:,} allowed "
                         "(possible decompression bomb); downscale the file if it is a real radiograph")
                 if img.format == "JPEG":
-                    img.draft("L", (w, h))
+                    img.draft("L", (w, h))  # colour JPEGs decode straight to grayscale
+                decoded = w * h * _decoded_bytes_per_pixel(img.mode)
+                if decoded > MAX_DECODED_BYTES:
+                    raise ImageReadError(
+                        path, f"header claims {w}x{h} {img.mode} pixels, {decoded:,} bytes decoded, more than the "
+                        f"{MAX_DECODED_BYTES:,} allowed (possible decompression bomb); save it as 8-bit grayscale")
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 arr = _to_gray_uint8(img)

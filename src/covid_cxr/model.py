@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -27,7 +26,7 @@ import torchvision
 from torch import nn
 
 from covid_cxr import __version__
-from covid_cxr.errors import CheckpointError, CovidCxrError, WeightsNotFound
+from covid_cxr.errors import CheckpointError, CovidCxrError, OutputError, WeightsNotFound
 from covid_cxr.files import atomic_write
 from covid_cxr.gate import ScopeGateModule
 from covid_cxr.meta import Calibration, ModelMeta, TrainingData
@@ -277,7 +276,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, trainin
     for ``last.pt``, the training state (optimizer, scheduler, RNG) that ``--resume`` needs.
 
     Raises:
-        CovidCxrError: the disk is full or not writable (the previous file, if any, is untouched).
+        OutputError: the disk is full or not writable (the previous file, if any, is untouched; no temporary file
+            is left behind).
     """
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     payload: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "meta": meta.to_dict(), "state_dict": state}
@@ -285,14 +285,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, trainin
         payload["training"] = training
     payload["checksum"] = checksum(payload)
     buf = io.BytesIO()
-    torch.save(payload, buf)
+    torch.save(payload, buf)  # in memory first: torch writing to a full disk fails with an internal error
     try:
-        atomic_write(path, buf.getbuffer())
-    except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
-        raise CovidCxrError(f"cannot write {path}: {'no space left on the device' if full else exc.strerror or exc}; "
-                            f"{'free some space' if full else 'check the folder'} and run again (with --resume to "
-                            "continue training): the previous checkpoint is untouched") from None
+        atomic_write(path, buf.getbuffer(), durable=True)
+    except OutputError as exc:
+        raise OutputError(exc.errno, exc.strerror, exc.filename,
+                          f"{exc} (the previous {Path(path).name}, if any, is untouched)") from None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +11,21 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from covid_cxr import DISCLAIMER
+from covid_cxr.files import atomic_write
 from covid_cxr.meta import class_log_odds
 
 
 def save_figure(fig: Figure, path, synthetic: bool = False) -> None:
-    """Save with the research-use footer (and a SYNTHETIC DATA mark) to a path or a binary buffer."""
+    """Save with the research-use footer (and a SYNTHETIC DATA mark) to a path (atomically, like every output) or a
+    binary buffer."""
     footer = ("SYNTHETIC DATA - " if synthetic else "") + DISCLAIMER
     fig.text(0.01, 0.005, footer, fontsize=6, color="#b3261e" if synthetic else "0.4", ha="left", va="bottom")
-    fig.savefig(path, dpi=110, format="png")
+    if isinstance(path, (str, Path)):
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=110, format="png")
+        atomic_write(path, buf.getbuffer())
+    else:
+        fig.savefig(path, dpi=110, format="png")
 
 
 def confusion_matrix_png(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:

@@ -28,8 +28,9 @@ from covid_cxr.calibration import calibrate, reliability_diagram_png
 from covid_cxr.config import TrainConfig
 from covid_cxr.data import EpochSampler, StackDataset, sample_seed, worker_init
 from covid_cxr.dataset import Dataset, read_dataset
-from covid_cxr.errors import CheckpointError, CovidCxrError, RunError
-from covid_cxr.files import RunLock, atomic_write, default_workers, read_json, relative_or_absolute, write_json, write_yaml
+from covid_cxr.errors import CheckpointError, CovidCxrError, OutputError, RunError
+from covid_cxr.files import (RunLock, append_line, atomic_write, default_workers, read_json, relative_or_absolute,
+                             remove_stale_temp_files, write_json, write_yaml)
 from covid_cxr.gate import fit_gate
 from covid_cxr.inference import forward_pixels
 from covid_cxr.meta import ModelMeta, TrainingData
@@ -212,26 +213,52 @@ def _comparable(options: dict, run_relative_base: Path) -> dict:
     return out
 
 
-def _check_run_dir(cfg: TrainConfig, run: RunDir):
-    """Refuse to overwrite a run; on --resume return the last checkpoint after checking its options."""
-    if not cfg.resume:
-        if run.last.exists() or run.best.exists():
-            raise RunError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
-        return None
-    if not run.last.exists():
-        raise CheckpointError(f"--resume: {run.last} not found; start the run without --resume")
-    ckpt = read_checkpoint(run.last)
-    if not ckpt.training or "optimizer" not in ckpt.training:
-        raise CheckpointError(f"--resume: {run.last} holds no training state (optimizer, schedule); it is not a "
-                              "last.pt written by `covid-cxr train`: start a new run with another --out")
-    saved = _comparable(ckpt.meta.training, run.root)
+def _check_same_options(saved_options: dict, cfg: TrainConfig, run: RunDir) -> None:
+    saved = _comparable(saved_options, run.root)
     now = _comparable(cfg.to_dict(), Path.cwd())
+    if saved_options.get("data_absolute") and now.get("data") == str(Path(saved_options["data_absolute"]).resolve()):
+        saved["data"] = now["data"]  # the run folder was moved or copied; the dataset is where it was
     diff = {k: (saved.get(k), now[k]) for k in now
             if k not in RESUME_FREE_OPTIONS and k in saved and saved.get(k) != now[k]}
     if diff:
         raise RunError("--resume: options differ from the interrupted run: "
                        + "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
                        + "; resume with the same options or start a new --out")
+
+
+def _check_run_dir(cfg: TrainConfig, run: RunDir):
+    """Refuse to overwrite a run; on --resume return the last checkpoint after checking its options.
+
+    A run interrupted before its first last.pt (killed, or the disk filled during epoch 1) has a config.yaml and
+    maybe a best.pt: --resume starts it again from epoch 1 (nothing is lost: no epoch was finished)."""
+    if not cfg.resume:
+        if run.last.exists():
+            raise RunError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
+        if run.best.exists():
+            if run.config.exists():
+                raise RunError(f"{run.root} holds a run interrupted during its first epoch; pass --resume to start it "
+                               "again, or choose another --out")
+            raise RunError(f"{run.root} already holds a model ({run.best.name}); choose another --out")
+        return None
+    if not run.last.exists():
+        if run.config.exists():
+            import yaml
+
+            try:
+                saved = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise RunError(f"--resume: {run.config} is unreadable ({exc}); start a new run with another "
+                               "--out") from None
+            if isinstance(saved, dict):
+                _check_same_options(saved, cfg, run)
+            log.info("--resume: %s has no last.pt (no epoch was finished): starting again from epoch 1", run.root)
+            return None
+        raise CheckpointError(f"--resume: {run.last} not found; start the run without --resume")
+    ckpt = read_checkpoint(run.last)
+    if not ckpt.training or "optimizer" not in ckpt.training:
+        raise CheckpointError(f"--resume: {run.last} holds no training state (optimizer, schedule); it is not a "
+                              "last.pt written by `covid-cxr train`: start a new run with another --out")
+    _check_same_options(ckpt.meta.training, cfg, run)
     return ckpt
 
 
@@ -283,15 +310,27 @@ def _estimate(cfg: TrainConfig, run: RunDir) -> dict | None:
 # ----------------------------------------------------------------------------- run
 
 def run(cfg: TrainConfig) -> dict:
-    """Train a model as configured; returns a summary (best epoch, best validation AUC, paths)."""
+    """Train a model as configured; returns a summary (best epoch, best validation AUC, paths).
+
+    Raises:
+        RunError: --out is in use by another process, or holds a run (without --resume).
+        OutputError: the disk filled up or the folder is not writable; the run can be continued with --resume.
+    """
     rt = setup_runtime(cfg.device)
     run_dir = RunDir(Path(cfg.out))
     lock = RunLock(run_dir.lock) if rt.is_main else None
     if lock is not None:
-        run_dir.root.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+        # Only the lock holder writes here, so any temporary file is left by a killed run.
+        for p in remove_stale_temp_files(run_dir.root):
+            log.info("removed %s, left by an interrupted run", p.name)
     try:
         return _run(cfg, rt, run_dir)
+    except OutputError as exc:
+        if run_dir.last.exists() or run_dir.config.exists():
+            hint = "; everything finished so far is kept: continue the run with the same command and --resume"
+            exc = OutputError(exc.errno, exc.strerror, exc.filename, str(exc) + hint)
+        raise exc from None
     finally:
         if lock is not None:
             lock.release()
@@ -389,8 +428,8 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
         state = dict(tr["train_state"])
         torch.set_rng_state(tr["rng"])
         log.info("resuming %s after epoch %d", run_dir.root, state["epoch"])
-        if rt.is_main:
-            _truncate_metrics(run_dir.metrics, state["epoch"])
+    if rt.is_main:  # lines of epochs after the checkpoint (or of a run that never finished an epoch) are rerun
+        _truncate_metrics(run_dir.metrics, state["epoch"])
     train_model = model
     if rt.distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -440,6 +479,10 @@ def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train
                   "train_images_per_second": round(tr["images"] * rt.world_size / train_s, 2),
                   "best_epoch": state["best_epoch"]}
         if rt.is_main:
+            # The metrics line first, then best.pt, then last.pt: an epoch counts once last.pt holds it. Interrupted
+            # before that (killed, disk full), --resume reruns the epoch (dropping its line) and writes the same
+            # best.pt; nothing written is ever half a file.
+            append_line(run_dir.metrics, json.dumps(record))
             epoch_meta = meta.replace(epoch=epoch, val_metrics=val)
             if improved:
                 save_checkpoint(run_dir.best, model, epoch_meta)
@@ -447,8 +490,6 @@ def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "train_state": dict(state),
                 "rng": torch.get_rng_state(), "adversary": adversary.state_dict() if adversary is not None else None})
-            with open(run_dir.metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
         log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %s acc %s auc %s | %.1f s", epoch, cfg.epochs,
                  tr["loss"], tr["accuracy"], _fmt(val.get("loss")), _fmt(val.get("accuracy")), _fmt(auc),
                  record["epoch_seconds"])
@@ -510,10 +551,26 @@ def _learning_curves(run_dir: RunDir, synthetic: bool) -> None:
 
 
 def read_metrics(run_dir: RunDir) -> list[dict]:
-    """The epochs recorded in metrics.jsonl (empty if none)."""
-    if not run_dir.metrics.is_file():
+    """The epochs recorded in metrics.jsonl (empty if none); a damaged line is skipped with a warning."""
+    return _metric_records(run_dir.metrics)
+
+
+def _metric_records(path: Path) -> list[dict]:
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in run_dir.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            log.warning("%s line %d is damaged; ignoring it", path, n)
+            continue
+        records.append(record)
+    return records
 
 
 def _fmt(v) -> str:
@@ -521,12 +578,20 @@ def _fmt(v) -> str:
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop metric lines of epochs after the checkpoint we resume from (they will be rerun)."""
+    """Keep the metric lines of epochs up to the checkpoint we continue from (later ones are rerun); damaged lines
+    are dropped."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["epoch"] <= last_epoch]
-    atomic_write(path, "".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= last_epoch:
+            keep.append(line)
+    if keep or path.stat().st_size:
+        atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def format_summary(summary: dict) -> str:
