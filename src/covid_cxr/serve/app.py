@@ -15,6 +15,7 @@ refusal. Never image bytes, DICOM tags, client file names (they may name patient
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
@@ -33,7 +34,7 @@ from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.config import ServeConfig, make_config
 from covid_cxr.errors import CovidCxrError, ImageReadError, UploadError
 from covid_cxr.serve.docs import add_offline_docs
-from covid_cxr.serve.engine import Engine
+from covid_cxr.serve.engine import Engine, dicom_values_unchecked
 from covid_cxr.serve.guards import CLOSE, KEY_HEADER, ApiKey, RateLimiter, Slots
 from covid_cxr.serve.uploads import ACCEPTED, FIELD, limit_text, receive_upload
 
@@ -183,7 +184,12 @@ def create_app(run: str | Path | ServeConfig, **options) -> FastAPI:
     # python-multipart's parse warnings quote body bytes; our own one-line 400 says what went wrong without them.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
-    app = FastAPI(title="covid-cxr", version=__version__, docs_url=None, redoc_url=None,
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        with dicom_values_unchecked():
+            yield
+
+    app = FastAPI(title="covid-cxr", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   swagger_ui_oauth2_redirect_url=None,
                   description=f"COVID-19 chest X-ray classifier. **{DISCLAIMER}**")
     app.add_exception_handler(RequestValidationError, _validation_error)

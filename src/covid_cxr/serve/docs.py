@@ -1,15 +1,17 @@
 """``/docs`` without a network: Swagger UI's script, stylesheet and icon served by this app.
 
 FastAPI's default ``/docs`` page loads Swagger UI from a CDN, so on an offline machine it is blank
-(and ``/favicon.ico`` is a 404). Here the files come from the ``swagger-ui-bundle`` package
-(Swagger UI under the Apache-2.0 licence, shipped in its wheel), only the four files the page needs
-are served (not the bundle's demo page, which points at a public example API), Swagger UI's
-validator badge (a request to a public validator) is off, and a Content-Security-Policy keeps the
-page to this server.
+(and ``/favicon.ico`` is a 404). Here the files come from the ``swagger-ui-bundle-v2`` package
+(Swagger UI 5, which reads FastAPI's OpenAPI 3.1; Apache-2.0 licence, shipped in its wheel; it
+installs the module ``swagger_ui_bundle``), only the four files the page needs are served (not the
+bundle's demo page, which points at a public example API), Swagger UI's validator badge (a request
+to a public validator) is off, and a Content-Security-Policy keeps the page to this server.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
@@ -17,6 +19,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
 from covid_cxr.errors import CovidCxrError
+
+log = logging.getLogger(__name__)
 
 ASSET_PREFIX = "/docs/assets"
 ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
@@ -39,12 +43,17 @@ def swagger_ui_folder() -> Path:
     try:
         from swagger_ui_bundle import swagger_ui_path
     except ImportError as exc:
-        raise CovidCxrError("the swagger-ui-bundle package is missing, so /docs cannot be served offline; "
-                            "reinstall covid-cxr (pip install -e .) or pip install swagger-ui-bundle") from exc
+        raise CovidCxrError("the swagger-ui-bundle-v2 package is missing, so /docs cannot be served offline; "
+                            "reinstall covid-cxr (pip install -e .) or pip install swagger-ui-bundle-v2") from exc
     folder = Path(str(swagger_ui_path))
     missing = [name for name in ASSETS if not (folder / name).is_file()]
     if missing:
-        raise CovidCxrError(f"{folder} lacks {', '.join(missing)}; reinstall swagger-ui-bundle")
+        raise CovidCxrError(f"{folder} lacks {', '.join(missing)}; pip install --force-reinstall swagger-ui-bundle-v2")
+    version = re.fullmatch(r"swagger-ui-(\d+)\..*", folder.name)
+    if version and int(version.group(1)) < 5:
+        # the old swagger-ui-bundle package installs the same module with Swagger UI 4
+        log.warning("%s cannot read OpenAPI 3.1: /docs will say 'Unable to render this definition'; "
+                    "pip uninstall swagger-ui-bundle && pip install swagger-ui-bundle-v2", folder.name)
     return folder
 
 

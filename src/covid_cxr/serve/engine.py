@@ -18,6 +18,7 @@ any work (HTTP 422 saying why), and the PNG is shrunk until it fits :data:`HEATM
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import logging
@@ -101,6 +102,56 @@ def fit_png(png: bytes, max_bytes: int = HEATMAP_MAX_BYTES) -> tuple[bytes, bool
         small.save(buf, "PNG", optimize=True)
         png, shrunk = buf.getvalue(), True
     return png, shrunk
+
+
+_UNCHECKED = {"apps": 0, "before": None}
+_UNCHECKED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def dicom_values_unchecked():
+    """While an app runs, pydicom does not validate element values as it reads them.
+
+    pydicom's default (``WARN``) reports an invalid value by logging and warning *with the value*: a patient's
+    name, a date, or - in a damaged file - pixel bytes would reach the server's log. The server only needs the
+    pixel elements, which the decoder checks anyway. The setting is process-wide: it is counted, so several apps
+    in one process (tests) overlap safely, and the previous mode comes back when the last one stops.
+    """
+    from pydicom import config
+
+    with _UNCHECKED_LOCK:
+        if _UNCHECKED["apps"] == 0:
+            _UNCHECKED["before"] = config.settings.reading_validation_mode
+            config.settings.reading_validation_mode = config.IGNORE
+        _UNCHECKED["apps"] += 1
+    try:
+        yield
+    finally:
+        with _UNCHECKED_LOCK:
+            _UNCHECKED["apps"] -= 1
+            if _UNCHECKED["apps"] == 0:
+                config.settings.reading_validation_mode = _UNCHECKED["before"]
+
+
+def decode_upload(path: Path):
+    """:func:`~covid_cxr.images.load_image` for a file a client sent: any failure is an :class:`ImageReadError`.
+
+    An exception other than ImageReadError is a decoder bug (a parser that lets a library error through):
+    the client still gets a 422, and the log gets one line with the exception type and where it was raised,
+    never its message (it may quote the file's bytes).
+    """
+    try:
+        return load_image(path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # untrusted bytes: no decoder failure may become a 500
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else "?"
+        log.warning("decoder bug: a %s upload raised %s at %s instead of ImageReadError (please report it)",
+                    path.suffix.lstrip(".") or "file", type(exc).__name__, where)
+        raise ImageReadError(path, f"the decoder failed ({type(exc).__name__})") from None
 
 
 def _caption_name(filename: str) -> str:
@@ -210,7 +261,7 @@ class Engine:
             ImageReadError: the file cannot be decoded.
             UploadError: 422, a heatmap was asked for an image with an absurd aspect ratio.
         """
-        image = load_image(path)
+        image = decode_upload(path)
         if heatmap:
             self.check_heatmap(image)
         res = self.predictor.predict_arrays([image])[0]

@@ -183,7 +183,8 @@ async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes],
                                f"(e.g. curl -F {FIELD}=@image.png URL); got Content-Type {content_type!r}")
     max_body = max_bytes + MULTIPART_OVERHEAD
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body:
+    # ASCII digits only: str.isdigit() also accepts '²', which int() refuses (found by fuzzing: a 500)
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_body:
         raise too_large(max_bytes)  # refuse before reading any of it
 
     raw = folder / "upload.bin"
