@@ -36,7 +36,7 @@ from covid_cxr.errors import CovidCxrError, ImageReadError, UploadError
 from covid_cxr.serve.docs import add_offline_docs
 from covid_cxr.serve.engine import Engine, dicom_values_unchecked
 from covid_cxr.serve.guards import CLOSE, KEY_HEADER, ApiKey, RateLimiter, Slots
-from covid_cxr.serve.uploads import ACCEPTED, FIELD, limit_text, receive_upload
+from covid_cxr.serve.uploads import ACCEPTED, FIELD, discard_body, limit_text, receive_upload
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,17 @@ def _config(run: str | Path | ServeConfig, options: dict) -> ServeConfig:
     return make_config(ServeConfig, {**base, **options})
 
 
+async def _refusal(body, exc: HTTPException) -> HTTPException:
+    """``exc`` after the rest of the request body was read and dropped (:func:`discard_body`); the connection
+    is closed after the answer only when the body could not be read to its end."""
+    headers = dict(exc.headers or {})
+    if await discard_body(body):
+        headers.pop("Connection", None)
+    else:
+        headers.update(CLOSE)
+    return HTTPException(exc.status_code, exc.detail, headers=headers)
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Our error shape (``{"detail": "text"}``) for bad query parameters too, not FastAPI's list of dicts."""
     parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
@@ -240,6 +251,7 @@ def create_app(run: str | Path | ServeConfig, **options) -> FastAPI:
         ``heatmap=true`` adds a Grad-CAM overlay (PNG, base64), computed with the PyTorch checkpoint.
         """
         start = time.perf_counter()
+        body = request.stream()
         try:
             if app.state.limiter is not None:
                 app.state.limiter.check(request.client.host if request.client else "unknown")
@@ -248,32 +260,35 @@ def create_app(run: str | Path | ServeConfig, **options) -> FastAPI:
             app.state.uploads.take()
         except HTTPException as exc:
             log.info("refused a request: %d %s", exc.status_code, exc.detail.split(";")[0])
-            raise
+            raise await _refusal(body, exc) from None
         try:
             if heatmap:
                 try:
                     app.state.heatmaps.take()
                 except HTTPException as exc:
                     log.info("refused a heatmap request: %d (%d at once)", exc.status_code, cfg.max_heatmaps)
-                    raise
+                    raise await _refusal(body, exc) from None
                 try:
-                    return await _predict(request, heatmap, start)
+                    return await _predict(request, body, heatmap, start)
                 finally:
                     app.state.heatmaps.release()
-            return await _predict(request, heatmap, start)
+            return await _predict(request, body, heatmap, start)
         finally:
             app.state.uploads.release()
 
-    async def _predict(request: Request, heatmap: bool, start: float) -> dict:
+    async def _predict(request: Request, body, heatmap: bool, start: float) -> dict:
         tmp = tempfile.TemporaryDirectory(prefix="covid-cxr-upload-")
         handed_off = False
         try:
             try:
-                upload = await receive_upload(request.headers, request.stream(), Path(tmp.name), max_bytes,
+                upload = await receive_upload(request.headers, body, Path(tmp.name), max_bytes,
                                               cfg.idle_timeout, cfg.upload_timeout)
-            except UploadError as exc:  # the body may be unread: close the connection after the answer
+            except UploadError as exc:
                 log.info("refused upload: %d %s", exc.status, exc.message.split(";")[0])
-                raise HTTPException(exc.status, exc.message, headers=CLOSE) from None
+                refusal = HTTPException(exc.status, exc.message, headers=CLOSE)
+                if exc.status == 408:  # a slow client: answer and close at once
+                    raise refusal from None
+                raise await _refusal(body, refusal) from None
             except ClientDisconnect:
                 log.info("client disconnected during the upload; nothing was kept")
                 raise HTTPException(400, "client disconnected") from None

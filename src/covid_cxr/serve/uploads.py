@@ -153,6 +153,35 @@ async def _timed(body: AsyncIterator[bytes], idle_timeout: float | None,
         yield chunk
 
 
+DISCARD_BYTES = 8 * 2**20
+"""Bytes of a refused request's body read and dropped before the refusal is sent (see :func:`discard_body`)."""
+DISCARD_SECONDS = 1.0
+"""Seconds spent at most reading and dropping a refused request's body."""
+
+
+async def discard_body(body: AsyncIterator[bytes], max_bytes: int = DISCARD_BYTES,
+                       seconds: float = DISCARD_SECONDS) -> bool:
+    """Read and drop what is left of a refused request's body; True when it was read to its end.
+
+    A server that answers without reading the body and closes the socket makes the kernel reset the
+    connection, and a client still sending often sees the reset instead of the answer (a 503 or 413
+    it could act on). Reading what arrives within ``seconds`` (at most ``max_bytes``) into nothing
+    avoids that for ordinary clients, holds no file, and bounds what a slow client can cost.
+    """
+    received = 0
+    try:
+        async for chunk in _timed(body, None, seconds):
+            received += len(chunk)
+            if received > max_bytes:
+                return False
+        return True
+    except UploadError:  # the time is up
+        return False
+    except Exception as exc:  # noqa: BLE001 - a client gone (Starlette's ClientDisconnect) or a broken stream
+        log.debug("stopped discarding a refused body: %s", type(exc).__name__)
+        return False
+
+
 async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes], folder: Path,
                          max_bytes: int, idle_timeout: float | None = None,
                          upload_timeout: float | None = None) -> Upload:
