@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ import pytest
 from covid_cxr.serve import create_app
 
 from conftest import real_data_root, write_image
+from liveserver import serve_in_thread
 
 DISCLAIMER_TEXT = "Research use only — not a diagnostic device"
 
@@ -47,22 +45,9 @@ def real_xray() -> Path | None:
 @pytest.fixture(scope="module")
 def live_url(tiny_run):
     """The app served by uvicorn on 127.0.0.1 at a free port, in a daemon thread."""
-    uvicorn = pytest.importorskip("uvicorn")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # uvicorn serves this socket: no window for another process to take the port
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(str(tiny_run), device="cpu"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    pytest.importorskip("uvicorn")
+    with serve_in_thread(create_app(str(tiny_run), device="cpu")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -146,4 +131,113 @@ def test_page_warns_about_out_of_scope_images(live_url, browser, tiny_run, tmp_p
     assert "not meaningful" in warning.inner_text()
     assert page.locator("#result-label").inner_text() in ("normal", "covid")
     assert DISCLAIMER_TEXT in page.locator("#banner").inner_text()
+    page.close()
+
+
+DOCS_SCREENSHOT = Path("/tmp/serve_docs_screenshot.png")
+"""A copy of the /docs screenshot outside pytest's temporary folders."""
+
+
+def _local(url: str, base: str) -> bool:
+    return url.startswith((base, "blob:", "data:"))
+
+
+def test_docs_render_offline(live_url, browser, tmp_path):
+    """/docs shows the operation list with every request answered by this server: anything else is blocked and
+    recorded, as on a machine without a network."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    requests, external = [], []
+    page.on("request", lambda req: requests.append(req.url))
+
+    def block_external(route):
+        if _local(route.request.url, live_url):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", block_external)
+    page.goto(live_url + "/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert any("/v1/predict" in p for p in paths) and any("/healthz" in p for p in paths)
+    assert "covid-cxr" in page.locator(".info .title").inner_text()
+    assert external == [] and all(_local(u, live_url) for u in requests), requests
+    assert any(u.endswith("/docs/assets/swagger-ui-bundle.js") for u in requests)
+    assert page.locator(".validator-badge, .errors-wrapper").count() == 0
+    shot = tmp_path / "docs.png"
+    page.screenshot(path=str(shot), full_page=True)
+    shutil.copyfile(shot, DOCS_SCREENSHOT)
+    assert shot.stat().st_size > 10_000
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def keyed_run(tiny_run, tmp_path_factory) -> Path:
+    """tiny_run's model with an out-of-source estimate recorded and a report.html beside it."""
+    from covid_cxr.model import model_from_checkpoint, read_checkpoint, save_checkpoint
+
+    run = tmp_path_factory.mktemp("browser-keyed") / "run"
+    run.mkdir()
+    ckpt = read_checkpoint(tiny_run / "best.pt")
+    meta = ckpt.meta.replace(estimate={"source": "crossval", "crossval": "../cv", "pooled_auc": 0.713,
+                                       "ci95": [0.641, 0.782], "protocol": "leave-source-out", "per_source": {}})
+    save_checkpoint(run / "best.pt", model_from_checkpoint(ckpt), meta)
+    (run / "report.html").write_text("<!doctype html><meta charset=utf-8><title>report</title>"
+                                     "<h1>covid-cxr model report</h1>", encoding="utf-8")
+    return run
+
+
+KEY = "browser-key-0123456789abcdef"
+PROVENANCE_SCREENSHOT = Path("/tmp/serve_provenance_screenshot.png")
+
+
+@pytest.fixture(scope="module")
+def keyed_url(keyed_run):
+    with serve_in_thread(create_app(str(keyed_run), device="cpu", api_key=KEY)) as url:
+        yield url
+
+
+def test_page_shows_provenance_and_takes_an_api_key(keyed_url, browser, tiny_run):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(keyed_url + "/")
+    info = page.locator("#model-info")
+    expect(info).to_contain_text("Expected on a hospital it has not seen", timeout=30_000)
+    text = info.inner_text()
+    assert "AUC about 0.71 (95% CI 0.64–0.78)" in text and "out-of-source" in text
+    assert "synthetic-phantoms" in text and "32 px input" in text and "trained 20" in text
+    assert "decision rule P(covid) >= " in text
+    link = page.locator("#report-link")
+    assert link.get_attribute("href") == "/report"
+    assert page.locator("#key-row").is_visible()
+    page.uncheck("#want-heatmap")
+    phantom = _phantom(tiny_run)
+    page.set_input_files("#file", str(phantom))  # no key yet
+    expect(page.locator("#error")).to_contain_text("needs an API key (HTTP 401)", timeout=30_000)
+    page.fill("#api-key", "wrong-key-0123456789")
+    page.locator("#api-key").dispatch_event("change")  # analyses the file again
+    expect(page.locator("#error")).to_contain_text("the key entered is wrong", timeout=30_000)
+    page.fill("#api-key", KEY)
+    page.locator("#api-key").dispatch_event("change")
+    expect(page.locator("#status")).to_have_text(f"Done: {phantom.name}", timeout=30_000)
+    assert page.locator("#error").is_hidden() and page.locator("#result-label").inner_text() in ("normal", "covid")
+    page.screenshot(path=str(PROVENANCE_SCREENSHOT), full_page=True)
+    with page.context.expect_page() as report_page:
+        link.click()
+    report = report_page.value
+    report.wait_for_load_state()
+    assert "covid-cxr model report" in report.locator("h1").inner_text()
+    report.close()
+    page.close()
+
+
+def test_page_says_when_there_is_no_estimate(live_url, browser):
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    page.goto(live_url + "/")
+    expect(page.locator("#model-info")).to_contain_text("No out-of-source estimate recorded", timeout=30_000)
+    assert page.locator("#report-link").count() == 0 and page.locator("#key-row").is_hidden()
     page.close()

@@ -426,7 +426,7 @@ def _every_command(run: Path, images: Path, tmp: Path, capsys) -> dict:
         assert len(got[backend]) == 2 and not got[backend]["error"].notna().any()
     capsys.readouterr()
     for backend in ("torch", "onnx"):
-        with TestClient(create_app(str(run), backend=backend, device="cpu", workers=1)) as client:
+        with TestClient(create_app(str(run), backend=backend, device="cpu", concurrency=1)) as client:
             r = client.post("/v1/predict?heatmap=true",
                             files={"file": ("a.png", (images / "a.png").read_bytes(), "image/png")})
             assert r.status_code == 200, r.text

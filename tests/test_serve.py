@@ -109,7 +109,7 @@ def test_healthz(client):
     assert h["status"] == "ok" and h["model_loaded"] is True
     assert h["backend"] == "torch" and h["version"] == __version__
     assert h["labels"] == ["normal", "covid"] and h["checkpoint"] == "best.pt"
-    assert h["max_upload_mb"] == 20 and h["disclaimer"] == DISCLAIMER and h["workers"] == 2
+    assert h["max_upload_mb"] == 20 and h["disclaimer"] == DISCLAIMER and h["concurrency"] == 2
     # provenance: what the model is and what it was trained on (the page shows it)
     m = h["model"]
     assert m["checkpoint"] == "best.pt" and len(m["checkpoint_sha256"]) == 64 and m["backend"] == "torch"
@@ -190,13 +190,15 @@ def test_heatmap_is_a_base64_png(client):
 
 
 def test_heatmap_of_an_absurd_aspect_ratio_is_refused(client):
-    """A 10 x 5000 image gets a prediction, but no heatmap: 422 naming the aspect ratio, not a crash."""
+    """A 10 x 5000 image gets a prediction, but no heatmap: a 422 that says why (the aspect ratio, and how to get
+    the prediction alone), not that the image cannot be decoded (it can)."""
     buf = io.BytesIO()
     Image.fromarray(np.full((10, 5000), 128, np.uint8)).save(buf, "PNG")
     assert post(client, buf.getvalue()).status_code == 200
     r = post(client, buf.getvalue(), heatmap=True)
-    assert r.status_code == 422 and "aspect ratio" in r.json()["detail"]
-    assert "covid-cxr-upload" not in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and detail.startswith("no heatmap for this image: 5000x10 pixels is an aspect ratio")
+    assert "without heatmap=true" in detail and "decode" not in detail and "covid-cxr-upload" not in detail
 
 
 def test_onnx_backend_agrees_with_torch(client, onnx_client, onnx_run):
@@ -300,7 +302,7 @@ def test_dicom_upload(client, tiny_run, tmp_path, bits):
 
 
 def test_concurrent_requests_agree_and_stay_within_the_pool(tiny_run):
-    app = create_app(str(tiny_run), workers=2, device="cpu")
+    app = create_app(str(tiny_run), concurrency=2, device="cpu")
     engine, lock, state = app.state.engine, threading.Lock(), {"now": 0, "max": 0}
     analyse = engine.analyse
 
@@ -359,14 +361,14 @@ def test_nothing_outlives_the_request(client, tmp_path, monkeypatch):
 def test_config_checks_and_run(tiny_run, monkeypatch):
     from covid_cxr.config import make_config
 
-    for bad in ({"port": 70000}, {"workers": 0}, {"max_upload_mb": 0}, {"device": "tpu"}, {"host": ""}):
+    for bad in ({"port": 70000}, {"concurrency": 0}, {"max_upload_mb": 0}, {"device": "tpu"}, {"host": ""}):
         with pytest.raises(ConfigError):
             ServeConfig(run=str(tiny_run), **bad)
     # choices and types are checked where options come in: the CLI/YAML route (make_config) and create_app
-    for bad in ({"backend": "tf"}, {"checkpoint": "x"}, {"port": "80"}, {"workers": 1.5}):
+    for bad in ({"backend": "tf"}, {"checkpoint": "x"}, {"port": "80"}, {"concurrency": 1.5}):
         with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
             make_config(ServeConfig, {"run": str(tiny_run), **bad})
-    for bad in ({"workers": 0}, {"backend": "tf"}, {"checkpoint": "x"}, {"device": "tpu"}):
+    for bad in ({"concurrency": 0}, {"backend": "tf"}, {"checkpoint": "x"}, {"device": "tpu"}):
         with pytest.raises(ConfigError):
             create_app(str(tiny_run), **bad)
 
@@ -376,7 +378,7 @@ def test_config_checks_and_run(tiny_run, monkeypatch):
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
-    serve.run(ServeConfig(run=str(tiny_run), port=8123, workers=1, max_upload_mb=1.5, device="cpu"))
+    serve.run(ServeConfig(run=str(tiny_run), port=8123, concurrency=1, max_upload_mb=1.5, device="cpu"))
     [(app, kw)] = calls
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
     assert app.state.max_bytes == int(1.5 * 2**20) and app.state.pool._max_workers == 1

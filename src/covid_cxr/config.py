@@ -557,8 +557,24 @@ class ServeConfig(_Config):
     """torch (the checkpoint) or onnx (RUN/model.onnx, exported from the checkpoint if missing)."""
     max_upload_mb: float = 20.0
     """Largest accepted upload in MB (2**20 bytes); larger ones get HTTP 413 before they are read in full."""
-    workers: int = 2
-    """Images decoded and predicted at the same time; further requests wait their turn."""
+    concurrency: int = 2
+    """Predictions running at once (threads); further admitted requests wait their turn."""
+    max_uploads: int = 32
+    """Prediction requests admitted at once (receiving, waiting or predicting; each holds one temporary folder);
+    more get HTTP 503 with Retry-After."""
+    max_heatmaps: int = 2
+    """Requests with ?heatmap=true admitted at once. Grad-CAM runs one at a time in a thread of its own, so heatmaps
+    never hold up plain predictions; more get HTTP 503 with Retry-After."""
+    idle_timeout: float = 10.0
+    """Seconds an upload may send nothing before it is cut off with HTTP 408."""
+    upload_timeout: float = 60.0
+    """Seconds a whole upload may take; a client trickling bytes is cut off with HTTP 408."""
+    api_key: str | None = field(default=None, repr=False)
+    """Require this key on POST /v1/predict (header Authorization: Bearer KEY or X-API-Key: KEY; otherwise HTTP 401).
+    Prefer the COVID_CXR_API_KEY environment variable: a flag shows in the process list."""
+    rate_limit: int = 0
+    """Requests per minute per client address on POST /v1/predict (token bucket; over it HTTP 429 with
+    Retry-After); 0: no limit. Behind a proxy every client has the proxy's address."""
     checkpoint: Checkpoint = "best"
     """Which checkpoint of the run."""
     onnx_path: str | None = None
@@ -573,9 +589,15 @@ class ServeConfig(_Config):
             raise ConfigError("--host must not be empty (e.g. 127.0.0.1)")
         if not 0 <= int(self.port) <= 65535:
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
-        _positive("max_upload_mb", self.max_upload_mb)
-        _positive("workers", self.workers)
+        for name in ("max_upload_mb", "concurrency", "max_uploads", "max_heatmaps", "idle_timeout", "upload_timeout"):
+            _positive(name, getattr(self, name))
+        _positive("rate_limit", self.rate_limit, strict=False)
         _device(self.device)
+        if self.api_key is not None and not re.fullmatch(r"[\x21-\x7e]{16,}", self.api_key):
+            # never echo the key itself
+            raise ConfigError("--api-key must be at least 16 printable ASCII characters without spaces (it travels "
+                              "in an HTTP header); make one with: python -c \"import secrets; "
+                              "print(secrets.token_urlsafe(32))\"")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,21 +9,29 @@ needs gradients), so heatmaps use their own copy of the PyTorch model, one at a 
 With the ONNX backend the heatmap comes from the PyTorch checkpoint the graph was exported from
 (checked by sha256), loaded on the first heatmap request: a graph has no gradients to take, and
 serving without heatmaps never imports PyTorch.
+
+Heatmaps are bounded: the overlay is drawn at most :data:`covid_cxr.explain.MAX_OVERLAY_SIDE` px on
+its longer side, images more elongated than :data:`covid_cxr.explain.MAX_ASPECT` are refused before
+any work (HTTP 422 saying why), and the PNG is shrunk until it fits :data:`HEATMAP_MAX_BYTES`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import logging
+import math
 import re
 import tempfile
 import threading
 from pathlib import Path
 
+from PIL import Image
+
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.errors import CheckpointError
+from covid_cxr.errors import CheckpointError, ImageReadError, UploadError
 from covid_cxr.images import load_image, sha256_file
 from covid_cxr.inference import BACKENDS, Predictor, load_predictor, read_onnx_meta
 from covid_cxr.paths import locate_checkpoint
@@ -78,6 +86,74 @@ def ensure_onnx(checkpoint: Path, onnx_path: str | Path | None, scratch: list[te
     return target
 
 
+HEATMAP_MAX_BYTES = 2 * 2**20
+"""Largest heatmap PNG a response carries (before base64); larger overlays are shrunk to fit."""
+
+
+def fit_png(png: bytes, max_bytes: int = HEATMAP_MAX_BYTES) -> tuple[bytes, bool]:
+    """``png`` shrunk (aspect kept) until it takes at most ``max_bytes``; and whether it was shrunk."""
+    shrunk = False
+    while len(png) > max_bytes:
+        with Image.open(io.BytesIO(png)) as img:
+            scale = min(0.9, 0.95 * math.sqrt(max_bytes / len(png)))
+            small = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))),
+                               Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        small.save(buf, "PNG", optimize=True)
+        png, shrunk = buf.getvalue(), True
+    return png, shrunk
+
+
+_UNCHECKED = {"apps": 0, "before": None}
+_UNCHECKED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def dicom_values_unchecked():
+    """While an app runs, pydicom does not validate element values as it reads them.
+
+    pydicom's default (``WARN``) reports an invalid value by logging and warning *with the value*: a patient's
+    name, a date, or - in a damaged file - pixel bytes would reach the server's log. The server only needs the
+    pixel elements, which the decoder checks anyway. The setting is process-wide: it is counted, so several apps
+    in one process (tests) overlap safely, and the previous mode comes back when the last one stops.
+    """
+    from pydicom import config
+
+    with _UNCHECKED_LOCK:
+        if _UNCHECKED["apps"] == 0:
+            _UNCHECKED["before"] = config.settings.reading_validation_mode
+            config.settings.reading_validation_mode = config.IGNORE
+        _UNCHECKED["apps"] += 1
+    try:
+        yield
+    finally:
+        with _UNCHECKED_LOCK:
+            _UNCHECKED["apps"] -= 1
+            if _UNCHECKED["apps"] == 0:
+                config.settings.reading_validation_mode = _UNCHECKED["before"]
+
+
+def decode_upload(path: Path):
+    """:func:`~covid_cxr.images.load_image` for a file a client sent: any failure is an :class:`ImageReadError`.
+
+    An exception other than ImageReadError is a decoder bug (a parser that lets a library error through):
+    the client still gets a 422, and the log gets one line with the exception type and where it was raised,
+    never its message (it may quote the file's bytes).
+    """
+    try:
+        return load_image(path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # untrusted bytes: no decoder failure may become a 500
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else "?"
+        log.warning("decoder bug: a %s upload raised %s at %s instead of ImageReadError (please report it)",
+                    path.suffix.lstrip(".") or "file", type(exc).__name__, where)
+        raise ImageReadError(path, f"the decoder failed ({type(exc).__name__})") from None
+
+
 def _caption_name(filename: str) -> str:
     """A client's file name made safe for a Matplotlib title ('$' starts math mode there)."""
     return re.sub(r"[^\w.\- ()]+", "_", filename)[:80] or "upload"
@@ -104,7 +180,7 @@ class Engine:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self._scratch: list[tempfile.TemporaryDirectory] = []
-        _, self.checkpoint = locate_checkpoint(run, checkpoint)
+        self.run_dir, self.checkpoint = locate_checkpoint(run, checkpoint)
         self.checkpoint_sha256 = sha256_file(self.checkpoint)
         if backend == "onnx":
             onnx_file = ensure_onnx(self.checkpoint, onnx_path, self._scratch)
@@ -142,29 +218,52 @@ class Engine:
                 self._cam_model = copy.deepcopy(model) if self.backend == "torch" else model
             return self._cam_model
 
-    def heatmap(self, image, filename: str = "") -> dict:
-        """Grad-CAM overlay PNG (base64) and what it shows, from the PyTorch checkpoint."""
+    @property
+    def report(self) -> Path:
+        """Where the run's HTML report is (``covid-cxr report`` writes it; it may not exist)."""
+        return self.run_dir.report
+
+    @staticmethod
+    def check_heatmap(image) -> None:
+        """Refuse (422, saying why) an image no heatmap is drawn for, before any work is done on it."""
+        from covid_cxr.explain import check_aspect
+
+        try:
+            check_aspect(image, "upload")
+        except ImageReadError as exc:
+            raise UploadError(422, f"no heatmap for this image: {exc.reason}; or ask without heatmap=true for the "
+                                   "prediction alone") from None
+
+    def heatmap(self, image, filename: str = "", in_scope: bool | None = None) -> dict:
+        """Grad-CAM overlay PNG (base64, at most :data:`HEATMAP_MAX_BYTES`) and what it shows, from the PyTorch
+        checkpoint."""
         from covid_cxr.explain import CAVEAT, caption_for, explain_array, overlay_png
 
+        self.check_heatmap(image)
         model = self._cam()
         with self._cam_lock:
             r = explain_array(model, self.meta, image, None, path="upload")
         buf = io.BytesIO()
         overlay_png(r["display"], r["heatmap"], buf, caption_for(_caption_name(filename), self.meta, r["log_probs"],
-                                                                 r["target"]))
+                                                                 r["target"], in_scope))
+        png, shrunk = fit_png(buf.getvalue())
         source = "the PyTorch checkpoint" + (" the ONNX graph was exported from (a graph has no gradients)"
                                              if self.backend == "onnx" else "")
-        return {"heatmap_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
+        note = CAVEAT + (" The overlay was shrunk to fit the response size limit." if shrunk else "")
+        return {"heatmap_png_base64": base64.b64encode(png).decode("ascii"),
                 "heatmap": {"method": "Grad-CAM", "target": self.labels[r["target"]], "computed_with": source,
-                            "note": CAVEAT}}
+                            "note": note}}
 
     def analyse(self, path: Path, heatmap: bool = False, filename: str = "") -> dict:
         """Decode an image file and answer as ``POST /v1/predict`` does.
 
         Raises:
-            ImageReadError: the file cannot be decoded (or, with a heatmap, has an absurd aspect ratio).
+            ImageReadError: the file cannot be decoded.
+            UploadError: 422, a heatmap was asked for an image with an absurd aspect ratio.
         """
-        image = load_image(path)
+        image = decode_upload(path)
+        if heatmap:
+            self.check_heatmap(image)
         res = self.predictor.predict_arrays([image])[0]
         result = {"probabilities": res["probabilities"], "label": res["label"], "log_odds": res["log_odds"],
                   "threshold": self.meta.threshold if self.meta.binary else None,
@@ -176,5 +275,5 @@ class Engine:
             result["scope_warning"] = ("this image is unlike the frontal chest X-rays the model was trained on; its "
                                        "output is not meaningful")
         if heatmap:
-            result.update(self.heatmap(image, filename))
+            result.update(self.heatmap(image, filename, res["in_scope"]))
         return result

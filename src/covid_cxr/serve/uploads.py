@@ -4,11 +4,14 @@ Starlette's own form parser spools every part into a temporary file in the syste
 folder before the endpoint runs, however large it is. :func:`receive_upload` instead feeds
 the request body to python-multipart chunk by chunk, writes only the ``file`` field, and only
 into the folder it is given (the request's :class:`tempfile.TemporaryDirectory`), and stops
-reading as soon as the limit is passed.
+reading as soon as the limit is passed, or when the client sends nothing for ``idle_timeout``
+seconds or has not finished within ``upload_timeout`` seconds (HTTP 408: a client trickling
+bytes holds a socket, a file handle and a temporary folder).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -125,8 +128,63 @@ class _FilePartWriter:
             self._out = None
 
 
+async def _timed(body: AsyncIterator[bytes], idle_timeout: float | None,
+                 upload_timeout: float | None) -> AsyncIterator[bytes]:
+    """``body``'s chunks, or 408 once no chunk came for ``idle_timeout`` s or ``upload_timeout`` s have passed."""
+    loop = asyncio.get_running_loop()
+    end = None if upload_timeout is None else loop.time() + upload_timeout
+    chunks = body.__aiter__()
+    while True:
+        wait, total = idle_timeout, False
+        if end is not None:
+            left = end - loop.time()
+            if wait is None or left < wait:
+                wait, total = max(left, 0.0), True
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), wait)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            if total:
+                raise UploadError(408, f"the upload took longer than this server's {upload_timeout:g} s limit; "
+                                       "send the file in one go (or a smaller file)") from None
+            raise UploadError(408, f"the upload stalled: nothing arrived for {idle_timeout:g} s; send the file "
+                                   "in one go") from None
+        yield chunk
+
+
+DISCARD_BYTES = 8 * 2**20
+"""Bytes of a refused request's body read and dropped before the refusal is sent (see :func:`discard_body`)."""
+DISCARD_SECONDS = 1.0
+"""Seconds spent at most reading and dropping a refused request's body."""
+
+
+async def discard_body(body: AsyncIterator[bytes], max_bytes: int = DISCARD_BYTES,
+                       seconds: float = DISCARD_SECONDS) -> bool:
+    """Read and drop what is left of a refused request's body; True when it was read to its end.
+
+    A server that answers without reading the body and closes the socket makes the kernel reset the
+    connection, and a client still sending often sees the reset instead of the answer (a 503 or 413
+    it could act on). Reading what arrives within ``seconds`` (at most ``max_bytes``) into nothing
+    avoids that for ordinary clients, holds no file, and bounds what a slow client can cost.
+    """
+    received = 0
+    try:
+        async for chunk in _timed(body, None, seconds):
+            received += len(chunk)
+            if received > max_bytes:
+                return False
+        return True
+    except UploadError:  # the time is up
+        return False
+    except Exception as exc:  # noqa: BLE001 - a client gone (Starlette's ClientDisconnect) or a broken stream
+        log.debug("stopped discarding a refused body: %s", type(exc).__name__)
+        return False
+
+
 async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes], folder: Path,
-                         max_bytes: int) -> Upload:
+                         max_bytes: int, idle_timeout: float | None = None,
+                         upload_timeout: float | None = None) -> Upload:
     """Stream a ``multipart/form-data`` body into ``folder`` and check that field ``file`` is an image.
 
     Args:
@@ -134,6 +192,8 @@ async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes],
         body: the request body in chunks (``request.stream()``).
         folder: where the file goes (the request's temporary folder); nothing is written elsewhere.
         max_bytes: largest accepted file; the body may be at most :data:`MULTIPART_OVERHEAD` longer.
+        idle_timeout: seconds the body may send nothing (None: no limit).
+        upload_timeout: seconds the whole body may take (None: no limit).
 
     Returns:
         The stored :class:`Upload`.
@@ -141,7 +201,9 @@ async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes],
     Raises:
         UploadError: 413 (too large; raised as soon as the limit is passed, before the rest of the
             body is read), 415 (not multipart, or not a PNG/JPEG/DICOM file), 400 (malformed
-            multipart) or 422 (no ``file`` field, several, or an empty one).
+            multipart), 408 (stalled or too slow; see above) or 422 (no ``file`` field, several, or an
+            empty one). A client that disconnects raises the body iterator's own error (Starlette's
+            ``ClientDisconnect``).
     """
     content_type = headers.get("content-type", "")
     kind, params = parse_options_header(content_type)
@@ -150,7 +212,8 @@ async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes],
                                f"(e.g. curl -F {FIELD}=@image.png URL); got Content-Type {content_type!r}")
     max_body = max_bytes + MULTIPART_OVERHEAD
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body:
+    # ASCII digits only: str.isdigit() also accepts '²', which int() refuses (found by fuzzing: a 500)
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_body:
         raise too_large(max_bytes)  # refuse before reading any of it
 
     raw = folder / "upload.bin"
@@ -158,14 +221,17 @@ async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes],
     parser = MultipartParser(params[b"boundary"], writer.callbacks())
     received = 0
     try:
-        async for chunk in body:
+        async for chunk in _timed(body, idle_timeout, upload_timeout):
             received += len(chunk)
             if received > max_body:
                 raise too_large(max_bytes)
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
-        raise UploadError(400, f"malformed multipart/form-data body ({exc})") from exc
+        # The parser's own message quotes body bytes: those stay out of the answer and the logs.
+        raise UploadError(400, "malformed multipart/form-data body (boundaries or part headers are broken); send "
+                               f"the image as multipart field '{FIELD}', e.g. curl -F {FIELD}=@image.png URL"
+                          ) from None
     finally:
         writer.close()
 
