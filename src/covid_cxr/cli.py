@@ -269,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         print("covid-cxr: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: say so in one line, the traceback only with -v
+        from covid_cxr.extras import missing_extra_hint
+
+        hint = missing_extra_hint(exc, cmd.name)  # a lean install without an optional package is no bug
+        if hint:
+            print(f"covid-cxr: error: {hint}", file=sys.stderr)
+            return 2
         if verbose:
             raise
         print(f"covid-cxr: unexpected error ({type(exc).__name__}: {exc}); this is a bug in covid-cxr: please "
