@@ -210,9 +210,10 @@ class TrainOptions(_Config):
     weights: str = "imagenet"
     """'imagenet' (torchvision's cached ImageNet weights), 'none' (from scratch) or a state-dict file: a torchvision
     network of --arch, a covid-cxr checkpoint, or a torchxrayvision DenseNet-121 (chest-X-ray-pretrained)."""
-    input_scale: Literal["auto", "imagenet", "xrv"] = "auto"
-    """Input standardisation stored with the model: 'imagenet' (ImageNet mean/std), 'xrv' (torchxrayvision's
-    [-1024, 1024] range, what its weights were trained on) or 'auto' (xrv for torchxrayvision weights, else imagenet)."""
+    input_scale: Literal["imagenet", "xrv"] = "imagenet"
+    """Input standardisation, stored with the model: 'imagenet' (ImageNet mean/std) or 'xrv' (torchxrayvision's
+    [-1024, 1024] range, what its weights were trained on; worth it with --freeze-backbone, whose BatchNorm
+    statistics do not adapt)."""
     freeze_backbone: bool = False
     """Train only the head; by default all layers are fine-tuned, as in the study."""
     lr: float | None = None

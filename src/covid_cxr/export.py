@@ -131,6 +131,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET)
              list(meta.labels), out, opset)
     graph = _Graph(model).eval()
     proto = _to_onnx(graph, spec.channels, spec.size, opset, outputs)
+    log.info("checking the graph: onnx.checker, then ONNX Runtime against PyTorch on a random batch")
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:

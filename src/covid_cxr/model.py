@@ -253,7 +253,7 @@ def build_model(labels: list[str] | tuple[str, ...], arch: str = "densenet121",
                 origin = f"torchxrayvision DenseNet-121 ({weights})"
                 log.info("%s: its %d-output pathology head and operating thresholds are not used; its 1-channel "
                          "stem (features.conv0) now reads our 3 identical channels with kernel/3, the same response "
-                         "to a grey image; torchxrayvision trained on inputs in [-1024, 1024] (--input-scale xrv)",
+                         "to a grey image",
                          origin, outputs)
         head_prefix = spec.head + "."
         extra_heads = ("head.", "gate.")  # a covid-cxr checkpoint's own head and gate

@@ -328,16 +328,15 @@ def _run(cfg: TrainConfig, rt: Runtime, run_dir: RunDir) -> dict:
 
 
 def input_scale(cfg: TrainConfig) -> str:
-    """``--input-scale``, with ``auto`` resolved: torchxrayvision's range for its weights, else ImageNet's."""
+    """``--input-scale``, with a note when it differs from what the ``--weights`` were trained on."""
     from covid_cxr.model import weights_are_xrv
 
-    if cfg.input_scale != "auto":
-        return cfg.input_scale
-    if weights_are_xrv(cfg.weights):
-        log.info("--weights %s are torchxrayvision's: inputs scaled to its [-1024, 1024] range (--input-scale xrv); "
-                 "pass --input-scale imagenet to keep ImageNet's", cfg.weights)
-        return "xrv"
-    return "imagenet"
+    if cfg.input_scale == "imagenet" and weights_are_xrv(cfg.weights):
+        (log.warning if cfg.freeze_backbone else log.info)(
+            "--weights %s are torchxrayvision's, trained on inputs in [-1024, 1024]; they get ImageNet-scaled inputs "
+            "(BatchNorm adapts while fine-tuning%s); --input-scale xrv feeds them their own range", cfg.weights,
+            "; NOT with --freeze-backbone, whose BatchNorm statistics stay fixed" if cfg.freeze_backbone else "")
+    return cfg.input_scale
 
 
 def _strata(cfg: TrainConfig, train_rows, train_y) -> np.ndarray | None:
