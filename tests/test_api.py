@@ -20,7 +20,7 @@ from PIL import Image
 import covid_cxr
 from covid_cxr import predict
 from covid_cxr.config import PredictConfig
-from covid_cxr.errors import CheckpointError, ImageReadError
+from covid_cxr.errors import CheckpointError, CovidCxrError, ImageReadError
 from covid_cxr.results import as_gray_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,8 +150,10 @@ def test_onnx_backend_predicts_like_torch_and_explains_from_the_checkpoint(tiny_
 
 
 def test_load_run_errors_say_what_to_do(tiny_run, tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CovidCxrError, match="nothing-here not found; train a model with `covid-cxr train"):
         covid_cxr.load_run(tmp_path / "nothing-here")
+    with pytest.raises(CheckpointError, match="not found"):
+        covid_cxr.load_run(tmp_path / "nothing-here.safetensors")
     with pytest.raises(Exception, match="backend must be one of"):
         covid_cxr.load_run(tiny_run, backend="tensorflow")
     with pytest.raises(CheckpointError, match="export the model first"):

@@ -178,3 +178,25 @@ def test_export_config_checks_names():
         ExportConfig(run="r", format="safetensors", out="x.onnx")
     with pytest.raises(ConfigError, match="must be one of onnx, safetensors, hf"):
         ExportConfig(run="r", format="torchscript")
+
+
+@pytest.mark.slow
+def test_export_on_the_command_line_prints_a_summary_and_no_exporter_chatter(tiny_run, tmp_path):
+    """`covid-cxr export` (ONNX, then hf) in a fresh process: stdout is the summary, stderr only covid-cxr's own
+    stage lines (cli.NOISY_LOGGERS silences onnxscript, torch.onnx and friends)."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy2(tiny_run / "best.pt", run / "best.pt")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    for extra in ([], ["--format", "hf", "--out", str(tmp_path / "hf")]):
+        proc = subprocess.run([sys.executable, "-m", "covid_cxr.cli", "export", "--run", str(run), *extra],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": src})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.startswith("wrote ") and "use it with:" in proc.stdout and "{" not in proc.stdout
+        noise = [line for line in proc.stderr.splitlines() if line.strip() and " covid_cxr." not in line]
+        assert noise == [], noise
+        assert "onnxscript" not in proc.stderr.lower() and "Obtain model graph" not in proc.stdout + proc.stderr

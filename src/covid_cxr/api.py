@@ -49,9 +49,6 @@ def load_run(path: str | Path, backend: str = "torch", device: str = "auto", che
     if backend not in BACKENDS:
         raise CovidCxrError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p} not found: pass a run folder, a checkpoint, an .onnx file or an `export --format "
-                              "hf` folder")
     if hub.is_hf_folder(p):
         if backend == "onnx":
             if not (p / "model.onnx").is_file():

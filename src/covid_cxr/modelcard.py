@@ -184,6 +184,8 @@ def model_card(meta: ModelMeta, evaluation: dict | None, note: str, name: str, o
               + (f" ({meta.calibration.status})" if meta.calibration else "") + ".",
               f"* Preprocessing: {spec.describe()}.",
               f"* Out of scope detection: {gate}.", ""]
+    if meta.calibration and meta.calibration.warnings:
+        lines += ["Calibration warnings:", ""] + [f"* {w}" for w in meta.calibration.warnings] + [""]
     lines += ["## Intended use", "", INTENDED_USE, "", "## Out-of-scope uses", "", OUT_OF_SCOPE, ""]
     lines += ["## Training data", ""]
     if data:
