@@ -129,3 +129,18 @@ def learned_phantom_run(tmp_path_factory) -> Path:
     run(TrainConfig(data=str(data), out=str(out), epochs=8, image_size=64, batch_size=32, weights="none",
                     lr=2e-3, warmup_epochs=0.5, patience=0, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tiny_run, tmp_path_factory) -> Path:
+    """A copy of tiny_run's files with RUN/model.onnx + model.json exported (one ONNX export for the session)."""
+    import shutil
+
+    from covid_cxr.export import export_onnx
+
+    run = tmp_path_factory.mktemp("exported") / "run"
+    run.mkdir()
+    for name in ("best.pt", "config.yaml", "metrics.jsonl", "calibration.json"):
+        shutil.copy2(tiny_run / name, run / name)
+    export_onnx(run / "best.pt", run / "model.onnx")
+    return run

@@ -185,6 +185,8 @@ def run(cfg: AuditConfig) -> dict:
     variants = masked_variants(d.pixels)
     lps, masking, feats, preds = {}, {}, None, {}
     for name, stack in variants.items():
+        log.info("audit: scoring %d %s images (%s)%s", len(stack), cfg.split, name.replace("_", " "),
+                 f", {cfg.bootstrap} bootstrap resamples" if cfg.bootstrap else "")
         out = d.predictor.outputs(stack, cfg.batch_size, features=name == "original")
         feats = out.features if out.features is not None else feats
         lps[name] = meta.log_probs(out.logits)

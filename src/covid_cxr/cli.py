@@ -188,7 +188,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("audit", C.AuditConfig, "covid_cxr.audit:run", _print_audit, "shortcut audit"),
     Command("report", C.ReportConfig, "covid_cxr.report:run", _print_report, "one self-contained HTML report"),
     Command("export", C.ExportConfig, "covid_cxr.export:run", _print_with("covid_cxr.export"),
-            "export the model (ONNX)"),
+            "export the model: ONNX, safetensors or a Hugging Face-style folder with a model card"),
     Command("serve", C.ServeConfig, "covid_cxr.serve:run", _print_nothing, "web app and HTTP API"),
     Command("demo", C.DemoConfig, "covid_cxr.demo:run", _print_nothing, "offline end-to-end demo on synthetic phantoms"),
 )
@@ -292,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             return _bug(exc, verbose)
         return _error(message)
     except Exception as exc:  # a bug: say so in one line, the traceback only with -v
+        from covid_cxr.extras import missing_extra_hint
+
+        hint = missing_extra_hint(exc, cmd.name)  # a lean install without an optional package is no bug
+        if hint:
+            print(f"covid-cxr: error: {hint}", file=sys.stderr)
+            return 2
         return _bug(exc, verbose)
 
 

@@ -62,6 +62,7 @@ Checkpoint = Literal["best", "last"]
 Backend = Literal["torch", "onnx"]
 Arch = Literal["densenet121", "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny"]
 Intensity = Literal["none", "equalize", "clahe"]
+EXPERIMENT_LOGS = ("tensorboard", "mlflow")
 DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N"
 MAX_WORKERS = 256
 """Most worker processes any option may ask for (a typo must not fork thousands of processes)."""
@@ -232,7 +233,12 @@ class TrainOptions(_Config):
     arch: Arch = "densenet121"
     """Network (torchvision): densenet121 (the study's), resnet18, resnet50, efficientnet_b0, convnext_tiny."""
     weights: str = "imagenet"
-    """'imagenet' (torchvision's cached ImageNet weights), 'none' (from scratch) or a state-dict file."""
+    """'imagenet' (torchvision's cached ImageNet weights), 'none' (from scratch) or a state-dict file: a torchvision
+    network of --arch, a covid-cxr checkpoint, or a torchxrayvision DenseNet-121 (chest-X-ray-pretrained)."""
+    input_scale: Literal["imagenet", "xrv"] = "imagenet"
+    """Input standardisation, stored with the model: 'imagenet' (ImageNet mean/std) or 'xrv' (torchxrayvision's
+    [-1024, 1024] range, what its weights were trained on; worth it with --freeze-backbone, whose BatchNorm
+    statistics do not adapt)."""
     freeze_backbone: bool = False
     """Train only the head; by default all layers are fine-tuned, as in the study."""
     lr: float | None = None
@@ -273,9 +279,14 @@ class TrainOptions(_Config):
     """Mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU."""
     progress: bool = True
     """Show progress bars."""
+    logs: tuple[str, ...] = ()
+    """Experiment log beside metrics.jsonl: tensorboard (RUN_DIR/tensorboard) or mlflow (when installed); repeatable."""
 
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs)
+        unknown = sorted(set(self.logs) - set(EXPERIMENT_LOGS))
+        if unknown:
+            raise ConfigError(f"--log {', '.join(unknown)} is not supported; use {' or '.join(EXPERIMENT_LOGS)}")
         if not 32 <= self.image_size <= 1024:
             raise ConfigError("--image-size must be between 32 and 1024")
         _positive("batch_size", self.batch_size)
@@ -524,22 +535,32 @@ class ExportConfig(_Config):
 
     run: str
     """Run folder or checkpoint file."""
-    format: Literal["onnx"] = "onnx"
-    """Export format: onnx (model.onnx + model.json, dynamic batch)."""
+    format: Literal["onnx", "safetensors", "hf"] = "onnx"
+    """Export format: onnx (model.onnx + model.json, dynamic batch), safetensors (the weights, with the model's
+    metadata inside and beside them as JSON) or hf (a Hugging Face-style folder: model.safetensors, config.json and
+    a README.md model card; also model.onnx unless --no-hf-onnx)."""
     out: str | None = None
-    """Output file (default RUN_DIR/model.onnx)."""
+    """Output: the .onnx or .safetensors file (default RUN_DIR/model.onnx, RUN_DIR/model.safetensors), or for hf
+    the folder (default RUN_DIR/hf)."""
     checkpoint: Checkpoint = "best"
     """Which checkpoint of the run."""
     opset: int = 18
     """ONNX opset (18 or newer: the torch.export-based exporter writes no older one)."""
+    hf_onnx: bool = True
+    """With --format hf: also put model.onnx + model.json in the folder, for installs without PyTorch."""
+    overwrite: bool = False
+    """With --format hf: replace the files of an existing export folder."""
 
     def __post_init__(self) -> None:
         if self.opset < 18:
             raise ConfigError(f"--opset {self.opset} is not supported: the torch.export-based ONNX exporter writes "
                               "opset 18 or newer (ONNX Runtime >= 1.14 reads it); pass --opset 18")
-        if self.out is not None and not str(self.out).endswith(".onnx"):
-            raise ConfigError(f"--out {self.out}: the ONNX file name must end in .onnx (its metadata goes beside it "
-                              "as .json)")
+        suffix = {"onnx": ".onnx", "safetensors": ".safetensors"}.get(self.format)
+        if self.out is not None and suffix and not str(self.out).endswith(suffix):
+            raise ConfigError(f"--out {self.out}: the {self.format} file name must end in {suffix} (its metadata goes "
+                              "beside it as .json)")
+        if self.out is not None and self.format == "hf" and Path(self.out).is_file():
+            raise ConfigError(f"--out {self.out} is a file; --format hf writes a folder")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -637,17 +658,32 @@ COMMANDS: dict[str, type] = {
 # ----------------------------------------------------------------------------- reflection: docs and types
 
 @lru_cache(maxsize=None)
+def _class_nodes(module: str) -> dict[str, ast.ClassDef]:
+    """The top-level class definitions of a module's source, parsed once (``--help`` builds every command's
+    options; parsing the module once per class took ~0.3 s of each start-up)."""
+    import sys
+
+    try:
+        tree = ast.parse(inspect.getsource(sys.modules[module]))
+    except (KeyError, OSError, TypeError):  # pragma: no cover - no source available
+        return {}
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+@lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass (and of its bases)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):  # pragma: no cover - no source available
-            continue
-        body = tree.body[0].body
+        node = _class_nodes(klass.__module__).get(klass.__qualname__)
+        if node is None:
+            try:
+                node = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0]
+            except (OSError, TypeError):  # pragma: no cover - no source available
+                continue
+        body = node.body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
                     and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):

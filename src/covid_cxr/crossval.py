@@ -184,6 +184,7 @@ def run_fold(cfg: CrossvalConfig, ds: Dataset, source: str, cv: Path) -> dict:
         log.info("fold %s: training with %s held out (%s)", source, source, "resuming" if status == "interrupted"
                  else "new")
         train.run(fold_train_config(cfg, data_dir, folder / "run", resume=status == "interrupted"))
+    log.info("fold %s: scoring the held-out images", source)
     result = score_fold(folder, source, cfg)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(folder / "result.json", result)
@@ -271,6 +272,7 @@ def aggregate(cfg: CrossvalConfig, ds: Dataset, folds: list[str], cv: Path) -> d
                      ignore_index=True)
     pred["in_scope"] = pred["in_scope"].astype(str).str.lower().isin(("true", "1"))
     positive = ds.info.positive or ds.labels[-1]
+    log.info("pooling %d held-out predictions of %d folds (%d bootstrap resamples)", len(pred), len(done), cfg.bootstrap)
     pooled = pool(pred, positive, cfg.bootstrap, cfg.seed)
     per_source = per_source_table(pred, ds.labels, positive)
     synthetic = sorted(set(ds.info.synthetic_sources) & set(pred["source"]))

@@ -125,19 +125,22 @@ class ManifestDataset(Dataset):
         intensity: ``none``, ``equalize`` or ``clahe`` (stage 3 of the pixel pipeline).
         seed: augmentation seed.
         source_roots: ``{source: folder}`` for sources whose images moved.
+        spec: a model's :class:`~covid_cxr.pixels.PreprocessSpec` (``predictor.meta.preprocess``): exactly the
+            pixels that model sees (overrides ``image_size`` and ``intensity``).
 
     Attributes:
         labels: class names in index order. rows: the manifest rows (a DataFrame). spec: the PreprocessSpec.
     """
 
     def __init__(self, dataset_dir: str | Path, split: str, image_size: int = 224, augment: bool = False,
-                 intensity: str = "none", seed: int = 0, source_roots: dict | None = None):
+                 intensity: str = "none", seed: int = 0, source_roots: dict | None = None,
+                 spec: PreprocessSpec | None = None):
         from covid_cxr.dataset import read_dataset
 
         ds = read_dataset(dataset_dir, source_roots)
         self.labels = ds.labels
         self.rows = ds.rows(split)
-        self.spec = PreprocessSpec.for_size(image_size, intensity)
+        self.spec = spec if spec is not None else PreprocessSpec.for_size(image_size, intensity)
         self._inner = StackDataset(ds.pixels(self.rows, self.spec), ds.targets(self.rows), self.spec,
                                    AugmentSpec() if augment else None, seed)
 

@@ -65,12 +65,16 @@ def run(cfg: EvalConfig) -> dict:
     """Evaluate a run's checkpoint on a manifest split and write the reports; returns metrics.json's content."""
     d = load_split(cfg.run, cfg.split, cfg.data, cfg.checkpoint, cfg.device, cfg.workers, cfg.source_roots)
     meta = d.predictor.meta
+    log.info("evaluating %s on %d %s images", d.predictor.source.name, len(d.pixels), cfg.split)
     out = d.predictor.outputs(d.pixels, cfg.batch_size)
     lp = meta.log_probs(out.logits)
     pred = meta.decide(lp)
+    if cfg.bootstrap:
+        log.info("confidence intervals: %d bootstrap resamples of %d patients", cfg.bootstrap, d.rows["group"].nunique())
     result = metrics_document(cfg, d, lp, pred, out.scope)
     folder = d.run.eval_dir(cfg.split)
     folder.mkdir(parents=True, exist_ok=True)
+    log.info("writing metrics, predictions and pictures to %s", folder)
     _write_outputs(folder, result, d, lp, pred, out.scope, cfg)
     result["output_dir"] = str(folder)
     return result

@@ -1,4 +1,5 @@
-"""``covid-cxr export``: the trained model as ONNX (``model.onnx`` + ``model.json``).
+"""``covid-cxr export``: the trained model as ONNX (``model.onnx`` + ``model.json``); safetensors and
+Hugging Face-style folders are written by :mod:`covid_cxr.hub`.
 
 * The graph takes ``image`` float32 (N, C, S, S) (the output of :func:`covid_cxr.pixels.finish`) and
   returns ``logits`` (N, K) and, when the model has an out-of-scope gate, ``scope`` (N,) distances;
@@ -130,6 +131,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET)
              list(meta.labels), out, opset)
     graph = _Graph(model).eval()
     proto = _to_onnx(graph, spec.channels, spec.size, opset, outputs)
+    log.info("checking the graph: onnx.checker, then ONNX Runtime against PyTorch on a random batch")
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -166,16 +168,46 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET)
 
 
 def run(cfg: ExportConfig) -> dict:
-    """Export the run's checkpoint in ``cfg.format``."""
+    """Export the run's checkpoint in ``cfg.format``: onnx, safetensors or hf (see :mod:`covid_cxr.hub`)."""
+    from covid_cxr import hub
+
     run_dir, ckpt = locate_checkpoint(cfg.run, cfg.checkpoint)
     if cfg.format == "onnx":
-        return export_onnx(ckpt, cfg.out or run_dir.onnx, cfg.opset)
+        return {"format": "onnx", **export_onnx(ckpt, cfg.out or run_dir.onnx, cfg.opset)}
+    if cfg.format == "safetensors":
+        return hub.export_safetensors(ckpt, cfg.out or run_dir.root / hub.WEIGHTS_NAME)
+    if cfg.format == "hf":
+        folder = hub.prepare_folder(cfg.out or run_dir.root / "hf", cfg.overwrite)
+        onnx = export_onnx(ckpt, folder / "model.onnx", cfg.opset) if cfg.hf_onnx else None
+        return {**hub.export_hf(ckpt, folder, run_dir.root, onnx=onnx is not None), "onnx": onnx}
     raise ExportError(f"unknown export format {cfg.format!r}")  # pragma: no cover - the config refuses it
 
 
-def format_summary(summary: dict) -> str:
+def _onnx_lines(summary: dict) -> list[str]:
     diffs = ", ".join(f"{k} {v:.2g}" for k, v in summary["max_abs_diff"].items())
-    return (f"wrote {summary['onnx']} ({summary['bytes'] / 2**20:.1f} MB, opset {summary['opset']}, outputs "
-            f"{', '.join(summary['outputs'])}) and {summary['json']}\n"
-            f"checked against PyTorch on a random batch: max difference {diffs}\n"
-            f"use it with: covid-cxr predict --backend onnx --run {Path(summary['onnx']).parent} IMAGES...")
+    return [f"wrote {summary['onnx']} ({summary['bytes'] / 2**20:.1f} MB, opset {summary['opset']}, outputs "
+            f"{', '.join(summary['outputs'])}) and {summary['json']}",
+            f"checked against PyTorch on a random batch: max difference {diffs}"]
+
+
+def format_summary(summary: dict) -> str:
+    """What an export wrote, and how to use it."""
+    fmt = summary.get("format", "onnx")
+    if fmt == "safetensors":
+        return (f"wrote {summary['safetensors']} ({summary['bytes'] / 2**20:.1f} MB, {summary['tensors']} tensors, "
+                f"model description in its metadata) and {summary['json']}\n"
+                f"use it with: covid_cxr.load_run({summary['safetensors']!r}) or covid-cxr predict --run "
+                f"{summary['safetensors']} IMAGES...")
+    if fmt == "hf":
+        lines = [f"wrote {summary['folder']}/: {', '.join(summary['files'])} ({summary['bytes'] / 2**20:.1f} MB)"]
+        if summary.get("onnx"):
+            lines += _onnx_lines(summary["onnx"])[1:]
+        lines.append("model card results: " + ("internal test split (eval-test/metrics.json)"
+                                               if summary["evaluation"] == "eval-test/metrics.json"
+                                               else summary["evaluation"])
+                     + ("; out-of-source estimate from crossval" if summary.get("estimate") else ""))
+        lines.append(f"use it with: covid_cxr.load_run({summary['folder']!r}) or covid-cxr predict --run "
+                     f"{summary['folder']} IMAGES..." + (" [--backend onnx]" if summary.get("onnx") else ""))
+        return "\n".join(lines)
+    return "\n".join(_onnx_lines(summary) + [f"use it with: covid-cxr predict --backend onnx --run "
+                                             f"{Path(summary['onnx']).parent} IMAGES..."])

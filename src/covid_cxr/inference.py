@@ -26,6 +26,7 @@ from covid_cxr.images import load_image
 from covid_cxr.meta import ModelMeta
 from covid_cxr.paths import RunDir, locate_checkpoint
 from covid_cxr.pixels import finish, geometry
+from covid_cxr.results import Explanation, Prediction, as_gray_image, chunks, expand_inputs
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ class Predictor:
         self.model = model
         self.onnx = onnx
         self.device = device
+        self._cam_model = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -335,11 +337,103 @@ class Predictor:
             if cand.is_file() and sha256_file(cand) == want:
                 model, _ = load_model(cand, self.device if self.device != "cpu" else "cpu")
                 return model
+        from covid_cxr import hub
+
+        if hub.is_hf_folder(self.source.parent):  # an hf export: its safetensors come from the same checkpoint
+            config = hub.read_hf_config(self.source.parent)
+            if (config.get("source_checkpoint") or {}).get("sha256") == want:
+                return hub.load_hf_model(self.source.parent, "cpu")[0]
         raise CheckpointError(f"heatmaps need the PyTorch checkpoint {self.source.name} was exported from "
                               f"(sha256 {str(want)[:12]}...), and it is not beside it; use --backend torch")
 
     def describe(self) -> str:
         return f"{self.source} ({self.backend}): {self.meta.describe()}"
+
+    def __repr__(self) -> str:
+        return f"Predictor({str(self.source)!r}, backend={self.backend!r}, labels={list(self.labels)})"
+
+    # -- the Python API (covid_cxr.load_run) -----------------------------------------------------------
+    def predict(self, images_or_paths: Any, batch_size: int = 16, progress: bool = False) -> list[Prediction]:
+        """Predict image files (PNG, JPEG, DICOM; folders are searched), Pillow images or NumPy arrays.
+
+        Args:
+            images_or_paths: one image or a list of them (paths, ``PIL.Image``, (H, W) uint8 arrays; see
+                :func:`covid_cxr.results.as_gray_image`).
+            batch_size: images per forward pass (and decoded at a time).
+            progress: show a progress bar.
+
+        Returns:
+            One :class:`~covid_cxr.results.Prediction` per image, in input order.
+
+        Raises:
+            ImageReadError: an unreadable file or an array that is not an image.
+        """
+        from tqdm.auto import tqdm
+
+        items = expand_inputs(images_or_paths)
+        out: list[Prediction] = []
+        with tqdm(total=len(items), desc="predicting", unit="img", disable=not progress) as bar:
+            for start, chunk in chunks(items, batch_size):
+                decoded = [as_gray_image(item, start + i) for i, item in enumerate(chunk)]
+                for (_, name), res in zip(decoded, self.predict_arrays([img for img, _ in decoded], batch_size)):
+                    out.append(self._prediction(name, res))
+                bar.update(len(chunk))
+        return out
+
+    def _prediction(self, name: str, res: dict) -> Prediction:
+        meta = self.meta
+        return Prediction(source=name, probabilities=res["probabilities"], label=res["label"],
+                          threshold=meta.threshold, threshold_text=meta.threshold_text(),
+                          positive_class=meta.positive, log_odds=res["log_odds"], in_scope=res["in_scope"],
+                          scope_score=res["scope_score"])
+
+    def explain(self, images_or_paths: Any, target: str | int | None = None, out_dir: str | Path | None = None,
+                layer: str | None = None, progress: bool = False) -> list[Explanation]:
+        """Grad-CAM heatmaps (needs PyTorch; for the ONNX backend the checkpoint it was exported from).
+
+        Args:
+            images_or_paths: as for :meth:`predict`.
+            target: class to explain (label or index); default the positive class.
+            out_dir: also write ``<name>_gradcam.png`` overlays there.
+            layer: a Grad-CAM layer of the architecture (default: the deepest with at least 7x7 cells).
+            progress: show a progress bar.
+
+        Grad-CAM attaches hooks to the model while it runs: do not explain with one predictor from several
+        threads at once.
+
+        Returns:
+            One :class:`~covid_cxr.results.Explanation` per image (heatmap, display image, prediction).
+        """
+        from tqdm.auto import tqdm
+
+        from covid_cxr.gradcam import caption_for, explain_array, overlay_png, resolve_target, unique_names
+
+        if target is not None:
+            resolve_target(self.meta, target)  # an unknown class fails before any work
+        if self._cam_model is None:
+            self._cam_model = self.torch_model()
+        items = expand_inputs(images_or_paths)
+        folder = Path(out_dir) if out_dir is not None else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        names = unique_names([Path(str(i)) if isinstance(i, (str, Path)) else Path(f"image-{n}")
+                              for n, i in enumerate(items)])
+        out = []
+        synthetic = bool(self.meta.data and self.meta.data.synthetic)
+        for i, item in enumerate(tqdm(items, desc="explaining", unit="img", disable=not progress)):
+            image, name = as_gray_image(item, i)
+            r = explain_array(self._cam_model, self.meta, image, target, layer, path=name)
+            pred = self._prediction(name, self.predict_arrays([image])[0])
+            png = None
+            if folder is not None:
+                png = str(folder / names[i])
+                overlay_png(r["display"], r["heatmap"], png, caption_for(Path(name).name, self.meta, r["log_probs"],
+                                                                         r["target"], pred.in_scope),
+                            synthetic=synthetic)
+            out.append(Explanation(source=name, heatmap=r["heatmap"], image=r["display"],
+                                   target=self.labels[r["target"]], layer=r["layer"], prediction=pred,
+                                   overlay_png=png))
+        return out
 
 
 def load_predictor(run: str | Path, backend: str = "torch", device: str = "auto", checkpoint: str = "best",

@@ -172,13 +172,52 @@ def load_imagenet_state_dict(arch: str = "densenet121") -> dict[str, torch.Tenso
 
 
 def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
-    obj = _torch_load(path)
+    try:
+        obj = _torch_load(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. torchxrayvision's downloaded .pt files are pickled models: save a state dict "
+                              "once with torch.save(xrv.models.DenseNet(weights=NAME).state_dict(), FILE)") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a covid-cxr checkpoint (or a Lightning one): reuse its backbone
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     obj = {k.removeprefix("module.").removeprefix("_orig_mod.").removeprefix("net."): v for k, v in obj.items()}
     return fix_legacy_keys(obj)
+
+
+# ----------------------------------------------------------------------------- torchxrayvision weights
+
+XRV_DROPPED = ("classifier.weight", "classifier.bias", "op_threshs")
+"""torchxrayvision DenseNet-121 entries without a counterpart here: its 18-pathology head and the per-pathology
+operating thresholds it rescales its outputs with."""
+
+
+def is_xrv_densenet(state: dict[str, torch.Tensor]) -> bool:
+    """True for a torchxrayvision ``xrv.models.DenseNet`` state dict: torchvision's DenseNet-121 key layout
+    (``features.*``, ``classifier``) with a 1-channel first convolution (and usually ``op_threshs``)."""
+    w = state.get("features.conv0.weight")
+    return isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[1] == 1 and "features.norm5.weight" in state
+
+
+def adapt_xrv_densenet(state: dict[str, torch.Tensor], channels: int = 3) -> tuple[dict[str, torch.Tensor],
+                                                                                     list[str]]:
+    """A torchxrayvision DenseNet-121 state dict in torchvision's layout: (state dict, dropped keys).
+
+    The 18-output head and ``op_threshs`` are dropped. The 1-channel stem becomes a ``channels``-channel one whose
+    kernels are the original divided by ``channels``: covid-cxr repeats the grey image on every channel, so the
+    convolution's output (and everything after it) equals torchxrayvision's for the same grey input.
+    """
+    out = {k: v for k, v in state.items() if k not in XRV_DROPPED}
+    w = state["features.conv0.weight"]
+    out["features.conv0.weight"] = (w / channels).repeat(1, channels, 1, 1).contiguous()
+    return out, sorted(k for k in state if k in XRV_DROPPED)
+
+
+def weights_are_xrv(weights: str | Path | None) -> bool:
+    """True when ``--weights`` names a torchxrayvision DenseNet-121 state-dict file."""
+    if weights is None or str(weights) in ("imagenet", "none"):
+        return False
+    return is_xrv_densenet(_state_dict_from_file(Path(weights)))
 
 
 def build_model(labels: list[str] | tuple[str, ...], arch: str = "densenet121",
@@ -198,11 +237,23 @@ def build_model(labels: list[str] | tuple[str, ...], arch: str = "densenet121",
     """
     spec = get_arch(arch)
     net = torchvision.models.get_model(arch, weights=None)
+    dropped_xrv: list[str] = []
     if weights is not None and str(weights) != "none":
         if str(weights) == "imagenet":
             state, origin = load_imagenet_state_dict(arch), f"ImageNet ({imagenet_weights_path(arch)})"
         else:
             state, origin = _state_dict_from_file(Path(weights)), str(weights)
+            if is_xrv_densenet(state):
+                if arch != "densenet121":
+                    raise CheckpointError(f"{weights} holds torchxrayvision DenseNet-121 weights; train with --arch "
+                                          f"densenet121 (not {arch})")
+                outputs = state["classifier.weight"].shape[0] if "classifier.weight" in state else 0
+                state, dropped_xrv = adapt_xrv_densenet(state)
+                origin = f"torchxrayvision DenseNet-121 ({weights})"
+                log.info("%s: its %d-output pathology head and operating thresholds are not used; its 1-channel "
+                         "stem (features.conv0) now reads our 3 identical channels with kernel/3, the same response "
+                         "to a grey image",
+                         origin, outputs)
         head_prefix = spec.head + "."
         extra_heads = ("head.", "gate.")  # a covid-cxr checkpoint's own head and gate
         backbone = {k: v for k, v in state.items() if not k.startswith(head_prefix) and not k.startswith(extra_heads)}
@@ -212,7 +263,7 @@ def build_model(labels: list[str] | tuple[str, ...], arch: str = "densenet121",
         if missing or unexpected:
             raise CheckpointError(f"weights {origin} do not fit {arch}: missing {missing[:5]}, unexpected "
                                   f"{unexpected[:5]}")
-        dropped = sorted(k for k in state if k.startswith(head_prefix) or k.startswith(extra_heads))
+        dropped = sorted([k for k in state if k.startswith(head_prefix) or k.startswith(extra_heads)] + dropped_xrv)
         log.info("loaded %s backbone weights from %s; replaced the last layer (dropped %s)", arch, origin,
                  ", ".join(dropped) or "nothing")
     last = _get_sub(net, spec.head)

@@ -41,6 +41,12 @@ PIXEL_RANGE = (0, 255)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+XRV_MEAN = (0.5, 0.5, 0.5)
+XRV_STD = (1 / 2048, 1 / 2048, 1 / 2048)
+"""torchxrayvision's input range: ``(x / 255) * 2048 - 1024``, i.e. [0, 1] standardised with mean 0.5, std 1/2048
+(``xrv.datasets.normalize(img, 255)``); its chest-X-ray-pretrained weights were trained on that range."""
+INPUT_SCALES = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "xrv": (XRV_MEAN, XRV_STD)}
+"""Named input standardisations (``--input-scale``)."""
 
 BASE_SHORT_SIDE = 256
 """Default stage-1 shorter side (and the side of the preprocessed cache)."""
@@ -85,9 +91,20 @@ class PreprocessSpec:
             raise ValueError("mean and std need one value per channel, std > 0")
 
     @classmethod
-    def for_size(cls, size: int, intensity: str = "none") -> "PreprocessSpec":
-        """The spec for training at ``size``: stage 1 never shrinks below the input size."""
-        return cls(size=int(size), base_short_side=max(BASE_SHORT_SIDE, int(size)), intensity=intensity)
+    def for_size(cls, size: int, intensity: str = "none", scale: str = "imagenet") -> "PreprocessSpec":
+        """The spec for training at ``size``: stage 1 never shrinks below the input size; ``scale`` is one of
+        :data:`INPUT_SCALES`."""
+        if scale not in INPUT_SCALES:
+            raise ValueError(f"scale must be one of {tuple(INPUT_SCALES)}, got {scale!r}")
+        mean, std = INPUT_SCALES[scale]
+        return cls(size=int(size), base_short_side=max(BASE_SHORT_SIDE, int(size)), intensity=intensity, mean=mean,
+                   std=std)
+
+    @property
+    def scale(self) -> str:
+        """The name of the input standardisation (``imagenet``, ``xrv``) or ``custom``."""
+        return next((k for k, (m, s) in INPUT_SCALES.items() if tuple(self.mean) == m and tuple(self.std) == s),
+                    "custom")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -104,7 +121,10 @@ class PreprocessSpec:
                   "clahe": f"CLAHE (clip {self.clahe_clip:g}, {self.clahe_tiles}x{self.clahe_tiles} tiles)"}
         return (f"decode to 8-bit grayscale; shorter side to at most {self.base_short_side} px; whole image "
                 f"squashed to {self.size}x{self.size} (no crop, no padding); {stage3[self.intensity]}; "
-                f"scaled to [0, 1] and standardised with ImageNet mean/std on {self.channels} channels")
+                + {"imagenet": f"scaled to [0, 1] and standardised with ImageNet mean/std on {self.channels} channels",
+                   "xrv": f"scaled to torchxrayvision's [-1024, 1024] range on {self.channels} channels"}.get(
+                    self.scale, f"scaled to [0, 1] and standardised with mean {list(self.mean)}, std {list(self.std)} "
+                                f"on {self.channels} channels"))
 
     def with_size(self, size: int) -> "PreprocessSpec":
         return replace(self, size=int(size), base_short_side=max(self.base_short_side, int(size)))

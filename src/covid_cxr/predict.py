@@ -1,8 +1,8 @@
 """``covid-cxr predict``: class probabilities, decisions and the out-of-scope flag for image files and folders.
 
-One path for both backends: :func:`covid_cxr.inference.load_predictor` then
-:meth:`~covid_cxr.inference.Predictor.predict_files` (decode with ``images.load_image``, the pixel
-pipeline, the model, ``ModelMeta``'s decision rule and gate).
+One path for both backends, the Python API's: :func:`covid_cxr.api.load_run` (a run folder, checkpoint,
+ONNX file or ``export --format hf`` folder) then :meth:`~covid_cxr.inference.Predictor.predict_files`
+(decode with ``images.load_image``, the pixel pipeline, the model, ``ModelMeta``'s decision rule and gate).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from covid_cxr import DISCLAIMER
 from covid_cxr.config import PredictConfig
 from covid_cxr.files import atomic_write, to_json
 from covid_cxr.images import list_images
-from covid_cxr.inference import load_predictor
+from covid_cxr.api import load_run
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _csv(rows: list[dict]) -> str:
 
 def run(cfg: PredictConfig) -> dict:
     """Predict every image in ``cfg.inputs``; write CSV/JSON to ``cfg.out`` or return it as text."""
-    predictor = load_predictor(cfg.run, cfg.backend, cfg.device, cfg.checkpoint)
+    predictor = load_run(cfg.run, cfg.backend, cfg.device, cfg.checkpoint)
     paths = list_images(cfg.inputs)
     rows = predictor.predict_files(paths, cfg.batch_size, cfg.skip_unreadable,
                                    progress=cfg.progress and len(paths) > cfg.batch_size)

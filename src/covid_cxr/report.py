@@ -307,6 +307,7 @@ def run(cfg: ReportConfig) -> Path:
     ev = rd.eval_dir(cfg.split)
     synthetic = sorted(set(m["protocol"].get("synthetic_sources", [])) | set(meta.data.synthetic_sources if meta.data else ()))
     dataset_html, confounders = _dataset_section(rd, cfg)
+    log.info("report: drawing Grad-CAM examples (most confident of each outcome)")
     examples = _gradcam_examples(rd, cfg.split, m, predictor)
     grid = "".join(f"<figure>{_img(png, kind)}<figcaption>{_esc(kind)} · {_esc(cap)}</figcaption></figure>"
                    for kind, png, cap in examples) or "<p class='muted'>No examples.</p>"

@@ -44,7 +44,7 @@ from covid_cxr.runtime import Runtime, amp_dtype, autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 
-RESUME_FREE_OPTIONS = ("resume", "workers", "progress", "device")
+RESUME_FREE_OPTIONS = ("resume", "workers", "progress", "device", "logs")
 """Options that may differ between an interrupted run and its ``--resume``."""
 
 
@@ -341,7 +341,7 @@ def _run(cfg: TrainConfig, rt: Runtime, run_dir: RunDir) -> dict:
     seed_everything(cfg.seed)
     ds = read_dataset(cfg.data, cfg.source_roots)
     labels, positive = ds.labels, ds.info.positive
-    spec = PreprocessSpec.for_size(cfg.image_size, cfg.intensity)
+    spec = PreprocessSpec.for_size(cfg.image_size, cfg.intensity, input_scale(cfg))
     options = _training_options(cfg, run_dir)
     train_rows = ds.rows(("train", "test", "unused")) if cfg.all_images else ds.rows("train")
     val_rows = ds.rows("val")
@@ -364,6 +364,18 @@ def _run(cfg: TrainConfig, rt: Runtime, run_dir: RunDir) -> dict:
     log.info("loaded %d train and %d val images at %d px in %.1f s", len(train_px), len(val_px), cfg.image_size,
              time.perf_counter() - t0)
     return _train(cfg, rt, run_dir, ds, meta, train_rows, train_px, train_y, val_px, val_y, resume_ckpt)
+
+
+def input_scale(cfg: TrainConfig) -> str:
+    """``--input-scale``, with a note when it differs from what the ``--weights`` were trained on."""
+    from covid_cxr.model import weights_are_xrv
+
+    if cfg.input_scale == "imagenet" and weights_are_xrv(cfg.weights):
+        (log.warning if cfg.freeze_backbone else log.info)(
+            "--weights %s are torchxrayvision's, trained on inputs in [-1024, 1024]; they get ImageNet-scaled inputs "
+            "(BatchNorm adapts while fine-tuning%s); --input-scale xrv feeds them their own range", cfg.weights,
+            "; NOT with --freeze-backbone, whose BatchNorm statistics stay fixed" if cfg.freeze_backbone else "")
+    return cfg.input_scale
 
 
 def _strata(cfg: TrainConfig, train_rows, train_y) -> np.ndarray | None:
@@ -434,13 +446,23 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
     if rt.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    experiment_log = _open_experiment_log(cfg, rt, run_dir, meta, state["epoch"] + 1)
     loop = dict(cfg=cfg, rt=rt, run_dir=run_dir, meta=meta, train_model=train_model, model=model, train_ds=train_ds,
                 sampler=sampler, train_loader=train_loader, val_px=val_px, val_y=val_y, optimizer=optimizer,
                 scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, dtype=dtype, state=state, adversary=adversary,
-                sources=sources)
-    summary = _epochs(**loop)
-    if rt.is_main:
-        summary.update(finalize(run_dir, cfg, rt, train_px, train_y, val_px, val_y))
+                sources=sources, experiment_log=experiment_log)
+    ok = False
+    try:
+        summary = _epochs(**loop)
+        if rt.is_main:
+            summary.update(finalize(run_dir, cfg, rt, train_px, train_y, val_px, val_y))
+            experiment_log.summary(summary, [run_dir.calibration, run_dir.config, run_dir.metrics,
+                                             run_dir.learning_curves_png, run_dir.calibration_png])
+        ok = True
+    finally:
+        experiment_log.close(ok)
+    if experiment_log.sinks:
+        summary["experiment_logs"] = experiment_log.where()
     if rt.distributed:
         import torch.distributed as dist
 
@@ -448,8 +470,17 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
     return summary
 
 
+def _open_experiment_log(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, meta: ModelMeta, first_epoch: int):
+    """TensorBoard/MLflow logs (``--log``), written by rank 0 only (the other ranks get an empty log)."""
+    from covid_cxr.tracking import ExperimentLog, open_logs
+
+    if not rt.is_main or not cfg.logs:
+        return ExperimentLog([])
+    return open_logs(cfg.logs, run_dir.root, meta.training, first_epoch)
+
+
 def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train_loader, val_px, val_y, optimizer,
-            scheduler, scaler, loss_fn, dtype, state, adversary, sources) -> dict:
+            scheduler, scaler, loss_fn, dtype, state, adversary, sources, experiment_log=None) -> dict:
     stopped_early = False
     positive = meta.positive_index
     total_steps = cfg.epochs * len(train_loader)
@@ -490,6 +521,8 @@ def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "train_state": dict(state),
                 "rng": torch.get_rng_state(), "adversary": adversary.state_dict() if adversary is not None else None})
+            if experiment_log is not None:
+                experiment_log.epoch(record)
         log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %s acc %s auc %s | %.1f s", epoch, cfg.epochs,
                  tr["loss"], tr["accuracy"], _fmt(val.get("loss")), _fmt(val.get("accuracy")), _fmt(auc),
                  record["epoch_seconds"])
@@ -508,6 +541,8 @@ def finalize(run_dir: RunDir, cfg: TrainConfig, rt: Runtime, train_px: np.ndarra
 
     Writes ``calibration.json``, ``calibration_val.png`` and ``learning_curves.png``. Returns a summary.
     """
+    log.info("calibrating %s on %d validation images and fitting its out-of-scope gate", run_dir.best.name,
+             len(val_px))
     ckpt = read_checkpoint(run_dir.best)
     model = model_from_checkpoint(ckpt, rt.device)
     meta = ckpt.meta
@@ -604,5 +639,6 @@ def format_summary(summary: dict) -> str:
                      f"({summary['calibration_status']})")
     lines += [f"WARNING: {w}" for w in summary.get("calibration_warnings", [])]
     lines.append(f"model: {summary['best_checkpoint']}")
+    lines += [f"experiment log: {where}" for where in summary.get("experiment_logs", [])]
     return "\n".join(lines)
 
