@@ -407,7 +407,7 @@ def test_a_read_only_output_folder_is_a_one_line_error(dataset, tmp_path, capsys
             (["predict", "--run", str(ckpt), str(image), "--out", str(ro / "p.csv")], "ro/"),
             (["explain", "--run", str(ckpt), str(image), "--out", str(ro / "ex"), "--no-progress"], "ro/ex"),
             (["data", "build", "--source", f"folder={dataset.parent / 'synthetic-phantoms'}", "--out",
-              str(ro / "ds"), "--no-progress", "--no-dedup", "--workers", "1"], "ro/ds"),
+              str(ro / "ds"), "--no-progress", "--no-dedup", "--workers", "1"], "ro/"),  # its lock file ro/.ds.lock
         ]
         for argv, where in cases:
             assert main(argv) == 2, argv
@@ -416,7 +416,7 @@ def test_a_read_only_output_folder_is_a_one_line_error(dataset, tmp_path, capsys
             assert len(lines) == 1 and lines[0].startswith("covid-cxr: error: "), err
             assert ("read-only" in lines[0] or "permission denied" in lines[0]) and where in lines[0], lines[0]
             assert "Traceback" not in err
-        assert list(ro.iterdir()) == []
+        assert list(ro.iterdir()) == []  # nothing half-written, no staging folder or lock left
 
 
 def _flip(data: bytes, offset: int) -> bytes:

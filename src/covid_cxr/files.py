@@ -85,7 +85,7 @@ def output_error(exc: OSError, path: str | Path | None = None) -> OSError:
 
     if isinstance(exc, OutputError):
         return exc
-    if exc.filename is None and path is not None:
+    if exc.filename is None and path is not None and exc.errno is not None:  # (a bare OSError keeps its text)
         exc = OSError(exc.errno, exc.strerror, str(path))
     message = describe_os_error(exc)
     if message is None:

@@ -94,7 +94,7 @@ def fit_png(png: bytes, max_bytes: int = HEATMAP_MAX_BYTES) -> tuple[bytes, bool
     """``png`` shrunk (aspect kept) until it takes at most ``max_bytes``; and whether it was shrunk."""
     shrunk = False
     while len(png) > max_bytes:
-        with Image.open(io.BytesIO(png)) as img:
+        with Image.open(io.BytesIO(png), formats=("PNG",)) as img:
             scale = min(0.9, 0.95 * math.sqrt(max_bytes / len(png)))
             small = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))),
                                Image.Resampling.LANCZOS)
@@ -115,9 +115,14 @@ def dicom_values_unchecked():
     pydicom's default (``WARN``) reports an invalid value by logging and warning *with the value*: a patient's
     name, a date, or - in a damaged file - pixel bytes would reach the server's log. The server only needs the
     pixel elements, which the decoder checks anyway. The setting is process-wide: it is counted, so several apps
-    in one process (tests) overlap safely, and the previous mode comes back when the last one stops.
+    in one process (tests) overlap safely, and the previous mode comes back when the last one stops. Without
+    pydicom (a lean ``[serve]`` install) there is nothing to set: DICOM uploads are refused with a hint.
     """
-    from pydicom import config
+    try:
+        from pydicom import config
+    except ImportError:
+        yield
+        return
 
     with _UNCHECKED_LOCK:
         if _UNCHECKED["apps"] == 0:
