@@ -56,6 +56,11 @@ CONFIGS: dict[str, dict] = {
 }
 """Name -> training options that differ from v0.1's defaults (the baseline)."""
 
+V01 = {"intensity": "none", "acquisition_augment": False, "mixup": 0.0, "balance": "loss", "adversarial": 0.0,
+       "arch": "densenet121"}
+"""v0.1's defaults, pinned: the baseline stays the baseline when today's defaults change (acquisition
+augmentation became the default by this benchmark's measurements)."""
+
 
 def build_dataset(data_root: Path, out: Path) -> Path:
     from covid_cxr import manifest
@@ -70,7 +75,7 @@ def build_dataset(data_root: Path, out: Path) -> Path:
 
 def train_options(args, extra: dict) -> dict:
     base = {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size, "weights": "none",
-            "patience": args.patience, "seed": args.seed, "progress": False}
+            "patience": args.patience, "seed": args.seed, "progress": False, **V01}
     base.update(extra)
     return base
 

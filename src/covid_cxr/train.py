@@ -411,7 +411,7 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
             raise CovidCxrError(f"--adversarial needs at least two sources in the training split, found "
                                 f"{source_names}; use --adversarial 0")
         adversary = SourceAdversary(model.feature_dim, len(source_names))
-        sources = torch.as_tensor(train_rows["source"].map({s: i for i, s in enumerate(source_names)}).to_numpy())
+        sources = torch.tensor(train_rows["source"].map({s: i for i, s in enumerate(source_names)}).to_numpy())
     model.to(rt.device)
     if adversary is not None:
         adversary.to(rt.device)
