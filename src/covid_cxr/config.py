@@ -460,7 +460,8 @@ class PredictConfig(_Config):
     device: str = "auto"
     """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
     backend: Backend = "torch"
-    """torch (the checkpoint) or onnx (RUN/model.onnx from `covid-cxr export`)."""
+    """torch (the checkpoint) or onnx (RUN/model.onnx from `covid-cxr export`; pass --run RUN/model.int8.onnx for the
+    int8 model of `export --quantize int8`)."""
     heatmaps: str | None = None
     """Folder for Grad-CAM overlays of every readable image (computed with the PyTorch checkpoint)."""
     progress: bool = True
@@ -621,7 +622,8 @@ class ServeConfig(_Config):
     checkpoint: Checkpoint = "best"
     """Which checkpoint of the run."""
     onnx_path: str | None = None
-    """ONNX file for backend onnx (default RUN/model.onnx)."""
+    """ONNX file for backend onnx (default RUN/model.onnx; RUN/model.int8.onnx is the int8 model of `export --quantize
+    int8`)."""
     device: str = "auto"
     """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
 
