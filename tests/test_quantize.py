@@ -13,7 +13,7 @@ import pytest
 from covid_cxr import quantize
 from covid_cxr.config import ExportConfig
 from covid_cxr.errors import ConfigError, DatasetError, ExportError
-from covid_cxr.files import read_json
+from covid_cxr.files import read_json, write_json
 from covid_cxr.inference import OnnxModel, load_predictor, onnx_meta_path
 from covid_cxr.paths import RunDir
 
@@ -82,7 +82,8 @@ def test_a_drop_beyond_the_bar_is_refused_and_leaves_no_int8_file(tiny_exported,
     stale = run / "model.int8.onnx"
     stale.write_bytes(b"from an older export")
     onnx_meta_path(stale).write_text("{}")
-    before = (run / "model.json").read_bytes()
+    before = read_json(run / "model.json", "model.json")
+    write_json(run / "model.json", {**before, "quantization": {"file": "model.int8.onnx"}})
     # the real quantisation is covered above; here the int8 graph is the fp32 one and the AUCs are given
     monkeypatch.setattr(quantize, "quantize_model", lambda fp32, out, *a, **k: shutil.copy(fp32, out) and
                         {"excluded_nodes": 0})
@@ -93,7 +94,8 @@ def test_a_drop_beyond_the_bar_is_refused_and_leaves_no_int8_file(tiny_exported,
     with pytest.raises(ExportError, match=r"0\.8850 \(int8\) vs 0\.9000 \(fp32\).*0\.0150 > 0\.01"):
         quantize.quantize_export(run / "model.onnx", qd, max_auc_drop=0.01)
     assert not stale.exists() and not onnx_meta_path(stale).exists()
-    assert (run / "model.json").read_bytes() == before
+    assert read_json(run / "model.json", "model.json") == before  # the stale block went with the stale file
+    OnnxModel(run / "model.onnx", device="cpu")
     # the same numbers under a looser bar are kept
     summary = quantize.quantize_export(run / "model.onnx", qd, max_auc_drop=0.02)
     assert stale.is_file() and summary["int8_auc"] == 0.885
@@ -132,3 +134,20 @@ def test_export_command_writes_both_models(tiny_run, tmp_path):
     assert summary["quantization"]["test_n"] == 24
     text = format_summary(summary)
     assert "model.int8.onnx" in text and "test ROC AUC int8" in text
+
+
+@pytest.mark.slow
+def test_a_learned_model_keeps_its_auc_and_scope_under_the_default_bar(learned_phantom_run, tmp_path):
+    """A model that has learned the phantoms (80 test images at 64 px): int8 is kept under the default 0.01 bar and
+    its in-scope flags and decisions agree with fp32 on nearly every test image."""
+    from covid_cxr.export import run
+
+    dst = tmp_path / "run"
+    dst.mkdir()
+    for name in ("best.pt", "config.yaml"):
+        shutil.copy2(learned_phantom_run / name, dst / name)
+    q = run(ExportConfig(run=str(dst), quantize="int8", data=str(learned_phantom_run.parent / "dataset")))[
+        "quantization"]
+    assert q["test_n"] == 80 and q["max_auc_drop"] == 0.01
+    assert q["fp32_auc"] - q["int8_auc"] <= 0.01
+    assert q["in_scope_agree"] >= 0.95 and q["decisions_agree"] >= 0.95

@@ -9,7 +9,9 @@ the run's own test split before it is kept.
 * The out-of-scope gate (every node that feeds ``scope`` but not ``logits``: Mahalanobis distances with inverse
   covariances, square roots, medians) is left in float32: it is a handful of small ops, and distances of order
   10-100 compared against a fixed threshold are what 8-bit rounding would move. Only the shared backbone and the
-  classifier are quantised.
+  classifier are quantised. Measured on the 1-epoch test run (24 test images): with the gate quantised too, scores
+  moved by up to 0.19 (median 0.04; threshold 1.54) and 1 of 24 in-scope flags flipped; with it in float32, up to
+  0.10 (median 0.009) and none flipped.
 * Check: ROC AUC of the fp32 and int8 graphs on the same test images (``roc_auc`` of :mod:`covid_cxr.metrics`);
   a drop larger than ``max_auc_drop`` refuses the int8 model and writes nothing. Kept results go to
   ``model.int8.onnx`` + ``model.int8.json`` (loadable by :class:`~covid_cxr.inference.OnnxModel`) and a
@@ -132,6 +134,21 @@ def gate_only_nodes(model) -> list[str]:
     return sorted(ancestors(OUTPUT_SCOPE) - logits)
 
 
+class _AxisNoise(logging.Filter):
+    """Drops ORT's one warning per BatchNormalization layer that its rank-1 scale cannot be quantised per channel
+    (it is quantised per tensor instead; DenseNet-121 has 121 such layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root" and "is out-of-range for weight" in record.getMessage():
+            self.dropped += 1
+            return False
+        return True
+
+
 def quantize_model(fp32: Path, out: Path, pixels: np.ndarray, spec, keep_gate_fp32: bool = True) -> dict[str, Any]:
     """Write the int8 graph of ``fp32`` to ``out``, calibrated on ``pixels`` (model pixels, uint8).
 
@@ -145,6 +162,9 @@ def quantize_model(fp32: Path, out: Path, pixels: np.ndarray, spec, keep_gate_fp
     class Reader(_PixelReader, CalibrationDataReader):
         pass
 
+    noise = _AxisNoise()
+    root = logging.getLogger()
+    root.addFilter(noise)
     with tempfile.TemporaryDirectory(prefix="covid-cxr-int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         try:
@@ -158,6 +178,10 @@ def quantize_model(fp32: Path, out: Path, pixels: np.ndarray, spec, keep_gate_fp
                             nodes_to_exclude=exclude)
         except Exception as exc:  # onnxruntime.quantization raises many types
             raise ExportError(f"ONNX Runtime quantisation of {fp32} failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            root.removeFilter(noise)
+    if noise.dropped:
+        log.debug("%d BatchNormalization scales quantised per tensor (ORT warns once per layer)", noise.dropped)
     return {"excluded_nodes": len(exclude)}
 
 
@@ -209,6 +233,8 @@ def quantize_export(onnx_path: str | Path, qd: QuantData, max_auc_drop: float = 
     if not (drop <= max_auc_drop):  # also NaN
         for stale in (out, onnx_meta_path(out)):
             stale.unlink(missing_ok=True)
+        if "quantization" in doc:  # the block of an earlier int8 model, removed just now
+            atomic_write(onnx_meta_path(onnx_path), to_json({k: v for k, v in doc.items() if k != "quantization"}))
         if math.isnan(drop):
             raise ExportError(f"int8 check: the test split's ROC AUC cannot be measured (fp32 {block['fp32_auc']}, "
                               f"int8 {block['int8_auc']}; a class is missing from {block['test_n']} test images); "
