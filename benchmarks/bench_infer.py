@@ -1,10 +1,13 @@
-"""CPU inference benchmark: PyTorch eager, PyTorch channels_last and ONNX Runtime on DenseNet-121.
+"""CPU inference benchmark: PyTorch eager, PyTorch channels_last, ONNX Runtime fp32 and ONNX Runtime int8 on
+DenseNet-121.
 
 Builds an untrained DenseNet-121 checkpoint at 224 px (or takes ``--run``), exports it with
-:func:`covid_cxr.export.export_onnx`, and prints images/s and p50/p95 latency per batch, for
-batch sizes 1 and 16, under a header naming the machine. Times cover the forward pass on an
-already preprocessed float32 batch (decoding and :func:`~covid_cxr.transforms.preprocess` are
-the same for every backend and are left out). Both runtimes get the same number of threads.
+:func:`covid_cxr.export.export_onnx`, quantises that graph with :func:`covid_cxr.quantize.quantize_model` (what
+``covid-cxr export --quantize int8`` runs; calibrated on the run's validation pixels with ``--run``, else on random
+model pixels: an untrained network's speed does not depend on them), and prints images/s and p50/p95 latency per
+batch, for batch sizes 1 and 16, under a header naming the machine. Times cover the forward pass on an
+already preprocessed float32 batch (decoding and :func:`~covid_cxr.pixels.preprocess` are
+the same for every backend and are left out). All runtimes get the same number of threads.
 
 ``--levers`` adds a sweep of the settings that honestly change ONNX Runtime's and PyTorch's
 speed at batch 1: ORT graph optimisation level (no fusion / Conv+BN folding / fused
@@ -35,9 +38,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from covid_cxr.export import export_onnx, load_onnx
-from covid_cxr.model import build_model, load_checkpoint, resolve_checkpoint, save_checkpoint
-from covid_cxr.transforms import PreprocessSpec
+from covid_cxr import quantize
+from covid_cxr.export import export_onnx
+from covid_cxr.inference import OnnxModel
+from covid_cxr.model import build_model, load_model, new_meta, save_checkpoint
+from covid_cxr.paths import locate_checkpoint
+from covid_cxr.pixels import PreprocessSpec
 
 LABELS = ["normal", "covid"]
 
@@ -71,6 +77,7 @@ class Context:
 
     model: torch.nn.Module
     onnx_path: Path
+    int8_path: Path
     size: int
     threads: tuple[int, ...]
     batches: tuple[int, ...]
@@ -143,7 +150,7 @@ def header(ctx: Context) -> str:
         f"threads      : {', '.join(map(str, ctx.threads))} (torch.set_num_threads = ORT intra_op_num_threads; "
         "ORT inter-op 1)",
         f"model        : DenseNet-121, {len(LABELS)} classes, input (N, 3, {ctx.size}, {ctx.size}) float32; "
-        "forward pass only",
+        "forward pass only; int8 = covid_cxr.quantize.quantize_model (QDQ, per-channel)",
         f"timing       : {ctx.warmup} warm-up calls, then >= {ctx.min_iters} calls and >= {ctx.seconds:g} s per row, "
         f"in {ctx.rounds} blocks interleaved across the rows of a table group",
     ])
@@ -177,19 +184,22 @@ def _batch(n: int, size: int) -> torch.Tensor:
 
 
 def in_process_section(ctx: Context) -> list[Result]:
-    """The three backends as shipped: eager, channels_last, and OnnxModel's ONNX Runtime session."""
+    """The backends as shipped: eager, channels_last, OnnxModel's ONNX Runtime session on model.onnx and on
+    model.int8.onnx (the same session options: OnnxModel's)."""
     eager = ctx.model
     cl = copy.deepcopy(ctx.model).to(memory_format=torch.channels_last)  # leave eager's weights NCHW
     results = []
     for threads in ctx.threads:
         torch.set_num_threads(threads)
-        onnx_model = load_onnx(ctx.onnx_path, device="cpu", threads=threads)
+        onnx_model = OnnxModel(ctx.onnx_path, device="cpu", threads=threads)
+        int8 = ort_session(ctx.int8_path, threads, spinning=False)
         for n in ctx.batches:
             x = _batch(n, ctx.size)
             x_cl = x.contiguous(memory_format=torch.channels_last)
             runs = [("torch eager", torch_runner(eager, x)),
                     ("torch channels_last", torch_runner(cl, x_cl)),
-                    ("onnxruntime (OnnxModel)", ort_runner(onnx_model.session, x.numpy()))]
+                    ("onnxruntime (OnnxModel)", ort_runner(onnx_model.session, x.numpy())),
+                    ("onnxruntime int8", ort_runner(int8, x.numpy()))]
             for name, lat in time_interleaved(runs, ctx).items():
                 results.append(Result("in-process", name, n, threads, lat))
             print(f"  done: batch {n}, {threads} thread(s)", file=sys.stderr, flush=True)
@@ -242,23 +252,42 @@ def speedups(results: list[Result]) -> str:
         if ref is not None and r is not ref:
             lines.append(f"  {r.section:<11} batch {r.batch:>2}, {r.threads} thr: {r.backend:<24} "
                          f"{ref.p50_ms / r.p50_ms:5.2f}x eager (p50)")
+    fp32 = {(r.section, r.batch, r.threads): r for r in results if r.backend == "onnxruntime (OnnxModel)"}
+    for r in results:
+        ref = fp32.get((r.section, r.batch, r.threads))
+        if ref is not None and r.backend == "onnxruntime int8":
+            lines.append(f"  {r.section:<11} batch {r.batch:>2}, {r.threads} thr: {r.backend:<24} "
+                         f"{ref.p50_ms / r.p50_ms:5.2f}x onnxruntime fp32 (p50)")
     return "\n".join(lines)
 
 
-def prepare(args: argparse.Namespace, workdir: Path) -> tuple[torch.nn.Module, Path, int]:
+def prepare(args: argparse.Namespace, workdir: Path) -> tuple[torch.nn.Module, Path, Path, int]:
+    run_dir = None
     if args.run:
-        ckpt = resolve_checkpoint(args.run)
+        run_dir, ckpt = locate_checkpoint(args.run)
     else:
         ckpt = workdir / "untrained-224.pt"
         torch.manual_seed(0)
-        model = build_model(LABELS, weights=None).eval()
-        save_checkpoint(ckpt, model, LABELS, PreprocessSpec.for_size(args.size), config={"benchmark": True})
-    model, meta = load_checkpoint(ckpt)
+        model = build_model(tuple(LABELS), weights=None).eval()
+        save_checkpoint(ckpt, model, new_meta("densenet121", tuple(LABELS), "covid", PreprocessSpec.for_size(args.size),
+                                              {"benchmark": True}, None))
+    model, meta = load_model(ckpt, "cpu")
     t0 = time.perf_counter()
     summary = export_onnx(ckpt, workdir / "model.onnx")
     print(f"exported {ckpt} -> {summary['onnx']} (opset {summary['opset']}, {summary['bytes'] / 1e6:.1f} MB) in "
-          f"{time.perf_counter() - t0:.1f} s; max |logit diff| vs torch {summary['max_abs_diff']:.2g}")
-    return model, workdir / "model.onnx", meta["preprocess_spec"].size
+          f"{time.perf_counter() - t0:.1f} s; max diff vs torch {summary['max_abs_diff']}")
+    spec = meta.preprocess
+    if run_dir is not None:
+        calib, what = quantize.load_data(run_dir, meta).calibration, "validation images of the run's dataset"
+    else:
+        calib = np.random.default_rng(0).integers(0, 256, (32, spec.size, spec.size), dtype=np.uint8)
+        what = "random model pixels"
+    int8_path = quantize.int8_path(workdir / "model.onnx")
+    t0 = time.perf_counter()
+    quantize.quantize_model(workdir / "model.onnx", int8_path, calib, spec)
+    print(f"quantised -> {int8_path} ({int8_path.stat().st_size / 1e6:.1f} MB) on {len(calib)} {what} in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return model, workdir / "model.onnx", int8_path, spec.size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(max(args.threads))
-        model, onnx_path, size = prepare(args, workdir)
-        ctx = Context(model, onnx_path, size, tuple(args.threads), tuple(args.batches), args.warmup, args.seconds,
+        model, onnx_path, int8_path, size = prepare(args, workdir)
+        ctx = Context(model, onnx_path, int8_path, size, tuple(args.threads), tuple(args.batches), args.warmup, args.seconds,
                       args.min_iters, args.rounds)
         print(header(ctx))
         sections = SECTIONS + ([lever_section] if args.levers else [])

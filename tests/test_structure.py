@@ -117,7 +117,8 @@ def test_every_config_lives_in_config_and_documents_every_field():
 
 @pytest.mark.parametrize("module", ["covid_cxr.inference", "covid_cxr.pixels", "covid_cxr.meta", "covid_cxr.images",
                                     "covid_cxr.paths", "covid_cxr.files", "covid_cxr.api", "covid_cxr.results",
-                                    "covid_cxr.hub", "covid_cxr.predict", "covid_cxr.cli", "covid_cxr.tracking"])
+                                    "covid_cxr.hub", "covid_cxr.predict", "covid_cxr.cli", "covid_cxr.tracking",
+                                    "covid_cxr.quantize"])
 def test_the_onnx_inference_path_does_not_import_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

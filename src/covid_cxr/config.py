@@ -460,7 +460,8 @@ class PredictConfig(_Config):
     device: str = "auto"
     """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
     backend: Backend = "torch"
-    """torch (the checkpoint) or onnx (RUN/model.onnx from `covid-cxr export`)."""
+    """torch (the checkpoint) or onnx (RUN/model.onnx from `covid-cxr export`; pass --run RUN/model.int8.onnx for the
+    int8 model of `export --quantize int8`)."""
     heatmaps: str | None = None
     """Folder for Grad-CAM overlays of every readable image (computed with the PyTorch checkpoint)."""
     progress: bool = True
@@ -552,8 +553,28 @@ class ExportConfig(_Config):
     """With --format hf: also put model.onnx + model.json in the folder, for installs without PyTorch."""
     overwrite: bool = False
     """With --format hf: replace the files of an existing export folder."""
+    quantize: Literal["none", "int8"] = "none"
+    """With --format onnx: int8 also writes model.int8.onnx (+ model.int8.json) beside model.onnx, by ONNX Runtime
+    static quantisation calibrated on the run's validation images; it is kept only if its test-split ROC AUC is at
+    most --max-auc-drop below fp32 (both numbers go into model.json's "quantization" block)."""
+    calibration_images: int = 256
+    """With --quantize int8: validation images (spread evenly over the split) used to calibrate activation ranges."""
+    max_auc_drop: float = 0.01
+    """With --quantize int8: largest accepted fall of test ROC AUC from fp32 to int8; a larger one refuses the int8
+    model."""
+    data: str | None = None
+    """With --quantize int8: dataset folder for calibration and the check; default: the one the run was trained on."""
+    source_roots: tuple[tuple[str, str], ...] = ()
+    """With --quantize int8: where a source's images are now, as NAME=PATH, when the dataset's recorded folder
+    moved."""
 
     def __post_init__(self) -> None:
+        if self.quantize != "none" and self.format != "onnx":
+            raise ConfigError(f"--quantize {self.quantize} needs --format onnx (it quantises the ONNX graph)")
+        if self.calibration_images < 1:
+            raise ConfigError(f"--calibration-images {self.calibration_images}: give at least 1")
+        if not 0 <= self.max_auc_drop <= 1:
+            raise ConfigError(f"--max-auc-drop {self.max_auc_drop}: give a number from 0 to 1")
         if self.opset < 18:
             raise ConfigError(f"--opset {self.opset} is not supported: the torch.export-based ONNX exporter writes "
                               "opset 18 or newer (ONNX Runtime >= 1.14 reads it); pass --opset 18")
@@ -601,7 +622,8 @@ class ServeConfig(_Config):
     checkpoint: Checkpoint = "best"
     """Which checkpoint of the run."""
     onnx_path: str | None = None
-    """ONNX file for backend onnx (default RUN/model.onnx)."""
+    """ONNX file for backend onnx (default RUN/model.onnx; RUN/model.int8.onnx is the int8 model of `export --quantize
+    int8`)."""
     device: str = "auto"
     """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
 

@@ -172,6 +172,16 @@ def run(cfg: ExportConfig) -> dict:
     from covid_cxr import hub
 
     run_dir, ckpt = locate_checkpoint(cfg.run, cfg.checkpoint)
+    if cfg.format == "onnx" and cfg.quantize == "int8":
+        from covid_cxr import quantize
+        from covid_cxr.model import read_checkpoint
+
+        # the dataset is read first: a moved dataset fails before anything is written
+        qdata = quantize.load_data(run_dir, read_checkpoint(ckpt).meta, cfg.data, cfg.source_roots,
+                                   cfg.calibration_images)
+        summary = export_onnx(ckpt, cfg.out or run_dir.onnx, cfg.opset)
+        return {"format": "onnx", **summary, "quantization": quantize.quantize_export(summary["onnx"], qdata,
+                                                                                      cfg.max_auc_drop)}
     if cfg.format == "onnx":
         return {"format": "onnx", **export_onnx(ckpt, cfg.out or run_dir.onnx, cfg.opset)}
     if cfg.format == "safetensors":
@@ -209,5 +219,14 @@ def format_summary(summary: dict) -> str:
         lines.append(f"use it with: covid_cxr.load_run({summary['folder']!r}) or covid-cxr predict --run "
                      f"{summary['folder']} IMAGES..." + (" [--backend onnx]" if summary.get("onnx") else ""))
         return "\n".join(lines)
-    return "\n".join(_onnx_lines(summary) + [f"use it with: covid-cxr predict --backend onnx --run "
-                                             f"{Path(summary['onnx']).parent} IMAGES..."])
+    lines = _onnx_lines(summary) + [f"use it with: covid-cxr predict --backend onnx --run "
+                                    f"{Path(summary['onnx']).parent} IMAGES..."]
+    q = summary.get("quantization")
+    if q:
+        scope = (f"; in-scope flags agree on {100 * q['in_scope_agree']:.1f}%" if "in_scope_agree" in q else "")
+        lines += [f"wrote {q['onnx']} ({q['bytes'] / 2**20:.1f} MB, int8, calibrated on {q['calibration_n']} validation "
+                  f"images) and {q['json']}",
+                  f"test ROC AUC int8 {q['int8_auc']:.4f} vs fp32 {q['fp32_auc']:.4f} ({q['auc_difference']:+.4f}) on "
+                  f"{q['test_n']} images; decisions agree on {100 * q['decisions_agree']:.1f}%{scope}",
+                  f"use it with: covid-cxr predict --backend onnx --run {q['onnx']} IMAGES..."]
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""export --quantize int8: the int8 graph is written with its check in model.json, predicts like fp32 (the gate's
+in-scope flags included), loads wherever an .onnx file does, and is refused (leaving no int8 file) when the test
+AUC drops by more than the bar."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from covid_cxr import quantize
+from covid_cxr.config import ExportConfig
+from covid_cxr.errors import ConfigError, DatasetError, ExportError
+from covid_cxr.files import read_json, write_json
+from covid_cxr.inference import OnnxModel, load_predictor, onnx_meta_path
+from covid_cxr.paths import RunDir
+
+LOGIT_ATOL = 0.05
+"""Largest |int8 - fp32| logit on the tiny run's test images, relative to the fp32 logits' spread (max - min, at
+least 1). 8-bit activations move a logit by a few per cent of its range; a broken graph moves it by O(range)."""
+
+
+def _copy_run(src, dst):
+    dst.mkdir(parents=True)
+    for name in ("best.pt", "config.yaml", "model.onnx", "model.json"):
+        shutil.copy2(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_exported, tmp_path_factory):
+    """A copy of the exported tiny run, quantised (bar 1.0: a 1-epoch model's AUC on 24 images is noise), and the
+    data it was checked on: (run folder, summary, QuantData)."""
+    run = _copy_run(tiny_exported, tmp_path_factory.mktemp("int8") / "run")
+    qd = quantize.load_data(RunDir(run), OnnxModel(run / "model.onnx", device="cpu").meta)
+    summary = quantize.quantize_export(run / "model.onnx", qd, max_auc_drop=1.0)
+    return run, summary, qd
+
+
+def test_int8_file_and_its_check_are_written(quantized):
+    run, summary, qd = quantized
+    assert (run / "model.int8.onnx").is_file() and (run / "model.int8.json").is_file()
+    assert (run / "model.int8.onnx").stat().st_size < 0.6 * (run / "model.onnx").stat().st_size
+    block = read_json(run / "model.json", "model.json")["quantization"]
+    assert read_json(run / "model.int8.json", "int8 json")["quantization"] == block
+    assert block["file"] == "model.int8.onnx" and "quantize_static" in block["method"]
+    assert block["calibration_n"] == len(qd.calibration) == block["validation_n"] == 14
+    assert block["test_n"] == len(qd.test) == 24
+    assert 0 <= block["fp32_auc"] <= 1 and 0 <= block["int8_auc"] <= 1
+    assert block["auc_difference"] == pytest.approx(block["int8_auc"] - block["fp32_auc"])
+    assert block["gate_nodes_kept_fp32"] > 0
+    assert block["in_scope_agree"] == 1.0
+    # the fp32 pair still loads (model.json changed, model.onnx did not)
+    OnnxModel(run / "model.onnx", device="cpu")
+
+
+def test_int8_predicts_like_fp32(quantized):
+    run, _, qd = quantized
+    fp32 = load_predictor(run / "model.onnx", "onnx", "cpu")
+    int8 = load_predictor(run / "model.int8.onnx", "onnx", "cpu")  # --backend onnx --run RUN/model.int8.onnx
+    assert int8.source.name == "model.int8.onnx" and int8.run is not None
+    a, b = fp32.outputs(qd.test), int8.outputs(qd.test)
+    spread = max(1.0, float(a.logits.max() - a.logits.min()))
+    assert np.abs(a.logits - b.logits).max() <= LOGIT_ATOL * spread
+    t = fp32.meta.gate.threshold
+    assert np.array_equal(a.scope <= t, b.scope <= t)
+    assert int8.meta.to_dict() == fp32.meta.to_dict()
+
+
+def test_the_gate_subgraph_is_found_and_holds_no_convolution(tiny_exported):
+    model = onnx.load(str(tiny_exported / "model.onnx"))
+    gate = set(quantize.gate_only_nodes(model))
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert gate and "MatMul" in {ops[n] for n in gate}
+    assert "Conv" not in {ops[n] for n in gate} and "Gemm" not in {ops[n] for n in gate}
+
+
+def test_a_drop_beyond_the_bar_is_refused_and_leaves_no_int8_file(tiny_exported, tmp_path, monkeypatch):
+    run = _copy_run(tiny_exported, tmp_path / "run")
+    stale = run / "model.int8.onnx"
+    stale.write_bytes(b"from an older export")
+    onnx_meta_path(stale).write_text("{}")
+    before = read_json(run / "model.json", "model.json")
+    write_json(run / "model.json", {**before, "quantization": {"file": "model.int8.onnx"}})
+    # the real quantisation is covered above; here the int8 graph is the fp32 one and the AUCs are given
+    monkeypatch.setattr(quantize, "quantize_model", lambda fp32, out, *a, **k: shutil.copy(fp32, out) and
+                        {"excluded_nodes": 0})
+    monkeypatch.setattr(quantize, "_compare", lambda *a: {"fp32_auc": 0.9, "int8_auc": 0.885, "auc_difference": -0.015,
+                                                          "test_n": 24})
+    qd = quantize.QuantData(np.zeros((2, 32, 32), np.uint8), np.zeros((2, 32, 32), np.uint8), np.array([0, 1]),
+                            "d", 2)
+    with pytest.raises(ExportError, match=r"0\.8850 \(int8\) vs 0\.9000 \(fp32\).*0\.0150 > 0\.01"):
+        quantize.quantize_export(run / "model.onnx", qd, max_auc_drop=0.01)
+    assert not stale.exists() and not onnx_meta_path(stale).exists()
+    assert read_json(run / "model.json", "model.json") == before  # the stale block went with the stale file
+    OnnxModel(run / "model.onnx", device="cpu")
+    # the same numbers under a looser bar are kept
+    summary = quantize.quantize_export(run / "model.onnx", qd, max_auc_drop=0.02)
+    assert stale.is_file() and summary["int8_auc"] == 0.885
+
+
+def test_a_moved_dataset_says_how_to_point_at_it(tiny_exported, tmp_path):
+    run = _copy_run(tiny_exported, tmp_path / "run")
+    text = (run / "config.yaml").read_text()
+    text = "\n".join(f"{ln.split(':')[0]}: {tmp_path / 'gone'}" if ln.startswith(("data:", "data_absolute:")) else ln
+                     for ln in text.splitlines())
+    (run / "config.yaml").write_text(text)
+    meta = OnnxModel(run / "model.onnx", device="cpu").meta
+    with pytest.raises(DatasetError, match="--quantize int8.*--data DATASET_DIR"):
+        quantize.load_data(RunDir(run), meta)
+
+
+def test_quantize_needs_the_onnx_format_and_a_sane_bar():
+    with pytest.raises(ConfigError, match="--format onnx"):
+        ExportConfig(run="r", format="safetensors", quantize="int8")
+    with pytest.raises(ConfigError, match="--max-auc-drop"):
+        ExportConfig(run="r", quantize="int8", max_auc_drop=-0.1)
+    assert ExportConfig(run="r").quantize == "none"
+
+
+@pytest.mark.slow
+def test_export_command_writes_both_models(tiny_run, tmp_path):
+    """The whole command: fp32 export, quantisation, check, summary text (a fresh export: ~1 min on 2 cores)."""
+    from covid_cxr.export import format_summary, run
+
+    dst = tmp_path / "run"
+    dst.mkdir()
+    for name in ("best.pt", "config.yaml"):
+        shutil.copy2(tiny_run / name, dst / name)
+    summary = run(ExportConfig(run=str(dst), quantize="int8", max_auc_drop=1.0))
+    assert (dst / "model.onnx").is_file() and (dst / "model.int8.onnx").is_file()
+    assert summary["quantization"]["test_n"] == 24
+    text = format_summary(summary)
+    assert "model.int8.onnx" in text and "test ROC AUC int8" in text
+
+
+@pytest.mark.slow
+def test_a_learned_model_keeps_its_auc_and_scope_under_the_default_bar(learned_phantom_run, tmp_path):
+    """A model that has learned the phantoms (80 test images at 64 px): int8 is kept under the default 0.01 bar and
+    its in-scope flags and decisions agree with fp32 on nearly every test image."""
+    from covid_cxr.export import run
+
+    dst = tmp_path / "run"
+    dst.mkdir()
+    for name in ("best.pt", "config.yaml"):
+        shutil.copy2(learned_phantom_run / name, dst / name)
+    q = run(ExportConfig(run=str(dst), quantize="int8", data=str(learned_phantom_run.parent / "dataset")))[
+        "quantization"]
+    assert q["test_n"] == 80 and q["max_auc_drop"] == 0.01
+    assert q["fp32_auc"] - q["int8_auc"] <= 0.01
+    assert q["in_scope_agree"] >= 0.95 and q["decisions_agree"] >= 0.95
