@@ -110,6 +110,29 @@ def adversary_weight(max_weight: float, progress: float) -> float:
 
 # ----------------------------------------------------------------------------- one epoch
 
+class GlobalBatchCrossEntropy(nn.Module):
+    """Cross-entropy over the global batch under DDP: the (class-weighted) mean over every rank's images, as one
+    process computes it. DDP averages the ranks' gradients, so each rank divides its sum by the global weight sum
+    over the number of ranks; :class:`torch.nn.CrossEntropyLoss`'s weighted mean would divide by its own images'
+    weights. Every rank must call it the same number of times (one all-reduce of a scalar per call)."""
+
+    def __init__(self, weight: torch.Tensor | None = None, world_size: int = 1):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.world_size = world_size
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = nn.functional.cross_entropy(logits, targets, weight=self.weight, reduction="sum")
+        denom = (self.weight[targets].sum() if self.weight is not None
+                 else torch.tensor(float(targets.numel()), device=logits.device)).detach().float().clone()
+        if self.world_size > 1:
+            dist.all_reduce(denom)
+            denom = denom / self.world_size
+        return total / denom
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, device: torch.device,
                     dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
@@ -438,7 +461,8 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
     dtype = amp_dtype(rt.device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     weight = _class_weights(train_y, len(labels)) if cfg.balance == "loss" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight.to(rt.device) if weight is not None else None)
+    weight = weight.to(rt.device) if weight is not None else None
+    loss_fn = GlobalBatchCrossEntropy(weight, rt.world_size) if rt.distributed else nn.CrossEntropyLoss(weight=weight)
     state = {"epoch": 0, "best_auc": -math.inf, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
     if resume_ckpt is not None:
         tr = resume_ckpt.training
