@@ -167,10 +167,10 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
 
 
 def all_sum(values: list[float], rt: Runtime) -> list[float]:
-    """``values`` summed over ranks (as float64); unchanged in one process."""
+    """``values`` summed over ranks (as float64; on this rank's device, as NCCL needs); unchanged in one process."""
     if not rt.distributed:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
     return t.tolist()
 
