@@ -230,9 +230,21 @@ def build_parser(provided: set[str] = frozenset()) -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (RANK), 0 otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Under torchrun only rank 0 reports progress; the other ranks log warnings and errors, tagged with their rank.
+    rank = _rank()
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    tag = f" [rank {rank}]" if rank else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
+                        datefmt="%H:%M:%S")
     if not verbose:
         for name in NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -279,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = C.make_config(cmd.config, options, args.config)
         module, fn = cmd.target.split(":")
         result = getattr(importlib.import_module(module), fn)(cfg)
-        cmd.show(result, cfg)
+        if _rank() == 0:  # under torchrun, rank 0 prints the result once
+            cmd.show(result, cfg)
         return 0
     except CovidCxrError as exc:
         return _error(exc)

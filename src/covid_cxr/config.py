@@ -279,6 +279,10 @@ class TrainOptions(_Config):
     """Where to train: auto (CUDA if available), cpu, cuda or cuda:N."""
     amp: bool = True
     """Mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU."""
+    sync_bn: bool = False
+    """Under torchrun: BatchNorm statistics of the global batch (all processes' images), as one process would
+    compute them, instead of each process's own share (SyncBatchNorm; slower: it communicates at every layer).
+    Ignored for one process."""
     progress: bool = True
     """Show progress bars."""
     logs: tuple[str, ...] = ()

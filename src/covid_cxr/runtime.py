@@ -1,4 +1,5 @@
-"""Where a process runs: device, rank and mixed precision, from the environment (torchrun-ready)."""
+"""Where a process runs: device, rank and mixed precision, from the environment (torchrun-ready); what ranks
+share: BatchNorm statistics synchronised across ranks (``--sync-bn``), and rank 0's errors."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from covid_cxr.errors import ConfigError
+from covid_cxr.errors import ConfigError, RunError
 
 DEVICE_HELP = "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"
 
@@ -79,3 +81,115 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# ----------------------------------------------------------------------------- what ranks share
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its gradient is the sum over ranks of the gradients (every rank's loss depends on it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch (every rank's images), for CPU
+    processes under gloo, where :class:`torch.nn.SyncBatchNorm` is not implemented (it needs CUDA).
+
+    The same numbers as one process normalising the whole batch: the mean, then the variance around it, are
+    summed over ranks (two all-reduces per layer, differentiable, so the input gradient is also the global
+    batch's); running statistics get the unbiased global variance, as :class:`torch.nn.BatchNorm2d` does. In eval
+    mode it is a plain BatchNorm (no communication). Same parameters and buffers as the BatchNorm it replaces."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        local = torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])])
+        total = _AllReduceSum.apply(local)
+        n = total[-1].detach()
+        mean = total[:-1] / n
+        var = _AllReduceSum.apply(((x - mean.view(shape)) ** 2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / max(float(n) - 1, 1.0)), alpha=m)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm layer of ``module`` synchronised across ranks: :class:`torch.nn.SyncBatchNorm` on CUDA,
+    :class:`GlooSyncBatchNorm` elsewhere. Parameters, buffers and ``requires_grad`` are kept."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            module, (GlooSyncBatchNorm, nn.SyncBatchNorm)):
+        out = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        if module.track_running_stats:
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+        return out
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, device))
+    return module
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (BatchNorm running statistics), so all ranks evaluate the model it saves."""
+    for b in module.buffers():
+        dist.broadcast(b.data, src)
+
+
+def all_sum(values: list[float], rt: Runtime) -> list[float]:
+    """``values`` summed over ranks (as float64; on this rank's device, as NCCL needs); unchanged in one process."""
+    if not rt.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def on_main(rt: Runtime, fn, *args, **kwargs):
+    """Run ``fn`` on rank 0 only; the other ranks wait for it, and raise a :class:`RunError` if it failed
+    (instead of waiting forever in the next collective). Returns ``fn``'s result on rank 0, None elsewhere."""
+    if not rt.distributed:
+        return fn(*args, **kwargs)
+    result, failure = None, None
+    if rt.is_main:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            failure = exc
+    status = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(status, 0)
+    if failure is not None:
+        raise failure
+    if status[0] is not None:
+        raise RunError(f"rank 0 failed ({status[0]}); rank {rt.rank} stops too")
+    return result

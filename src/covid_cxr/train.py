@@ -1,8 +1,11 @@
 """``covid-cxr train``: train a classifier on a manifest's train split.
 
 The loop is shaped for ``torchrun``: device and rank come from the environment, every rank draws its
-own shard of each epoch, validation is sharded and gathered so each image counts once, every rank
-takes the same early-stopping decision, and only rank 0 writes files.
+own shard of each epoch (gradients averaged by DDP; BatchNorm statistics per rank, or of the global
+batch with ``--sync-bn``), validation is sharded and gathered so each image counts once (with rank 0's
+BatchNorm buffers, the model it saves), train metrics are summed over ranks, every rank takes the same
+early-stopping decision, and only rank 0 writes files while the others wait for it (and stop if it
+failed, instead of hanging in the next collective).
 
 After the last epoch (rank 0): the best checkpoint is calibrated on the validation split (temperature
 and operating point, :func:`covid_cxr.calibration.calibrate`), its out-of-scope gate is fitted
@@ -40,7 +43,8 @@ from covid_cxr.model import (backbone_parameters, build_model, model_from_checkp
 from covid_cxr.paths import RunDir
 from covid_cxr.pixels import PreprocessSpec
 from covid_cxr.plots import learning_curves_png
-from covid_cxr.runtime import Runtime, amp_dtype, autocast, setup_runtime
+from covid_cxr.runtime import (Runtime, all_sum, amp_dtype, autocast, broadcast_buffers, convert_sync_batchnorm,
+                               on_main, setup_runtime)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,29 @@ def adversary_weight(max_weight: float, progress: float) -> float:
 
 
 # ----------------------------------------------------------------------------- one epoch
+
+class GlobalBatchCrossEntropy(nn.Module):
+    """Cross-entropy over the global batch under DDP: the (class-weighted) mean over every rank's images, as one
+    process computes it. DDP averages the ranks' gradients, so each rank divides its sum by the global weight sum
+    over the number of ranks; :class:`torch.nn.CrossEntropyLoss`'s weighted mean would divide by its own images'
+    weights. Every rank must call it the same number of times (one all-reduce of a scalar per call)."""
+
+    def __init__(self, weight: torch.Tensor | None = None, world_size: int = 1):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.world_size = world_size
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = nn.functional.cross_entropy(logits, targets, weight=self.weight, reduction="sum")
+        denom = (self.weight[targets].sum() if self.weight is not None
+                 else torch.tensor(float(targets.numel()), device=logits.device)).detach().float().clone()
+        if self.world_size > 1:
+            dist.all_reduce(denom)
+            denom = denom / self.world_size
+        return total / denom
+
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, device: torch.device,
@@ -319,11 +346,14 @@ def run(cfg: TrainConfig) -> dict:
     rt = setup_runtime(cfg.device)
     run_dir = RunDir(Path(cfg.out))
     lock = RunLock(run_dir.lock) if rt.is_main else None
-    if lock is not None:
+
+    def acquire() -> None:
         lock.acquire()
         # Only the lock holder writes here, so any temporary file is left by a killed run.
         for p in remove_stale_temp_files(run_dir.root):
             log.info("removed %s, left by an interrupted run", p.name)
+
+    on_main(rt, acquire)  # the other ranks stop too if the folder is in use
     try:
         return _run(cfg, rt, run_dir)
     except OutputError as exc:
@@ -412,6 +442,11 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
                                 f"{source_names}; use --adversarial 0")
         adversary = SourceAdversary(model.feature_dim, len(source_names))
         sources = torch.tensor(train_rows["source"].map({s: i for i, s in enumerate(source_names)}).to_numpy())
+    if cfg.sync_bn and rt.distributed:
+        model = convert_sync_batchnorm(model, rt.device)
+        log.info("--sync-bn: BatchNorm statistics of the global batch (%d processes)", rt.world_size)
+    elif cfg.sync_bn:
+        log.info("--sync-bn ignored: one process (its BatchNorm statistics are already the whole batch's)")
     model.to(rt.device)
     if adversary is not None:
         adversary.to(rt.device)
@@ -426,7 +461,8 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
     dtype = amp_dtype(rt.device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     weight = _class_weights(train_y, len(labels)) if cfg.balance == "loss" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight.to(rt.device) if weight is not None else None)
+    weight = weight.to(rt.device) if weight is not None else None
+    loss_fn = GlobalBatchCrossEntropy(weight, rt.world_size) if rt.distributed else nn.CrossEntropyLoss(weight=weight)
     state = {"epoch": 0, "best_auc": -math.inf, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
     if resume_ckpt is not None:
         tr = resume_ckpt.training
@@ -442,31 +478,32 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
         log.info("resuming %s after epoch %d", run_dir.root, state["epoch"])
     if rt.is_main:  # lines of epochs after the checkpoint (or of a run that never finished an epoch) are rerun
         _truncate_metrics(run_dir.metrics, state["epoch"])
-    train_model = model
+    train_model, train_adversary = model, adversary
     if rt.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if adversary is not None:  # its gradients are averaged over ranks too
+            train_adversary = nn.parallel.DistributedDataParallel(adversary, device_ids=ids)
     experiment_log = _open_experiment_log(cfg, rt, run_dir, meta, state["epoch"] + 1)
     loop = dict(cfg=cfg, rt=rt, run_dir=run_dir, meta=meta, train_model=train_model, model=model, train_ds=train_ds,
                 sampler=sampler, train_loader=train_loader, val_px=val_px, val_y=val_y, optimizer=optimizer,
                 scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, dtype=dtype, state=state, adversary=adversary,
-                sources=sources, experiment_log=experiment_log)
+                train_adversary=train_adversary, sources=sources, experiment_log=experiment_log)
     ok = False
     try:
         summary = _epochs(**loop)
-        if rt.is_main:
+
+        def final() -> None:
             summary.update(finalize(run_dir, cfg, rt, train_px, train_y, val_px, val_y))
             experiment_log.summary(summary, [run_dir.calibration, run_dir.config, run_dir.metrics,
                                              run_dir.learning_curves_png, run_dir.calibration_png])
+
+        on_main(rt, final)  # the other ranks return once rank 0 has written the final checkpoint
         ok = True
     finally:
         experiment_log.close(ok)
     if experiment_log.sinks:
         summary["experiment_logs"] = experiment_log.where()
-    if rt.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()  # the other ranks return once rank 0 has written the final checkpoint
     return summary
 
 
@@ -480,7 +517,8 @@ def _open_experiment_log(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, meta: M
 
 
 def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train_loader, val_px, val_y, optimizer,
-            scheduler, scaler, loss_fn, dtype, state, adversary, sources, experiment_log=None) -> dict:
+            scheduler, scaler, loss_fn, dtype, state, adversary, sources, experiment_log=None,
+            train_adversary=None) -> dict:
     stopped_early = False
     positive = meta.positive_index
     total_steps = cfg.epochs * len(train_loader)
@@ -490,9 +528,13 @@ def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train
         t0 = time.perf_counter()
         tr = train_one_epoch(train_model, train_loader, optimizer, scheduler, loss_fn, rt.device, dtype, scaler,
                              progress=cfg.progress and rt.is_main, desc=f"epoch {epoch}/{cfg.epochs}",
-                             mixup=cfg.mixup, seed=cfg.seed, epoch=epoch, adversary=adversary, sources=sources,
-                             adversary_max=cfg.adversarial, total_steps=total_steps)
+                             mixup=cfg.mixup, seed=cfg.seed, epoch=epoch,
+                             adversary=train_adversary if train_adversary is not None else adversary,
+                             sources=sources, adversary_max=cfg.adversarial, total_steps=total_steps)
         train_s = time.perf_counter() - t0
+        if rt.distributed:
+            tr = _global_train_metrics(tr, rt)  # every rank records (and decides on) the same numbers
+            broadcast_buffers(model)  # validate the model rank 0 saves (BatchNorm running statistics differ per rank)
         val = validation_metrics(validation_logits(model, val_px, meta.preprocess, rt, cfg.batch_size, dtype), val_y,
                                  positive) if len(val_px) else {}
         auc = val.get("auc")
@@ -507,9 +549,10 @@ def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train
                   **{k: v for k, v in tr.items() if k.startswith("adv_")},
                   **{f"val_{k}": v for k, v in val.items()}, "lr": scheduler.get_last_lr()[0],
                   "epoch_seconds": round(time.perf_counter() - t0, 2),
-                  "train_images_per_second": round(tr["images"] * rt.world_size / train_s, 2),
+                  "train_images_per_second": round(tr["images"] / train_s, 2),
                   "best_epoch": state["best_epoch"]}
-        if rt.is_main:
+
+        def write() -> None:
             # The metrics line first, then best.pt, then last.pt: an epoch counts once last.pt holds it. Interrupted
             # before that (killed, disk full), --resume reruns the epoch (dropping its line) and writes the same
             # best.pt; nothing written is ever half a file.
@@ -523,6 +566,8 @@ def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train
                 "rng": torch.get_rng_state(), "adversary": adversary.state_dict() if adversary is not None else None})
             if experiment_log is not None:
                 experiment_log.epoch(record)
+
+        on_main(rt, write)
         log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %s acc %s auc %s | %.1f s", epoch, cfg.epochs,
                  tr["loss"], tr["accuracy"], _fmt(val.get("loss")), _fmt(val.get("accuracy")), _fmt(auc),
                  record["epoch_seconds"])
@@ -533,6 +578,13 @@ def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train
     return {"run": str(run_dir.root), "best_epoch": state["best_epoch"], "best_val_auc": state["best_auc"],
             "epochs_run": state["epoch"], "stopped_early": stopped_early,
             "best_checkpoint": str(run_dir.best), "last_checkpoint": str(run_dir.last)}
+
+
+def _global_train_metrics(tr: dict, rt: Runtime) -> dict:
+    """One epoch's train metrics over all ranks' images (each rank's are of its shard)."""
+    keys = [k for k in ("loss", "accuracy", "adv_loss", "adv_accuracy") if k in tr]
+    sums = all_sum([tr[k] * tr["images"] for k in keys] + [tr["images"]], rt)
+    return {**{k: sums[i] / max(sums[-1], 1) for i, k in enumerate(keys)}, "images": int(sums[-1])}
 
 
 def finalize(run_dir: RunDir, cfg: TrainConfig, rt: Runtime, train_px: np.ndarray, train_y: np.ndarray,
