@@ -104,11 +104,28 @@ class ScopeGateModule(nn.Module):
         return (self.distances(features, x) / self.scales).amax(dim=1)
 
 
-def _lw(centred: np.ndarray) -> tuple[np.ndarray, float]:
+VARIANCE_FLOOR = 1e-4
+"""Every direction's variance is at least this fraction of the values' mean square. A direction along which the
+training images barely vary (a dead feature, a collapsed model) would otherwise get a precision so large that
+float32 rounding - which differs between PyTorch and ONNX Runtime - decides the distance."""
+MIN_SCALE = 0.1
+"""A view's scale (its median validation distance) is at least this times sqrt(its dimension). Healthy data sit near
+sqrt(dimension) (a chi distribution), so this never binds there; when every image has the same features (a
+collapsed model) the distances are rounding noise, and dividing noise by noise would let the backend decide."""
+MIN_MEAN_SQUARE = 1e-6
+"""Values whose mean square is below this (features of an untrained or collapsed network, ~1e-14) are treated as
+this large for the floor: they carry no information, so their distance stays near 0 instead of amplifying noise."""
+
+
+def _lw(centred: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit-Wolf shrunk precision of ``centred``, its variances floored at :data:`VARIANCE_FLOOR` of ``raw``'s
+    mean square; and the shrinkage."""
     from sklearn.covariance import LedoitWolf
 
     lw = LedoitWolf(assume_centered=True).fit(centred)
-    return lw.precision_, float(lw.shrinkage_)
+    floor = VARIANCE_FLOOR * max(float(np.mean(np.square(raw))), MIN_MEAN_SQUARE)
+    cov = lw.covariance_ + floor * np.eye(centred.shape[1])
+    return np.linalg.inv(cov), float(lw.shrinkage_)
 
 
 def fit_gate(train_features: np.ndarray, train_views: np.ndarray, train_targets: np.ndarray,
@@ -131,14 +148,14 @@ def fit_gate(train_features: np.ndarray, train_views: np.ndarray, train_targets:
     y = np.asarray(train_targets)
     classes = np.unique(y)
     means = np.stack([f[y == c].mean(axis=0) for c in classes])
-    precision, shrink_f = _lw(f - means[np.searchsorted(classes, y)])
+    precision, shrink_f = _lw(f - means[np.searchsorted(classes, y)], f)
     module = ScopeGateModule(f.shape[1], len(classes))
     for name, value in (("means", means), ("precision", precision)):
         getattr(module, name).copy_(torch.from_numpy(value).float())
     shrinks = [shrink_f]
     for prefix, part in zip(("layout", "asym", "hist"), split_views(v)):
         mean = part.mean(axis=0, keepdims=True)
-        prec, shrink = _lw(part - mean)
+        prec, shrink = _lw(part - mean, part)
         getattr(module, f"{prefix}_mean").copy_(torch.from_numpy(mean).float())
         getattr(module, f"{prefix}_precision").copy_(torch.from_numpy(prec).float())
         shrinks.append(shrink)
@@ -147,7 +164,8 @@ def fit_gate(train_features: np.ndarray, train_views: np.ndarray, train_targets:
     ref_v = torch.from_numpy(np.asarray(val_views if on_val else v, dtype=np.float32))
     with torch.no_grad():
         d = module.distances_from_views(ref_f, ref_v).numpy()
-        module.scales.copy_(torch.from_numpy(np.maximum(np.median(d, axis=0), 1e-6)).float())
+        dims = np.array([f.shape[1], *VIEW_DIMS], dtype=np.float64)
+        module.scales.copy_(torch.from_numpy(np.maximum(np.median(d, axis=0), MIN_SCALE * np.sqrt(dims))).float())
         ref = (module.distances_from_views(ref_f, ref_v) / module.scales).amax(dim=1).numpy()
         train_scores = (module.distances_from_views(torch.from_numpy(f).float(), torch.from_numpy(v).float())
                         / module.scales).amax(dim=1).numpy()
