@@ -279,6 +279,9 @@ class TrainOptions(_Config):
     """Where to train: auto (CUDA if available), cpu, cuda or cuda:N."""
     amp: bool = True
     """Mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the training model: 'auto' compiles on CUDA and not on CPU, where at these model sizes the
+    minutes of compilation outweigh the gain (benchmarks/bench_train.py); the checkpoints are the same either way."""
     progress: bool = True
     """Show progress bars."""
     logs: tuple[str, ...] = ()
