@@ -45,9 +45,9 @@ from covid_cxr.pixels import PreprocessSpec
 from covid_cxr.runtime import amp_dtype, compile_unavailable, resolve_device
 from covid_cxr.train import loader_workers, make_train_loader, train_one_epoch
 
-MODES = [f"{p}{'+cl' if cl else ''}{'+compile' if c else ''}"
-         for p in ("fp32", "bf16") for cl in (False, True) for c in (False, True)]
-"""fp32 or bf16 autocast, +cl: channels_last model and batches, +compile: torch.compile of the model."""
+MODES = ["fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+cl+compile", "bf16+compile", "fp32+cl+compile", "fp32+compile"]
+"""fp32 or bf16 autocast, +cl: channels_last model and batches, +compile: torch.compile of the model. The eager
+modes first (quick), then the compiled ones, the likely fastest first: a run cut short keeps the most useful."""
 
 
 def _default(name: str):
@@ -75,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-only", action="store_true", help="skip the training modes")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the results as JSON here (rewritten after every mode: a run cut short keeps them)")
+    p.add_argument("--show", type=Path, default=None, help="print the table of a JSON written by --out, and exit")
     args = p.parse_args(argv)
     if args.workers_max is None:
         args.workers_max = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -268,13 +270,25 @@ def markdown(result: dict) -> str:
             lines.append(f"| {mode} | {r['images_per_s']} | {r['compute_images_per_s']} | {r['data_wait_pct']} | "
                          f"{r['step_ms']} | {r['warmup_s']} |" + (f" {r.get('peak_gpu_mib')} |" if cuda else ""))
         lines.append("")
+    if not result["loader"]:
+        return "\n".join(lines)
     lines += ["| loader workers | augmented img/s |", "|---|---|"]
     lines += [f"| {r['workers']} | {r['images_per_s']} |" for r in result["loader"]]
     return "\n".join(lines)
 
 
+def _save(result: dict, path: Path | None, partial: bool) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, "partial": partial}, indent=2) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.show is not None:
+        result = json.loads(args.show.read_text(encoding="utf-8"))
+        print(markdown(result) + ("\n(partial: the run stopped before it finished)" if result.get("partial") else ""))
+        return result
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -301,15 +315,15 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             row = run_mode(mode, batches, args, device)
             result["train"].append(row)
+            _save(result, args.out, partial=True)
             print(f"  {mode}: {row.get('images_per_s', row.get('skipped'))} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
         batches.close()
     result["loader"] = bench_loader(pixels, targets, spec, aug, args, device)
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(markdown(result))
+    _save(result, args.out, partial=False)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.out}", file=sys.stderr)
     return result
 
