@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-batches", type=int, default=None,
                    help="batches timed per worker count (default: max(--steps, 10))")
     p.add_argument("--loader-only", action="store_true", help="skip the training modes")
+    p.add_argument("--augment-stages", action="store_true",
+                   help="also time one image's augmentation in this process (one thread): geometry alone, with "
+                        "acquisition, and the whole sample (augmentation + finish)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
@@ -249,6 +252,30 @@ def bench_loader(pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec, 
     return rows
 
 
+def bench_augment_stages(pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec, n: int = 64) -> dict:
+    """Milliseconds per image of augment() without and with acquisition, and of a whole StackDataset sample."""
+    from covid_cxr.augment import augment
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a loader worker has (covid_cxr.data.worker_init)
+    try:
+        out = {}
+        runs = [(name, lambda i, aug=aug: augment(pixels[i % len(pixels)], aug, torch.Generator().manual_seed(i)))
+                for name, aug in (("geometry", AugmentSpec()), ("geometry+acquisition", AugmentSpec(acquisition=True)))]
+        ds = StackDataset(pixels, targets, spec, AugmentSpec(acquisition=True))
+        runs.append(("sample (augment + finish)", lambda i: ds[i % len(ds)]))
+        for name, fn in runs:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for i in range(n):
+                fn(i)
+            # CPU time of this thread: what the image costs a worker, whatever else the machine runs
+            out[name] = {"wall_ms": round(1000 * (time.perf_counter() - t0) / n, 2),
+                         "cpu_ms": round(1000 * (time.thread_time() - c0) / n, 2)}
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def markdown(result: dict) -> str:
     a, m = result["args"], result["machine"]
     gpu = f"; GPU {m['gpu']} x{m['gpu_count']}" if "gpu" in m else ""
@@ -270,6 +297,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {mode} | {r['images_per_s']} | {r['compute_images_per_s']} | {r['data_wait_pct']} | "
                          f"{r['step_ms']} | {r['warmup_s']} |" + (f" {r.get('peak_gpu_mib')} |" if cuda else ""))
         lines.append("")
+    if result.get("augment_ms"):
+        lines += ["| one image, one thread | wall ms | CPU ms | img/s per busy core |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['wall_ms']} | {v['cpu_ms']} | {1000 / max(v['cpu_ms'], 1e-9):.0f} |"
+                  for k, v in result["augment_ms"].items()] + [""]
     if not result["loader"]:
         return "\n".join(lines)
     lines += ["| loader workers | augmented img/s |", "|---|---|"]
@@ -319,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {mode}: {row.get('images_per_s', row.get('skipped'))} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
         batches.close()
+    if args.augment_stages:
+        result["augment_ms"] = bench_augment_stages(pixels, targets, spec)
     result["loader"] = bench_loader(pixels, targets, spec, aug, args, device)
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(markdown(result))
