@@ -279,8 +279,9 @@ def bench_augment_stages(pixels: np.ndarray, targets: np.ndarray, spec: Preproce
 def markdown(result: dict) -> str:
     a, m = result["args"], result["machine"]
     gpu = f"; GPU {m['gpu']} x{m['gpu_count']}" if "gpu" in m else ""
+    end = f" at the start, {', '.join(map(str, m['load_average_end']))} at the end" if "load_average_end" in m else ""
     lines = [f"machine: {m['cpu']}; {m['logical_cores']} logical cores, {m['usable_cores']} usable; load average "
-             f"{', '.join(map(str, m['load_average']))}{gpu}",
+             f"{', '.join(map(str, m['load_average']))}{end}{gpu}",
              f"python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads); device {result['device']}",
              f"{a['arch']} (random init) at {a['image_size']} px, batch {a['batch_size']}, {a['warmup']} warm-up + "
              f"{a['steps']} timed steps per mode, AdamW; augmentation: {result['augmentation']}; "
