@@ -280,9 +280,9 @@ class TrainOptions(_Config):
     amp: bool = True
     """Mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the training model: 'auto' compiles on CUDA and not on CPU, where compiling takes many minutes
-    (DenseNet-121: 17 min on a busy 2-core VM) for steps ~20% faster at 64 px, which pays only after tens of thousands
-    of images (benchmarks/bench_train.py). Checkpoints are the same either way; --resume may change it."""
+    """torch.compile the training model: 'auto' compiles on CUDA and not on CPU, where compiling takes minutes
+    (DenseNet-121: 4 to 17 min on a busy 2-core VM) for steps 0-20% faster at 64 px, which pays only after tens of
+    thousands of images (benchmarks/bench_train.py). Checkpoints are the same either way; --resume may change it."""
     progress: bool = True
     """Show progress bars."""
     logs: tuple[str, ...] = ()
