@@ -405,3 +405,85 @@ def test_the_same_out_spelled_relative_or_absolute_is_the_same_run(small_dataset
     assert main(base + ["--data", rel_data, "--out", str(tmp_path / "C" / "int"), "--resume"]) == 0
     assert main(base + ["--data", "./" + rel_data, "--out", "C/./int/", "--resume"]) == 0
     assert "options differ" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --compile
+
+def test_compile_setting_auto_is_cuda_only_and_on_refuses_where_unavailable(monkeypatch, caplog):
+    from covid_cxr import runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(runtime, "compile_unavailable", lambda device: None)
+    assert [runtime.use_compile(s, cpu) for s in ("auto", "on", "off")] == [False, True, False]
+    assert [runtime.use_compile(s, cuda) for s in ("auto", "on", "off")] == [True, True, False]
+    monkeypatch.setattr(runtime, "compile_unavailable", lambda device: "no Triton here")
+    assert runtime.use_compile("auto", cuda) is False  # falls back to eager mode, with a warning
+    assert "no Triton here" in caplog.text
+    with pytest.raises(ConfigError, match="--compile on: no Triton here.*--compile off"):
+        runtime.use_compile("on", cpu)
+    with pytest.raises(ConfigError, match="--compile"):
+        TrainConfig(data="d", out="o", compile="yes")
+
+
+def test_checkpoint_of_a_compiled_model_has_the_plain_key_names(tmp_path):
+    """save_checkpoint writes the module inside torch.compile (and DDP): no `_orig_mod.` prefix, and the
+    checkpoint loads strictly into a fresh model. (torch.compile is lazy: nothing is compiled here.)"""
+    from covid_cxr.model import build_model, model_from_checkpoint, new_meta, save_checkpoint
+
+    if not hasattr(torch, "compile"):
+        pytest.skip(f"torch {torch.__version__} has no torch.compile")
+    torch.manual_seed(0)
+    model = build_model(["normal", "covid"], arch="resnet18", weights=None)
+    compiled = torch.compile(model)
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())  # what a naive save would write
+    meta = new_meta("resnet18", ("normal", "covid"), "covid", PreprocessSpec.for_size(32), {}, None)
+    save_checkpoint(tmp_path / "c.pt", compiled, meta)
+    ckpt = read_checkpoint(tmp_path / "c.pt")
+    assert list(ckpt.state_dict) == list(model.state_dict())
+    loaded = model_from_checkpoint(ckpt, torch.device("cpu"))  # strict load
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_compile_on_trains_the_compiled_model_and_saves_plain_keys(small_dataset, tmp_path, monkeypatch):
+    """--compile on wraps the training model in torch.compile (here with the 'eager' backend, which traces with
+    TorchDynamo but skips Inductor's minutes of code generation); last.pt and best.pt keep the plain keys, and
+    --resume may change --compile."""
+    if not hasattr(torch, "compile"):
+        pytest.skip(f"torch {torch.__version__} has no torch.compile")
+    from torch import _dynamo
+
+    monkeypatch.setattr(train_mod, "finalize", lambda *args, **kwargs: {})
+    monkeypatch.setattr("covid_cxr.runtime.compile_unavailable", lambda device: None)
+    real, calls = torch.compile, []
+
+    def eager_compile(model, **kw):
+        calls.append(type(model).__name__)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    _dynamo.reset()
+    out = tmp_path / "run"
+    train_mod.run(_cfg(small_dataset, out, epochs=1, workers=0, arch="resnet18", compile="on"))
+    assert calls == ["CxrNet"]
+    plain = list(train_mod.build_model(["normal", "covid"], arch="resnet18", weights=None).state_dict())
+    for name in ("last.pt", "best.pt"):
+        assert list(_state(out / name)) == plain
+    summary = train_mod.run(_cfg(small_dataset, out, epochs=1, workers=0, arch="resnet18", compile="off",
+                                 resume=True))  # no "options differ": --compile does not change the model
+    assert summary["epochs_run"] == 1 and calls == ["CxrNet"]
+
+
+@pytest.mark.slow
+def test_compile_on_cpu_with_inductor(small_dataset, tmp_path, monkeypatch):
+    """The real thing: Inductor compiles the training step on CPU (about a minute on 2 cores)."""
+    from covid_cxr.runtime import compile_unavailable
+
+    reason = compile_unavailable(torch.device("cpu"))
+    if reason:
+        pytest.skip(f"torch.compile unavailable: {reason}")
+    monkeypatch.setattr(train_mod, "finalize", lambda *args, **kwargs: {})
+    out = tmp_path / "run"
+    train_mod.run(_cfg(small_dataset, out, epochs=1, workers=0, arch="resnet18", compile="on"))
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert np.isfinite(record["train_loss"])
+    assert not any(k.startswith("_orig_mod.") for k in _state(out / "last.pt"))

@@ -283,6 +283,10 @@ class TrainOptions(_Config):
     """Under torchrun: BatchNorm statistics of the global batch (all processes' images), as one process would
     compute them, instead of each process's own share (SyncBatchNorm; slower: it communicates at every layer).
     Ignored for one process."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the training model: 'auto' compiles on CUDA and not on CPU, where compiling takes minutes
+    (DenseNet-121: 4 to 17 min on a busy 2-core VM) for steps 0-20% faster at 64 px, which pays only after tens of
+    thousands of images (benchmarks/bench_train.py). Checkpoints are the same either way; --resume may change it."""
     progress: bool = True
     """Show progress bars."""
     logs: tuple[str, ...] = ()

@@ -3,7 +3,9 @@ share: BatchNorm statistics synchronised across ranks (``--sync-bn``), and rank 
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -12,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from covid_cxr.errors import ConfigError, RunError
+
+log = logging.getLogger(__name__)
 
 DEVICE_HELP = "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"
 
@@ -193,3 +197,46 @@ def on_main(rt: Runtime, fn, *args, **kwargs):
     if status[0] is not None:
         raise RunError(f"rank 0 failed ({status[0]}); rank {rt.rank} stops too")
     return result
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` (TorchDynamo + Inductor) cannot run on ``device`` here; None when it can."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    try:
+        from torch import _dynamo
+
+        if not _dynamo.is_dynamo_supported():
+            return "TorchDynamo does not support this Python version or platform"
+    except Exception as exc:  # pragma: no cover - a broken install
+        return f"TorchDynamo cannot be imported ({exc})"
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "Triton (Inductor's GPU code generator) is not installed or does not support this GPU"
+        except ImportError:  # pragma: no cover - older torch
+            return "Triton (Inductor's GPU code generator) is not available"
+    elif not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "no C++ compiler on PATH (Inductor's CPU code generator needs g++ or clang++)"
+    return None
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """Whether ``--compile`` (auto, on, off) compiles the training model on ``device``.
+
+    ``auto`` compiles on CUDA only, and falls back to eager mode with a warning where compile is unavailable.
+
+    Raises:
+        ConfigError: ``on`` where torch.compile cannot run.
+    """
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return False
+    reason = compile_unavailable(device)
+    if reason is None:
+        return True
+    if setting == "on":
+        raise ConfigError(f"--compile on: {reason}; install it or use --compile off")
+    log.warning("--compile auto: training without torch.compile: %s", reason)
+    return False

@@ -44,11 +44,11 @@ from covid_cxr.paths import RunDir
 from covid_cxr.pixels import PreprocessSpec
 from covid_cxr.plots import learning_curves_png
 from covid_cxr.runtime import (Runtime, all_sum, amp_dtype, autocast, broadcast_buffers, convert_sync_batchnorm,
-                               on_main, setup_runtime)
+                               on_main, setup_runtime, use_compile)
 
 log = logging.getLogger(__name__)
 
-RESUME_FREE_OPTIONS = ("resume", "workers", "progress", "device", "logs")
+RESUME_FREE_OPTIONS = ("resume", "workers", "progress", "device", "logs", "compile")
 """Options that may differ between an interrupted run and its ``--resume``."""
 
 
@@ -138,11 +138,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                     progress: bool = False, desc: str = "train", mixup: float = 0.0, seed: int = 0, epoch: int = 0,
                     adversary: SourceAdversary | None = None, sources: torch.Tensor | None = None,
-                    adversary_max: float = 0.0, total_steps: int = 1) -> dict:
+                    adversary_max: float = 0.0, total_steps: int = 1, channels_last: bool | None = None) -> dict:
     """One pass over ``loader``. Returns {"loss", "accuracy", "images"} (plus ``adv_loss``/``adv_accuracy``).
 
     MixUp (``mixup`` > 0) mixes each batch with a permutation of itself, with lambda and the permutation
     drawn from (seed, epoch, step). The adversary (if given) reads the features of the same forward pass.
+    ``channels_last`` (default: on CUDA) sends the batches in that memory format, to match the model's.
     """
     from tqdm.auto import tqdm
 
@@ -152,10 +153,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     total_loss, correct, seen, adv_loss, adv_correct = 0.0, 0, 0, 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
     steps_done = scheduler.last_epoch
+    if channels_last is None:
+        channels_last = device.type == "cuda"
     for step, (x, y, idx) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        if device.type == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lam, perm = 1.0, None
         if mixup > 0:
@@ -300,6 +303,15 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return 1 if device.type == "cpu" else default_workers(8)
 
 
+def make_train_loader(train_ds: StackDataset, sampler: EpochSampler, batch_size: int, workers: int,
+                      device: torch.device) -> DataLoader:
+    """The training DataLoader (also what benchmarks/bench_train.py measures)."""
+    # A last training batch of one image breaks BatchNorm; drop it (it is a different image each epoch).
+    return DataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=len(sampler) % batch_size == 1, pin_memory=device.type == "cuda",
+                      worker_init_fn=worker_init if workers else None)
+
+
 def _class_weights(targets: np.ndarray, k: int) -> torch.Tensor:
     counts = np.bincount(targets, minlength=k).astype(np.float64)
     if (counts == 0).any():
@@ -423,11 +435,8 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
     train_ds = StackDataset(train_px, train_y, spec, aug, seed=cfg.seed)
     sampler = EpochSampler(train_y, cfg.seed, strata=_strata(cfg, train_rows, train_y), rank=rt.rank,
                            world_size=rt.world_size)
-    workers = loader_workers(cfg.workers, rt.device)
-    # A last training batch of one image breaks BatchNorm; drop it (it is a different image each epoch).
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-                              drop_last=len(sampler) % cfg.batch_size == 1, pin_memory=rt.device.type == "cuda",
-                              worker_init_fn=worker_init if workers else None)
+    train_loader = make_train_loader(train_ds, sampler, cfg.batch_size, loader_workers(cfg.workers, rt.device),
+                                     rt.device)
     model = build_model(labels, arch=cfg.arch, weights=None if cfg.weights == "none" else cfg.weights)
     if cfg.freeze_backbone:
         for p in backbone_parameters(model):
@@ -484,6 +493,12 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if adversary is not None:  # its gradients are averaged over ranks too
             train_adversary = nn.parallel.DistributedDataParallel(adversary, device_ids=ids)
+    if use_compile(cfg.compile, rt.device):
+        # Compiled last, around DDP (its graph breaks at bucket boundaries overlap communication). Checkpoints are
+        # written from `model`, the plain module, so their keys carry no `_orig_mod.` prefix; validation runs it
+        # in eager mode (other batch sizes, eval mode: no recompiles). The first step pays for the compilation.
+        log.info("torch.compile: compiling the training model (the first step takes a while)")
+        train_model = torch.compile(train_model)
     experiment_log = _open_experiment_log(cfg, rt, run_dir, meta, state["epoch"] + 1)
     loop = dict(cfg=cfg, rt=rt, run_dir=run_dir, meta=meta, train_model=train_model, model=model, train_ds=train_ds,
                 sampler=sampler, train_loader=train_loader, val_px=val_px, val_y=val_y, optimizer=optimizer,
