@@ -12,7 +12,7 @@ Stage 2 (:func:`covid_cxr.pixels.resize_square` to the model size) runs on load 
 ``resize_square(cache.get(sha), size) == geometry(load_image(path), spec)``.
 
 Why one file per image rather than one memory-mapped blob plus an index: on 1,255 real images
-(benchmarks/bench_data.py, 2 shared cores) reading entries from a blob was 3.4x faster, but with
+(a benchmark of v0.1, 2 shared cores) reading entries from a blob was 3.4x faster, but with
 the stage-2 resize it was only 1.6x faster end to end (2,360 against 1,470 images/s), and both are
 over 20x faster than decoding (62 images/s). Separate files need no index or lock when several
 processes fill the cache at once, and a new image adds a file instead of rewriting the blob.

@@ -297,7 +297,7 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
 
     On CPU one single-threaded worker prepares the next batch while the model computes; in the main
     process augmentation would compete with the model's threads (measured ~50x slower per image under
-    load by benchmarks/bench_data.py)."""
+    load by v0.1's data benchmark; benchmarks/bench_train.py measures the data wait now)."""
     if requested is not None:
         return requested
     return 1 if device.type == "cpu" else default_workers(8)
