@@ -276,13 +276,14 @@ class Engine:
         overlay_png(r["display"], r["heatmap"], buf, caption_for(_caption_name(filename), self.meta, r["log_probs"],
                                                                  r["target"], in_scope))
         png, shrunk = fit_png(buf.getvalue())
-        del r, buf
+        target = self.labels[r["target"]]
+        del r, buf  # the display image, heatmap and figure buffer: freed before the heap is trimmed
         release_heap()
         source = "the PyTorch checkpoint" + (" the ONNX graph was exported from (a graph has no gradients)"
                                              if self.backend == "onnx" else "")
         note = CAVEAT + (" The overlay was shrunk to fit the response size limit." if shrunk else "")
         return {"heatmap_png_base64": base64.b64encode(png).decode("ascii"),
-                "heatmap": {"method": "Grad-CAM", "target": self.labels[r["target"]], "computed_with": source,
+                "heatmap": {"method": "Grad-CAM", "target": target, "computed_with": source,
                             "note": note}}
 
     def analyse(self, path: Path, heatmap: bool = False, filename: str = "") -> dict:
