@@ -116,13 +116,10 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, n: int = 1000, seed: int
     y = (m["target"] == "covid").to_numpy()
     sa, sb = m["log_odds_a"].to_numpy(), m["log_odds_b"].to_numpy()
     diff = roc_auc_score(y, sb) - roc_auc_score(y, sa)
-    groups = m["group"].to_numpy()
-    uniq, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == i) for i in range(len(uniq))]
-    rng = np.random.default_rng(seed)
+    from covid_cxr.metrics import patient_resamples
+
     vals = []
-    for _ in range(n):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+    for idx in patient_resamples(m["group"].to_numpy(), n, seed):
         if y[idx].all() or not y[idx].any():
             continue
         vals.append(roc_auc_score(y[idx], sb[idx]) - roc_auc_score(y[idx], sa[idx]))

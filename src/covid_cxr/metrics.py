@@ -8,6 +8,7 @@ saturate, so confident images are never tied.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
@@ -59,22 +60,26 @@ def headline_metrics(targets: np.ndarray, lp: np.ndarray, pred: np.ndarray, posi
     return out
 
 
+def patient_resamples(groups: np.ndarray, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Image indices of ``n_resamples`` bootstrap resamples that draw whole patients (``groups``) with replacement:
+    every image of a drawn patient, once per draw. Deterministic in ``seed``."""
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    members = [order[bounds[i]:bounds[i + 1]] for i in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        yield np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+
+
 def bootstrap_ci(targets: np.ndarray, lp: np.ndarray, pred: np.ndarray, groups: np.ndarray, positive: int | None,
                  n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Percentile confidence intervals, resampling patients (groups) with replacement, not images.
 
     Returns {metric: [low, high]} for every scalar of :func:`headline_metrics` except counts.
     """
-    groups = np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-    members = [order[bounds[i]:bounds[i + 1]] for i in range(len(uniq))]
-    rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
-    for _ in range(n_resamples):
-        pick = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[i] for i in pick])
+    for idx in patient_resamples(groups, n_resamples, seed):
         m = headline_metrics(targets[idx], lp[idx], pred[idx], positive)
         for k, v in m.items():
             if k not in ("tp", "tn", "fp", "fn"):
@@ -95,12 +100,8 @@ def auc_with_ci(targets: np.ndarray, lp: np.ndarray, groups: np.ndarray, positiv
     auc = roc_auc(targets, lp, positive)
     if not n_resamples or math.isnan(auc):
         return {"auc": auc, "ci95": None}
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
-    rng = np.random.default_rng(seed)
     vals = []
-    for _ in range(n_resamples):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+    for idx in patient_resamples(groups, n_resamples, seed):
         v = roc_auc(targets[idx], lp[idx], positive)
         if not math.isnan(v):
             vals.append(v)
