@@ -6,8 +6,9 @@
 For each collection and worker count it runs ``python -m covid_cxr.cli data build`` as a subprocess
 into a new folder and reports: images/s end to end (files found by the source readers / wall time,
 including decoding, hashing, fingerprints, the cache, the near-duplicate search, splits, the card and
-the swap), the peak resident memory of the whole process tree (the build and its workers, sampled
-every 0.1 s from /proc), the duplicate-search time and pairs found (from ingest_report.json), and the
+the swap), the peak memory of the whole process tree (the build, its fork server and workers, sampled
+every 0.1 s from /proc: the sum of resident sizes, and the sum of proportional set sizes, which counts a page
+shared by several processes once), the duplicate-search time and pairs found (from ingest_report.json), and the
 load average while it ran. Then:
 
 * a re-run into the same folder (every image has a finished cache record: nothing is decoded);
@@ -139,16 +140,20 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _rss(pids: list[int]) -> int:
-    total = 0
+def _memory(pids: list[int]) -> tuple[int, int]:
+    """(sum of resident sizes, sum of proportional set sizes) of ``pids``, in bytes. RSS counts a page shared by
+    several processes once per process; PSS splits it among them (what the tree really occupies)."""
+    rss = pss = 0
     for p in pids:
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return rss, pss
 
 
 def run_build(sources: list[tuple[str, Path]], out: Path, workers: int, kill_after_records: int | None = None
@@ -162,10 +167,12 @@ def run_build(sources: list[tuple[str, Path]], out: Path, workers: int, kill_aft
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    peak, killed = 0, False
+    peak = peak_pss = 0
+    killed = False
     records = out.parent / f".{out.name}.staging" / "cache" / "records"
     while proc.poll() is None:
-        peak = max(peak, _rss(_tree(proc.pid)))
+        rss, pss = _memory(_tree(proc.pid))
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         if kill_after_records is not None and not killed and records.is_dir():
             if sum(len(files) for _, _, files in os.walk(records)) >= kill_after_records:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -173,7 +180,8 @@ def run_build(sources: list[tuple[str, Path]], out: Path, workers: int, kill_aft
         time.sleep(0.1)
     wall = time.perf_counter() - t0
     output = proc.stdout.read()
-    result = {"wall": wall, "peak_rss": peak, "rc": proc.returncode, "load": (load0, os.getloadavg()), "killed": killed}
+    result = {"wall": wall, "peak_rss": peak, "peak_pss": peak_pss, "rc": proc.returncode,
+              "load": (load0, os.getloadavg()), "killed": killed}
     if killed:
         time.sleep(1.0)
         result["survivors"] = [p for p in _tree(proc.pid) if p != proc.pid]
@@ -193,7 +201,8 @@ def _line(name: str, workers: int, what: str, r: dict) -> str:
                 f"{len(r['survivors'])}")
     n = r["files"]
     return (f"{name:<14}{workers:>3}  {what:<22}{n:>8}{r['wall']:>9.1f}{n / r['wall']:>10.0f}"
-            f"{r['peak_rss'] / 2**20:>10.0f}{r['decoded']:>9}{r.get('duplicate_search_seconds', float('nan')):>9.1f}"
+            f"{r['peak_rss'] / 2**20:>10.0f}{r['peak_pss'] / 2**20:>10.0f}{r['decoded']:>9}"
+            f"{r.get('duplicate_search_seconds', float('nan')):>9.1f}"
             f"{r['pairs']:>7}   {r['load'][0][0]:.2f} -> {r['load'][1][0]:.2f}")
 
 
@@ -226,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         collections.append(("real-1255", [(n, args.data_root / "sources" / f) for n, f in REAL_SOURCES.items()]))
     for n in args.sizes:
         collections.append((f"synthetic-{n // 1000}k", [("folder", synthetic_source(args.work, n))]))
-    print(f"{'collection':<14}{'w':>3}  {'run':<22}{'images':>8}{'wall s':>9}{'img/s':>10}{'peak MB':>10}"
+    print(f"{'collection':<14}{'w':>3}  {'run':<22}{'images':>8}{'wall s':>9}{'img/s':>10}{'RSS MB':>10}{'PSS MB':>10}"
           f"{'decoded':>9}{'dup s':>9}{'pairs':>7}   load 1-min (start -> end)", flush=True)
     for name, sources in collections:
         for w in args.workers:

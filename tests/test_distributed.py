@@ -61,10 +61,45 @@ def _train_args(data: Path, out: Path, *extra: str, epochs: int = 2, batch_size:
             "--lr", "1e-4", *extra]
 
 
-def _torchrun(nproc: int, train_args: list[str], **popen) -> subprocess.Popen:
+def _torchrun(nproc: int, train_args: list[str], stop_before: str | None = None, **popen) -> subprocess.Popen:
+    """``stop_before``: the writer stops itself (SIGSTOP) each time it is about to rename a finished temporary file
+    of that name into place (tests/hooks/sitecustomize.py)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc-per-node", str(nproc), *train_args]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    env = _env()
+    if stop_before:
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent / "hooks") + os.pathsep + env["PYTHONPATH"]
+        env["COVID_CXR_TEST_STOP_BEFORE_RENAME"] = stop_before
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for t in Path(f"/proc/{p}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def _stopped_descendant(proc: subprocess.Popen, timeout: float = TIMEOUT) -> int:
+    """The pid of the process under ``proc`` that stopped itself (state T), once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for pid in _descendants(proc.pid):
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return pid
+            except OSError:
+                pass
+        time.sleep(0.02)
+    _kill_9(proc)
+    pytest.fail(f"no process stopped before a rename:\n{proc.communicate()[0][-4000:]}")
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -208,23 +243,25 @@ def test_two_processes_with_sync_bn_match_one_process_with_the_same_global_batch
 
 @pytest.mark.slow
 def test_resume_after_kill_9_of_the_process_group(ddp_dataset, tmp_path):
-    """A 2-process run killed (SIGKILL to torchrun and its workers) once its first last.pt is written, then rerun
-    with --resume: it finishes, and metrics.jsonl has every epoch exactly once."""
+    """A 2-process run killed (SIGKILL to torchrun and its workers) after its first last.pt is written, while
+    rank 0 writes the second, then rerun with --resume: it finishes, and metrics.jsonl has every epoch exactly
+    once. Rank 0 stops itself before each last.pt rename, so the kill lands there however loaded the machine."""
     from covid_cxr.model import read_checkpoint
 
     out = tmp_path / "run"
     args = _train_args(ddp_dataset, out, epochs=4)
-    proc = _torchrun(2, args, start_new_session=True)
+    proc = _torchrun(2, args, stop_before="last.pt", start_new_session=True)
+    writer = _stopped_descendant(proc)  # about to rename epoch 1's last.pt
+    assert not (out / "last.pt").exists()
+    os.kill(writer, signal.SIGCONT)
     deadline = time.monotonic() + TIMEOUT
-    while not (out / "last.pt").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _kill_9(proc)
-            pytest.fail(f"no last.pt written:\n{proc.communicate()[0][-4000:]}")
-        time.sleep(0.05)
+    while not (out / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _stopped_descendant(proc) == writer  # about to rename epoch 2's last.pt
     _kill_9(proc)
     proc.communicate()
     killed_at = read_checkpoint(out / "last.pt").meta.epoch
-    assert killed_at < 4 and not (out / "calibration.json").exists()  # it was killed mid-run
+    assert killed_at == 1 and not (out / "calibration.json").exists()  # it was killed mid-run
     resumed = _finish(_torchrun(2, args + ["--resume"]))
     assert f"resuming {out} after epoch {killed_at}" in resumed
     assert [r["epoch"] for r in _metrics(out)] == [1, 2, 3, 4]

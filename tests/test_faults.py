@@ -38,6 +38,8 @@ from covid_cxr.pixels import PreprocessSpec
 from conftest import write_image
 
 SRC = Path(covid_cxr.__file__).resolve().parents[1]
+HOOKS = Path(__file__).resolve().parent / "hooks"
+"""Holds the sitecustomize.py that can stop a subprocess just before it renames a finished temporary file."""
 EPOCHS = 2
 TRAIN = ["--epochs", str(EPOCHS), "--image-size", "32", "--batch-size", "8", "--weights", "none", "--patience", "0",
          "--workers", "0", "--no-progress"]
@@ -191,11 +193,25 @@ def reference(dataset, tmp_path_factory) -> Path:
 class Watched:
     """A `covid-cxr train` process and its run folder, watched every millisecond."""
 
-    def __init__(self, dataset: Path, out: Path, resume: bool, log: Path):
+    def __init__(self, dataset: Path, out: Path, resume: bool, log: Path, stop_before: str | None = None):
+        """``stop_before``: the process stops itself (SIGSTOP) when it is about to rename the finished temporary
+        file of that name into place (tests/hooks/sitecustomize.py), so a kill lands inside that write."""
         self.out = out
         self.log = open(log, "ab")
         args = ["train", "--data", dataset, "--out", out, *TRAIN] + (["--resume"] if resume else [])
-        self.proc = subprocess.Popen(covid_cxr_cmd(*args), stdout=self.log, stderr=self.log, env=ENV)
+        env = dict(ENV)
+        if stop_before:
+            env["PYTHONPATH"] = f"{HOOKS}{os.pathsep}{SRC}"
+            env["COVID_CXR_TEST_STOP_BEFORE_RENAME"] = stop_before
+        self.proc = subprocess.Popen(covid_cxr_cmd(*args), stdout=self.log, stderr=self.log, env=env)
+
+    def stopped(self) -> bool:
+        """The process has stopped itself (state T in /proc)."""
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
     def metrics_lines(self) -> int:
         try:
@@ -253,24 +269,23 @@ def test_kill_9_at_random_points_then_resume_gives_the_weights_of_an_uninterrupt
     log = tmp_path / "train.log"
     events = []
 
-    # 1. a random moment of epoch 1 (or just after it): the folder has config.yaml, maybe best.pt, no last.pt
-    w = Watched(dataset, out, False, log)
+    # 1. a random moment of epoch 1, at the latest when epoch 1's last.pt is about to be renamed into place: the
+    #    folder has config.yaml, maybe best.pt, no last.pt
+    w = Watched(dataset, out, False, log, stop_before="last.pt")
     assert w.wait_for(lambda: (out / "config.yaml").exists())
-    time.sleep(rng.uniform(0.0, 3.0))
+    end = time.monotonic() + rng.uniform(0.0, 3.0)
+    while time.monotonic() < end and not w.stopped() and w.proc.poll() is None:
+        time.sleep(0.01)
     assert w.kill(), "the run ended before the first kill"
     events.append(("epoch 1", sorted(p.name for p in out.iterdir())))
+    assert not (out / "last.pt").exists(), events
     assert_nothing_half_written_except_temp(out)
 
-    # 2. while last.pt is being written (several tries: the write must be caught before its rename)
-    caught = False
-    for _attempt in range(EPOCHS + 1):
-        w = Watched(dataset, out, True, log)
-        seen = w.wait_for(lambda: w.temp("last.pt"))
-        alive = w.kill()
-        if seen and alive and any(p.name.startswith(f".last.pt{TEMP_MARK}") for p in out.iterdir()):
-            caught = True
-            break
-    assert caught, "never killed during a last.pt write"
+    # 2. while last.pt is being written: its temporary file is complete, the rename has not happened
+    w = Watched(dataset, out, True, log, stop_before="last.pt")
+    assert w.wait_for(w.stopped), "the resumed run ended without writing last.pt"
+    assert w.temp("last.pt") and not (out / "last.pt").exists()
+    assert w.kill(), "the run ended before the kill during the last.pt write"
     events.append(("last.pt write", sorted(p.name for p in out.iterdir())))
     assert_nothing_half_written_except_temp(out)
 
@@ -281,9 +296,11 @@ def test_kill_9_at_random_points_then_resume_gives_the_weights_of_an_uninterrupt
     events.append(("finalize", w.kill()))
     assert_nothing_half_written_except_temp(out)
 
-    # 4. while finalize rewrites best.pt (a resumed run with no epoch left only finalizes)
-    w = Watched(dataset, out, True, log)
-    assert w.wait_for(lambda: w.temp("best.pt") and w.metrics_lines() >= EPOCHS)
+    # 4. while finalize rewrites best.pt (a resumed run with no epoch left only finalizes; every epoch is in
+    #    last.pt, so the only best.pt write left is finalize's)
+    w = Watched(dataset, out, True, log, stop_before="best.pt")
+    assert w.wait_for(w.stopped), "the resumed run ended without rewriting best.pt"
+    assert w.temp("best.pt") and w.metrics_lines() >= EPOCHS
     assert w.kill(), "the run ended before the best.pt rewrite was caught"
     events.append(("best.pt rewrite", sorted(p.name for p in out.iterdir())))
 

@@ -617,7 +617,7 @@ def real_build(real_data: Path, tmp_path_factory) -> dict:
 @pytest.mark.integration
 def test_real_build(real_build, real_data: Path) -> None:
     df, report, c = real_build["df"], real_build["report"], real_build["cfg"]
-    assert real_build["elapsed"] < 60
+    assert real_build["elapsed"] < 600  # ~12 s here; only a pathological slow path (not load) gets near this
     assert c.test_per_class == 200
     test = df[df["split"] == "test"]
     for lab in LABELS:

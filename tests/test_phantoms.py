@@ -205,5 +205,6 @@ def test_generation_is_fast() -> None:
     for i in range(40):
         make_phantom(LABELS[i % 2], 256, rng)
     elapsed = time.perf_counter() - start
-    # 200 images at 256 px should take well under 5 s; allow generous slack for busy CI hosts
-    assert elapsed * 5 < 15.0, f"{elapsed:.2f} s for 40 images"
+    # ~0.8 s on a loaded 2-core machine; the bar only catches an accidental slow path (e.g. a per-pixel loop,
+    # 100x slower), not load
+    assert elapsed < 30.0, f"{elapsed:.2f} s for 40 images"

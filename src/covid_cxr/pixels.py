@@ -22,7 +22,6 @@ backend does not need PyTorch.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
@@ -300,7 +299,9 @@ def decode_many(items: Sequence[tuple[str, str | None]], short_side: int, worker
     if workers == 1 or len(jobs) < _PARALLEL_MIN:
         yield from map(_decode_job, jobs)
         return
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)))
+    from covid_cxr.workers import make_pool
+
+    pool = make_pool(min(workers, len(jobs)))
     try:
         yield from pool.map(_decode_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
     finally:

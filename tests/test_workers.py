@@ -1,0 +1,103 @@
+"""covid_cxr.workers: results in order, workers that never outlive the command, and workers that do not carry
+the command's memory (a 100,000-image build holds ~0.6 GB of fingerprints when its duplicate search starts its
+pool)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+import covid_cxr
+from covid_cxr.workers import make_pool, run_batches
+
+SRC = Path(covid_cxr.__file__).resolve().parents[1]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_run_batches_returns_what_a_loop_returns_in_order() -> None:
+    items = list(range(103))
+    for workers in (1, 2):
+        got = [x for part in run_batches(sorted, items[::-1], workers, batch=10) for x in part]
+        want = [x for k in range(0, 103, 10) for x in sorted(items[::-1][k:k + 10])]
+        assert got == want, workers
+
+
+def test_workers_do_not_carry_the_commands_memory() -> None:
+    """A pool started after the command filled 400 MB: each worker's resident size stays far below it (a fork
+    of the command would map all of it, and every worker's RSS would count it again)."""
+    if not Path("/proc/self/status").exists():
+        import pytest
+
+        pytest.skip("needs /proc to read a worker's resident size")
+    big = np.ones(400 * 2**20, dtype=np.uint8)  # touched: resident in this process
+    assert _rss_mb(os.getpid()) > 400
+    pool = make_pool(2)
+    try:
+        pids = {pool.submit(os.getpid).result(timeout=120) for _ in range(8)}
+        assert os.getpid() not in pids
+        sizes = [_rss_mb(pid) for pid in pids]
+    finally:
+        pool.shutdown()
+    assert big[-1] == 1
+    assert max(sizes) < 250, f"workers' RSS {sizes} MB: they carry the command's 400 MB"
+
+
+def test_workers_die_when_the_command_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the command (not of its process group): its workers and the fork server end within seconds."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(SRC)!r})
+        import os
+        from covid_cxr.workers import make_pool
+        pool = make_pool(2)
+        pids = {{pool.submit(os.getpid).result() for _ in range(6)}}
+        print(" ".join(map(str, sorted(pids))), flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        import selectors
+
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            assert sel.select(timeout=120), "the child never started its pool"
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert pids and proc.pid not in pids
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [p for p in pids if _running(p)]
+        assert alive == [], f"workers {alive} outlived the killed command"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie waits for a parent that is gone or not reaping)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
