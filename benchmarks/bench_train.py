@@ -1,5 +1,6 @@
 """Training speed: images/s of training steps for fp32 / bf16 autocast x channels_last x torch.compile, the share
-of each step spent waiting for data, augmented-loader images/s with 1..N workers, and peak GPU memory.
+of each step spent waiting for data, augmented-loader images/s with 1..N workers, augmentation on the device
+(``--augment-on device``) alone and fed by the loader, and peak GPU memory.
 
     .venv/bin/python benchmarks/bench_train.py --out bench_train.json            # a GPU: 224 px, batch 64
     .venv/bin/python benchmarks/bench_train.py --device cpu --image-size 64 --batch-size 8 --steps 5 --workers-max 2
@@ -38,12 +39,12 @@ from torch import nn  # noqa: E402
 
 from covid_cxr.augment import AugmentSpec
 from covid_cxr.config import TrainOptions
-from covid_cxr.data import EpochSampler, StackDataset
+from covid_cxr.data import BatchAugment, EpochSampler, StackDataset
 from covid_cxr.model import build_model
 from covid_cxr.phantoms import LABELS, make_phantom
 from covid_cxr.pixels import PreprocessSpec
 from covid_cxr.runtime import amp_dtype, compile_unavailable, resolve_device
-from covid_cxr.train import loader_workers, make_train_loader, train_one_epoch
+from covid_cxr.train import augment_location, loader_workers, make_train_loader, train_one_epoch
 
 MODES = ["fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+cl+compile", "bf16+compile", "fp32+cl+compile", "fp32+compile"]
 """fp32 or bf16 autocast, +cl: channels_last model and batches, +compile: torch.compile of the model. The eager
@@ -76,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--augment-stages", action="store_true",
                    help="also time one image's augmentation in this process (one thread): geometry alone, with "
                         "acquisition, and the whole sample (augmentation + finish)")
+    p.add_argument("--augment-on", choices=["auto", "workers", "device"], default="auto",
+                   help="where the training modes' augmentation runs, as `covid-cxr train --augment-on` (default "
+                        "auto: the device on CUDA, the loader workers on CPU); the loader rows measure the workers "
+                        "and a last row the device either way")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
@@ -119,11 +124,19 @@ def phantom_stack(n: int, unique: int, size: int, seed: int) -> tuple[np.ndarray
 
 
 class Batches:
-    """Endless training batches from the library's loader (the epoch advanced each pass, as in training)."""
+    """Endless training batches from the library's loader (the epoch advanced each pass, as in training).
+
+    ``on_device``: the loader hands over model pixels and :attr:`augment` (a BatchAugment) augments them on the
+    device inside each training step, as ``covid-cxr train --augment-on device`` does."""
 
     def __init__(self, pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec, aug: AugmentSpec,
-                 batch_size: int, workers: int, device: torch.device, seed: int):
-        self.ds = StackDataset(pixels, targets, spec, aug, seed=seed)
+                 batch_size: int, workers: int, device: torch.device, seed: int, on_device: bool = False):
+        if on_device:
+            self.ds = StackDataset(pixels, targets, spec, seed=seed, pixels_only=True)
+            self.augment = BatchAugment(spec, aug, seed)
+        else:
+            self.ds = StackDataset(pixels, targets, spec, aug, seed=seed)
+            self.augment = None
         self.sampler = EpochSampler(targets, seed)
         self.loader = make_train_loader(self.ds, self.sampler, batch_size, workers, device)
         self._it = self._forever()
@@ -200,7 +213,7 @@ def run_mode(mode: str, batches: Batches, args, device: torch.device) -> dict:
 
     def steps(loader) -> dict:
         return train_one_epoch(train_model, loader, optimizer, scheduler, loss_fn, device, dtype, scaler,
-                               channels_last=cl)
+                               channels_last=cl, batch_augment=batches.augment)
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -250,6 +263,44 @@ def bench_loader(pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec, 
         print(f"  loader, {workers:2d} workers: {seen / seconds:8.1f} img/s", file=sys.stderr, flush=True)
         batches.close()
     return rows
+
+
+def bench_device_augment(pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec, aug: AugmentSpec, args,
+                         device: torch.device) -> dict:
+    """Images/s of augmentation on the device (covid_cxr.data.BatchAugment: draws, augment_batch, finish) on
+    batches already there, and of the whole input pipeline with it: the loader handing over pixels (the workers
+    `covid-cxr train` uses for that) plus the device augmentation."""
+    n = args.loader_batches or max(args.steps, 10)
+    ba = BatchAugment(spec, aug, args.seed)
+    stack = torch.from_numpy(pixels).to(device)
+    b = args.batch_size
+    idx = torch.arange(len(pixels))
+    ba(stack[:b], idx[:b], 0)  # warm-up (kernels, JPEG codec)
+    _sync(device)
+    t0 = time.perf_counter()
+    for k in range(n):
+        lo = (k * b) % max(1, len(pixels) - b + 1)
+        ba(stack[lo:lo + b], idx[lo:lo + b], 1)
+    _sync(device)
+    alone = n * b / (time.perf_counter() - t0)
+    workers = loader_workers(None, device, augmenting=False)
+    batches = Batches(pixels, targets, spec, aug, b, workers, device, args.seed, on_device=True)
+    it = batches.take(n + 1)
+    seen, t0 = 0, None
+    for x, _, i in it:
+        x = batches.augment(x.to(device, non_blocking=True), i, 1)
+        if t0 is None:
+            _sync(device)
+            t0 = time.perf_counter()
+            continue
+        seen += len(x)
+    _sync(device)
+    piped = seen / (time.perf_counter() - t0)
+    batches.close()
+    print(f"  augmentation on {device}: {alone:8.1f} img/s alone, {piped:8.1f} img/s with the loader "
+          f"({workers} workers)", file=sys.stderr, flush=True)
+    return {"device": str(device), "images_per_s": round(alone, 1), "with_loader_images_per_s": round(piped, 1),
+            "loader_workers": workers, "batch_size": b}
 
 
 def bench_augment_stages(pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec, n: int = 64) -> dict:
@@ -306,6 +357,11 @@ def markdown(result: dict) -> str:
         return "\n".join(lines)
     lines += ["| loader workers | augmented img/s |", "|---|---|"]
     lines += [f"| {r['workers']} | {r['images_per_s']} |" for r in result["loader"]]
+    d = result.get("device_augment")
+    if d:
+        lines += ["", f"augmentation on {d['device']} (--augment-on device), batches of {d['batch_size']}: "
+                  f"{d['images_per_s']} img/s alone; {d['with_loader_images_per_s']} img/s fed by the loader "
+                  f"({d['loader_workers']} workers handing over pixels)"]
     return "\n".join(lines)
 
 
@@ -336,13 +392,16 @@ def main(argv: list[str] | None = None) -> dict:
     pixels, targets = phantom_stack(n_images, args.unique, args.image_size, args.seed)
     print(f"{n_images} phantom images ({args.unique} distinct) at {args.image_size} px in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    train_workers = args.train_workers if args.train_workers is not None else loader_workers(None, device)
+    on_device = augment_location(args.augment_on, device) == "device"
+    train_workers = (args.train_workers if args.train_workers is not None
+                     else loader_workers(None, device, augmenting=not on_device))
     result = {"machine": machine(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "device": str(device), "train_workers": train_workers,
-              "augmentation": "geometry, photometry" + (", acquisition" if acquisition else ""), "train": [],
+              "augmentation": "geometry, photometry" + (", acquisition" if acquisition else "")
+              + (f", batched on {device}" if on_device else ", in the loader workers"), "train": [],
               "loader": []}
     if not args.loader_only:
-        batches = Batches(pixels, targets, spec, aug, args.batch_size, train_workers, device, args.seed)
+        batches = Batches(pixels, targets, spec, aug, args.batch_size, train_workers, device, args.seed, on_device)
         for mode in args.modes:
             t0 = time.perf_counter()
             row = run_mode(mode, batches, args, device)
@@ -354,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.augment_stages:
         result["augment_ms"] = bench_augment_stages(pixels, targets, spec)
     result["loader"] = bench_loader(pixels, targets, spec, aug, args, device)
+    result["device_augment"] = bench_device_augment(pixels, targets, spec, aug, args, device)
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(markdown(result))
     _save(result, args.out, partial=False)

@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py train --data DIR/dataset --out DIR/run --device cuda
     torchrun --nproc-per-node 2 benchmarks/gpu_check.py train --data DIR/dataset --out DIR/ddp --device cuda
     python benchmarks/gpu_check.py onnx --run DIR/run --device cuda     # CPU vs CUDA provider logits
+    python benchmarks/gpu_check.py augment --device cuda                # batched augmentation vs per-image
 
 ``--device cpu`` runs every step on the CPU (a dry run of the script's plumbing; the ONNX step then compares the
 CPU provider with itself). Everything goes through the library (phantoms, data build, train, export, OnnxModel).
@@ -116,6 +117,42 @@ def onnx(args) -> int:
     return 0 if ok else 1
 
 
+def augment(args) -> int:
+    """augment_batch on the device vs augment() image by image on the CPU, with the same draws (noise off: each
+    implementation draws its own numbers); and its speed at 224 px."""
+    import numpy as np
+    import torch
+
+    from covid_cxr.augment import AugmentSpec, augment as augment_one, augment_batch, draw
+    from covid_cxr.phantoms import LABELS, make_phantom
+
+    device = torch.device(args.device)
+    rng = np.random.default_rng(0)
+    imgs = np.stack([make_phantom(LABELS[k % 2], 224, rng)[0] for k in range(64)])
+    spec = AugmentSpec(acquisition=True, p_noise=0.0)
+    gens = [torch.Generator().manual_seed(1000 + k) for k in range(64)]
+    cpu = np.stack([augment_one(im, spec, g) for im, g in zip(imgs, gens)])
+    draws = [draw((224, 224), spec, torch.Generator().manual_seed(1000 + k)) for k in range(64)]
+    x = torch.from_numpy(imgs).to(device)
+    out = augment_batch(x, draws).cpu().numpy()
+    diff = np.abs(cpu.astype(int) - out.astype(int))
+    ok = diff.mean() < 2.0 and (diff > 10).mean() < 0.03
+    full = [draw((224, 224), AugmentSpec(acquisition=True), torch.Generator().manual_seed(k)) for k in range(64)]
+    augment_batch(x, full)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        augment_batch(x, full)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rate = reps * 64 / (time.perf_counter() - t0)
+    result("augment", "PASS" if ok else "FAIL",
+           f"on {device} vs per-image on the CPU: mean |diff| {diff.mean():.2f} grey levels, "
+           f"{100 * (diff > 10).mean():.2f}% of pixels > 10 apart (bars 2.0, 3%); augment_batch {rate:.0f} img/s at 224 px, batches of 64")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="step", required=True)
@@ -135,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--run", required=True)
     s.add_argument("--device", default="cuda")
     s.add_argument("--tolerance", type=float, default=1e-2)
+    s = sub.add_parser("augment", help="batched augmentation on the device vs image by image on the CPU")
+    s.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
-    return {"prepare": prepare, "train": train, "onnx": onnx}[args.step](args)
+    return {"prepare": prepare, "train": train, "onnx": onnx, "augment": augment}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 #
 # Steps (each with a time limit; a failed or timed-out step is reported and the next one runs):
 #   1. bench     benchmarks/bench_train.py with its defaults (224 px DenseNet-121: fp32/bf16 x channels_last x
-#                torch.compile, data wait, loader img/s with 1..N workers, peak GPU memory) -> OUT/bench_train.json
+#                torch.compile, data wait, loader img/s with 1..N workers, augmentation on the GPU alone and fed
+#                by the loader, peak GPU memory) -> OUT/bench_train.json
+#   1b. augment  batched GPU augmentation vs image-by-image CPU augmentation (same draws), and its img/s
 #   2. train     a short bf16 training on phantoms (--compile auto: compiled on CUDA), checkpoint keys checked
 #   3. ddp       the same on 2 GPUs under torchrun, if there are 2 (skipped otherwise)
 #   4. onnx      export the run of step 2; ONNX Runtime CUDA provider logits vs CPU provider logits
@@ -61,6 +63,9 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 # 1. training throughput (the table is printed to the log; JSON kept)
 # shellcheck disable=SC2086
 step bench 300 "$PYTHON" "$HERE/bench_train.py" --device "$DEVICE" --out "$OUT/bench_train.json" $BENCH_ARGS
+
+# 1b. batched augmentation on the device agrees with the per-image one
+step augment 60 "$PYTHON" "$HERE/gpu_check.py" augment --device "$DEVICE"
 
 # 2. a short bf16 training on phantoms
 # shellcheck disable=SC2086

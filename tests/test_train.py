@@ -487,3 +487,32 @@ def test_compile_on_cpu_with_inductor(small_dataset, tmp_path, monkeypatch):
     record = json.loads((out / "metrics.jsonl").read_text())
     assert np.isfinite(record["train_loss"])
     assert not any(k.startswith("_orig_mod.") for k in _state(out / "last.pt"))
+
+
+def test_augmentation_on_the_device_is_independent_of_loader_workers(small_dataset, tmp_path, monkeypatch, caplog):
+    """--augment-on device (tested here on the CPU device): loader workers only hand over pixels, the batch is
+    augmented in the training process; 0 and 2 workers give bit-identical weights, and the weights differ from
+    augmentation in the workers (another implementation of the same draws)."""
+    import logging
+
+    monkeypatch.setattr(train_mod, "finalize", lambda *args, **kwargs: {})
+    caplog.set_level(logging.INFO, logger="covid_cxr.train")
+    runs = {}
+    for name, kw in {"device-0": dict(augment_on="device", workers=0), "device-2": dict(augment_on="device", workers=2),
+                     "workers": dict(augment_on="workers", workers=0)}.items():
+        train_mod.run(_cfg(small_dataset, tmp_path / name, epochs=1, **kw))
+        runs[name] = _state(tmp_path / name / "last.pt")
+    assert "augmentation: batched on cpu" in caplog.text
+    assert "augmentation: image by image in the loader workers" in caplog.text
+    for k in runs["device-0"]:
+        assert torch.equal(runs["device-0"][k], runs["device-2"][k]), k
+    assert any(not torch.equal(runs["device-0"][k], runs["workers"][k]) for k in runs["workers"]
+               if runs["workers"][k].is_floating_point())
+
+
+def test_augment_location_auto_is_the_gpu():
+    assert train_mod.augment_location("auto", torch.device("cuda", 0)) == "device"
+    assert train_mod.augment_location("auto", torch.device("cpu")) == "workers"
+    assert train_mod.augment_location("device", torch.device("cpu")) == "device"
+    assert train_mod.loader_workers(None, torch.device("cuda", 0), augmenting=False) <= 2
+    assert train_mod.loader_workers(3, torch.device("cuda", 0), augmenting=False) == 3

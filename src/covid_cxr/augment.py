@@ -1,5 +1,9 @@
 """Training augmentation (training only; the pixel pipeline itself is :mod:`covid_cxr.pixels`).
 
+One sample's random parameters are a :class:`Draw` (:func:`draw`); two implementations apply them: :func:`augment`,
+one image at a time with Pillow and torchvision (in DataLoader workers), and :func:`augment_batch`, a whole batch as
+tensor operations on the training device (``covid-cxr train --augment-on device``).
+
 :func:`augment` works on model pixels (stages 1-2 of the pipeline, (S, S) uint8) and returns
 model pixels, so stages 3-4 (intensity standardisation, normalisation) run after it exactly as
 at inference. All randomness comes from an explicit :class:`torch.Generator`, so a sample's
@@ -73,32 +77,55 @@ def _chance(g: torch.Generator, p: float) -> bool:
     return float(torch.rand((), generator=g)) < p
 
 
-def _geometry(x: torch.Tensor, spec: AugmentSpec, g: torch.Generator) -> torch.Tensor:
-    h, w = x.shape
+@dataclass(frozen=True)
+class Draw:
+    """The random parameters of one sample's augmentation: what :func:`augment` (one image, PIL and torchvision on
+    the CPU) and :func:`augment_batch` (a batch, tensor operations on any device) both apply.
+
+    Acquisition steps that were not drawn are None."""
+
+    crop: tuple[int, int, int, int]
+    """top, left, height, width of the random resized crop (resized back to the full side)."""
+    angle: float
+    """Rotation in degrees, counter-clockwise, about the centre."""
+    shift: tuple[float, float]
+    """(x, y) translation in pixels."""
+    brightness: float
+    contrast: float
+    resample: float | None = None
+    """Down-and-up sampling to this fraction of the side."""
+    blur: float | None = None
+    """Gaussian blur sigma in pixels."""
+    jpeg: int | None = None
+    """JPEG re-compression quality."""
+    gamma: float | None = None
+    noise: float | None = None
+    """Gaussian noise standard deviation in grey levels."""
+    noise_seed: int = 0
+
+
+def draw(shape: tuple[int, int], spec: AugmentSpec, g: torch.Generator) -> Draw:
+    """Draw one sample's parameters from ``g`` (the order of the draws is fixed: a run's augmentation does not
+    change with the implementation that applies it).
+
+    Every acquisition draw is made whether or not its step runs, so one step's probability never shifts the
+    random numbers of the next ones.
+    """
+    h, w = shape
     area = h * w * _uniform(g, *spec.crop_scale)
     ratio = math.exp(_uniform(g, math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1])))
     cw = min(w, max(8, int(round(math.sqrt(area * ratio)))))
     ch = min(h, max(8, int(round(math.sqrt(area / ratio)))))
     top = int(_uniform(g, 0, h - ch + 1)) if h > ch else 0
     left = int(_uniform(g, 0, w - cw + 1)) if w > cw else 0
-    y = TF.resized_crop(x.unsqueeze(0), top, left, ch, cw, [h, w], antialias=True)
     angle = _uniform(g, -spec.max_rotation, spec.max_rotation)
     tx = _uniform(g, -spec.max_shift, spec.max_shift) * w
     ty = _uniform(g, -spec.max_shift, spec.max_shift) * h
-    y = TF.affine(y, angle=angle, translate=[tx, ty], scale=1.0, shear=[0.0, 0.0],
-                  interpolation=TF.InterpolationMode.BILINEAR, fill=0)
-    y = TF.adjust_brightness(y, _uniform(g, 1 - spec.brightness, 1 + spec.brightness))
-    y = TF.adjust_contrast(y, _uniform(g, 1 - spec.contrast, 1 + spec.contrast))
-    return y.squeeze(0)
-
-
-def _acquisition(x: np.ndarray, spec: AugmentSpec, g: torch.Generator) -> np.ndarray:
-    """Down-and-up sampling, blur, JPEG, gamma, noise on a (S, S) uint8 array (each with its probability).
-
-    Every draw is made whether or not its step runs, so one step's probability never shifts the
-    random numbers of the next ones.
-    """
-    h, w = x.shape
+    brightness = _uniform(g, 1 - spec.brightness, 1 + spec.brightness)
+    contrast = _uniform(g, 1 - spec.contrast, 1 + spec.contrast)
+    base = Draw((top, left, ch, cw), angle, (tx, ty), brightness, contrast)
+    if not spec.acquisition:
+        return base
     d_resample, scale = _chance(g, spec.p_resample), _uniform(g, *spec.resample_scale)
     d_blur, sigma = _chance(g, spec.p_blur), _uniform(g, *spec.blur_sigma)
     d_jpeg, quality = _chance(g, spec.p_jpeg), int(round(_uniform(g, *spec.jpeg_quality)))
@@ -106,26 +133,44 @@ def _acquisition(x: np.ndarray, spec: AugmentSpec, g: torch.Generator) -> np.nda
     gamma = math.exp(_uniform(g, math.log(spec.gamma[0]), math.log(spec.gamma[1])))
     d_noise, noise_std = _chance(g, spec.p_noise), _uniform(g, *spec.noise_std)
     noise_seed = int(torch.randint(0, 2**31 - 1, (), generator=g))
+    return Draw(base.crop, angle, (tx, ty), brightness, contrast, resample=scale if d_resample else None,
+                blur=sigma if d_blur else None, jpeg=quality if d_jpeg else None, gamma=gamma if d_gamma else None,
+                noise=noise_std if d_noise else None, noise_seed=noise_seed)
+
+
+def _geometry(x: torch.Tensor, d: Draw) -> torch.Tensor:
+    h, w = x.shape
+    top, left, ch, cw = d.crop
+    y = TF.resized_crop(x.unsqueeze(0), top, left, ch, cw, [h, w], antialias=True)
+    y = TF.affine(y, angle=d.angle, translate=list(d.shift), scale=1.0, shear=[0.0, 0.0],
+                  interpolation=TF.InterpolationMode.BILINEAR, fill=0)
+    y = TF.adjust_brightness(y, d.brightness)
+    y = TF.adjust_contrast(y, d.contrast)
+    return y.squeeze(0)
+
+
+def _acquisition(x: np.ndarray, d: Draw) -> np.ndarray:
+    """Down-and-up sampling, blur, JPEG, gamma, noise on a (S, S) uint8 array (the steps drawn)."""
+    h, w = x.shape
     img = Image.fromarray(x)
-    if d_resample:
-        small = (max(8, round(w * scale)), max(8, round(h * scale)))
+    if d.resample is not None:
+        small = (max(8, round(w * d.resample)), max(8, round(h * d.resample)))
         img = img.resize(small, Image.Resampling.BILINEAR, reducing_gap=2.0).resize((w, h), Image.Resampling.BILINEAR)
-    if d_blur:
-        img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
-    if d_jpeg:
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality)
-        buf.seek(0)
-        with Image.open(buf, formats=["JPEG"]) as re_read:
-            img = re_read.convert("L")
+    if d.blur is not None:
+        img = img.filter(ImageFilter.GaussianBlur(radius=d.blur))
     out = np.asarray(img, dtype=np.uint8)
-    if d_gamma:
-        lut = np.round(255.0 * (np.arange(256) / 255.0) ** gamma).astype(np.uint8)
-        out = lut[out]
-    if d_noise:
-        noise = np.random.default_rng(noise_seed).normal(0.0, noise_std, size=out.shape)
+    if d.jpeg is not None:
+        out = _jpeg_pillow(out, d.jpeg)
+    if d.gamma is not None:
+        out = _gamma_lut(d.gamma)[out]
+    if d.noise is not None:
+        noise = np.random.default_rng(d.noise_seed).normal(0.0, d.noise, size=out.shape)
         out = np.clip(np.round(out + noise), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(out)
+
+
+def _gamma_lut(gamma: float) -> np.ndarray:
+    return np.round(255.0 * (np.arange(256) / 255.0) ** gamma).astype(np.uint8)
 
 
 def augment(pixels: np.ndarray | torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> np.ndarray:
@@ -136,10 +181,133 @@ def augment(pixels: np.ndarray | torch.Tensor, spec: AugmentSpec, generator: tor
     x = torch.as_tensor(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels
     if x.dtype != torch.uint8 or x.ndim != 2:
         raise ValueError(f"augment expects (H, W) uint8 pixels, got {x.dtype} {tuple(x.shape)}")
-    out = _geometry(x, spec, generator).numpy()
+    d = draw(tuple(x.shape), spec, generator)
+    out = _geometry(x, d).numpy()
     if spec.acquisition:
-        out = _acquisition(out, spec, generator)
+        out = _acquisition(out, d)
     return out
+
+
+# ----------------------------------------------------------------------------- the same, batched on a device
+
+
+def _affine_theta(d: Draw, h: int, w: int) -> tuple[list[float], list[float]]:
+    """Two 2x3 matrices in ``affine_grid``'s normalised coordinates (align_corners=False): output -> crop image
+    (the inverse of the rotation and shift, as torchvision's affine applies them), and crop image -> source."""
+    a = math.radians(d.angle)
+    cos, sin = math.cos(a), math.sin(a)
+    tx, ty = d.shift
+    # torchvision rotates by +angle counter-clockwise on screen (y down): a source point p maps to R p + t with
+    # R = [[cos, -sin], [sin, cos]] in pixel units about the centre; the grid needs the inverse, R^T (q - t).
+    inv = [[cos, sin, -(cos * tx + sin * ty)], [-sin, cos, sin * tx - cos * ty]]
+    # Pixel units about the centre -> normalised units ([-1, 1] across the side): scale x by 2/w, y by 2/h.
+    rot = [inv[0][0], inv[0][1] * h / w, inv[0][2] * 2 / w], [inv[1][0] * w / h, inv[1][1], inv[1][2] * 2 / h]
+    top, left, ch, cw = d.crop
+    crop = [cw / w, 0.0, (2 * left + cw) / w - 1.0], [0.0, ch / h, (2 * top + ch) / h - 1.0]
+    return [list(rot[0]), list(rot[1])], [list(crop[0]), list(crop[1])]
+
+
+def _gaussian_kernel(sigma: float, radius: int, device: torch.device) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _jpeg_pillow(x: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf, formats=["JPEG"]) as re_read:
+        return np.array(re_read.convert("L"), dtype=np.uint8)  # a writable copy
+
+
+def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG re-compression of a (1, H, W) uint8 image: nvjpeg on CUDA (torchvision), else Pillow (what
+    :func:`augment` uses, so on the CPU the two implementations agree exactly on this step)."""
+    if img.device.type == "cuda":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+            from torchvision.io import decode_jpeg, encode_jpeg
+
+            try:
+                return decode_jpeg(encode_jpeg(img, quality=quality), device=img.device)
+            except (RuntimeError, TypeError):  # a build without GPU JPEG: Pillow below
+                pass
+    return torch.from_numpy(_jpeg_pillow(img[0].cpu().numpy(), quality)).unsqueeze(0).to(img.device)
+
+
+def augment_batch(pixels: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
+    """:func:`augment` of a batch with given draws, as tensor operations on the batch's device (a GPU can augment
+    thousands of images per second that CPU workers would have to prepare one by one).
+
+    The same draws give the same transformation as :func:`augment`, implemented differently, so the pixels agree
+    closely but not bit for bit: one bilinear sampling for crop, rotation and shift (instead of a resize then an
+    affine), a true Gaussian blur (Pillow approximates it with box filters), JPEG by nvjpeg on CUDA (by Pillow, as
+    :func:`augment`, elsewhere), and the noise drawn by torch from the same per-sample seed (numpy draws other
+    numbers). A sample's output depends only on its pixels and its draw,
+    never on the other samples of the batch, the batch size or the number of loader workers.
+
+    Args:
+        pixels: (B, S, S) uint8 model pixels on any device.
+        draws: one :class:`Draw` per sample (see :func:`draw`).
+
+    Returns:
+        (B, S, S) uint8 on the same device.
+    """
+    if pixels.dtype != torch.uint8 or pixels.ndim != 3:
+        raise ValueError(f"augment_batch expects (B, H, W) uint8 pixels, got {pixels.dtype} {tuple(pixels.shape)}")
+    if len(draws) != len(pixels):
+        raise ValueError(f"{len(draws)} draws for {len(pixels)} images")
+    b, h, w = pixels.shape
+    dev = pixels.device
+    if b == 0:
+        return pixels
+    import torch.nn.functional as F
+
+    x = pixels.to(torch.float32).unsqueeze(1)
+    mats = [_affine_theta(d, h, w) for d in draws]
+    rot = torch.tensor([m[0] for m in mats], dtype=torch.float32, device=dev)
+    crop = torch.tensor([m[1] for m in mats], dtype=torch.float32, device=dev)
+    q = F.affine_grid(rot, [b, 1, h, w], align_corners=False)  # output -> crop image
+    src = q @ crop[:, :, :2].transpose(1, 2)[:, None] + crop[:, None, None, :, 2]  # crop image -> source
+    y = F.grid_sample(x, src, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = F.grid_sample(torch.ones_like(x[:1]).expand(b, -1, -1, -1), q, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)  # fill 0 outside the crop, as torchvision's affine does
+    y = torch.round(y * inside).clamp_(0, 255).floor_()
+    bright = torch.tensor([d.brightness for d in draws], dtype=torch.float32, device=dev).view(b, 1, 1, 1)
+    y = (y * bright).clamp_(0, 255).floor_()  # torchvision's uint8 blend: clamp, then truncate
+    con = torch.tensor([d.contrast for d in draws], dtype=torch.float32, device=dev).view(b, 1, 1, 1)
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)
+    y = (con * y + (1 - con) * mean).clamp_(0, 255).floor_()
+
+    rows = [k for k, d in enumerate(draws) if d.resample is not None]
+    for k in rows:  # each image its own size: small per-image ops
+        s = draws[k].resample
+        small = (max(8, round(h * s)), max(8, round(w * s)))
+        down = F.interpolate(y[k:k + 1], size=small, mode="bilinear", antialias=True, align_corners=False)
+        y[k:k + 1] = F.interpolate(down, size=(h, w), mode="bilinear", align_corners=False).round_().clamp_(0, 255)
+    for k in [k for k, d in enumerate(draws) if d.blur is not None]:  # a kernel of its own radius per image
+        sig = draws[k].blur
+        radius = max(1, math.ceil(3 * sig))
+        kern = _gaussian_kernel(sig, radius, dev)
+        z = F.pad(y[k:k + 1], (radius, radius, radius, radius), mode="replicate")
+        z = F.conv2d(F.conv2d(z, kern.view(1, 1, 1, -1)), kern.view(1, 1, -1, 1))
+        y[k:k + 1] = z.round_().clamp_(0, 255)
+    for k in [k for k, d in enumerate(draws) if d.jpeg is not None]:  # a quality per image
+        y[k] = _jpeg(y[k].to(torch.uint8), draws[k].jpeg).to(torch.float32)
+    rows = [k for k, d in enumerate(draws) if d.gamma is not None]
+    if rows:
+        luts = torch.tensor(np.stack([_gamma_lut(draws[k].gamma) for k in rows]), dtype=torch.float32, device=dev)
+        idx = y[rows].view(len(rows), -1).long()
+        y[rows] = torch.gather(luts, 1, idx).view(len(rows), 1, h, w)
+    rows = [k for k, d in enumerate(draws) if d.noise is not None]
+    for k in rows:
+        g = torch.Generator(device=dev).manual_seed(draws[k].noise_seed)
+        noise = torch.randn((1, h, w), generator=g, device=dev) * draws[k].noise
+        y[k] = (y[k] + noise).round_().clamp_(0, 255)
+    return y.squeeze(1).to(torch.uint8)
 
 
 def mixup_lambda(alpha: float, seed: int) -> float:

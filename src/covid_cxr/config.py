@@ -274,7 +274,14 @@ class TrainOptions(_Config):
     seed: int = 0
     """Seed of initialisation, shuffling and augmentation."""
     workers: int | None = None
-    """DataLoader worker processes; default 1 on CPU (overlaps augmentation with the model step), up to 8 on CUDA."""
+    """DataLoader worker processes; default 1 on CPU (overlaps augmentation with the model step); on CUDA up to 8
+    when they augment, 2 when the device does (--augment-on)."""
+    augment_on: Literal["auto", "workers", "device"] = "auto"
+    """Where training augmentation runs: 'workers' (the DataLoader's processes, image by image with Pillow and
+    torchvision; CPU cores bound the rate), 'device' (whole batches as tensor operations on the training device:
+    a GPU augments thousands of images per second) or 'auto' (device on CUDA, workers on CPU). Each image gets the
+    same random parameters either way (seed, epoch, index); the pixel operations differ slightly
+    (covid_cxr.augment.augment_batch)."""
     device: str = "auto"
     """Where to train: auto (CUDA if available), cpu, cuda or cuda:N."""
     amp: bool = True

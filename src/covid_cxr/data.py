@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from covid_cxr.augment import AugmentSpec, augment
-from covid_cxr.pixels import PreprocessSpec, finish
+from covid_cxr.augment import AugmentSpec, augment, augment_batch, draw
+from covid_cxr.pixels import PreprocessSpec, finish, standardize_intensity
 
 
 def sample_seed(*parts: int) -> int:
@@ -30,10 +30,12 @@ class StackDataset(Dataset):
 
     Without augmentation a sample's input is exactly :func:`covid_cxr.pixels.finish` of its pixels, the
     input every inference path gives the model; with it, :func:`covid_cxr.augment.augment` runs first.
+    With ``pixels_only`` a sample is its (S, S) uint8 model pixels, untouched: :class:`BatchAugment` augments
+    and finishes whole batches on the training device instead.
     """
 
     def __init__(self, pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec,
-                 augment_spec: AugmentSpec | None = None, seed: int = 0):
+                 augment_spec: AugmentSpec | None = None, seed: int = 0, pixels_only: bool = False):
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[1:] != (spec.size, spec.size):
             raise ValueError(f"expected a (N, {spec.size}, {spec.size}) uint8 stack, got {pixels.dtype} {pixels.shape}")
         if len(pixels) != len(targets):
@@ -44,6 +46,9 @@ class StackDataset(Dataset):
         self.augment_spec = augment_spec
         self.seed = seed
         self.epoch = 0
+        self.pixels_only = pixels_only
+        if pixels_only and augment_spec is not None:
+            raise ValueError("pixels_only samples are not augmented here; give the AugmentSpec to BatchAugment")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draw of ``epoch`` (call before iterating, like DistributedSampler)."""
@@ -54,10 +59,50 @@ class StackDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         x = self.pixels[i]
+        if self.pixels_only:
+            return torch.from_numpy(np.ascontiguousarray(x)), int(self.targets[i]), i
         if self.augment_spec is not None:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
-            x = augment(x, self.augment_spec, g)
+            x = augment(x, self.augment_spec, sample_generator(self.seed, self.epoch, i))
         return torch.from_numpy(finish(x, self.spec)), int(self.targets[i]), i
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample's augmentation in one epoch: the same wherever and however it is applied."""
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, index))
+
+
+def finish_tensor(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """:func:`covid_cxr.pixels.finish` of a (B, S, S) uint8 batch on its device: (B, C, S, S) float32, the same
+    numbers (the same float32 operations). Intensity standardisation other than 'none' runs on the CPU (numpy,
+    the one implementation), the rest on the device."""
+    if pixels.dtype != torch.uint8 or pixels.ndim != 3:
+        raise ValueError(f"finish_tensor expects (B, S, S) uint8 pixels, got {pixels.dtype} {tuple(pixels.shape)}")
+    if spec.intensity != "none":
+        pixels = torch.from_numpy(standardize_intensity(pixels.cpu().numpy(), spec)).to(pixels.device)
+    x = pixels.to(torch.float32) / 255.0
+    x = x.unsqueeze(1).expand(-1, spec.channels, -1, -1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+class BatchAugment:
+    """Training augmentation of whole batches on the training device, then stages 3-4 there.
+
+    Each sample's parameters come from the same generator as in :class:`StackDataset` (seed, epoch, index), so a
+    sample is transformed the same way whichever batch, rank or loader worker it comes through; the pixel
+    operations are :func:`covid_cxr.augment.augment_batch` (tensor operations: a GPU does in one call what CPU
+    workers do image by image).
+    """
+
+    def __init__(self, spec: PreprocessSpec, augment_spec: AugmentSpec, seed: int):
+        self.spec, self.augment_spec, self.seed = spec, augment_spec, seed
+
+    def __call__(self, pixels: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """(B, S, S) uint8 model pixels of the samples ``indices`` -> (B, C, S, S) float32 network input."""
+        shape = (int(pixels.shape[1]), int(pixels.shape[2]))
+        draws = [draw(shape, self.augment_spec, sample_generator(self.seed, epoch, int(i))) for i in indices.tolist()]
+        return finish_tensor(augment_batch(pixels, draws), self.spec)
 
 
 class EpochSampler(Sampler[int]):

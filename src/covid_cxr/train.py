@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from covid_cxr.augment import AugmentSpec, mixup_lambda
 from covid_cxr.calibration import calibrate, reliability_diagram_png
 from covid_cxr.config import TrainConfig
-from covid_cxr.data import EpochSampler, StackDataset, sample_seed, worker_init
+from covid_cxr.data import BatchAugment, EpochSampler, StackDataset, sample_seed, worker_init
 from covid_cxr.dataset import Dataset, read_dataset
 from covid_cxr.errors import CheckpointError, CovidCxrError, OutputError, RunError
 from covid_cxr.files import (RunLock, append_line, atomic_write, default_workers, read_json, relative_or_absolute,
@@ -138,8 +138,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                     progress: bool = False, desc: str = "train", mixup: float = 0.0, seed: int = 0, epoch: int = 0,
                     adversary: SourceAdversary | None = None, sources: torch.Tensor | None = None,
-                    adversary_max: float = 0.0, total_steps: int = 1, channels_last: bool | None = None) -> dict:
+                    adversary_max: float = 0.0, total_steps: int = 1, channels_last: bool | None = None,
+                    batch_augment: BatchAugment | None = None) -> dict:
     """One pass over ``loader``. Returns {"loss", "accuracy", "images"} (plus ``adv_loss``/``adv_accuracy``).
+
+    With ``batch_augment`` the loader yields (B, S, S) uint8 model pixels, augmented and finished on ``device``
+    here (--augment-on device); otherwise it yields finished network input.
 
     MixUp (``mixup`` > 0) mixes each batch with a permutation of itself, with lambda and the permutation
     drawn from (seed, epoch, step). The adversary (if given) reads the features of the same forward pass.
@@ -158,6 +162,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     for step, (x, y, idx) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        if batch_augment is not None:
+            x = batch_augment(x, idx, epoch)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lam, perm = 1.0, None
@@ -292,15 +298,25 @@ def _check_run_dir(cfg: TrainConfig, run: RunDir):
     return ckpt
 
 
-def loader_workers(requested: int | None, device: torch.device) -> int:
-    """DataLoader workers: as requested, else 1 on CPU and up to 8 on CUDA.
+def loader_workers(requested: int | None, device: torch.device, augmenting: bool = True) -> int:
+    """DataLoader workers: as requested, else 1 on CPU, and on CUDA up to 8 when they augment, 2 when they only
+    hand over pixels (--augment-on device).
 
     On CPU one single-threaded worker prepares the next batch while the model computes; in the main
     process augmentation would compete with the model's threads (measured ~50x slower per image under
     load by v0.1's data benchmark; benchmarks/bench_train.py measures the data wait now)."""
     if requested is not None:
         return requested
-    return 1 if device.type == "cpu" else default_workers(8)
+    if device.type == "cpu":
+        return 1
+    return default_workers(8) if augmenting else min(2, default_workers(8))
+
+
+def augment_location(requested: str, device: torch.device) -> str:
+    """``--augment-on``: 'workers' or 'device' ('auto': the device when it is a GPU)."""
+    if requested == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    return requested
 
 
 def make_train_loader(train_ds: StackDataset, sampler: EpochSampler, batch_size: int, workers: int,
@@ -432,11 +448,18 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
            train_y, val_px, val_y, resume_ckpt) -> dict:
     labels, spec = list(meta.labels), meta.preprocess
     aug = AugmentSpec(acquisition=cfg.acquisition_augment)
-    train_ds = StackDataset(train_px, train_y, spec, aug, seed=cfg.seed)
+    on_device = augment_location(cfg.augment_on, rt.device) == "device"
+    if on_device:
+        train_ds = StackDataset(train_px, train_y, spec, seed=cfg.seed, pixels_only=True)
+        batch_augment = BatchAugment(spec, aug, cfg.seed)
+    else:
+        train_ds = StackDataset(train_px, train_y, spec, aug, seed=cfg.seed)
+        batch_augment = None
+    log.info("augmentation: %s", f"batched on {rt.device}" if on_device else "image by image in the loader workers")
     sampler = EpochSampler(train_y, cfg.seed, strata=_strata(cfg, train_rows, train_y), rank=rt.rank,
                            world_size=rt.world_size)
-    train_loader = make_train_loader(train_ds, sampler, cfg.batch_size, loader_workers(cfg.workers, rt.device),
-                                     rt.device)
+    train_loader = make_train_loader(train_ds, sampler, cfg.batch_size,
+                                     loader_workers(cfg.workers, rt.device, augmenting=not on_device), rt.device)
     model = build_model(labels, arch=cfg.arch, weights=None if cfg.weights == "none" else cfg.weights)
     if cfg.freeze_backbone:
         for p in backbone_parameters(model):
@@ -503,7 +526,8 @@ def _train(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, ds: Dataset, meta: Mo
     loop = dict(cfg=cfg, rt=rt, run_dir=run_dir, meta=meta, train_model=train_model, model=model, train_ds=train_ds,
                 sampler=sampler, train_loader=train_loader, val_px=val_px, val_y=val_y, optimizer=optimizer,
                 scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, dtype=dtype, state=state, adversary=adversary,
-                train_adversary=train_adversary, sources=sources, experiment_log=experiment_log)
+                train_adversary=train_adversary, sources=sources, experiment_log=experiment_log,
+                batch_augment=batch_augment)
     ok = False
     try:
         summary = _epochs(**loop)
@@ -533,7 +557,7 @@ def _open_experiment_log(cfg: TrainConfig, rt: Runtime, run_dir: RunDir, meta: M
 
 def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train_loader, val_px, val_y, optimizer,
             scheduler, scaler, loss_fn, dtype, state, adversary, sources, experiment_log=None,
-            train_adversary=None) -> dict:
+            train_adversary=None, batch_augment=None) -> dict:
     stopped_early = False
     positive = meta.positive_index
     total_steps = cfg.epochs * len(train_loader)
@@ -545,7 +569,8 @@ def _epochs(cfg, rt, run_dir, meta, train_model, model, train_ds, sampler, train
                              progress=cfg.progress and rt.is_main, desc=f"epoch {epoch}/{cfg.epochs}",
                              mixup=cfg.mixup, seed=cfg.seed, epoch=epoch,
                              adversary=train_adversary if train_adversary is not None else adversary,
-                             sources=sources, adversary_max=cfg.adversarial, total_steps=total_steps)
+                             sources=sources, adversary_max=cfg.adversarial, total_steps=total_steps,
+                             batch_augment=batch_augment)
         train_s = time.perf_counter() - t0
         if rt.distributed:
             tr = _global_train_metrics(tr, rt)  # every rank records (and decides on) the same numbers
