@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from covid_cxr import explain
+from covid_cxr import explain, gradcam
 from covid_cxr.config import ExplainConfig
 from covid_cxr.errors import ConfigError, ImageReadError
 from covid_cxr.inference import load_predictor
@@ -69,7 +69,7 @@ def test_grad_cam_is_the_class_activation_map():
         act = F.relu(model.net.features(x))[0]
     model.train()
     for target in (0, 1):
-        heat = explain.grad_cam(model, x, target, layer="features")
+        heat = gradcam.grad_cam(model, x, target, layer="features")
         ref = _cam_reference(model.head.weight[target].detach(), act, 96)
         assert ref.max() > 0 or target == 1
         np.testing.assert_allclose(heat, ref, atol=1e-5)
@@ -80,18 +80,18 @@ def test_grad_cam_is_the_class_activation_map():
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref_logits)
     # automatic layer: the deepest map with >= 7 cells a side (the last block at 224 px, denseblock2 at 96)
-    assert explain.cam_layers(model) == ARCHS["densenet121"].cam_layers
-    assert explain._cam(model, x, 1)[2] == "features.denseblock2"
-    assert explain._cam(model, torch.randn(1, 3, 224, 224), 1)[2] == "features"
-    assert explain.grad_cam(model, x, 1).shape == (96, 96)
+    assert gradcam.cam_layers(model) == ARCHS["densenet121"].cam_layers
+    assert gradcam._cam(model, x, 1)[2] == "features.denseblock2"
+    assert gradcam._cam(model, torch.randn(1, 3, 224, 224), 1)[2] == "features"
+    assert gradcam.grad_cam(model, x, 1).shape == (96, 96)
     with pytest.raises(ValueError, match="out of range"):
-        explain.grad_cam(model, x, 2)
+        gradcam.grad_cam(model, x, 2)
     with pytest.raises(ValueError, match="unknown Grad-CAM layer"):
-        explain.grad_cam(model, x, 1, layer="classifier")
+        gradcam.grad_cam(model, x, 1, layer="classifier")
     with pytest.raises(ValueError, match=r"\(1, C, S, S\)"):
-        explain.grad_cam(model, x[0], 1)
+        gradcam.grad_cam(model, x[0], 1)
     with pytest.raises(TypeError, match="CxrNet"):
-        explain.grad_cam(model.net, x, 1)
+        gradcam.grad_cam(model.net, x, 1)
 
 
 def test_grad_cam_layers_follow_the_architecture():
@@ -102,52 +102,52 @@ def test_grad_cam_layers_follow_the_architecture():
     with torch.no_grad():
         model.head.weight[0].abs_()
     x = torch.randn(1, 3, 224, 224)
-    assert explain._cam(model, x, 0)[2] == "layer4"  # 7 x 7 at 224 px
-    assert explain._cam(model, x[..., :96, :96], 0)[2] == "layer2"  # layer4 3 x 3, layer3 6 x 6, layer2 12 x 12
+    assert gradcam._cam(model, x, 0)[2] == "layer4"  # 7 x 7 at 224 px
+    assert gradcam._cam(model, x[..., :96, :96], 0)[2] == "layer2"  # layer4 3 x 3, layer3 6 x 6, layer2 12 x 12
     with torch.no_grad():
         act = model.net.layer4(model.net.layer3(model.net.layer2(model.net.layer1(
             model.net.maxpool(model.net.relu(model.net.bn1(model.net.conv1(x))))))))[0]
-    np.testing.assert_allclose(explain.grad_cam(model, x, 0, layer="layer4"),
+    np.testing.assert_allclose(gradcam.grad_cam(model, x, 0, layer="layer4"),
                                _cam_reference(model.head.weight[0].detach(), act, 224), atol=1e-5)
     with pytest.raises(ValueError, match="unknown Grad-CAM layer"):
-        explain.grad_cam(model, x, 0, layer="features")  # a DenseNet layer name
+        gradcam.grad_cam(model, x, 0, layer="features")  # a DenseNet layer name
 
 
 def test_heatmaps_are_drawn_at_a_bounded_display_resolution(tiny):
     model, meta = tiny
     small = make_gray(1, (100, 168))
-    r = explain.explain_array(model, meta, small, target="normal")
+    r = gradcam.explain_array(model, meta, small, target="normal")
     assert r["heatmap"].shape == r["display"].shape == (100, 168)  # small images: their own resolution
     np.testing.assert_array_equal(r["display"], small)
     assert r["target"] == 0 and r["layer"] in ARCHS[meta.arch].cam_layers and r["log_probs"].shape == (2,)
     big = np.asarray(Image.fromarray(make_gray(2, (150, 200))).resize((2000, 1500)))
-    r = explain.explain_array(model, meta, big)
+    r = gradcam.explain_array(model, meta, big)
     assert r["heatmap"].shape == r["display"].shape == (1500 * 768 // 2000, 768)
     assert r["heatmap"].dtype == np.float32 and 0.0 <= r["heatmap"].min() and r["heatmap"].max() <= 1.0
     assert r["target"] == meta.positive_index  # default: the positive class
-    assert explain.heatmap_for_image(model, meta, big).shape == (576, 768)
+    assert gradcam.heatmap_for_image(model, meta, big).shape == (576, 768)
     tall = np.asarray(Image.fromarray(make_gray(3, (200, 150))).resize((900, 3000)))
-    assert explain.display_image(tall).shape == (768, 230)
+    assert gradcam.display_image(tall).shape == (768, 230)
     # the overlay is drawn from the display image; a full-size image is refused
     buf = io.BytesIO()
-    explain.overlay_png(r["display"], r["heatmap"], buf, caption="big")
+    gradcam.overlay_png(r["display"], r["heatmap"], buf, caption="big")
     with Image.open(io.BytesIO(buf.getvalue())) as img:
         assert max(img.size) < 2000
     with pytest.raises(ValueError, match="at most 768"):
-        explain.overlay_png(big, np.zeros(big.shape, np.float32), io.BytesIO())
+        gradcam.overlay_png(big, np.zeros(big.shape, np.float32), io.BytesIO())
 
 
 def test_absurd_aspect_ratios_are_refused(tiny, tiny_predictor, tmp_path):
     model, meta = tiny
     with pytest.raises(ImageReadError, match="aspect ratio"):
-        explain.check_aspect(np.zeros((10, 5000), np.uint8), "strip.png")
+        gradcam.check_aspect(np.zeros((10, 5000), np.uint8), "strip.png")
     with pytest.raises(ImageReadError, match=r"strip\.png.*5000x10"):
-        explain.check_aspect(np.zeros((10, 5000), np.uint8), "strip.png")
+        gradcam.check_aspect(np.zeros((10, 5000), np.uint8), "strip.png")
     with pytest.raises(ImageReadError, match="aspect ratio"):
-        explain.check_aspect(np.zeros((5000, 10), np.uint8))
-    explain.check_aspect(np.zeros((100, 800), np.uint8))  # 8:1 is still allowed
+        gradcam.check_aspect(np.zeros((5000, 10), np.uint8))
+    gradcam.check_aspect(np.zeros((100, 800), np.uint8))  # 8:1 is still allowed
     with pytest.raises(ImageReadError, match="crop the image to the chest"):
-        explain.explain_array(model, meta, np.full((10, 5000), 128, np.uint8))
+        gradcam.explain_array(model, meta, np.full((10, 5000), 128, np.uint8))
     strip = tmp_path / "strip.png"
     Image.fromarray(np.full((10, 5000), 128, np.uint8)).save(strip)
     with pytest.raises(ImageReadError, match=r"strip\.png.*aspect ratio"):
@@ -160,12 +160,12 @@ def test_overlay_png_to_buffer():
     heat = np.zeros((60, 80), np.float32)
     heat[10:20, 30:50] = 1.0
     buf = io.BytesIO()
-    explain.overlay_png(image, heat, buf, caption="test: P(covid) 0.90")
+    gradcam.overlay_png(image, heat, buf, caption="test: P(covid) 0.90")
     assert buf.getvalue()[:8] == PNG_MAGIC
     with Image.open(io.BytesIO(buf.getvalue())) as img:
         assert img.size[0] > 200
     with pytest.raises(ValueError, match="same shape"):
-        explain.overlay_png(image, heat[:, :10], io.BytesIO())
+        gradcam.overlay_png(image, heat[:, :10], io.BytesIO())
 
 
 def test_explain_images_and_run(tiny_predictor, tiny_run, tmp_path):
@@ -204,7 +204,7 @@ def test_explain_images_and_run(tiny_predictor, tiny_run, tmp_path):
                                        target="normal", device="cpu", progress=False))
     assert result["images"] == 1 and result["results"][0]["target"] == "normal"
     saved = json.loads((tmp_path / "run-out" / "explanations.json").read_text())
-    assert "research use only" in saved["disclaimer"] and saved["caveat"] == explain.CAVEAT
+    assert "research use only" in saved["disclaimer"] and saved["caveat"] == gradcam.CAVEAT
     assert "inferno" in saved["method"] and saved["results"][0]["heatmap_png"].endswith("scan_gradcam.png")
     assert (tmp_path / "run-out" / "scan_gradcam.png").read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ConfigError, match="not a class"):
@@ -221,13 +221,13 @@ def test_explain_images_and_run(tiny_predictor, tiny_run, tmp_path):
 def test_caption_says_what_the_map_shows(tiny):
     _, meta = tiny
     lp = np.log(np.array([0.9, 0.1]))
-    text = explain.caption_for("x" * 100 + ".png", meta, lp, target=1, in_scope=False)
+    text = gradcam.caption_for("x" * 100 + ".png", meta, lp, target=1, in_scope=False)
     lines = text.splitlines()
     assert len(lines[0]) <= 60 and lines[0].endswith(".png")
     assert lines[1].startswith("OUT OF SCOPE")
     assert meta.threshold_text() in text and "evidence for 'covid'" in text and "little evidence" in text
     assert "threshold 1.00" not in text
-    assert "OUT OF SCOPE" not in explain.caption_for("a.png", meta, lp, target=0, in_scope=True)
+    assert "OUT OF SCOPE" not in gradcam.caption_for("a.png", meta, lp, target=0, in_scope=True)
 
 
 # ----------------------------------------------------------------------------- a model that learned the phantoms
@@ -237,18 +237,18 @@ def test_caption_says_what_the_map_shows(tiny):
 def test_heatmap_shape_range_and_determinism(learned):
     model, meta = learned
     image = _fresh_covid_phantoms(1)[0]["image"]
-    heat = explain.heatmap_for_image(model, meta, image)
+    heat = gradcam.heatmap_for_image(model, meta, image)
     assert heat.shape == image.shape and heat.dtype == np.float32
     assert heat.min() >= 0.0 and heat.max() == pytest.approx(1.0)
-    np.testing.assert_array_equal(heat, explain.heatmap_for_image(model, meta, image))
+    np.testing.assert_array_equal(heat, gradcam.heatmap_for_image(model, meta, image))
     x = torch.from_numpy(preprocess(image, meta.preprocess)).unsqueeze(0)
-    at_input = explain.grad_cam(model, x, meta.positive_index)
+    at_input = gradcam.grad_cam(model, x, meta.positive_index)
     assert at_input.shape == (meta.preprocess.size,) * 2
     # a non-square image gets a heatmap at its own resolution
     wide = np.ascontiguousarray(np.pad(image, ((0, 0), (20, 20)), mode="edge")[:100])
-    assert explain.heatmap_for_image(model, meta, wide, target="normal").shape == (100, 168)
+    assert gradcam.heatmap_for_image(model, meta, wide, target="normal").shape == (100, 168)
     with pytest.raises(ConfigError, match="not a class"):
-        explain.heatmap_for_image(model, meta, image, target="pneumonia")
+        gradcam.heatmap_for_image(model, meta, image, target="pneumonia")
 
 
 def _twins(n: int, seed: int = FRESH_SEED) -> list[tuple[dict, dict]]:
@@ -266,7 +266,7 @@ def _lesion_enrichment(model, meta, pairs) -> tuple[np.ndarray, np.ndarray]:
         lesion = d["lesion_mask"]
         assert lesion.any() and not t["lesion_mask"].any()
         for image, out in ((d["image"], covid), (t["image"], twin)):
-            heat = explain.heatmap_for_image(model, meta, image, target="covid")
+            heat = gradcam.heatmap_for_image(model, meta, image, target="covid")
             out.append(heat[lesion].mean() / max(float(heat.mean()), 1e-12))
     return np.array(covid), np.array(twin)
 
@@ -296,7 +296,7 @@ def test_grad_cam_lands_on_the_lesions(learned):
     untrained = build_model(meta.labels, arch=meta.arch, weights=None).eval()
     covid0, twin0 = _lesion_enrichment(untrained, meta, pairs)
     gain0 = float(np.mean(covid0 - twin0))
-    inside_outside = float(np.mean([(h := explain.heatmap_for_image(model, meta, d["image"]))[d["lesion_mask"]].mean()
+    inside_outside = float(np.mean([(h := gradcam.heatmap_for_image(model, meta, d["image"]))[d["lesion_mask"]].mean()
                                     / h[~d["lesion_mask"]].mean() for d, _ in pairs]))
     print(f"lesion enrichment of the covid heat: covid phantoms {covid.mean():.2f}, lesion-free twins "
           f"{twin.mean():.2f}, gain {gain:.2f} (covid > twin in {np.mean(covid > twin):.0%} of pairs); untrained "

@@ -388,16 +388,15 @@ class CrossvalConfig(TrainOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig(_Config):
-    """``covid-cxr evaluate``: metrics with patient-bootstrap CIs, the study's classification report and pictures
-    for one manifest split; writes RUN_DIR/eval-<split>/."""
+class _SplitJob(_Config):
+    """What ``evaluate`` and ``audit`` share: one checkpoint of a run scored on one split of its dataset."""
 
     run: str
     """Run folder written by `covid-cxr train`."""
     data: str | None = None
     """Dataset folder; default: the one the run was trained on."""
     split: SplitName = "test"
-    """Which manifest split to evaluate."""
+    """Which manifest split."""
     checkpoint: Checkpoint = "best"
     """Which checkpoint of the run."""
     batch_size: int = 32
@@ -406,51 +405,43 @@ class EvalConfig(_Config):
     """Processes decoding images that are not in the cache."""
     device: str = "auto"
     """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
-    bootstrap: int = 1000
-    """Bootstrap resamples (by patient) for 95% confidence intervals; 0 disables them."""
-    seed: int = 0
-    """Seed of the bootstrap."""
     source_roots: tuple[tuple[str, str], ...] = ()
     """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
 
     def __post_init__(self) -> None:
-        _positive("bootstrap", self.bootstrap, strict=False)
         _positive("batch_size", self.batch_size)
         _positive("workers", self.workers)
         _device(self.device)
 
 
 @dataclass(frozen=True, kw_only=True)
-class AuditConfig(_Config):
+class EvalConfig(_SplitJob):
+    """``covid-cxr evaluate``: metrics with patient-bootstrap CIs, the study's classification report and pictures
+    for one manifest split; writes RUN_DIR/eval-<split>/."""
+
+    bootstrap: int = 1000
+    """Bootstrap resamples (by patient) for 95% confidence intervals; 0 disables them."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("bootstrap", self.bootstrap, strict=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig(_SplitJob):
     """``covid-cxr audit``: does the model look at the lungs? AUC with the lungs masked and with only the border,
     a source probe on frozen features, per-source performance; writes RUN_DIR/audit-<split>/ with verdicts."""
 
-    run: str
-    """Run folder written by `covid-cxr train`."""
-    data: str | None = None
-    """Dataset folder; default: the one the run was trained on."""
-    split: SplitName = "test"
-    """Which manifest split to audit."""
-    checkpoint: Checkpoint = "best"
-    """Which checkpoint of the run."""
     bootstrap: int = 500
     """Bootstrap resamples (by patient) for the AUC intervals; 0 disables them."""
-    device: str = "auto"
-    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
     seed: int = 0
     """Seed of the bootstrap and the probe."""
-    batch_size: int = 32
-    """Images per forward pass."""
-    workers: int = field(default_factory=default_workers)
-    """Processes decoding images that are not in the cache."""
-    source_roots: tuple[tuple[str, str], ...] = ()
-    """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _positive("bootstrap", self.bootstrap, strict=False)
-        _positive("batch_size", self.batch_size)
-        _positive("workers", self.workers)
-        _device(self.device)
 
 
 @dataclass(frozen=True, kw_only=True)

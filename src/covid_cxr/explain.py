@@ -15,16 +15,12 @@ from covid_cxr import DISCLAIMER
 from covid_cxr.config import ExplainConfig
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.files import write_json
-from covid_cxr.gradcam import (CAVEAT, COLORMAP, HEATMAP_SUFFIX, MAX_ASPECT, MAX_OVERLAY_SIDE, MIN_CAM_SIDE, _cam,
-                               _upsample, cam_layers, caption_for, check_aspect, display_image, explain_array,
-                               grad_cam, heatmap_for_image, overlay_png, resolve_target, unique_names)
+from covid_cxr.gradcam import CAVEAT, COLORMAP, MIN_CAM_SIDE, resolve_target
 from covid_cxr.images import list_images
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CAVEAT", "COLORMAP", "HEATMAP_SUFFIX", "MAX_ASPECT", "MAX_OVERLAY_SIDE", "MIN_CAM_SIDE", "_cam",
-           "_upsample", "cam_layers", "caption_for", "check_aspect", "display_image", "explain_array", "grad_cam",
-           "heatmap_for_image", "overlay_png", "resolve_target", "unique_names", "explain_images", "run"]
+__all__ = ["explain_images", "run"]
 
 
 def explain_images(predictor, paths: list[Path], out_dir: Path, target: str | None = None,

@@ -192,7 +192,7 @@ def _audit_section(run: RunDir, split: str, a: dict | None) -> str:
 def _gradcam_examples(run: RunDir, split: str, m: dict, predictor: Predictor, per_kind: int = 2
                       ) -> list[tuple[str, bytes, str]]:
     """Overlays for the most confident true positives, false positives, false negatives and true negatives."""
-    from covid_cxr.explain import caption_for, explain_array, overlay_png
+    from covid_cxr.gradcam import caption_for, explain_array, overlay_png
     from covid_cxr.images import load_image
 
     meta = predictor.meta

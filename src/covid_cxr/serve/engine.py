@@ -1,7 +1,7 @@
 """The model behind the web app: loaded once, shared by concurrent requests.
 
 :class:`Engine` predicts with the same :class:`~covid_cxr.inference.Predictor` as ``covid-cxr predict``
-(either backend) and explains with :func:`covid_cxr.explain.explain_array`.
+(either backend) and explains with :func:`covid_cxr.gradcam.explain_array`.
 
 Thread safety: a forward pass in inference mode does not change the model, so several threads may
 predict with one model at once. Grad-CAM does change it while it runs (it attaches forward hooks and
@@ -10,8 +10,8 @@ With the ONNX backend the heatmap comes from the PyTorch checkpoint the graph wa
 (checked by sha256), loaded on the first heatmap request: a graph has no gradients to take, and
 serving without heatmaps never imports PyTorch.
 
-Heatmaps are bounded: the overlay is drawn at most :data:`covid_cxr.explain.MAX_OVERLAY_SIDE` px on
-its longer side, images more elongated than :data:`covid_cxr.explain.MAX_ASPECT` are refused before
+Heatmaps are bounded: the overlay is drawn at most :data:`covid_cxr.gradcam.MAX_OVERLAY_SIDE` px on
+its longer side, images more elongated than :data:`covid_cxr.gradcam.MAX_ASPECT` are refused before
 any work (HTTP 422 saying why), and the PNG is shrunk until it fits :data:`HEATMAP_MAX_BYTES`.
 """
 
@@ -255,7 +255,7 @@ class Engine:
     @staticmethod
     def check_heatmap(image) -> None:
         """Refuse (422, saying why) an image no heatmap is drawn for, before any work is done on it."""
-        from covid_cxr.explain import check_aspect
+        from covid_cxr.gradcam import check_aspect
 
         try:
             check_aspect(image, "upload")
@@ -266,7 +266,7 @@ class Engine:
     def heatmap(self, image, filename: str = "", in_scope: bool | None = None) -> dict:
         """Grad-CAM overlay PNG (base64, at most :data:`HEATMAP_MAX_BYTES`) and what it shows, from the PyTorch
         checkpoint."""
-        from covid_cxr.explain import CAVEAT, caption_for, explain_array, overlay_png
+        from covid_cxr.gradcam import CAVEAT, caption_for, explain_array, overlay_png
 
         self.check_heatmap(image)
         model = self._cam()
