@@ -485,3 +485,18 @@ def test_a_copied_or_moved_run_folder_works_with_every_command(tiny_run, phantom
     # nothing was written into the original run folder
     assert _snapshot(tiny_run) == original
     assert not list(moved.glob(".*tmp*")) and os.listdir(tree / tiny_run.parent.name) == []
+
+
+@pytest.mark.parametrize("config", ["EvalConfig", "AuditConfig"])
+def test_a_config_class_inherits_its_bases_checks(config):
+    """evaluate and audit share their options through one base class; its checks run for both (a subclass without
+    a __post_init__ of its own once silently skipped them)."""
+    import covid_cxr.config as C
+    from covid_cxr.errors import ConfigError
+
+    cls = getattr(C, config)
+    for bad in (dict(bootstrap=-1), dict(workers=0), dict(batch_size=0), dict(device="gpu"), dict(split="holdout")):
+        with pytest.raises(ConfigError):
+            cls(run="r", **bad)
+    assert cls(run="r", bootstrap=0).bootstrap == 0
+    assert cls(run="r").bootstrap == (500 if config == "AuditConfig" else 1000)

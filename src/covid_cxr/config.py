@@ -105,7 +105,11 @@ class _Config:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        # A class without a __post_init__ of its own keeps its nearest base's checks.
         own = cls.__dict__.get("__post_init__")
+        if own is None:
+            own = next((c.__dict__["_own_post_init"] for c in cls.__mro__[1:] if "_own_post_init" in c.__dict__), None)
+        cls._own_post_init = own
 
         def __post_init__(self) -> None:
             _check_choices(self)
@@ -407,8 +411,13 @@ class _SplitJob(_Config):
     """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
     source_roots: tuple[tuple[str, str], ...] = ()
     """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (by patient) for 95% confidence intervals; 0 disables them."""
+    seed: int = 0
+    """Seed of the bootstrap."""
 
     def __post_init__(self) -> None:
+        _positive("bootstrap", self.bootstrap, strict=False)
         _positive("batch_size", self.batch_size)
         _positive("workers", self.workers)
         _device(self.device)
@@ -419,15 +428,6 @@ class EvalConfig(_SplitJob):
     """``covid-cxr evaluate``: metrics with patient-bootstrap CIs, the study's classification report and pictures
     for one manifest split; writes RUN_DIR/eval-<split>/."""
 
-    bootstrap: int = 1000
-    """Bootstrap resamples (by patient) for 95% confidence intervals; 0 disables them."""
-    seed: int = 0
-    """Seed of the bootstrap."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive("bootstrap", self.bootstrap, strict=False)
-
 
 @dataclass(frozen=True, kw_only=True)
 class AuditConfig(_SplitJob):
@@ -435,13 +435,10 @@ class AuditConfig(_SplitJob):
     a source probe on frozen features, per-source performance; writes RUN_DIR/audit-<split>/ with verdicts."""
 
     bootstrap: int = 500
-    """Bootstrap resamples (by patient) for the AUC intervals; 0 disables them."""
+    """Bootstrap resamples (by patient) for the AUC intervals (five maskings: fewer than evaluate's); 0 disables
+    them."""
     seed: int = 0
     """Seed of the bootstrap and the probe."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive("bootstrap", self.bootstrap, strict=False)
 
 
 @dataclass(frozen=True, kw_only=True)
