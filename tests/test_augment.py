@@ -233,3 +233,17 @@ def test_pixels_only_samples_are_the_untouched_pixels():
     assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), px[1]) and (y, i) == (1, 1)
     with pytest.raises(ValueError, match="BatchAugment"):
         StackDataset(px, np.array([0, 1, 0]), spec, AugmentSpec(), pixels_only=True)
+
+
+def test_the_gpu_jpeg_route_gives_a_grey_image_like_pillows():
+    """The route augment_batch takes on CUDA (torchvision's codec: RGB encode, luma decode), run here on the CPU:
+    same shape and dtype, close to Pillow's JPEG at the same quality, and lossy (not the identity)."""
+    from covid_cxr.augment import _jpeg_pillow, _jpeg_torchvision
+
+    img = _phantoms(1, 96)[0]
+    for quality in (30, 90):
+        out = _jpeg_torchvision(torch.from_numpy(img).unsqueeze(0), quality)
+        assert out.shape == (1, 96, 96) and out.dtype == torch.uint8
+        ref = _jpeg_pillow(img, quality).astype(int)
+        assert np.abs(out[0].numpy().astype(int) - ref).mean() < 1.5
+        assert not np.array_equal(out[0].numpy(), img)

@@ -221,20 +221,37 @@ def _jpeg_pillow(x: np.ndarray, quality: int) -> np.ndarray:
         return np.array(re_read.convert("L"), dtype=np.uint8)  # a writable copy
 
 
+def _jpeg_torchvision(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG re-compression of a (1, H, W) uint8 image by torchvision on the image's device (nvjpeg on CUDA). The grey
+    image is encoded as RGB (nvjpeg's encoder takes three channels) and decoded to its luma, which is the grey
+    level up to rounding."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+        data = encode_jpeg(img.expand(3, -1, -1).contiguous(), quality=quality)
+        return decode_jpeg(data, mode=ImageReadMode.GRAY, device=img.device)
+
+
+_JPEG_FALLBACK_LOGGED = False
+
+
 def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
     """JPEG re-compression of a (1, H, W) uint8 image: nvjpeg on CUDA (torchvision), else Pillow (what
     :func:`augment` uses, so on the CPU the two implementations agree exactly on this step)."""
+    global _JPEG_FALLBACK_LOGGED
     if img.device.type == "cuda":
-        import warnings
+        try:
+            return _jpeg_torchvision(img, quality)
+        except (RuntimeError, TypeError, ValueError) as exc:  # a build without GPU JPEG: Pillow below
+            if not _JPEG_FALLBACK_LOGGED:
+                _JPEG_FALLBACK_LOGGED = True
+                import logging
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
-            from torchvision.io import decode_jpeg, encode_jpeg
-
-            try:
-                return decode_jpeg(encode_jpeg(img, quality=quality), device=img.device)
-            except (RuntimeError, TypeError):  # a build without GPU JPEG: Pillow below
-                pass
+                logging.getLogger(__name__).warning("JPEG augmentation on %s failed (%s); using Pillow on the CPU "
+                                                    "for that step (slower)", img.device, exc)
     return torch.from_numpy(_jpeg_pillow(img[0].cpu().numpy(), quality)).unsqueeze(0).to(img.device)
 
 
