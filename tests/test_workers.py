@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import covid_cxr
 from covid_cxr.workers import make_pool, run_batches
@@ -35,16 +36,14 @@ def test_run_batches_returns_what_a_loop_returns_in_order() -> None:
         assert got == want, workers
 
 
-def test_workers_do_not_carry_the_commands_memory() -> None:
-    """A pool started after the command filled 400 MB: each worker's resident size stays far below it (a fork
-    of the command would map all of it, and every worker's RSS would count it again)."""
+def test_fresh_workers_do_not_carry_the_commands_memory() -> None:
+    """A fresh pool started after the command filled 400 MB: each worker's resident size stays far below it (a
+    fork of the command would map all of it, and every worker's RSS would count it again)."""
     if not Path("/proc/self/status").exists():
-        import pytest
-
         pytest.skip("needs /proc to read a worker's resident size")
     big = np.ones(400 * 2**20, dtype=np.uint8)  # touched: resident in this process
     assert _rss_mb(os.getpid()) > 400
-    pool = make_pool(2)
+    pool = make_pool(2, fresh=True)
     try:
         pids = {pool.submit(os.getpid).result(timeout=120) for _ in range(8)}
         assert os.getpid() not in pids
@@ -55,14 +54,15 @@ def test_workers_do_not_carry_the_commands_memory() -> None:
     assert max(sizes) < 250, f"workers' RSS {sizes} MB: they carry the command's 400 MB"
 
 
-def test_workers_die_when_the_command_is_killed(tmp_path: Path) -> None:
-    """kill -9 of the command (not of its process group): its workers and the fork server end within seconds."""
+@pytest.mark.parametrize("fresh", [False, True])
+def test_workers_die_when_the_command_is_killed(tmp_path: Path, fresh: bool) -> None:
+    """kill -9 of the command (not of its process group): its workers (and the fork server) end within seconds."""
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(SRC)!r})
         import os
         from covid_cxr.workers import make_pool
-        pool = make_pool(2)
+        pool = make_pool(2, fresh={fresh})
         pids = {{pool.submit(os.getpid).result() for _ in range(6)}}
         print(" ".join(map(str, sorted(pids))), flush=True)
         time.sleep(600)

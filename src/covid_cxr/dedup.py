@@ -459,7 +459,8 @@ def find_near_duplicates(fps: Sequence[Fingerprint] | FingerprintTable, max_hash
         self_energy[s:s + len(part)] = _quadrant_sums(d * d)
     left, right = inverse[:len(cand)], inverse[len(cand):]
     chunks = _PairChunks(detail, energy, self_energy, left, right, chunk_pairs)
-    scores = np.concatenate([np.zeros(0, np.float32)] + list(run_batches(_score_chunks, chunks, workers, batch=1)))
+    scored = run_batches(_score_chunks, chunks, workers, batch=1, fresh=True)  # the table is large: fresh workers
+    scores = np.concatenate([np.zeros(0, np.float32)] + list(scored))
     keep = scores >= min_similarity
     cand, scores = cand[keep], scores[keep]
     # Best window pair per image pair: sort by pair, then score descending, then combo, so ties

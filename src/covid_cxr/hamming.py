@@ -227,7 +227,7 @@ def _indexed(hashes: np.ndarray, combos, max_distance: int, m: int, workers: int
     todo = [(a, b) for a, b in combos if a >= b]
     job = functools.partial(_search_pairs, hashes=np.ascontiguousarray(hashes, dtype=np.uint64), combos=combos,
                             max_distance=max_distance, m=m)
-    found = [rows for part in run_batches(job, todo, workers, batch=1) for rows in part]
+    found = [rows for part in run_batches(job, todo, workers, batch=1, fresh=True) for rows in part]
     return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 4), dtype=np.int64)
 
 

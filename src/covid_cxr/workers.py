@@ -5,6 +5,12 @@ workers die with their parent however it ends, even by ``kill -9`` (``PR_SET_PDE
 watchdog thread elsewhere), and ignore Ctrl-C, which reaches the whole process group: the parent
 handles it by stopping them. The pool is shut down on every exit path, so a killed or interrupted
 ``covid-cxr data build`` leaves no process behind.
+
+A pool for a command that already holds a large table its workers do not need (the near-duplicate search of a
+100,000-image build holds ~0.6 GB of fingerprints) is started ``fresh``: its workers come from a *fork server*
+(Linux, macOS) instead of being forked from the command, which would hand each worker a copy-on-write image of that
+table that reference counting gradually copies and that every worker's resident size counts again. Other pools are
+forked (quick to start). Tasks and their data reach the workers pickled either way, so results never depend on it.
 """
 
 from __future__ import annotations
@@ -53,9 +59,9 @@ def _die_with_parent(command: int) -> None:
     threading.Thread(target=watch, daemon=True, name="covid-cxr-parent-watch").start()
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    """The fork server where there is one (see the module's docstring), else the platform's default."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
+def _context(fresh: bool) -> multiprocessing.context.BaseContext:
+    """``fresh``: the fork server where there is one (see the module's docstring); else the platform's default."""
+    if fresh and "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         # Workers fork from a server that has imported what they run, so each starts in milliseconds.
         ctx.set_forkserver_preload(["covid_cxr.ingest", "covid_cxr.dedup", "covid_cxr.pixels"])
@@ -66,13 +72,16 @@ def _context() -> multiprocessing.context.BaseContext:
 def _stop(pool: ProcessPoolExecutor, clean: bool) -> None:
     """Shut the pool down; after an error or an interrupt, end its processes at once rather than wait.
 
-    The pool's manager thread is joined on both paths: left running, it races the interpreter's exit handler
-    (CPython's ``concurrent.futures`` writes to a wake-up pipe the thread may have closed), which prints an
-    "Exception ignored ... Bad file descriptor" traceback after Ctrl-C."""
+    After an interrupt the pool's manager thread is given a bounded time to end: left running, it races the
+    interpreter's exit handler (CPython's ``concurrent.futures`` writes to a wake-up pipe the thread may have
+    closed), which prints an "Exception ignored ... Bad file descriptor" traceback after Ctrl-C. Nothing here waits
+    without a bound."""
     if clean:
         pool.shutdown(wait=True)
         return
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
+    pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
         if p.is_alive():
             p.terminate()
@@ -81,17 +90,19 @@ def _stop(pool: ProcessPoolExecutor, clean: bool) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
-    # Every worker has ended: the manager thread sees it, fails what was pending and ends; wait for it.
-    pool.shutdown(wait=True, cancel_futures=True)
+    if manager is not None:
+        manager.join(timeout=10)  # it sees the workers gone, fails what was pending and ends
 
 
-def make_pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool whose workers die with this process and leave Ctrl-C to it."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_die_with_parent,
+def make_pool(workers: int, fresh: bool = False) -> ProcessPoolExecutor:
+    """A process pool whose workers die with this process and leave Ctrl-C to it; ``fresh``: started from the fork
+    server (see the module's docstring)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(fresh), initializer=_die_with_parent,
                                initargs=(os.getpid(),))
 
 
-def run_batches(fn: Callable, items: Sequence, workers: int, batch: int = 32, on_done: Callable | None = None):
+def run_batches(fn: Callable, items: Sequence, workers: int, batch: int = 32, on_done: Callable | None = None,
+                fresh: bool = False):
     """Yield ``fn(items[k:k + batch])`` for consecutive batches, in order, computed by ``workers`` processes.
 
     A batch is sliced from ``items`` only when it is submitted and at most ``3 * workers`` are in flight, so a
@@ -106,7 +117,7 @@ def run_batches(fn: Callable, items: Sequence, workers: int, batch: int = 32, on
                 on_done(len(part))
             yield out
         return
-    pool = make_pool(min(workers, n_batches))
+    pool = make_pool(min(workers, n_batches), fresh)
     clean = False
     try:
         pending: dict[int, tuple] = {}
