@@ -144,3 +144,27 @@ def tiny_exported(tiny_run, tmp_path_factory) -> Path:
         shutil.copy2(tiny_run / name, run / name)
     export_onnx(run / "best.pt", run / "model.onnx")
     return run
+
+
+# ----------------------------------------------------------------------------- deterministic kills (tests/hooks)
+
+HOOKS = Path(__file__).resolve().parent / "hooks"
+STOP_BEFORE_RENAME = "COVID_CXR_TEST_STOP_BEFORE_RENAME"
+"""Read by tests/hooks/sitecustomize.py: the file name whose rename into place stops the process (SIGSTOP)."""
+
+
+def stop_before_rename(env: dict, name: str) -> dict:
+    """``env`` for a subprocess that stops itself just before renaming a finished temporary file called ``name``
+    into place, so a test's kill -9 lands inside that write every time."""
+    env = dict(env)
+    env["PYTHONPATH"] = str(HOOKS) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env[STOP_BEFORE_RENAME] = name
+    return env
+
+
+def is_stopped(pid: int) -> bool:
+    """The process is stopped (state T in /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except OSError:
+        return False

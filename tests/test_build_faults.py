@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import make_gray
+from conftest import is_stopped, make_gray, stop_before_rename
 from covid_cxr.config import DataConfig
 from covid_cxr.errors import SourceError
 from covid_cxr.manifest import build
@@ -137,19 +137,9 @@ def rebuilt(tmp_path: Path) -> dict:
 def _start(cmd: list[str], stop_before: str | None = None) -> subprocess.Popen:
     """``stop_before``: the build stops itself (SIGSTOP) when it is about to rename a finished temporary file of
     that name into place (tests/hooks/sitecustomize.py), so a kill lands there every time."""
-    env = _env()
-    if stop_before:
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parent / "hooks") + os.pathsep + env["PYTHONPATH"]
-        env["COVID_CXR_TEST_STOP_BEFORE_RENAME"] = stop_before
+    env = stop_before_rename(_env(), stop_before) if stop_before else _env()
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except OSError:
-        return False
 
 
 @pytest.mark.slow
@@ -175,7 +165,7 @@ def test_kill_during_write_phase_keeps_previous_dataset(rebuilt: dict) -> None:
     proc = _start(rebuilt["cmd"], stop_before="manifest.csv")
     # dataset.json is written before the card and the manifest: the bug was a 3-class dataset.json beside a
     # 2-class manifest.csv after a kill here. The build stops itself as it is about to rename manifest.csv.
-    _kill_when(proc, lambda: _stopped(proc.pid))
+    _kill_when(proc, lambda: is_stopped(proc.pid))
     assert (rebuilt["staging"] / "dataset.json").is_file()
     _assert_group_ends(proc.pid)
     assert tree_hashes(rebuilt["out"]) == rebuilt["before"]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from covid_cxr.data import EpochSampler
+from conftest import is_stopped, stop_before_rename
 
 TIMEOUT = 300  # a hung collective must fail the test, not the CI job
 
@@ -66,10 +67,7 @@ def _torchrun(nproc: int, train_args: list[str], stop_before: str | None = None,
     of that name into place (tests/hooks/sitecustomize.py)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc-per-node", str(nproc), *train_args]
-    env = _env()
-    if stop_before:
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parent / "hooks") + os.pathsep + env["PYTHONPATH"]
-        env["COVID_CXR_TEST_STOP_BEFORE_RENAME"] = stop_before
+    env = stop_before_rename(_env(), stop_before) if stop_before else _env()
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -92,11 +90,8 @@ def _stopped_descendant(proc: subprocess.Popen, timeout: float = TIMEOUT) -> int
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         for pid in _descendants(proc.pid):
-            try:
-                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t"):
-                    return pid
-            except OSError:
-                pass
+            if is_stopped(pid):
+                return pid
         time.sleep(0.02)
     _kill_9(proc)
     pytest.fail(f"no process stopped before a rename:\n{proc.communicate()[0][-4000:]}")

@@ -35,11 +35,9 @@ from covid_cxr.files import TEMP_MARK, append_line, atomic_write
 from covid_cxr.model import build_model, new_meta, read_checkpoint, save_checkpoint
 from covid_cxr.pixels import PreprocessSpec
 
-from conftest import write_image
+from conftest import is_stopped, stop_before_rename, write_image
 
 SRC = Path(covid_cxr.__file__).resolve().parents[1]
-HOOKS = Path(__file__).resolve().parent / "hooks"
-"""Holds the sitecustomize.py that can stop a subprocess just before it renames a finished temporary file."""
 EPOCHS = 2
 TRAIN = ["--epochs", str(EPOCHS), "--image-size", "32", "--batch-size", "8", "--weights", "none", "--patience", "0",
          "--workers", "0", "--no-progress"]
@@ -199,19 +197,12 @@ class Watched:
         self.out = out
         self.log = open(log, "ab")
         args = ["train", "--data", dataset, "--out", out, *TRAIN] + (["--resume"] if resume else [])
-        env = dict(ENV)
-        if stop_before:
-            env["PYTHONPATH"] = f"{HOOKS}{os.pathsep}{SRC}"
-            env["COVID_CXR_TEST_STOP_BEFORE_RENAME"] = stop_before
+        env = stop_before_rename(ENV, stop_before) if stop_before else ENV
         self.proc = subprocess.Popen(covid_cxr_cmd(*args), stdout=self.log, stderr=self.log, env=env)
 
     def stopped(self) -> bool:
         """The process has stopped itself (state T in /proc)."""
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return False
-        return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+        return is_stopped(self.proc.pid)
 
     def metrics_lines(self) -> int:
         try:

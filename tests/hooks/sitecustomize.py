@@ -10,7 +10,7 @@ file that exists for a few milliseconds does not).
 import os
 import signal
 
-_NAME = os.environ.get("COVID_CXR_TEST_STOP_BEFORE_RENAME")
+_NAME = os.environ.get("COVID_CXR_TEST_STOP_BEFORE_RENAME")  # conftest.STOP_BEFORE_RENAME
 
 if _NAME:
     _replace = os.replace
