@@ -21,13 +21,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/covid-cxr demo --out demo-output
 
-test: $(STAMP)  ## the quick suite (minutes): everything but the long training tests
+test: $(STAMP)  ## the stage contracts (import-linter), then the quick suite: everything but the long training tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: $(STAMP)  ## the long training tests only
 	$(BIN)/python -m pytest -m slow
 
-test-all: $(STAMP)  ## everything (what CI runs)
+test-all: $(STAMP)  ## everything
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:

@@ -63,8 +63,8 @@ augmentation became the default by this benchmark's measurements)."""
 
 
 def build_dataset(data_root: Path, out: Path) -> Path:
-    from covid_cxr import manifest
-    from covid_cxr.config import DataConfig
+    from covid_cxr.data import manifest
+    from covid_cxr.data.options import DataConfig
 
     if (out / "manifest.csv").is_file():
         return out
@@ -82,9 +82,11 @@ def train_options(args, extra: dict) -> dict:
 
 def internal_run(dataset: Path, out: Path, options: dict) -> dict:
     """Train on the patient-level split and evaluate its test split (the internal number)."""
-    from covid_cxr import evaluate, train
-    from covid_cxr.config import EvalConfig, TrainConfig
+    from covid_cxr.evaluation import evaluate
+    from covid_cxr.evaluation.options import EvalConfig
     from covid_cxr.paths import RunDir
+    from covid_cxr.training import train
+    from covid_cxr.training.options import TrainConfig
 
     run = RunDir(out)
     t0 = time.perf_counter()
@@ -99,8 +101,8 @@ def internal_run(dataset: Path, out: Path, options: dict) -> dict:
 
 
 def crossval_run(dataset: Path, out: Path, options: dict) -> dict:
-    from covid_cxr import crossval
-    from covid_cxr.config import CrossvalConfig
+    from covid_cxr.training import crossval
+    from covid_cxr.training.options import CrossvalConfig
 
     t0 = time.perf_counter()
     doc = crossval.run(CrossvalConfig(data=str(dataset), out=str(out), resume=True, bootstrap=1000, **options))
@@ -116,7 +118,7 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, n: int = 1000, seed: int
     y = (m["target"] == "covid").to_numpy()
     sa, sb = m["log_odds_a"].to_numpy(), m["log_odds_b"].to_numpy()
     diff = roc_auc_score(y, sb) - roc_auc_score(y, sa)
-    from covid_cxr.metrics import patient_resamples
+    from covid_cxr.evaluation.metrics import patient_resamples
 
     vals = []
     for idx in patient_resamples(m["group"].to_numpy(), n, seed):

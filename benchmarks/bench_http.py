@@ -94,9 +94,10 @@ def make_run(work: Path, run: str | None) -> Path:
     """A run folder to serve: a link to ``run``'s checkpoint, or an untrained DenseNet-121 at 224 px."""
     import torch
 
-    from covid_cxr.model import build_model, new_meta, save_checkpoint
+    from covid_cxr.imaging.pixels import PreprocessSpec
+    from covid_cxr.model.checkpoint import new_meta, save_checkpoint
+    from covid_cxr.model.networks import build_model
     from covid_cxr.paths import locate_checkpoint
-    from covid_cxr.pixels import PreprocessSpec
 
     folder = work / "run"  # the onnx backend exports beside the checkpoint: keep that out of the user's run
     folder.mkdir()
@@ -192,7 +193,7 @@ def p(lat: list[float], q: float) -> float:
 def latency_benchmark(args, run: Path) -> int:
     import torch
 
-    from covid_cxr.serve import create_app
+    from covid_cxr.deploy.serve import create_app
 
     data = Path(args.image).read_bytes() if args.image else synthetic_png()
     name = Path(args.image).name if args.image else "synthetic.png"

@@ -2,11 +2,11 @@
 DenseNet-121.
 
 Builds an untrained DenseNet-121 checkpoint at 224 px (or takes ``--run``), exports it with
-:func:`covid_cxr.export.export_onnx`, quantises that graph with :func:`covid_cxr.quantize.quantize_model` (what
+:func:`covid_cxr.deploy.export.export_onnx`, quantises that graph with :func:`covid_cxr.deploy.quantize.quantize_model` (what
 ``covid-cxr export --quantize int8`` runs; calibrated on the run's validation pixels with ``--run``, else on random
 model pixels: an untrained network's speed does not depend on them), and prints images/s and p50/p95 latency per
 batch, for batch sizes 1 and 16, under a header naming the machine. Times cover the forward pass on an
-already preprocessed float32 batch (decoding and :func:`~covid_cxr.pixels.preprocess` are
+already preprocessed float32 batch (decoding and :func:`~covid_cxr.imaging.pixels.preprocess` are
 the same for every backend and are left out). All runtimes get the same number of threads.
 
 ``--levers`` adds a sweep of the settings that honestly change ONNX Runtime's and PyTorch's
@@ -38,12 +38,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from covid_cxr import quantize
-from covid_cxr.export import export_onnx
-from covid_cxr.inference import OnnxModel
-from covid_cxr.model import build_model, load_model, new_meta, save_checkpoint
+from covid_cxr.deploy import quantize
+from covid_cxr.deploy.export import export_onnx
+from covid_cxr.imaging.pixels import PreprocessSpec
+from covid_cxr.machine import describe_cpu
+from covid_cxr.model.checkpoint import load_model, new_meta, save_checkpoint
+from covid_cxr.model.networks import build_model
+from covid_cxr.model.onnx_model import OnnxModel
 from covid_cxr.paths import locate_checkpoint
-from covid_cxr.pixels import PreprocessSpec
 
 LABELS = ["normal", "covid"]
 
@@ -147,10 +149,11 @@ def header(ctx: Context) -> str:
         f"torch        : {torch.__version__} (mkldnn {torch.backends.mkldnn.is_available()}), "
         f"{_torch_parallel()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}",
         f"onnxruntime  : {ort.__version__}, providers {ort.get_available_providers()}",
+        f"cpu          : {describe_cpu()} (int8 gains most with VNNI or AMX)",
         f"threads      : {', '.join(map(str, ctx.threads))} (torch.set_num_threads = ORT intra_op_num_threads; "
         "ORT inter-op 1)",
         f"model        : DenseNet-121, {len(LABELS)} classes, input (N, 3, {ctx.size}, {ctx.size}) float32; "
-        "forward pass only; int8 = covid_cxr.quantize.quantize_model (QDQ, per-channel)",
+        "forward pass only; int8 = covid_cxr.deploy.quantize.quantize_model (QDQ, per-channel, 7-bit weights)",
         f"timing       : {ctx.warmup} warm-up calls, then >= {ctx.min_iters} calls and >= {ctx.seconds:g} s per row, "
         f"in {ctx.rounds} blocks interleaved across the rows of a table group",
     ])

@@ -35,9 +35,10 @@ HEAVY = ("torch", "torchvision", "pandas", "matplotlib", "sklearn", "scipy", "on
 
 
 def _untrained_run(folder: Path) -> Path:
-    from covid_cxr.export import export_onnx
-    from covid_cxr.model import build_model, new_meta, save_checkpoint
-    from covid_cxr.pixels import PreprocessSpec
+    from covid_cxr.deploy.export import export_onnx
+    from covid_cxr.imaging.pixels import PreprocessSpec
+    from covid_cxr.model.checkpoint import new_meta, save_checkpoint
+    from covid_cxr.model.networks import build_model
 
     labels = ("normal", "covid")
     model = build_model(labels, weights=None)

@@ -6,11 +6,11 @@ of each step spent waiting for data, augmented-loader images/s with 1..N workers
     .venv/bin/python benchmarks/bench_train.py --device cpu --image-size 64 --batch-size 8 --steps 5 --workers-max 2
     .venv/bin/python benchmarks/bench_train.py --loader-only --workers-max 2     # the augmented loader alone
 
-Everything runs through the library: the model is ``covid_cxr.model.build_model`` (random init, no download),
-the batches come from ``covid_cxr.train.make_train_loader`` over a ``StackDataset`` with the training
+Everything runs through the library: the model is ``covid_cxr.model.networks.build_model`` (random init, no download),
+the batches come from ``covid_cxr.training.train.make_train_loader`` over a ``StackDataset`` with the training
 augmentation (acquisition augmentation as ``covid-cxr train`` has it by default), and each step is
-``covid_cxr.train.train_one_epoch``'s (AdamW, cross-entropy, a loss read back every step). The images are
-synthetic phantoms (``covid_cxr.phantoms``, a few unique ones repeated; augmentation differs per index), so no
+``covid_cxr.training.loop.train_one_epoch``'s (AdamW, cross-entropy, a loss read back every step). The images are
+synthetic phantoms (``covid_cxr.imaging.phantoms``, a few unique ones repeated; augmentation differs per index), so no
 data is needed. A mode that cannot run (torch.compile unavailable or failing) is listed with the reason.
 
 Columns: img/s over the timed steps (data wait included); compute img/s without the data wait; data wait as a
@@ -37,14 +37,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from covid_cxr.augment import AugmentSpec
-from covid_cxr.config import TrainOptions
-from covid_cxr.data import BatchAugment, EpochSampler, StackDataset
-from covid_cxr.model import build_model
-from covid_cxr.phantoms import LABELS, make_phantom
-from covid_cxr.pixels import PreprocessSpec
-from covid_cxr.runtime import amp_dtype, compile_unavailable, resolve_device
-from covid_cxr.train import augment_location, loader_workers, make_train_loader, train_one_epoch
+from covid_cxr.imaging.augment import AugmentSpec
+from covid_cxr.imaging.phantoms import LABELS, make_phantom
+from covid_cxr.imaging.pixels import PreprocessSpec
+from covid_cxr.model.networks import build_model
+from covid_cxr.model.runtime import amp_dtype, compile_unavailable, resolve_device
+from covid_cxr.training.loaders import BatchAugment, EpochSampler, StackDataset
+from covid_cxr.training.loop import train_one_epoch
+from covid_cxr.training.options import TrainOptions
+from covid_cxr.training.train import augment_location, loader_workers, make_train_loader
 
 MODES = ["fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+cl+compile", "bf16+compile", "fp32+cl+compile", "fp32+compile"]
 """fp32 or bf16 autocast, +cl: channels_last model and batches, +compile: torch.compile of the model. The eager
@@ -267,7 +268,7 @@ def bench_loader(pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec, 
 
 def bench_device_augment(pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec, aug: AugmentSpec, args,
                          device: torch.device) -> dict:
-    """Images/s of augmentation on the device (covid_cxr.data.BatchAugment: draws, augment_batch, finish) on
+    """Images/s of augmentation on the device (covid_cxr.training.loaders.BatchAugment: draws, augment_batch, finish) on
     batches already there, and of the whole input pipeline with it: the loader handing over pixels (the workers
     `covid-cxr train` uses for that) plus the device augmentation."""
     n = args.loader_batches or max(args.steps, 10)
@@ -305,10 +306,10 @@ def bench_device_augment(pixels: np.ndarray, targets: np.ndarray, spec: Preproce
 
 def bench_augment_stages(pixels: np.ndarray, targets: np.ndarray, spec: PreprocessSpec, n: int = 64) -> dict:
     """Milliseconds per image of augment() without and with acquisition, and of a whole StackDataset sample."""
-    from covid_cxr.augment import augment
+    from covid_cxr.imaging.augment import augment
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what a loader worker has (covid_cxr.data.worker_init)
+    torch.set_num_threads(1)  # what a loader worker has (covid_cxr.training.loaders.worker_init)
     try:
         out = {}
         runs = [(name, lambda i, aug=aug: augment(pixels[i % len(pixels)], aug, torch.Generator().manual_seed(i)))

@@ -27,9 +27,9 @@ def result(step: str, status: str, text: str) -> None:
 
 
 def prepare(args) -> int:
-    from covid_cxr.config import DataConfig
-    from covid_cxr.manifest import build
-    from covid_cxr.phantoms import generate_phantoms
+    from covid_cxr.data.manifest import build
+    from covid_cxr.data.options import DataConfig
+    from covid_cxr.imaging.phantoms import generate_phantoms
 
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -45,10 +45,10 @@ def prepare(args) -> int:
 def train(args) -> int:
     import torch
 
-    from covid_cxr.config import TrainConfig
-    from covid_cxr.model import read_checkpoint
-    from covid_cxr.runtime import amp_dtype, resolve_device, use_compile
-    from covid_cxr.train import run
+    from covid_cxr.model.checkpoint import read_checkpoint
+    from covid_cxr.model.runtime import amp_dtype, resolve_device, use_compile
+    from covid_cxr.training.options import TrainConfig
+    from covid_cxr.training.train import run
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     step = "ddp" if world > 1 else "train"
@@ -81,10 +81,10 @@ def train(args) -> int:
 def onnx(args) -> int:
     import numpy as np
 
-    from covid_cxr.config import ExportConfig
-    from covid_cxr.export import run as export
-    from covid_cxr.inference import OnnxModel
-    from covid_cxr.phantoms import LABELS, make_phantom
+    from covid_cxr.deploy.export import run as export
+    from covid_cxr.deploy.options import ExportConfig
+    from covid_cxr.imaging.phantoms import LABELS, make_phantom
+    from covid_cxr.model.onnx_model import OnnxModel
 
     try:
         import onnxruntime as ort
@@ -123,8 +123,10 @@ def augment(args) -> int:
     import numpy as np
     import torch
 
-    from covid_cxr.augment import AugmentSpec, augment as augment_one, augment_batch, draw
-    from covid_cxr.phantoms import LABELS, make_phantom
+    from covid_cxr.imaging.augment import AugmentSpec
+    from covid_cxr.imaging.augment import augment as augment_one
+    from covid_cxr.imaging.augment import augment_batch, draw
+    from covid_cxr.imaging.phantoms import LABELS, make_phantom
 
     device = torch.device(args.device)
     rng = np.random.default_rng(0)

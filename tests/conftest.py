@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -59,6 +60,15 @@ REAL_SOURCES = {
 """covid-cxr source name -> folder under sources/ in the real collection."""
 
 
+def real_inventory(real_data: Path) -> pd.DataFrame:
+    """inventory.csv's rows for the collections covid-cxr has a reader for (:data:`REAL_SOURCES`), as strings.
+
+    The real collection also holds collections no reader reads yet (covid-cxnet, openist-chest-xray); a test about
+    what ``data build`` does with the sources it reads must not count their images."""
+    inv = pd.read_csv(real_data / "inventory.csv", dtype=str, keep_default_na=False)
+    return inv[inv["source"].isin(REAL_SOURCES.values())].reset_index(drop=True)
+
+
 def make_gray(seed: int, size: tuple[int, int] = (48, 40)) -> np.ndarray:
     """A small random grayscale image (H, W) uint8 with some structure."""
     rng = np.random.default_rng(seed)
@@ -82,9 +92,9 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: s
 def phantom_dataset(tmp_path_factory) -> Path:
     """A built dataset of 64 px phantoms (no near-duplicate removal: phantoms share one template,
     so distinct phantoms can look like copies to the detector): 60 per class (train 36+36ish, val, test 12 per class)."""
-    from covid_cxr.config import DataConfig
-    from covid_cxr.manifest import build
-    from covid_cxr.phantoms import generate_phantoms
+    from covid_cxr.data.manifest import build
+    from covid_cxr.data.options import DataConfig
+    from covid_cxr.imaging.phantoms import generate_phantoms
 
     root = tmp_path_factory.mktemp("phantoms")
     src = root / "synthetic-phantoms"
@@ -98,8 +108,8 @@ def phantom_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(phantom_dataset, tmp_path_factory) -> Path:
     """A model trained for one short epoch at 32 px from scratch (for evaluate/predict plumbing tests)."""
-    from covid_cxr.config import TrainConfig
-    from covid_cxr.train import run
+    from covid_cxr.training.options import TrainConfig
+    from covid_cxr.training.train import run
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     run(TrainConfig(data=str(phantom_dataset), out=str(out), epochs=1, image_size=32, batch_size=16,
@@ -114,10 +124,11 @@ def learned_phantom_run(tmp_path_factory) -> Path:
     Shared by the learning test and by tests that need a model which looks at the lesions
     (explanations, shortcut audit). Layout: <root>/synthetic-phantoms, <root>/dataset, <root>/run.
     """
-    from covid_cxr.config import DataConfig, TrainConfig
-    from covid_cxr.manifest import build
-    from covid_cxr.phantoms import generate_phantoms
-    from covid_cxr.train import run
+    from covid_cxr.data.manifest import build
+    from covid_cxr.data.options import DataConfig
+    from covid_cxr.imaging.phantoms import generate_phantoms
+    from covid_cxr.training.options import TrainConfig
+    from covid_cxr.training.train import run
 
     root = tmp_path_factory.mktemp("learned")
     src = root / "synthetic-phantoms"
@@ -136,7 +147,7 @@ def tiny_exported(tiny_run, tmp_path_factory) -> Path:
     """A copy of tiny_run's files with RUN/model.onnx + model.json exported (one ONNX export for the session)."""
     import shutil
 
-    from covid_cxr.export import export_onnx
+    from covid_cxr.deploy.export import export_onnx
 
     run = tmp_path_factory.mktemp("exported") / "run"
     run.mkdir()

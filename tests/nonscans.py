@@ -2,8 +2,10 @@
 photograph-like scene, a hand radiograph, a CT slice and a crude lateral chest view. All 8-bit grayscale."""
 
 from __future__ import annotations
+
 import numpy as np
 from PIL import Image, ImageDraw
+
 
 def document(seed, size=256):
     rng = np.random.default_rng(seed)

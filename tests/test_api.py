@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 import covid_cxr
-from covid_cxr import predict
-from covid_cxr.config import PredictConfig
+from covid_cxr.deploy import predict
+from covid_cxr.deploy.options import PredictConfig
 from covid_cxr.errors import CheckpointError, CovidCxrError, ImageReadError
-from covid_cxr.results import as_gray_image
+from covid_cxr.model.results import as_gray_image
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "pandas", "matplotlib", "sklearn", "scipy", "onnx")
@@ -171,16 +171,16 @@ def test_import_covid_cxr_is_light_and_exports_the_api_lazily():
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert doc["names"] == ["covid_cxr.api", "covid_cxr.inference", "covid_cxr.results"]
+    assert doc["names"] == ["covid_cxr.deploy.api", "covid_cxr.model.inference", "covid_cxr.model.results"]
     assert doc["heavy_before_dataset"] == []
-    assert doc["dataset"] == "covid_cxr.data" and doc["torch_after_dataset"] is True
+    assert doc["dataset"] == "covid_cxr.training.loaders" and doc["torch_after_dataset"] is True
     assert {"load_run", "Predictor", "ManifestDataset"} <= set(doc["all"])
     with pytest.raises(AttributeError):
         covid_cxr.no_such_name  # noqa: B018
 
 
 def test_manifest_dataset_with_a_model_spec_gives_that_models_inputs(tiny_run, phantom_dataset):
-    from covid_cxr.pixels import finish
+    from covid_cxr.imaging.pixels import finish
 
     model = covid_cxr.load_run(tiny_run, device="cpu")
     ds = covid_cxr.ManifestDataset(phantom_dataset, "test", spec=model.meta.preprocess)

@@ -6,18 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_api import _phantom_images
 from torch.utils.data import DataLoader
 
 import covid_cxr
-from covid_cxr.data import StackDataset
-from covid_cxr.gate import fit_gate
-from covid_cxr.gradcam import grad_cam
-from covid_cxr.inference import forward_pixels
-from covid_cxr.model import ARCHS, build_model
-from covid_cxr.pixels import PreprocessSpec, finish
-from covid_cxr.train import train_one_epoch, warmup_cosine
-
-from test_api import _phantom_images
+from covid_cxr.imaging.pixels import PreprocessSpec, finish
+from covid_cxr.model.gate import fit_gate
+from covid_cxr.model.gradcam import grad_cam
+from covid_cxr.model.inference import forward_pixels
+from covid_cxr.model.networks import ARCHS, build_model
+from covid_cxr.training.loaders import StackDataset
+from covid_cxr.training.loop import train_one_epoch, warmup_cosine
 
 SIZE = 64
 
@@ -68,9 +67,9 @@ def test_the_gate_fits_on_a_small_arch():
 def test_each_arch_runs_train_export_and_both_backends(arch, phantom_dataset, tmp_path):
     """train (1 epoch, calibration, gate) -> ONNX export (checked against PyTorch) -> the same decisions, scopes and
     logits from both backends -> Grad-CAM from the ONNX predictor's checkpoint."""
-    from covid_cxr.config import TrainConfig
-    from covid_cxr.export import export_onnx
-    from covid_cxr.train import run
+    from covid_cxr.deploy.export import export_onnx
+    from covid_cxr.training.options import TrainConfig
+    from covid_cxr.training.train import run
 
     out = tmp_path / arch
     run(TrainConfig(data=str(phantom_dataset), out=str(out), arch=arch, epochs=1, image_size=SIZE, batch_size=16,
@@ -81,7 +80,7 @@ def test_each_arch_runs_train_export_and_both_backends(arch, phantom_dataset, tm
     torch_model = covid_cxr.load_run(out, device="cpu")
     onnx_model = covid_cxr.load_run(out, backend="onnx", device="cpu")
     assert torch_model.meta.arch == arch
-    pixels = np.stack([covid_cxr.pixels.geometry(covid_cxr.images.load_image(p), torch_model.meta.preprocess)
+    pixels = np.stack([covid_cxr.imaging.pixels.geometry(covid_cxr.imaging.images.load_image(p), torch_model.meta.preprocess)
                        for p in paths])
     t, o = torch_model.outputs(pixels), onnx_model.outputs(pixels)
     assert np.abs(t.logits - o.logits).max() <= 1e-3
@@ -97,10 +96,10 @@ def test_each_arch_runs_train_export_and_both_backends(arch, phantom_dataset, tm
 def test_training_from_torchxrayvision_weights_records_the_input_scale(phantom_dataset, tmp_path):
     """--weights FILE (torchxrayvision layout) --input-scale xrv: the model trains, and the run's preprocessing (what
     every backend applies) is torchxrayvision's range."""
-    from covid_cxr.config import TrainConfig
-    from covid_cxr.train import run
-
     from test_weights import _xrv_reference
+
+    from covid_cxr.training.options import TrainConfig
+    from covid_cxr.training.train import run
 
     _, state = _xrv_reference()
     weights = tmp_path / "xrv.pt"

@@ -11,14 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_cxr import audit
-from covid_cxr.config import AuditConfig, make_config
-from covid_cxr.dataset import read_dataset
+from covid_cxr.config import make_config
+from covid_cxr.data.dataset import read_dataset
 from covid_cxr.errors import ConfigError
-from covid_cxr.inference import load_predictor
-from covid_cxr.metrics import roc_auc
-from covid_cxr.model import load_model, save_checkpoint
-from covid_cxr.phantoms import make_phantom_with_masks
+from covid_cxr.evaluation import audit
+from covid_cxr.evaluation.metrics import roc_auc
+from covid_cxr.evaluation.options import AuditConfig
+from covid_cxr.imaging.phantoms import make_phantom_with_masks
+from covid_cxr.model.checkpoint import load_model, save_checkpoint
+from covid_cxr.model.inference import load_predictor
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

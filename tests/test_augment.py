@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from covid_cxr.augment import AugmentSpec, augment, mixup_lambda
-from covid_cxr.data import EpochSampler, StackDataset
-from covid_cxr.pixels import PreprocessSpec, clahe, equalize, finish, geometry, preprocess
 from conftest import make_gray, write_image
+from covid_cxr.imaging.augment import AugmentSpec, augment, mixup_lambda
+from covid_cxr.imaging.pixels import PreprocessSpec, clahe, equalize, finish, geometry, preprocess
+from covid_cxr.training.loaders import EpochSampler, StackDataset
 
 
 def _g(seed: int) -> torch.Generator:
@@ -95,7 +95,7 @@ def test_intensity_is_applied_after_augmentation_in_training():
     ds = StackDataset(stack, np.array([0, 1]), spec, AugmentSpec(acquisition=True), seed=3)
     ds.set_epoch(2)
     x, _, _ = ds[1]
-    g = torch.Generator().manual_seed(__import__("covid_cxr.data", fromlist=["sample_seed"]).sample_seed(3, 2, 1))
+    g = torch.Generator().manual_seed(__import__("covid_cxr.training.loaders", fromlist=["sample_seed"]).sample_seed(3, 2, 1))
     expected = finish(augment(stack[1], AugmentSpec(acquisition=True), g), spec)
     assert torch.equal(x, torch.from_numpy(expected))
 
@@ -109,9 +109,10 @@ def test_source_balanced_sampler_draws_strata_equally():
 
 def test_intensity_is_in_the_checkpoint_and_identical_in_predict_and_onnx(tmp_path):
     """A model trained with CLAHE: the torch and ONNX backends give the same outputs for the same files."""
-    from covid_cxr.export import export_onnx
-    from covid_cxr.inference import load_predictor
-    from covid_cxr.model import build_model, new_meta, save_checkpoint
+    from covid_cxr.deploy.export import export_onnx
+    from covid_cxr.model.checkpoint import new_meta, save_checkpoint
+    from covid_cxr.model.inference import load_predictor
+    from covid_cxr.model.networks import build_model
 
     torch.manual_seed(0)
     spec = PreprocessSpec.for_size(32, "clahe")
@@ -138,7 +139,7 @@ def test_intensity_is_in_the_checkpoint_and_identical_in_predict_and_onnx(tmp_pa
 
 
 def _phantoms(n: int, size: int = 96) -> np.ndarray:
-    from covid_cxr.phantoms import make_phantom
+    from covid_cxr.imaging.phantoms import make_phantom
 
     rng = np.random.default_rng(11)
     return np.stack([make_phantom(("covid", "normal")[k % 2], size, rng)[0] for k in range(n)])
@@ -152,7 +153,7 @@ def test_batched_augmentation_applies_the_same_draws_as_the_per_image_one(acquis
     """Same draws, two implementations: the pixels agree closely (measured on real radiographs at 224 px: mean
     |difference| 0.6 grey levels, 0.7% of pixels more than 10 apart, from resampling once instead of twice at the
     rotated border). Noise is left out: each implementation draws its own numbers from the sample's seed."""
-    from covid_cxr.augment import augment_batch, draw
+    from covid_cxr.imaging.augment import augment_batch, draw
 
     spec = AugmentSpec(acquisition=acquisition, **(NO_NOISE if acquisition else {}))
     imgs = _phantoms(12)
@@ -171,7 +172,7 @@ def test_batched_augmentation_applies_the_same_draws_as_the_per_image_one(acquis
 def test_a_sample_is_augmented_the_same_in_any_batch():
     """Each image's output depends on its pixels and its draw only: alone, in another order, or with other
     images (every acquisition step on, noise included)."""
-    from covid_cxr.augment import augment_batch, draw
+    from covid_cxr.imaging.augment import augment_batch, draw
 
     spec = AugmentSpec(acquisition=True, p_resample=1.0, p_jpeg=1.0, p_gamma=1.0, p_blur=1.0, p_noise=1.0)
     imgs = torch.from_numpy(_phantoms(6, 64))
@@ -185,7 +186,7 @@ def test_a_sample_is_augmented_the_same_in_any_batch():
 
 
 def test_batched_acquisition_steps_each_change_the_pixels_and_only_when_drawn():
-    from covid_cxr.augment import augment_batch, draw
+    from covid_cxr.imaging.augment import augment_batch, draw
 
     imgs = torch.from_numpy(_phantoms(2, 64))
     steps = ("p_resample", "p_jpeg", "p_gamma", "p_blur", "p_noise")
@@ -200,8 +201,8 @@ def test_batched_acquisition_steps_each_change_the_pixels_and_only_when_drawn():
 def test_batch_augment_keys_each_sample_by_seed_epoch_and_index():
     """BatchAugment draws what StackDataset draws for (seed, epoch, index): a permuted batch gives permuted inputs,
     another epoch other inputs, and its finishing equals pixels.finish (the inference input)."""
-    from covid_cxr.augment import augment_batch, draw
-    from covid_cxr.data import BatchAugment, finish_tensor, sample_generator
+    from covid_cxr.imaging.augment import augment_batch, draw
+    from covid_cxr.training.loaders import BatchAugment, finish_tensor, sample_generator
 
     pre = PreprocessSpec.for_size(64)
     aug = AugmentSpec(acquisition=True)
@@ -218,7 +219,7 @@ def test_batch_augment_keys_each_sample_by_seed_epoch_and_index():
 
 @pytest.mark.parametrize("intensity", ["none", "equalize", "clahe"])
 def test_finishing_on_the_device_gives_the_inference_input_bit_for_bit(intensity):
-    from covid_cxr.data import finish_tensor
+    from covid_cxr.training.loaders import finish_tensor
 
     spec = PreprocessSpec.for_size(48, intensity=intensity)
     px = np.stack([make_gray(s, (48, 48)) for s in range(4)])
@@ -238,7 +239,7 @@ def test_pixels_only_samples_are_the_untouched_pixels():
 def test_the_gpu_jpeg_route_gives_a_grey_image_like_pillows():
     """The route augment_batch takes on CUDA (torchvision's codec: RGB encode, luma decode), run here on the CPU:
     same shape and dtype, close to Pillow's JPEG at the same quality, and lossy (not the identity)."""
-    from covid_cxr.augment import _jpeg_pillow, _jpeg_torchvision
+    from covid_cxr.imaging.augment import _jpeg_pillow, _jpeg_torchvision
 
     img = _phantoms(1, 96)[0]
     for quality in (30, 90):

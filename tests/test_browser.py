@@ -7,17 +7,15 @@ Chromium (no browser download). Skipped with the reason when Chromium or Playwri
 from __future__ import annotations
 
 import contextlib
-
 import csv
 import shutil
 from pathlib import Path
 
 import pytest
-
-from covid_cxr.serve import create_app
+from liveserver import serve_in_thread
 
 from conftest import real_data_root, write_image
-from liveserver import serve_in_thread
+from covid_cxr.deploy.serve import create_app
 
 DISCLAIMER_TEXT = "Research use only — not a diagnostic device"
 
@@ -183,7 +181,7 @@ def test_docs_render_offline(live_url, browser, tmp_path):
 @pytest.fixture(scope="module")
 def keyed_run(tiny_run, tmp_path_factory) -> Path:
     """tiny_run's model with an out-of-source estimate recorded and a report.html beside it."""
-    from covid_cxr.model import model_from_checkpoint, read_checkpoint, save_checkpoint
+    from covid_cxr.model.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 
     run = tmp_path_factory.mktemp("browser-keyed") / "run"
     run.mkdir()

@@ -29,11 +29,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import is_stopped, make_gray, stop_before_rename
-from covid_cxr.config import DataConfig
+from covid_cxr.data.manifest import build
+from covid_cxr.data.options import DataConfig
+from covid_cxr.data.publish import Staging
+from covid_cxr.data.sources import SOURCE_COLUMNS, SourceRead, read_actualmed, read_cohen, read_figure1, read_folder
 from covid_cxr.errors import SourceError
-from covid_cxr.manifest import build
-from covid_cxr.publish import Staging
-from covid_cxr.sources import SOURCE_COLUMNS, SourceRead, read_actualmed, read_cohen, read_figure1, read_folder
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CORPUS = Path(__file__).resolve().parent / "corpus"

@@ -1,4 +1,4 @@
-"""Tests for covid_cxr.cache and the cache route of covid_cxr.pixels.model_pixels: cached and
+"""Tests for covid_cxr.imaging.cache and the cache route of covid_cxr.imaging.pixels.model_pixels: cached and
 uncached paths give identical model pixels, filling is incremental per short side, damaged entries
 are rebuilt (never returned), unreadable or changed source files are named, and writes are atomic."""
 
@@ -13,14 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_image
-from covid_cxr import cache as cache_mod
+from conftest import real_inventory, write_image
 from covid_cxr import errors
-from covid_cxr import pixels as pixels_mod
-from covid_cxr.cache import CacheError, ImageCache
 from covid_cxr.errors import DatasetError, ImageReadError
-from covid_cxr.images import load_image, sha256_file
-from covid_cxr.pixels import BASE_SHORT_SIDE, PreprocessSpec, geometry, model_pixels, resize_square, shrink_short_side
+from covid_cxr.imaging import cache as cache_mod
+from covid_cxr.imaging import pixels as pixels_mod
+from covid_cxr.imaging.cache import CacheError, ImageCache
+from covid_cxr.imaging.images import load_image, sha256_file
+from covid_cxr.imaging.pixels import (BASE_SHORT_SIDE, PreprocessSpec, geometry, model_pixels, resize_square,
+                                      shrink_short_side)
 
 # (file name, (H, W), Pillow mode): smaller and larger than the short sides used, portrait and
 # landscape, every mode load_image converts, PNG and JPEG (draft mode).
@@ -262,7 +263,7 @@ def test_damaged_entry_is_rebuilt_never_returned(tmp_path: Path, caplog, decodes
     entry = cache.entry_path(shas[0])
     DAMAGE[damage](entry)
     decodes.clear()
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.cache"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.imaging.cache"):
         got = _fill(cache, paths, shas)
     assert decodes == paths[:1]
     assert [r.getMessage().startswith("damaged image cache entry") for r in caplog.records] == [True]
@@ -270,7 +271,7 @@ def test_damaged_entry_is_rebuilt_never_returned(tmp_path: Path, caplog, decodes
     np.testing.assert_array_equal(cache.get(shas[0]), shrink_short_side(load_image(paths[0]), 64))
     DAMAGE[damage](entry)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.cache"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.imaging.cache"):
         assert cache.get(shas[0]) is None
     assert str(entry) in caplog.text and "damaged" in caplog.text
     assert not entry.exists()
@@ -398,7 +399,7 @@ def test_get_of_absent_entry_is_none(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_real_images_cached_equal_uncached(real_data: Path, tmp_path: Path) -> None:
-    inv = pd.read_csv(real_data / "inventory.csv")
+    inv = real_inventory(real_data)
     # ~20 images across every source, file type and size in the collection.
     sample = inv.groupby("source", group_keys=False).apply(lambda g: g.sample(min(4, len(g)), random_state=0))
     paths = [str(real_data / p) for p in sample["relative_path"]]
@@ -416,12 +417,12 @@ def test_real_images_cached_equal_uncached(real_data: Path, tmp_path: Path) -> N
     np.testing.assert_array_equal(small, _reference(paths[:6], 64, 256))
 
 
-# --------------------------------------------------------------------------- build records (covid_cxr.ingest)
+# --------------------------------------------------------------------------- build records (covid_cxr.data.ingest)
 
 
 def test_records_round_trip_and_damage_is_removed(tmp_path: Path, caplog) -> None:
-    from covid_cxr.dedup import fingerprint
-    from covid_cxr.ingest import Record, RecordStore, fingerprint_version
+    from covid_cxr.data.dedup import fingerprint
+    from covid_cxr.data.ingest import Record, RecordStore, fingerprint_version
 
     store = RecordStore(tmp_path)
     sha = "ab" * 32
@@ -435,13 +436,13 @@ def test_records_round_trip_and_damage_is_removed(tmp_path: Path, caplog) -> Non
     data = bytearray(store.path(sha).read_bytes())
     data[30] ^= 0xFF
     store.path(sha).write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.ingest"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.data.ingest"):
         assert store.get(sha) is None
     assert "damaged record" in caplog.text and not store.path(sha).exists()
 
 
 def test_inspect_file_decodes_once_then_reuses_the_record(tmp_path: Path, monkeypatch) -> None:
-    from covid_cxr import ingest
+    from covid_cxr.data import ingest
 
     paths, shas = _files(tmp_path / "src")
     calls = []

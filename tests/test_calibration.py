@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from covid_cxr.calibration import (T_MAX, T_MIN, CalibrationError, calibrate, choose_threshold,
-                                   expected_calibration_error, fit_temperature, nll, reliability_diagram_png)
 from covid_cxr.errors import CovidCxrError
-from covid_cxr.meta import ModelMeta, class_log_odds, log_probs, probabilities
-from covid_cxr.metrics import rates
-from covid_cxr.pixels import PreprocessSpec
+from covid_cxr.evaluation.calibration import (T_MAX, T_MIN, CalibrationError, calibrate, choose_threshold,
+                                              expected_calibration_error, fit_temperature, nll, reliability_diagram_png)
+from covid_cxr.evaluation.metrics import rates
+from covid_cxr.imaging.pixels import PreprocessSpec
+from covid_cxr.model.meta import ModelMeta, class_log_odds, log_probs, probabilities
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

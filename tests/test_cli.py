@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from covid_cxr import config as C
-from covid_cxr.cli import main
-from covid_cxr.phantoms import generate_phantoms
-
 from conftest import write_image
+from covid_cxr import config as C
+from covid_cxr.cli import CONFIGS, main
+from covid_cxr.data.options import DataConfig
+from covid_cxr.imaging.phantoms import generate_phantoms
+from covid_cxr.training.options import TrainConfig
 
 INTERNAL_NAMES = re.compile(r"Traceback|Error\b|Error:|Exception|covid_cxr\.|\w+Config\b|File \"")
 """What a user must never see in an error: tracebacks, exception or config class names, module paths."""
@@ -69,12 +70,12 @@ def test_help(argv, expected, capsys):
         assert text in out, text
 
 
-@pytest.mark.parametrize("command", list(C.COMMANDS))
+@pytest.mark.parametrize("command", list(CONFIGS))
 def test_cli_is_generated_from_the_config_classes(command, capsys):
     """Every field of the command's config class is a flag (bool fields on by default as --no-x, repeated fields
     singular), fields without a default are required in the usage line, the help text is the field's docstring,
     and there are no other options."""
-    cls = C.COMMANDS[command]
+    cls = CONFIGS[command]
     out = help_text(command, capsys)
     usage = out.split("\n\n")[0]
     assert usage.startswith(f"usage: covid-cxr {command} ")
@@ -105,12 +106,12 @@ def test_bool_and_repeated_flags_reach_the_config(tmp_path, monkeypatch):
         seen["cfg"] = cfg
         raise SystemExit(0)
 
-    monkeypatch.setattr("covid_cxr.manifest.build", fake_build)
+    monkeypatch.setattr("covid_cxr.data.manifest.build", fake_build)
     with pytest.raises(SystemExit):
         main(["data", "build", "--source", f"folder={tmp_path}", "--source", f"cohen={tmp_path}", "--out",
               str(tmp_path / "o"), "--no-dedup", "--no-cache", "--test-per-class", "7"])
     cfg = seen["cfg"]
-    assert isinstance(cfg, C.DataConfig)
+    assert isinstance(cfg, DataConfig)
     assert cfg.sources == (("folder", str(tmp_path)), ("cohen", str(tmp_path)))
     assert cfg.dedup is False and cfg.cache is False and cfg.progress is True and cfg.test_per_class == 7
 
@@ -239,13 +240,13 @@ def test_an_environment_os_error_is_one_line_and_a_bug_says_so(tmp_path, capsys,
             raise OSError(code, os.strerror(code), str(tmp_path / "o\udcff.csv"))
         return run
 
-    monkeypatch.setattr("covid_cxr.predict.run", fail(errno.ENOSPC))
+    monkeypatch.setattr("covid_cxr.deploy.predict.run", fail(errno.ENOSPC))
     assert main(argv) == 2
     one_error_line(capsys, "no space left on the device", "o\\xff.csv", "free some space")
-    monkeypatch.setattr("covid_cxr.predict.run", fail(errno.EROFS))
+    monkeypatch.setattr("covid_cxr.deploy.predict.run", fail(errno.EROFS))
     assert main(argv) == 2
     one_error_line(capsys, "read-only")
-    monkeypatch.setattr("covid_cxr.predict.run", fail(errno.EINVAL))  # not the environment: a bug, said once
+    monkeypatch.setattr("covid_cxr.deploy.predict.run", fail(errno.EINVAL))  # not the environment: a bug, said once
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "this is a bug in covid-cxr" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -305,8 +306,8 @@ def test_missing_config_file_and_flag_values(tmp_path, capsys):
 
 def test_required_options_may_come_from_yaml(tmp_path, capsys, monkeypatch):
     seen = {}
-    monkeypatch.setattr("covid_cxr.train.run", lambda cfg: seen.setdefault("cfg", cfg) and None)
-    monkeypatch.setattr("covid_cxr.train.format_summary", lambda s: "ok")
+    monkeypatch.setattr("covid_cxr.training.train.run", lambda cfg: seen.setdefault("cfg", cfg) and None)
+    monkeypatch.setattr("covid_cxr.training.train.format_summary", lambda s: "ok")
     cfg = tmp_path / "train.yaml"
     cfg.write_text(f"data: {tmp_path / 'X'}\nout: {tmp_path / 'Y'}\nepochs: 2\nweights: none\n")
     assert main(["train", "--config", str(cfg), "--epochs", "3"]) == 0
@@ -381,9 +382,9 @@ def test_every_shipped_config_loads():
     assert len(configs) >= 3
     for path in configs:
         if path.name.startswith("data-"):
-            cfg = C.make_config(C.DataConfig, {"sources": [["folder", "x"]], "out": "o"}, str(path))
+            cfg = C.make_config(DataConfig, {"sources": [["folder", "x"]], "out": "o"}, str(path))
         else:
-            cfg = C.make_config(C.TrainConfig, {"data": "d", "out": "o"}, str(path))
+            cfg = C.make_config(TrainConfig, {"data": "d", "out": "o"}, str(path))
         assert cfg.to_dict(), path
 
 
@@ -399,7 +400,7 @@ def _every_command(run: Path, images: Path, tmp: Path, capsys) -> dict:
     what they reported."""
     from fastapi.testclient import TestClient
 
-    from covid_cxr.serve import create_app
+    from covid_cxr.deploy.serve import create_app
 
     got = {}
     assert main(["evaluate", "--run", str(run), "--bootstrap", "20", "--device", "cpu", "--workers", "1"]) == 0
@@ -491,7 +492,7 @@ def test_a_copied_or_moved_run_folder_works_with_every_command(tiny_run, phantom
 def test_a_config_class_inherits_its_bases_checks(config):
     """evaluate and audit share their options through one base class; its checks run for both (a subclass without
     a __post_init__ of its own once silently skipped them)."""
-    import covid_cxr.config as C
+    import covid_cxr.evaluation.options as C
     from covid_cxr.errors import ConfigError
 
     cls = getattr(C, config)

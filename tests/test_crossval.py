@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covid_cxr import crossval
-from covid_cxr.config import CrossvalConfig, DataConfig
-from covid_cxr.dataset import read_dataset
+from covid_cxr.data.dataset import read_dataset
+from covid_cxr.data.options import DataConfig
 from covid_cxr.errors import DatasetError
-from covid_cxr.model import read_checkpoint
-from covid_cxr.phantoms import generate_phantoms
+from covid_cxr.imaging.phantoms import generate_phantoms
+from covid_cxr.model.checkpoint import read_checkpoint
+from covid_cxr.training import crossval
+from covid_cxr.training.options import CrossvalConfig
 
 slow = pytest.mark.slow  # the crossval fixture trains 3 small models (~1 min on 2 cores)
 
@@ -24,7 +25,7 @@ OPTIONS = dict(epochs=1, image_size=32, batch_size=16, weights="none", progress=
 
 @pytest.fixture(scope="module")
 def two_hospitals(tmp_path_factory) -> Path:
-    from covid_cxr import manifest
+    from covid_cxr.data import manifest
 
     root = tmp_path_factory.mktemp("hospitals")
     generate_phantoms(root / "hospital-a", 24, size=64, seed=1)
@@ -130,7 +131,7 @@ def test_prepare_only_writes_one_train_command_per_fold(two_hospitals, tmp_path)
 
 @slow
 def test_one_source_is_refused(tmp_path):
-    from covid_cxr import manifest
+    from covid_cxr.data import manifest
 
     generate_phantoms(tmp_path / "only", 12, size=64, seed=3)
     manifest.build(DataConfig(sources=(("folder", str(tmp_path / "only")),), out=str(tmp_path / "ds"),

@@ -1,4 +1,4 @@
-"""Tests for covid_cxr.dedup: copies of one radiograph (re-encoded, rescaled, squashed, cropped,
+"""Tests for covid_cxr.data.dedup: copies of one radiograph (re-encoded, rescaled, squashed, cropped,
 brightened) are found; distinct images with the same layout are not; clusters are transitive; results
 are deterministic. The integration test checks the 57 listed pairs of the real collection."""
 
@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_gray
-from covid_cxr import dedup
-from covid_cxr.dedup import (COMBOS, DuplicatePair, Fingerprint, FingerprintTable, cluster, find_near_duplicates,
-                             fingerprint, hash_candidates)
-from covid_cxr import hamming
-from covid_cxr.hamming import ChunkIndex, plan, search
-from covid_cxr.images import load_image
-from covid_cxr.manifest import inspect_image
+from conftest import make_gray, real_inventory
+from covid_cxr.data import dedup, hamming
+from covid_cxr.data.dedup import (COMBOS, DuplicatePair, Fingerprint, FingerprintTable, cluster, find_near_duplicates,
+                                  fingerprint, hash_candidates)
+from covid_cxr.data.hamming import ChunkIndex, plan, search
+from covid_cxr.data.manifest import inspect_image
+from covid_cxr.imaging.images import load_image
 
 
 def phantom(seed: int, size: tuple[int, int] = (720, 576)) -> np.ndarray:
@@ -313,8 +312,7 @@ def test_fingerprint_is_bit_identical_to_the_imagehash_reference(tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def real_fingerprints(real_data: Path) -> tuple[list[str], list[Fingerprint]]:
-    with open(real_data / "inventory.csv", newline="") as f:
-        paths = [row["relative_path"] for row in csv.DictReader(f)]
+    paths = list(real_inventory(real_data)["relative_path"])
     with ProcessPoolExecutor(max_workers=2) as pool:
         info = list(pool.map(functools.partial(inspect_image, fingerprints=True), [str(real_data / p) for p in paths],
                              chunksize=16))

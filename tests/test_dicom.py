@@ -1,4 +1,4 @@
-"""Tests for covid_cxr.dicom: DICOM radiographs decode to the display an 8-bit viewer would show
+"""Tests for covid_cxr.imaging.dicom: DICOM radiographs decode to the display an 8-bit viewer would show
 (modality LUT, VOI window or LUT, MONOCHROME1 inverted), compressed transfer syntaxes decode to
 the same pixels as uncompressed ones, and files that are not chest radiographs, or are unsafe or
 undecodable, are refused with a message naming them. Every DICOM file is written by the test."""
@@ -20,15 +20,15 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels import get_decoder
-from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, JPEGLossless, JPEGLosslessSV1, RLELossless,
-                         BasicTextSRStorage, ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
-                         ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid)
+from pydicom.uid import (BasicTextSRStorage, ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGLossless, JPEGLosslessSV1, RLELossless, generate_uid)
 
-import covid_cxr.dicom as dicom
+import covid_cxr.imaging.dicom as dicom
 from conftest import make_gray
-from covid_cxr.dicom import load_dicom
 from covid_cxr.errors import ImageReadError
-from covid_cxr.images import is_image_file, list_images, load_image, sniff
+from covid_cxr.imaging.dicom import load_dicom
+from covid_cxr.imaging.images import is_image_file, list_images, load_image, sniff
 
 
 def make_ds(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
@@ -185,7 +185,7 @@ def test_multiframe_gives_first_frame_and_says_so(tmp_path: Path, caplog) -> Non
     frames = np.stack([ramp12(), 4095 - ramp12(), np.full((40, 48), 7, np.uint16)])
     multi = save(make_ds(frames, bits_stored=12), tmp_path / "multi.dcm")
     single = save(make_ds(frames[0], bits_stored=12), tmp_path / "single.dcm")
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.dicom"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.imaging.dicom"):
         arr = load_dicom(multi)
     np.testing.assert_array_equal(arr, load_dicom(single))
     assert "3 frames" in caplog.text and "first" in caplog.text and "multi.dcm" in caplog.text

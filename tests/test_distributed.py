@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covid_cxr.data import EpochSampler
 from conftest import is_stopped, stop_before_rename
+from covid_cxr.training.loaders import EpochSampler
 
 TIMEOUT = 300  # a hung collective must fail the test, not the CI job
 
@@ -29,9 +29,9 @@ TIMEOUT = 300  # a hung collective must fail the test, not the CI job
 def ddp_dataset(tmp_path_factory) -> Path:
     """20 phantoms per class at 32 px: 28 train images (an even count: no sampler padding with 2 processes) and
     8 validation images."""
-    from covid_cxr.config import DataConfig
-    from covid_cxr.manifest import build
-    from covid_cxr.phantoms import generate_phantoms
+    from covid_cxr.data.manifest import build
+    from covid_cxr.data.options import DataConfig
+    from covid_cxr.imaging.phantoms import generate_phantoms
 
     root = tmp_path_factory.mktemp("ddp")
     src = root / "synthetic-phantoms"
@@ -125,7 +125,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def _weights(run: Path) -> dict:
-    from covid_cxr.model import read_checkpoint
+    from covid_cxr.model.checkpoint import read_checkpoint
 
     return {k: v.double() for k, v in read_checkpoint(run / "last.pt").state_dict.items() if v.is_floating_point()}
 
@@ -241,7 +241,7 @@ def test_resume_after_kill_9_of_the_process_group(ddp_dataset, tmp_path):
     """A 2-process run killed (SIGKILL to torchrun and its workers) after its first last.pt is written, while
     rank 0 writes the second, then rerun with --resume: it finishes, and metrics.jsonl has every epoch exactly
     once. Rank 0 stops itself before each last.pt rename, so the kill lands there however loaded the machine."""
-    from covid_cxr.model import read_checkpoint
+    from covid_cxr.model.checkpoint import read_checkpoint
 
     out = tmp_path / "run"
     args = _train_args(ddp_dataset, out, epochs=4)
@@ -266,7 +266,7 @@ def test_resume_after_kill_9_of_the_process_group(ddp_dataset, tmp_path):
 _SYNC_BN_SCRIPT = r"""
 import copy, os, sys, torch, torch.distributed as dist
 from torch import nn
-from covid_cxr.runtime import convert_sync_batchnorm
+from covid_cxr.model.runtime import convert_sync_batchnorm
 
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo")
@@ -285,7 +285,7 @@ if rank == 0:
 
 # GlobalBatchCrossEntropy: the class-weighted mean of the global batch (weights 1 and 3, classes 6:2 over 8 images,
 # shared 4:0 and 2:2 by the ranks) is what one process computes.
-from covid_cxr.train import GlobalBatchCrossEntropy
+from covid_cxr.training.loop import GlobalBatchCrossEntropy
 
 torch.manual_seed(1)
 head = nn.Linear(5, 2).double()

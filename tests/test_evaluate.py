@@ -10,14 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covid_cxr import evaluate
-from covid_cxr.config import EvalConfig, PredictConfig
+from covid_cxr.deploy import predict
+from covid_cxr.deploy.options import PredictConfig
 from covid_cxr.errors import ImageReadError
-from covid_cxr.images import sha256_file
-from covid_cxr.meta import log_probs
-from covid_cxr.metrics import auc_with_ci, bootstrap_ci, headline_metrics, rates, roc_auc
-from covid_cxr.model import read_checkpoint
-from covid_cxr import predict
+from covid_cxr.evaluation import evaluate
+from covid_cxr.evaluation.metrics import auc_with_ci, bootstrap_ci, headline_metrics, rates, roc_auc
+from covid_cxr.evaluation.options import EvalConfig
+from covid_cxr.imaging.images import sha256_file
+from covid_cxr.model.checkpoint import read_checkpoint
+from covid_cxr.model.meta import log_probs
 
 EVAL_FILES = ("classification_report.txt", "metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png",
               "class_distribution.png", "samples.png")

@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from covid_cxr import explain, gradcam
-from covid_cxr.config import ExplainConfig
-from covid_cxr.errors import ConfigError, ImageReadError
-from covid_cxr.inference import load_predictor
-from covid_cxr.model import ARCHS, build_model, load_model
-from covid_cxr.phantoms import make_phantom_with_masks
-from covid_cxr.pixels import preprocess
-
 from conftest import make_gray, write_image
+from covid_cxr.deploy import explain
+from covid_cxr.deploy.options import ExplainConfig
+from covid_cxr.errors import ConfigError, ImageReadError
+from covid_cxr.imaging.phantoms import make_phantom_with_masks
+from covid_cxr.imaging.pixels import preprocess
+from covid_cxr.model import gradcam
+from covid_cxr.model.checkpoint import load_model
+from covid_cxr.model.inference import load_predictor
+from covid_cxr.model.networks import ARCHS, build_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PHANTOM_SIZE = 128  # as generated for learned_phantom_run

@@ -13,15 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_cxr.errors import CheckpointError, ExportError
-from covid_cxr.export import MIN_OPSET, export_onnx
-from covid_cxr.images import load_image, sha256_file
-from covid_cxr.inference import OnnxModel, load_predictor, onnx_meta_path, read_onnx_meta
-from covid_cxr.meta import ModelMeta, probabilities
-from covid_cxr.model import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
-from covid_cxr.pixels import PreprocessSpec, geometry, preprocess
-
 from conftest import REAL_SOURCES, make_gray, write_image
+from covid_cxr.deploy.export import MIN_OPSET, export_onnx
+from covid_cxr.errors import CheckpointError, ExportError
+from covid_cxr.imaging.images import load_image, sha256_file
+from covid_cxr.imaging.pixels import PreprocessSpec, geometry, preprocess
+from covid_cxr.model.checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
+from covid_cxr.model.inference import load_predictor
+from covid_cxr.model.meta import ModelMeta, probabilities
+from covid_cxr.model.onnx_model import OnnxModel, onnx_meta_path, read_onnx_meta
 
 TOL = 1e-4
 SCOPE_RTOL = 1e-4

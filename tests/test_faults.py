@@ -28,14 +28,14 @@ import pytest
 import torch
 
 import covid_cxr
+from conftest import is_stopped, stop_before_rename, write_image
 from covid_cxr.cli import main
-from covid_cxr.config import DataConfig
+from covid_cxr.data.options import DataConfig
 from covid_cxr.errors import CheckpointError, OutputError
 from covid_cxr.files import TEMP_MARK, append_line, atomic_write
-from covid_cxr.model import build_model, new_meta, read_checkpoint, save_checkpoint
-from covid_cxr.pixels import PreprocessSpec
-
-from conftest import is_stopped, stop_before_rename, write_image
+from covid_cxr.imaging.pixels import PreprocessSpec
+from covid_cxr.model.checkpoint import new_meta, read_checkpoint, save_checkpoint
+from covid_cxr.model.networks import build_model
 
 SRC = Path(covid_cxr.__file__).resolve().parents[1]
 EPOCHS = 2
@@ -165,8 +165,8 @@ def tiny_checkpoint(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """16 phantoms per class at 32 px with its cache (about 22 train and 6 validation images)."""
-    from covid_cxr.manifest import build
-    from covid_cxr.phantoms import generate_phantoms
+    from covid_cxr.data.manifest import build
+    from covid_cxr.imaging.phantoms import generate_phantoms
 
     root = tmp_path_factory.mktemp("faults")
     generate_phantoms(root / "synthetic-phantoms", 16, size=32, seed=5)
@@ -477,8 +477,8 @@ def test_flipped_bytes_in_last_pt_stop_resume_with_one_line(reference, dataset, 
 def test_flipped_bytes_in_cache_entries_are_decoded_again(dataset, tmp_path, caplog):
     """A damaged cache entry (pixels, header, trailer) is reported with a warning, decoded again from its source
     file and rewritten: the pixels equal a fresh decode."""
-    from covid_cxr.dataset import read_dataset
-    from covid_cxr.pixels import model_pixels
+    from covid_cxr.data.dataset import read_dataset
+    from covid_cxr.imaging.pixels import model_pixels
 
     copy = tmp_path / "dataset"
     shutil.copytree(dataset, copy)
@@ -493,7 +493,7 @@ def test_flipped_bytes_in_cache_entries_are_decoded_again(dataset, tmp_path, cap
         at = {"pixels": len(data) // 2, "header": 20, "trailer": len(data) - 2}[where]
         entry.write_bytes(_flip(data, at))
     fresh = model_pixels(rows["path"].tolist(), spec, workers=1)
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.cache"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.imaging.cache"):
         got = ds.pixels(rows, spec, workers=1)
     np.testing.assert_array_equal(got, fresh)
     assert caplog.text.count("damaged image cache entry") == 3
@@ -503,8 +503,8 @@ def test_flipped_bytes_in_cache_entries_are_decoded_again(dataset, tmp_path, cap
 def test_a_source_image_deleted_after_the_build_is_named(dataset, tmp_path, capsys):
     """Deleted and not in the cache: the error names the file. The whole source folder gone: it names the source,
     where it was looked for, and --source-root. (With the image in the dataset's cache, training needs no file.)"""
-    from covid_cxr.dataset import read_dataset
-    from covid_cxr.manifest import build
+    from covid_cxr.data.dataset import read_dataset
+    from covid_cxr.data.manifest import build
 
     src = tmp_path / "phantoms"
     shutil.copytree(dataset.parent / "synthetic-phantoms", src)

@@ -1,4 +1,4 @@
-"""covid_cxr.fetch: downloads from a local HTTP server on 127.0.0.1 (never the internet), resume, checks,
+"""covid_cxr.data.fetch: downloads from a local HTTP server on 127.0.0.1 (never the internet), resume, checks,
 safe unpacking, and the Kaggle path with and without credentials (a fake ``kaggle`` module)."""
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import pytest
 from PIL import Image
 
 from conftest import make_gray
-from covid_cxr.config import ConfigError, FetchConfig, make_config
+from covid_cxr.config import ConfigError, make_config
+from covid_cxr.data.fetch import FETCHABLE, download, manual_steps, run
+from covid_cxr.data.options import FetchConfig
+from covid_cxr.data.sources import read_cohen, read_mooney
+from covid_cxr.data.unzip import unpack_zip
 from covid_cxr.errors import CovidCxrError, FetchError
-from covid_cxr.fetch import FETCHABLE, download, manual_steps, run, unpack_zip
-from covid_cxr.sources import read_cohen, read_mooney
 
 TOP = "covid-chestxray-dataset-master"
 TIMEOUT = 5.0
@@ -358,7 +360,7 @@ def test_kaggle_source_without_credentials_lists_manual_steps(no_kaggle_credenti
 
 
 def test_kaggle_config_dir_counts_as_credentials(no_kaggle_credentials, monkeypatch, tmp_path):
-    from covid_cxr.fetch import kaggle_credentials
+    from covid_cxr.data.fetch import kaggle_credentials
 
     assert kaggle_credentials() is None
     (no_kaggle_credentials / ".kaggle").mkdir()

@@ -34,13 +34,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import covid_cxr.dicom as dicom
-import covid_cxr.images as images
-from covid_cxr import config as C
-from covid_cxr.errors import ConfigError, ImageReadError
-from covid_cxr.images import load_image
-
+import covid_cxr.imaging.dicom as dicom
+import covid_cxr.imaging.images as images
 from conftest import make_gray
+from covid_cxr import config as C
+from covid_cxr.cli import CONFIGS
+from covid_cxr.data.options import DataConfig
+from covid_cxr.errors import ConfigError, ImageReadError
+from covid_cxr.imaging.images import load_image
+from covid_cxr.training.options import TrainConfig
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 EXAMPLES = int(os.environ.get("COVID_CXR_FUZZ_EXAMPLES", "40"))
@@ -104,9 +106,8 @@ def decode_property(path: Path, rss_start: int) -> np.ndarray | None:
 def _dicom_seeds() -> dict[str, bytes]:
     from pydicom.data import get_testdata_file
     from pydicom.encaps import encapsulate
-    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
-                             JPEGBaseline8Bit, JPEGLosslessSV1, RLELossless)
-
+    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                             JPEGLosslessSV1, RLELossless)
     from test_dicom import _jpeg_lossless, make_ds, ramp12
 
     def dump(ds) -> bytes:
@@ -344,12 +345,12 @@ def _config_property(cls: type, opts: dict, tmp_path: Path) -> None:
 def test_arbitrary_yaml_options_for_every_command(tmp_path_factory, data) -> None:
     tmp = tmp_path_factory.mktemp("yaml")
     if data is None:  # the bug cases, kept
-        for cls, opts in ((C.TrainConfig, {"seed": -1}), (C.TrainConfig, {"warmup_epochs": 1e308}),
-                          (C.DataConfig, {"workers": 10**9, "seed": 2**40}),
-                          (C.TrainConfig, {"device": "x" * 5000})):
+        for cls, opts in ((TrainConfig, {"seed": -1}), (TrainConfig, {"warmup_epochs": 1e308}),
+                          (DataConfig, {"workers": 10**9, "seed": 2**40}),
+                          (TrainConfig, {"device": "x" * 5000})):
             _config_property(cls, opts, tmp)
         return
-    cls = data.draw(st.sampled_from(list(C.COMMANDS.values())))
+    cls = data.draw(st.sampled_from(list(CONFIGS.values())))
     _config_property(cls, data.draw(options(cls)), tmp)
 
 
@@ -387,7 +388,7 @@ def test_mutated_yaml_through_the_command_line(tmp_path_factory, capsys, text) -
     path.write_text(text, encoding="utf-8", errors="surrogateescape")
     capsys.readouterr()
     t0 = time.perf_counter()
-    with mock.patch("covid_cxr.train.run", _stub_train):
+    with mock.patch("covid_cxr.training.train.run", _stub_train):
         status = main(["train", "--config", str(path), "--data", str(tmp / "X"), "--out", str(tmp / "Y")])
     out = capsys.readouterr()
     assert time.perf_counter() - t0 < SECONDS

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from covid_cxr.gate import VIEW_DIMS, ScopeGateModule, fit_gate, image_views
 from nonscans import KINDS
+
+from covid_cxr.model.gate import VIEW_DIMS, ScopeGateModule, fit_gate, image_views
 
 V = sum(VIEW_DIMS)
 
@@ -96,11 +96,13 @@ def test_gate_flags_non_chest_xrays_and_passes_real_ones(real_data, tmp_path):
     """A small model trained on the real X-rays: its gate passes real test-split X-rays (sources it was trained on)
     and flags a document, a photograph, a hand X-ray, a CT slice and a lateral view drawn in the test."""
     from conftest import REAL_SOURCES
-    from covid_cxr import manifest, train
-    from covid_cxr.config import DataConfig, TrainConfig
-    from covid_cxr.dataset import read_dataset
-    from covid_cxr.images import load_image
-    from covid_cxr.inference import load_predictor
+    from covid_cxr.data import manifest
+    from covid_cxr.data.dataset import read_dataset
+    from covid_cxr.data.options import DataConfig
+    from covid_cxr.imaging.images import load_image
+    from covid_cxr.model.inference import load_predictor
+    from covid_cxr.training import train
+    from covid_cxr.training.options import TrainConfig
 
     torch.manual_seed(0)
     data = tmp_path / "ds"

@@ -11,23 +11,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_api import _phantom_images
 
 import covid_cxr
-from covid_cxr import cli, hub
-from covid_cxr.config import EvalConfig, ExportConfig
+from covid_cxr import cli
+from covid_cxr.deploy import hub
+from covid_cxr.deploy.export import run as export_run
+from covid_cxr.deploy.modelcard import front_matter, model_card
+from covid_cxr.deploy.options import ExportConfig
 from covid_cxr.errors import CheckpointError, ExportError
-from covid_cxr.export import run as export_run
-from covid_cxr.meta import ModelMeta
-from covid_cxr.model import read_checkpoint
-from covid_cxr.modelcard import front_matter, model_card
-
-from test_api import _phantom_images
+from covid_cxr.evaluation.options import EvalConfig
+from covid_cxr.model import formats
+from covid_cxr.model.checkpoint import read_checkpoint
+from covid_cxr.model.meta import ModelMeta
 
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_exported, tmp_path_factory) -> Path:
     """tiny_exported's files, evaluated on the test split (so the model card has results)."""
-    from covid_cxr import evaluate
+    from covid_cxr.evaluation import evaluate
 
     run = tmp_path_factory.mktemp("hub") / "tiny-run"
     shutil.copytree(tiny_exported, run)
@@ -135,8 +137,8 @@ def test_export_safetensors_on_the_command_line(evaluated, phantom_dataset, tmp_
     printed = capsys.readouterr()
     assert printed.out.startswith(f"wrote {out}") and "{" not in printed.out
     assert "onnxscript" not in printed.err
-    header = hub.read_safetensors_header(out)
-    meta = hub.safetensors_meta(out)
+    header = formats.read_safetensors_header(out)
+    meta = formats.safetensors_meta(out)
     assert meta == read_checkpoint(evaluated / "best.pt").meta
     assert json.loads(out.with_suffix(".meta.json").read_text())["meta"]["labels"] == ["normal", "covid"]
     assert {"net.features.conv0.weight", "head.weight"} <= set(header) and any(k.startswith("gate.") for k in header)

@@ -1,6 +1,6 @@
-"""Tests for covid_cxr.images: decoding every image mode to 8-bit grayscale, refusing broken or
+"""Tests for covid_cxr.imaging.images: decoding every image mode to 8-bit grayscale, refusing broken or
 unsafe files (and files that are not PNG/JPEG/DICOM by their first bytes) with a message naming
-them, listing image files; and for the geometry and intensity stages of covid_cxr.pixels:
+them, listing image files; and for the geometry and intensity stages of covid_cxr.imaging.pixels:
 resizing, CLAHE/equalisation, and decoding stacks of files."""
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_gray, write_image
-from covid_cxr.errors import ImageReadError
-from covid_cxr.errors import CovidCxrError
-from covid_cxr.images import MAX_PIXELS, is_image_file, list_images, load_image, sha256_file, sniff, sniff_bytes
-from covid_cxr.pixels import PreprocessSpec, clahe, equalize, model_pixels, resize_square, standardize_intensity
+from covid_cxr.errors import CovidCxrError, ImageReadError
+from covid_cxr.imaging.images import MAX_PIXELS, is_image_file, list_images, load_image, sha256_file, sniff, sniff_bytes
+from covid_cxr.imaging.pixels import PreprocessSpec, clahe, equalize, model_pixels, resize_square, standardize_intensity
 
 
 def _pil_gray(img: Image.Image) -> np.ndarray:

@@ -9,9 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from covid_cxr.cli import main
-
 from conftest import REAL_SOURCES
+from covid_cxr.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""Tests for covid_cxr.manifest and covid_cxr.dataset: byte-duplicate removal, patient groups,
+"""Tests for covid_cxr.data.manifest and covid_cxr.data.dataset: byte-duplicate removal, patient groups,
 patient-level splits, the files a build writes (and does not write when it fails), manifest paths
 relative to each source root (a dataset folder that is copied, or whose sources moved, still
 resolves its images), and a build of the real collection."""
@@ -19,13 +19,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REAL_SOURCES, write_image
-from covid_cxr.config import TASKS, DataConfig
-from covid_cxr.dataset import MANIFEST_COLUMNS, read_dataset
+from conftest import REAL_SOURCES, real_inventory, write_image
+from covid_cxr.config import TASKS
+from covid_cxr.data import manifest as manifest_mod
+from covid_cxr.data.dataset import MANIFEST_COLUMNS, read_dataset
+from covid_cxr.data.manifest import SPLITS, UNUSED, assign_groups, build, check_patient_disjoint, remove_byte_duplicates
+from covid_cxr.data.options import DataConfig
 from covid_cxr.errors import DatasetError
-from covid_cxr import manifest as manifest_mod
-from covid_cxr.manifest import SPLITS, UNUSED, assign_groups, build, check_patient_disjoint, remove_byte_duplicates
-from covid_cxr.pixels import PreprocessSpec, model_pixels
+from covid_cxr.imaging.pixels import PreprocessSpec, model_pixels
 
 REQUIRED = ["path", "label", "source", "patient_id", "view", "sha256", "width", "height", "split"]
 LABELS = list(TASKS["covid-vs-normal"].classes)
@@ -630,7 +631,7 @@ def test_real_build(real_build, real_data: Path) -> None:
         path = Path(p)
         assert path.is_file(), p
         assert root in path.resolve().parents
-    inventory = pd.read_csv(real_data / "inventory.csv", dtype=str, keep_default_na=False)
+    inventory = real_inventory(real_data)
     inv_sha = dict(zip((root / inventory["relative_path"]).map(str), inventory["sha256"]))
     assert all(inv_sha[p] == s for p, s in zip(df["path"], df["sha256"]))
     # Train and val exist for both classes and stay within the requested training size.
@@ -652,7 +653,7 @@ def test_real_build(real_build, real_data: Path) -> None:
 @pytest.mark.integration
 def test_real_build_accounts_for_every_image(real_build, real_data: Path) -> None:
     df, out = real_build["df"], real_build["out"]
-    inventory = pd.read_csv(real_data / "inventory.csv", dtype=str, keep_default_na=False)
+    inventory = real_inventory(real_data)
     root = real_data.resolve()
     all_images = {str(root / p) for p in inventory["relative_path"]}
     dropped = pd.read_csv(out / "dropped.csv", keep_default_na=False)

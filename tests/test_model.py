@@ -11,13 +11,13 @@ import pytest
 import torch
 import torchvision
 
-from covid_cxr import model as model_mod
 from covid_cxr.errors import CheckpointError, WeightsNotFound
-from covid_cxr.meta import (Calibration, ModelMeta, ScopeGate, TrainingData, format_probability, log_probs,
-                            probabilities)
-from covid_cxr.model import (CxrNet, build_model, imagenet_weights_path, load_model, new_meta, read_checkpoint,
-                             save_checkpoint)
-from covid_cxr.pixels import PreprocessSpec
+from covid_cxr.imaging.pixels import PreprocessSpec
+from covid_cxr.model import checkpoint as model_mod
+from covid_cxr.model.checkpoint import load_model, new_meta, read_checkpoint, save_checkpoint
+from covid_cxr.model.meta import (Calibration, ModelMeta, ScopeGate, TrainingData, format_probability, log_probs,
+                                  probabilities)
+from covid_cxr.model.networks import CxrNet, build_model, imagenet_weights_path
 
 LABELS = ["normal", "covid"]
 

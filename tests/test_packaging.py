@@ -17,7 +17,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from test_api import _phantom_images
 
 REPO = Path(__file__).resolve().parents[1]

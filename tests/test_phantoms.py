@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_cxr.phantoms import LABELS, generate_phantoms, make_phantom, make_phantom_with_masks
+from covid_cxr.imaging.phantoms import LABELS, generate_phantoms, make_phantom, make_phantom_with_masks
 
 
 def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:

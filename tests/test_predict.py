@@ -10,13 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_cxr import predict
-from covid_cxr.config import PredictConfig
-from covid_cxr.errors import CovidCxrError, ImageReadError, RunError
-from covid_cxr.model import read_checkpoint
-from covid_cxr.pixels import PIXEL_RANGE, PreprocessSpec, finish, geometry, preprocess
-
 from conftest import make_gray, write_image
+from covid_cxr.deploy import predict
+from covid_cxr.deploy.options import PredictConfig
+from covid_cxr.errors import CovidCxrError, ImageReadError, RunError
+from covid_cxr.imaging.pixels import PIXEL_RANGE, PreprocessSpec, finish, geometry, preprocess
+from covid_cxr.model.checkpoint import read_checkpoint
 
 
 @pytest.fixture()
@@ -115,9 +114,9 @@ def test_preprocess_is_pure_and_checks_its_input():
 
 def test_predict_uses_the_same_pixels_as_the_model_contract(tiny_run, images):
     """predict's probabilities are softmax(logits / T) of the model on preprocess(load_image(file))."""
-    from covid_cxr.images import load_image
-    from covid_cxr.meta import probabilities
-    from covid_cxr.model import load_model
+    from covid_cxr.imaging.images import load_image
+    from covid_cxr.model.checkpoint import load_model
+    from covid_cxr.model.meta import probabilities
 
     _, paths = images
     model, meta = load_model(tiny_run / "best.pt")

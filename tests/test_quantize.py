@@ -10,16 +10,23 @@ import numpy as np
 import onnx
 import pytest
 
-from covid_cxr import quantize
-from covid_cxr.config import ExportConfig
+from covid_cxr.deploy import quantize
+from covid_cxr.deploy.options import ExportConfig
 from covid_cxr.errors import ConfigError, DatasetError, ExportError
 from covid_cxr.files import read_json, write_json
-from covid_cxr.inference import OnnxModel, load_predictor, onnx_meta_path
+from covid_cxr.machine import CPU_FLAGS
+from covid_cxr.model.inference import load_predictor
+from covid_cxr.model.onnx_model import OnnxModel, onnx_meta_path
 from covid_cxr.paths import RunDir
 
-LOGIT_ATOL = 0.05
+LOGIT_ATOL = 0.08
 """Largest |int8 - fp32| logit on the tiny run's test images, relative to the fp32 logits' spread (max - min, at
-least 1). 8-bit activations move a logit by a few per cent of its range; a broken graph moves it by O(range)."""
+least 1). Derived from the quantisation step, not from one machine: each uint8 activation rounds with RMS error
+1/(255 * sqrt(12)) ~ 0.0011 of its range; ~120 quantised layers in sequence (DenseNet-121) add up to ~0.012 of the
+range, and the largest of 48 logits (24 images x 2) is ~2.8 sigma ~ 0.035. 0.08 is over 2x that (room for other
+CPUs training a slightly different tiny model), and still ~10x below what a broken graph does (a wrong scale or zero
+point moves a logit by O(spread)). That every CPU computes the same integers is checked by the weight range
+(quantize.WEIGHT_QMAX), not by this bound."""
 
 
 def _copy_run(src, dst):
@@ -52,6 +59,8 @@ def test_int8_file_and_its_check_are_written(quantized):
     assert block["auc_difference"] == pytest.approx(block["int8_auc"] - block["fp32_auc"])
     assert block["gate_nodes_kept_fp32"] > 0
     assert block["in_scope_agree"] == 1.0
+    assert "reduce_range" in block["method"]
+    assert set(CPU_FLAGS) <= set(block["exported_on_cpu"]) and block["exported_on_cpu"]["name"]
     # the fp32 pair still loads (model.json changed, model.onnx did not)
     OnnxModel(run / "model.onnx", device="cpu")
 
@@ -67,6 +76,21 @@ def test_int8_predicts_like_fp32(quantized):
     t = fp32.meta.gate.threshold
     assert np.array_equal(a.scope <= t, b.scope <= t)
     assert int8.meta.to_dict() == fp32.meta.to_dict()
+
+
+def test_int8_weights_fit_7_bits_so_no_cpu_saturates(quantized):
+    """Every int8 weight is within [-64, 64] (reduce_range): AVX2's int16 pair sums (2 * 255 * |w|) cannot saturate,
+    so CPUs with and without VNNI compute the same integers. A check of the file, the same on every machine."""
+    from onnx import numpy_helper
+
+    run, _, _ = quantized
+    model = onnx.load(str(run / "model.int8.onnx"))
+    init = {i.name: i for i in model.graph.initializer}
+    weights = [numpy_helper.to_array(init[n.input[0]]) for n in model.graph.node if n.op_type == "DequantizeLinear"
+               and n.input[0] in init and init[n.input[0]].data_type == onnx.TensorProto.INT8]
+    assert weights
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= quantize.WEIGHT_QMAX
+    assert 2 * 255 * quantize.WEIGHT_QMAX <= np.iinfo(np.int16).max
 
 
 def test_the_gate_subgraph_is_found_and_holds_no_convolution(tiny_exported):
@@ -123,7 +147,7 @@ def test_quantize_needs_the_onnx_format_and_a_sane_bar():
 @pytest.mark.slow
 def test_export_command_writes_both_models(tiny_run, tmp_path):
     """The whole command: fp32 export, quantisation, check, summary text (a fresh export: ~1 min on 2 cores)."""
-    from covid_cxr.export import format_summary, run
+    from covid_cxr.deploy.export import format_summary, run
 
     dst = tmp_path / "run"
     dst.mkdir()
@@ -140,7 +164,7 @@ def test_export_command_writes_both_models(tiny_run, tmp_path):
 def test_a_learned_model_keeps_its_auc_and_scope_under_the_default_bar(learned_phantom_run, tmp_path):
     """A model that has learned the phantoms (80 test images at 64 px): int8 is kept under the default 0.01 bar and
     its in-scope flags and decisions agree with fp32 on nearly every test image."""
-    from covid_cxr.export import run
+    from covid_cxr.deploy.export import run
 
     dst = tmp_path / "run"
     dst.mkdir()

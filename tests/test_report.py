@@ -12,9 +12,9 @@ import shutil
 import pytest
 import torch
 
-from covid_cxr import report
-from covid_cxr.config import ReportConfig
-from covid_cxr.model import load_model, save_checkpoint
+from covid_cxr.evaluation import report
+from covid_cxr.evaluation.options import ReportConfig
+from covid_cxr.model.checkpoint import load_model, save_checkpoint
 
 FRESH = shutil.ignore_patterns("eval-*", "audit-*", "report.html", "model.onnx", "model.json", ".lock")
 """A run folder as training leaves it."""

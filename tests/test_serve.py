@@ -20,14 +20,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.errors import CheckpointError, ConfigError, UploadError
-from covid_cxr.images import load_image
-from covid_cxr.inference import load_predictor
-from covid_cxr.serve import ServeConfig, create_app
-from covid_cxr.serve.uploads import receive_upload
-
 from conftest import make_gray
+from covid_cxr import DISCLAIMER, __version__
+from covid_cxr.deploy.serve import ServeConfig, create_app
+from covid_cxr.deploy.serve.uploads import receive_upload
+from covid_cxr.errors import CheckpointError, ConfigError, UploadError
+from covid_cxr.imaging.images import load_image
+from covid_cxr.model.inference import load_predictor
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -374,7 +373,7 @@ def test_config_checks_and_run(tiny_run, monkeypatch):
 
     import uvicorn
 
-    from covid_cxr import serve
+    from covid_cxr.deploy import serve
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))

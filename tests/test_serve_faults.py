@@ -25,18 +25,16 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from liveserver import serve_in_thread
 from PIL import Image
 
-from covid_cxr.config import ServeConfig
-from covid_cxr.errors import ConfigError, UploadError
-from covid_cxr.serve import create_app
-from covid_cxr.serve import guards
-from covid_cxr.serve.engine import HEATMAP_MAX_BYTES, fit_png
-from covid_cxr.serve.guards import RateLimiter
-from covid_cxr.serve.uploads import DISCARD_SECONDS, receive_upload
-
 from conftest import make_gray
-from liveserver import serve_in_thread
+from covid_cxr.deploy.options import ServeConfig
+from covid_cxr.deploy.serve import create_app, guards
+from covid_cxr.deploy.serve.engine import HEATMAP_MAX_BYTES, fit_png
+from covid_cxr.deploy.serve.guards import RateLimiter
+from covid_cxr.deploy.serve.uploads import DISCARD_SECONDS, receive_upload
+from covid_cxr.errors import ConfigError, UploadError
 
 KEY = "test-key-0123456789abcdef"
 CORPUS = Path(__file__).parent / "data" / "serve-fuzz"
@@ -362,7 +360,7 @@ def test_api_key_from_the_environment_and_the_exposure_warning(tiny_run, monkeyp
 
     monkeypatch.delenv("COVID_CXR_API_KEY", raising=False)  # whatever the shell running the tests has set
 
-    from covid_cxr import serve
+    from covid_cxr.deploy import serve
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
@@ -472,7 +470,7 @@ def test_dicom_value_checks_are_off_while_any_app_runs():
     """Counted, not save-and-restore: two overlapping apps (as in tests) do not switch it back under each other."""
     from pydicom import config
 
-    from covid_cxr.serve.engine import dicom_values_unchecked
+    from covid_cxr.deploy.serve.engine import dicom_values_unchecked
 
     before = config.settings.reading_validation_mode
     a, b = dicom_values_unchecked(), dicom_values_unchecked()

@@ -1,4 +1,4 @@
-"""Tests for covid_cxr.sources: each public source's layout read into rows, every unused file or
+"""Tests for covid_cxr.data.sources: each public source's layout read into rows, every unused file or
 metadata row accounted for with a reason; integration checks against the real collection."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from conftest import REAL_SOURCES, write_image
+from covid_cxr.data.sources import (LABELS, SOURCE_COLUMNS, SourceRead, label_from_finding, mooney_patient,
+                                    read_actualmed, read_cohen, read_figure1, read_folder, read_mooney,
+                                    read_radiography, read_source, view_kind)
 from covid_cxr.errors import SourceError
-from covid_cxr.images import is_image_file
-from covid_cxr.sources import (LABELS, SOURCE_COLUMNS, SourceRead, label_from_finding, mooney_patient,
-                               read_actualmed, read_cohen, read_figure1, read_folder, read_mooney,
-                               read_radiography, read_source, view_kind)
+from covid_cxr.imaging.images import is_image_file
 
 # Header line of the real Cohen metadata.csv (June 2020), byte for byte, trailing empty column included.
 COHEN_HEADER = ("patientid,offset,sex,age,finding,survival,intubated,intubation_present,went_icu,in_icu,"

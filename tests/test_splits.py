@@ -9,14 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covid_cxr import evaluate, predict, train
-from covid_cxr.config import ConfigError, DataConfig, EvalConfig, PredictConfig, TrainConfig
-from covid_cxr.dataset import read_dataset
-from covid_cxr.errors import DatasetError
-from covid_cxr.manifest import build
-from covid_cxr.phantoms import generate_phantoms
-
 from conftest import REAL_SOURCES, write_image
+from covid_cxr.config import ConfigError
+from covid_cxr.data.dataset import read_dataset
+from covid_cxr.data.manifest import build
+from covid_cxr.data.options import DataConfig
+from covid_cxr.deploy import predict
+from covid_cxr.deploy.options import PredictConfig
+from covid_cxr.errors import DatasetError
+from covid_cxr.evaluation import evaluate
+from covid_cxr.evaluation.options import EvalConfig
+from covid_cxr.imaging.phantoms import generate_phantoms
+from covid_cxr.training import train
+from covid_cxr.training.options import TrainConfig
 
 
 def _site(root: Path, counts: dict[str, int], seed: int) -> Path:

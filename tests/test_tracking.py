@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from covid_cxr import tracking
-from covid_cxr.config import TrainConfig
 from covid_cxr.errors import ConfigError
+from covid_cxr.training import tracking
+from covid_cxr.training.options import TrainConfig
 
 
 class FakeMlflow(types.ModuleType):
@@ -57,7 +57,7 @@ class FakeMlflow(types.ModuleType):
 @pytest.fixture(scope="module")
 def logged_run(phantom_dataset, tmp_path_factory):
     """Two epochs at 32 px with --log tensorboard --log mlflow: (run folder, the fake mlflow's calls)."""
-    from covid_cxr.train import run
+    from covid_cxr.training.train import run
 
     fake = FakeMlflow()
     out = tmp_path_factory.mktemp("tracked") / "run"
@@ -110,7 +110,7 @@ def test_mlflow_gets_params_metrics_per_epoch_and_the_run_files(logged_run):
 
 def test_a_missing_package_is_skipped_with_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ModuleNotFoundError
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.tracking"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.training.tracking"):
         log = tracking.open_logs(("mlflow",), tmp_path, {"epochs": 1})
     assert log.sinks == []
     assert "--log mlflow skipped" in caplog.text and "pip install mlflow" in caplog.text
@@ -121,7 +121,7 @@ def test_a_missing_package_is_skipped_with_one_warning(tmp_path, monkeypatch, ca
 def test_only_rank_zero_opens_logs(tmp_path):
     from types import SimpleNamespace
 
-    from covid_cxr.train import _open_experiment_log
+    from covid_cxr.training.train import _open_experiment_log
 
     cfg = SimpleNamespace(logs=("tensorboard",))
     meta = SimpleNamespace(training={})

@@ -11,22 +11,26 @@ import pytest
 import torch
 import yaml
 
-from covid_cxr import train as train_mod
-from covid_cxr.augment import AugmentSpec, augment
-from covid_cxr.config import ConfigError, DataConfig, EvalConfig, TrainConfig
-from covid_cxr.data import EpochSampler, StackDataset, sample_seed
+from covid_cxr.config import ConfigError
+from covid_cxr.data.options import DataConfig
 from covid_cxr.errors import CheckpointError, RunError
+from covid_cxr.evaluation.options import EvalConfig
 from covid_cxr.files import RunLock
-from covid_cxr.model import read_checkpoint
-from covid_cxr.pixels import PreprocessSpec, finish
+from covid_cxr.imaging.augment import AugmentSpec, augment
+from covid_cxr.imaging.pixels import PreprocessSpec, finish
+from covid_cxr.model.checkpoint import read_checkpoint
+from covid_cxr.training import loop as loop_mod
+from covid_cxr.training import train as train_mod
+from covid_cxr.training.loaders import EpochSampler, StackDataset, sample_seed
+from covid_cxr.training.options import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     """A built dataset of 16 phantoms per class at 32 px (about 22 train, 6 val, 4 test images): enough to
     exercise the training loop in a few seconds."""
-    from covid_cxr.manifest import build
-    from covid_cxr.phantoms import generate_phantoms
+    from covid_cxr.data.manifest import build
+    from covid_cxr.imaging.phantoms import generate_phantoms
 
     root = tmp_path_factory.mktemp("small")
     src = root / "synthetic-phantoms"
@@ -56,7 +60,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(small_dataset, tm
     full = tmp_path / "full"
     train_mod.run(_cfg(small_dataset, full, workers=0))
 
-    real = train_mod.train_one_epoch
+    real = loop_mod.train_one_epoch
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -66,12 +70,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(small_dataset, tm
         return real(*args, **kwargs)
 
     part = tmp_path / "part"
-    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    monkeypatch.setattr(loop_mod, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_mod.run(_cfg(small_dataset, part, workers=1))
     last = read_checkpoint(part / "last.pt")
     assert last.meta.epoch == 1 and last.training["train_state"]["epoch"] == 1
-    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    monkeypatch.setattr(loop_mod, "train_one_epoch", real)
     train_mod.run(_cfg(small_dataset, part, resume=True, workers=0))
     assert calls["n"] == 2
 
@@ -166,7 +170,7 @@ def test_run_outputs_describe_themselves(small_dataset, tmp_path):
 
 def test_freeze_backbone_trains_only_the_head(small_dataset, tmp_path):
     torch.manual_seed(0)
-    from covid_cxr.model import build_model
+    from covid_cxr.model.networks import build_model
 
     init = build_model(["normal", "covid"], weights=None).state_dict()
     out = tmp_path / "frozen"
@@ -199,7 +203,7 @@ def test_train_with_imagenet_weights_from_torch_home(small_dataset, tmp_path, mo
 
 
 def test_warmup_cosine_schedule():
-    f = train_mod.warmup_cosine(total_steps=100, warmup_steps=10)
+    f = loop_mod.warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) == pytest.approx(0.1)
     assert f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)
@@ -210,19 +214,19 @@ def test_warmup_cosine_schedule():
 
 def test_reverse_gradient_is_identity_forward_and_reversed_backward():
     x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
-    y = train_mod.reverse_gradient(x, 0.5)
+    y = loop_mod.reverse_gradient(x, 0.5)
     assert torch.equal(y, x)
     y.sum().backward()
     assert torch.equal(x.grad, torch.full((3,), -0.5))
     x.grad = None
-    (train_mod.reverse_gradient(x, 2.0) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    (loop_mod.reverse_gradient(x, 2.0) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.equal(x.grad, torch.tensor([-2.0, -4.0, -6.0]))
-    assert train_mod.adversary_weight(1.0, 0.0) == 0.0 and 0.99 < train_mod.adversary_weight(1.0, 1.0) <= 1.0
+    assert loop_mod.adversary_weight(1.0, 0.0) == 0.0 and 0.99 < loop_mod.adversary_weight(1.0, 1.0) <= 1.0
 
 
 def test_source_adversary_pushes_features_against_its_own_gradient():
     torch.manual_seed(0)
-    adv = train_mod.SourceAdversary(feature_dim=8, n_sources=3, hidden=4)
+    adv = loop_mod.SourceAdversary(feature_dim=8, n_sources=3, hidden=4)
     f = torch.randn(5, 8, requires_grad=True)
     src = torch.tensor([0, 1, 2, 0, 1])
     torch.nn.functional.cross_entropy(adv(f, 1.0), src).backward()
@@ -234,7 +238,7 @@ def test_source_adversary_pushes_features_against_its_own_gradient():
 
 def test_validation_metrics_on_saturated_logits():
     logits = np.array([[0.0, 40.0], [0.0, 45.0], [30.0, 0.0]], dtype=np.float32)
-    m = train_mod.validation_metrics(logits, np.array([0, 1, 0]), 1)
+    m = loop_mod.validation_metrics(logits, np.array([0, 1, 0]), 1)
     assert m["auc"] == 1.0  # log-odds keep 40 and 45 apart; float32 probabilities would tie them
     assert m["accuracy"] == pytest.approx(2 / 3)
     assert np.isfinite(m["loss"]) and m["loss"] == pytest.approx(40.0 / 3, rel=1e-6)
@@ -288,7 +292,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
     plain = StackDataset(images, np.array([0, 1, 0, 1]), spec)
     assert plain[2][0].shape == (3, 32, 32) and not torch.equal(a, plain[2][0])
     assert np.array_equal(plain[2][0].numpy(), finish(images[2], spec))  # exactly the inference input
-    # the dataset's augmentation is covid_cxr.augment.augment with a generator seeded by (seed, epoch, index)
+    # the dataset's augmentation is covid_cxr.imaging.augment.augment with a generator seeded by (seed, epoch, index)
     g = torch.Generator().manual_seed(sample_seed(3, 1, 2))
     assert np.array_equal(a.numpy(), finish(augment(images[2], AugmentSpec(), g), spec))
     assert ds[2][1:] == (0, 2)
@@ -333,7 +337,7 @@ def test_config_checks():
 @pytest.mark.slow
 def test_learns_phantoms_from_scratch(learned_phantom_run):
     """Training from scratch reaches >= 0.9 accuracy on held-out phantoms."""
-    from covid_cxr import evaluate
+    from covid_cxr.evaluation import evaluate
 
     result = evaluate.run(EvalConfig(run=str(learned_phantom_run), bootstrap=0))
     assert result["protocol"]["images"] == 80
@@ -410,7 +414,7 @@ def test_the_same_out_spelled_relative_or_absolute_is_the_same_run(small_dataset
 # ----------------------------------------------------------------------------- --compile
 
 def test_compile_setting_auto_is_cuda_only_and_on_refuses_where_unavailable(monkeypatch, caplog):
-    from covid_cxr import runtime
+    from covid_cxr.model import runtime
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.setattr(runtime, "compile_unavailable", lambda device: None)
@@ -428,7 +432,8 @@ def test_compile_setting_auto_is_cuda_only_and_on_refuses_where_unavailable(monk
 def test_checkpoint_of_a_compiled_model_has_the_plain_key_names(tmp_path):
     """save_checkpoint writes the module inside torch.compile (and DDP): no `_orig_mod.` prefix, and the
     checkpoint loads strictly into a fresh model. (torch.compile is lazy: nothing is compiled here.)"""
-    from covid_cxr.model import build_model, model_from_checkpoint, new_meta, save_checkpoint
+    from covid_cxr.model.checkpoint import model_from_checkpoint, new_meta, save_checkpoint
+    from covid_cxr.model.networks import build_model
 
     if not hasattr(torch, "compile"):
         pytest.skip(f"torch {torch.__version__} has no torch.compile")
@@ -453,7 +458,7 @@ def test_compile_on_trains_the_compiled_model_and_saves_plain_keys(small_dataset
     from torch import _dynamo
 
     monkeypatch.setattr(train_mod, "finalize", lambda *args, **kwargs: {})
-    monkeypatch.setattr("covid_cxr.runtime.compile_unavailable", lambda device: None)
+    monkeypatch.setattr("covid_cxr.model.runtime.compile_unavailable", lambda device: None)
     real, calls = torch.compile, []
 
     def eager_compile(model, **kw):
@@ -476,7 +481,7 @@ def test_compile_on_trains_the_compiled_model_and_saves_plain_keys(small_dataset
 @pytest.mark.slow
 def test_compile_on_cpu_with_inductor(small_dataset, tmp_path, monkeypatch):
     """The real thing: Inductor compiles the training step on CPU (about a minute on 2 cores)."""
-    from covid_cxr.runtime import compile_unavailable
+    from covid_cxr.model.runtime import compile_unavailable
 
     reason = compile_unavailable(torch.device("cpu"))
     if reason:
@@ -496,7 +501,7 @@ def test_augmentation_on_the_device_is_independent_of_loader_workers(small_datas
     import logging
 
     monkeypatch.setattr(train_mod, "finalize", lambda *args, **kwargs: {})
-    caplog.set_level(logging.INFO, logger="covid_cxr.train")
+    caplog.set_level(logging.INFO, logger="covid_cxr.training.train")
     runs = {}
     for name, kw in {"device-0": dict(augment_on="device", workers=0), "device-2": dict(augment_on="device", workers=2),
                      "workers": dict(augment_on="workers", workers=0)}.items():

@@ -15,10 +15,10 @@ import torch
 import torchvision
 from torch import nn
 
-from covid_cxr.config import TrainConfig
 from covid_cxr.errors import CheckpointError
-from covid_cxr.model import adapt_xrv_densenet, build_model, is_xrv_densenet, weights_are_xrv
-from covid_cxr.pixels import PreprocessSpec, normalize
+from covid_cxr.imaging.pixels import PreprocessSpec, normalize
+from covid_cxr.model.networks import adapt_xrv_densenet, build_model, is_xrv_densenet, weights_are_xrv
+from covid_cxr.training.options import TrainConfig
 
 
 def _xrv_reference(seed: int = 0) -> tuple[nn.Module, dict]:
@@ -58,7 +58,7 @@ def test_xrv_weights_give_torchxrayvisions_features_on_a_grey_image(xrv_file, ca
     """Our 3-channel network on the grey image repeated 3 times == torchxrayvision's 1-channel network (its
     features: norm5 -> ReLU -> global average pool, what its classifier reads)."""
     path, reference, _ = xrv_file
-    with caplog.at_level(logging.INFO, logger="covid_cxr.model"):
+    with caplog.at_level(logging.INFO, logger="covid_cxr.model.networks"):
         model = build_model(["normal", "covid"], weights=path).eval()
     reference.classifier = nn.Identity()
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1)) * 2048 - 1024  # xrv's input range
@@ -94,11 +94,11 @@ def test_pickled_model_files_get_the_conversion_recipe(tmp_path):
 
 
 def test_input_scale_is_chosen_and_mismatches_are_named(xrv_file, caplog):
-    from covid_cxr.train import input_scale
+    from covid_cxr.training.train import input_scale
 
     path = str(xrv_file[0])
     assert input_scale(TrainConfig(data="d", out="o", weights=path, input_scale="xrv")) == "xrv"
-    with caplog.at_level(logging.INFO, logger="covid_cxr.train"):
+    with caplog.at_level(logging.INFO, logger="covid_cxr.training.train"):
         assert input_scale(TrainConfig(data="d", out="o", weights=path, freeze_backbone=True)) == "imagenet"
     assert "WARNING" in caplog.text and "--input-scale xrv" in caplog.text and "--freeze-backbone" in caplog.text
     assert input_scale(TrainConfig(data="d", out="o", weights="none")) == "imagenet"

@@ -2,9 +2,9 @@
 
 Research use only, not a diagnostic device.
 
-The Python API (:mod:`covid_cxr.api`) is imported on first use, so ``import covid_cxr`` stays light
+The Python API (:mod:`covid_cxr.deploy.api`) is imported on first use, so ``import covid_cxr`` stays light
 (no PyTorch): ``covid_cxr.load_run(path, backend="torch"|"onnx")`` returns a
-:class:`~covid_cxr.inference.Predictor` (``predict``, ``explain``); ``covid_cxr.ManifestDataset`` is a
+:class:`~covid_cxr.model.inference.Predictor` (``predict``, ``explain``); ``covid_cxr.ManifestDataset`` is a
 manifest split as a PyTorch dataset.
 """
 
@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 DISCLAIMER = "covid-cxr output is for research use only; it is not a diagnostic device."
 
 _LAZY = {
-    "load_run": "covid_cxr.api",
-    "Predictor": "covid_cxr.inference",
-    "Prediction": "covid_cxr.results",
-    "Explanation": "covid_cxr.results",
-    "ManifestDataset": "covid_cxr.data",
+    "load_run": "covid_cxr.deploy.api",
+    "Predictor": "covid_cxr.model.inference",
+    "Prediction": "covid_cxr.model.results",
+    "Explanation": "covid_cxr.model.results",
+    "ManifestDataset": "covid_cxr.training.loaders",
 }
 """Public names and the module that defines each; imported when first used."""
 

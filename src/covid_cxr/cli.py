@@ -1,4 +1,4 @@
-"""The ``covid-cxr`` command: a thin layer generated from the config dataclasses (:mod:`covid_cxr.config`).
+"""The ``covid-cxr`` command: a thin layer generated from each stage's options dataclasses (:mod:`covid_cxr.config`).
 
 Each command is one row of :data:`COMMANDS`: its config class (fields become flags, field docstrings
 become help), the library function it calls, and how its result is printed.
@@ -18,8 +18,13 @@ from typing import Any, Callable, Literal
 
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr import config as C
+from covid_cxr.data.options import DataConfig, FetchConfig
+from covid_cxr.demo import DemoConfig
+from covid_cxr.deploy.options import ExplainConfig, ExportConfig, PredictConfig, ServeConfig
 from covid_cxr.errors import CovidCxrError
+from covid_cxr.evaluation.options import AuditConfig, EvalConfig, ReportConfig
 from covid_cxr.files import describe_os_error, printable
+from covid_cxr.training.options import CrossvalConfig, TrainConfig
 
 log = logging.getLogger("covid_cxr")
 
@@ -40,7 +45,7 @@ def _pair(value: str) -> tuple[str, str]:
 
 
 def _source(value: str) -> tuple[str, str]:
-    from covid_cxr.sources import READERS
+    from covid_cxr.data.sources import READERS
 
     name, path = _pair(value)
     if name not in READERS:
@@ -109,7 +114,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, provided: set[str]) 
 # ----------------------------------------------------------------------------- printing results
 
 def _print_build(result: dict, cfg) -> None:
-    from covid_cxr.manifest import format_report
+    from covid_cxr.data.manifest import format_report
 
     print(format_report(result, cfg.out))
 
@@ -175,23 +180,26 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("data build", C.DataConfig, "covid_cxr.manifest:build", _print_build,
+    Command("data build", DataConfig, "covid_cxr.data.manifest:build", _print_build,
             "sources -> manifest with patient-level splits"),
-    Command("data fetch", C.FetchConfig, "covid_cxr.fetch:run", _print_fetch, "download a public source"),
-    Command("train", C.TrainConfig, "covid_cxr.train:run", _print_with("covid_cxr.train"), "train a model"),
-    Command("crossval", C.CrossvalConfig, "covid_cxr.crossval:run", _print_with("covid_cxr.crossval"),
+    Command("data fetch", FetchConfig, "covid_cxr.data.fetch:run", _print_fetch, "download a public source"),
+    Command("train", TrainConfig, "covid_cxr.training.train:run", _print_with("covid_cxr.training.train"), "train a model"),
+    Command("crossval", CrossvalConfig, "covid_cxr.training.crossval:run", _print_with("covid_cxr.training.crossval"),
             "out-of-source validation: one model per held-out source"),
-    Command("evaluate", C.EvalConfig, "covid_cxr.evaluate:run", _print_with("covid_cxr.evaluate"),
+    Command("evaluate", EvalConfig, "covid_cxr.evaluation.evaluate:run", _print_with("covid_cxr.evaluation.evaluate"),
             "metrics with confidence intervals on a split"),
-    Command("predict", C.PredictConfig, "covid_cxr.predict:run", _print_predict, "predict images"),
-    Command("explain", C.ExplainConfig, "covid_cxr.explain:run", _print_explain, "Grad-CAM overlays"),
-    Command("audit", C.AuditConfig, "covid_cxr.audit:run", _print_audit, "shortcut audit"),
-    Command("report", C.ReportConfig, "covid_cxr.report:run", _print_report, "one self-contained HTML report"),
-    Command("export", C.ExportConfig, "covid_cxr.export:run", _print_with("covid_cxr.export"),
+    Command("predict", PredictConfig, "covid_cxr.deploy.predict:run", _print_predict, "predict images"),
+    Command("explain", ExplainConfig, "covid_cxr.deploy.explain:run", _print_explain, "Grad-CAM overlays"),
+    Command("audit", AuditConfig, "covid_cxr.evaluation.audit:run", _print_audit, "shortcut audit"),
+    Command("report", ReportConfig, "covid_cxr.evaluation.report:run", _print_report, "one self-contained HTML report"),
+    Command("export", ExportConfig, "covid_cxr.deploy.export:run", _print_with("covid_cxr.deploy.export"),
             "export the model: ONNX, safetensors or a Hugging Face-style folder with a model card"),
-    Command("serve", C.ServeConfig, "covid_cxr.serve:run", _print_nothing, "web app and HTTP API"),
-    Command("demo", C.DemoConfig, "covid_cxr.demo:run", _print_nothing, "offline end-to-end demo on synthetic phantoms"),
+    Command("serve", ServeConfig, "covid_cxr.deploy.serve:run", _print_nothing, "web app and HTTP API"),
+    Command("demo", DemoConfig, "covid_cxr.demo:run", _print_nothing, "offline end-to-end demo on synthetic phantoms"),
 )
+
+CONFIGS: dict[str, type] = {c.name: c.config for c in COMMANDS}
+"""Command -> its options class (each defined in its stage's ``options`` module)."""
 
 
 def _yaml_keys(argv: list[str]) -> set[str]:

@@ -9,24 +9,59 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from covid_cxr import DISCLAIMER
-from covid_cxr.config import AuditConfig, DataConfig, DemoConfig, EvalConfig, PredictConfig, ReportConfig, TrainConfig
-from covid_cxr.errors import CovidCxrError
+from covid_cxr.config import CommandOptions, check_positive
+from covid_cxr.errors import ConfigError, CovidCxrError
 from covid_cxr.files import atomic_write
-from covid_cxr.evaluate import format_summary
-from covid_cxr.phantoms import generate_phantoms
+from covid_cxr.imaging.phantoms import generate_phantoms
 
 log = logging.getLogger(__name__)
 
 PHANTOM_SOURCE = "synthetic-phantoms"
 
 
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig(CommandOptions):
+    """``covid-cxr demo``: the whole pipeline, offline, on synthetic phantom chest X-rays (not patients): data build
+    -> train (from scratch, small images) -> evaluate -> predict -> report. A few minutes on a CPU."""
+
+    out: str = "demo-output"
+    """Output folder."""
+    per_class: int = 160
+    """Phantoms per class."""
+    image_size: int = 64
+    """Network input side."""
+    epochs: int = 8
+    """Training epochs."""
+    seed: int = 0
+    """Seed of the phantoms, the split and training."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.per_class < 20:
+            raise ConfigError("--per-class must be at least 20")
+        if not 32 <= self.image_size <= 256:
+            raise ConfigError("--image-size must be between 32 and 256")
+        check_positive("epochs", self.epochs)
+
+
 def run(cfg: DemoConfig) -> dict:
     """Run the demo into ``cfg.out``; returns the evaluation metrics. Refuses a non-empty folder that is not a demo."""
-    from covid_cxr import audit, evaluate, manifest, predict, report, train
-    from covid_cxr.dataset import read_dataset
+    # the stages are imported when the demo runs, not when the CLI builds its --help
+    from covid_cxr.data import manifest
+    from covid_cxr.data.dataset import read_dataset
+    from covid_cxr.data.options import DataConfig
+    from covid_cxr.deploy import predict
+    from covid_cxr.deploy.options import PredictConfig
+    from covid_cxr.evaluation import audit, evaluate, report
+    from covid_cxr.evaluation.evaluate import format_summary
+    from covid_cxr.evaluation.options import AuditConfig, EvalConfig, ReportConfig
+    from covid_cxr.training import train
+    from covid_cxr.training.options import TrainConfig
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / "DEMO.txt").exists():

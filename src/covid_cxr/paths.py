@@ -12,6 +12,8 @@ dataset folder can be copied or moved and still works with every command:
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -19,6 +21,8 @@ from typing import Mapping
 import yaml
 
 from covid_cxr.errors import DatasetError, RunError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 CHECKPOINTS = ("best", "last")
@@ -165,3 +169,26 @@ def locate_checkpoint(run_or_file: str | Path, which: str = "best") -> tuple[Run
         return RunDir(p.parent), p
     run = RunDir(p)
     return run, run.require_checkpoint(which)
+
+
+def read_metrics(run_dir: RunDir) -> list[dict]:
+    """The epochs recorded in metrics.jsonl (empty if none); a damaged line is skipped with a warning."""
+    return _metric_records(run_dir.metrics)
+
+
+def _metric_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            log.warning("%s line %d is damaged; ignoring it", path, n)
+            continue
+        records.append(record)
+    return records

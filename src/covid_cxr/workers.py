@@ -64,7 +64,7 @@ def _context(fresh: bool) -> multiprocessing.context.BaseContext:
     if fresh and "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         # Workers fork from a server that has imported what they run, so each starts in milliseconds.
-        ctx.set_forkserver_preload(["covid_cxr.dedup", "covid_cxr.hamming"])  # what fresh pools run
+        ctx.set_forkserver_preload(["covid_cxr.data.dedup", "covid_cxr.data.hamming"])  # what fresh pools run
         return ctx
     return multiprocessing.get_context()
 

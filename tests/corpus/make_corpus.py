@@ -19,9 +19,9 @@ sys.path.insert(0, str(HERE.parent))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless  # noqa: E402
+from test_dicom import _encapsulated, deflated_bomb, make_ds, ramp12, save  # noqa: E402
 
 from conftest import make_gray  # noqa: E402
-from test_dicom import _encapsulated, deflated_bomb, make_ds, ramp12, save  # noqa: E402
 
 
 def images(out: Path) -> None:

@@ -1,0 +1,193 @@
+"""The options of ``covid-cxr predict``, ``explain``, ``export`` and ``serve`` (see :mod:`covid_cxr.config`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from covid_cxr.config import Backend, Checkpoint, CommandOptions, check_device_option, check_positive
+from covid_cxr.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig(CommandOptions):
+    """``covid-cxr predict``: class probabilities, the decision at the model's threshold and the out-of-scope flag
+    for image files and folders (PNG, JPEG and DICOM, also DICOM files without an ending)."""
+
+    inputs: tuple[str, ...]
+    """Image files and/or folders (searched recursively)."""
+    run: str
+    """Run folder, checkpoint file, or (with --backend onnx) an .onnx file."""
+    out: str | None = None
+    """Output file; default: print to standard output."""
+    format: Literal["csv", "json"] = "csv"
+    """Output format."""
+    skip_unreadable: bool = False
+    """Write a row with the reason for an unreadable file instead of stopping."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    batch_size: int = 16
+    """Images per forward pass."""
+    device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+    backend: Backend = "torch"
+    """torch (the checkpoint) or onnx (RUN/model.onnx from `covid-cxr export`; pass --run RUN/model.int8.onnx for the
+    int8 model of `export --quantize int8`)."""
+    heatmaps: str | None = None
+    """Folder for Grad-CAM overlays of every readable image (computed with the PyTorch checkpoint)."""
+    progress: bool = True
+    """Show a progress bar for many files."""
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("predict needs at least one image file or folder")
+        check_positive("batch_size", self.batch_size)
+        check_device_option(self.device)
+        if self.out is not None and Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a folder; give a file name, e.g. {Path(self.out) / 'predictions.csv'}")
+        if self.heatmaps is not None and Path(self.heatmaps).exists() and not Path(self.heatmaps).is_dir():
+            raise ConfigError(f"--heatmaps {self.heatmaps} is a file; give a folder for the overlay images")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainConfig(CommandOptions):
+    """``covid-cxr explain``: a Grad-CAM overlay PNG per image and explanations.json (research use only: shows where
+    evidence was found, not why)."""
+
+    inputs: tuple[str, ...]
+    """Image files and/or folders (searched recursively)."""
+    run: str
+    """Run folder or checkpoint file."""
+    out: str
+    """Folder for the heatmap PNGs and explanations.json."""
+    target: str | None = None
+    """Class to explain; default: the positive class (covid)."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("explain needs at least one image file or folder")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a file; give a folder for the overlay images")
+        check_device_option(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig(CommandOptions):
+    """``covid-cxr export``: the model in a deployable format, with its metadata; the ONNX graph is checked against
+    PyTorch before anything is written."""
+
+    run: str
+    """Run folder or checkpoint file."""
+    format: Literal["onnx", "safetensors", "hf"] = "onnx"
+    """Export format: onnx (model.onnx + model.json, dynamic batch), safetensors (the weights, with the model's
+    metadata inside and beside them as JSON) or hf (a Hugging Face-style folder: model.safetensors, config.json and
+    a README.md model card; also model.onnx unless --no-hf-onnx)."""
+    out: str | None = None
+    """Output: the .onnx or .safetensors file (default RUN_DIR/model.onnx, RUN_DIR/model.safetensors), or for hf
+    the folder (default RUN_DIR/hf)."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    opset: int = 18
+    """ONNX opset (18 or newer: the torch.export-based exporter writes no older one)."""
+    hf_onnx: bool = True
+    """With --format hf: also put model.onnx + model.json in the folder, for installs without PyTorch."""
+    overwrite: bool = False
+    """With --format hf: replace the files of an existing export folder."""
+    quantize: Literal["none", "int8"] = "none"
+    """With --format onnx: int8 also writes model.int8.onnx (+ model.int8.json) beside model.onnx, by ONNX Runtime
+    static quantisation calibrated on the run's validation images; it is kept only if its test-split ROC AUC is at
+    most --max-auc-drop below fp32 (both numbers go into model.json's "quantization" block)."""
+    calibration_images: int = 256
+    """With --quantize int8: validation images (spread evenly over the split) used to calibrate activation ranges."""
+    max_auc_drop: float = 0.01
+    """With --quantize int8: largest accepted fall of test ROC AUC from fp32 to int8; a larger one refuses the int8
+    model."""
+    data: str | None = None
+    """With --quantize int8: dataset folder for calibration and the check; default: the one the run was trained on."""
+    source_roots: tuple[tuple[str, str], ...] = ()
+    """With --quantize int8: where a source's images are now, as NAME=PATH, when the dataset's recorded folder
+    moved."""
+
+    def __post_init__(self) -> None:
+        if self.quantize != "none" and self.format != "onnx":
+            raise ConfigError(f"--quantize {self.quantize} needs --format onnx (it quantises the ONNX graph)")
+        if self.calibration_images < 1:
+            raise ConfigError(f"--calibration-images {self.calibration_images}: give at least 1")
+        if not 0 <= self.max_auc_drop <= 1:
+            raise ConfigError(f"--max-auc-drop {self.max_auc_drop}: give a number from 0 to 1")
+        if self.opset < 18:
+            raise ConfigError(f"--opset {self.opset} is not supported: the torch.export-based ONNX exporter writes "
+                              "opset 18 or newer (ONNX Runtime >= 1.14 reads it); pass --opset 18")
+        suffix = {"onnx": ".onnx", "safetensors": ".safetensors"}.get(self.format)
+        if self.out is not None and suffix and not str(self.out).endswith(suffix):
+            raise ConfigError(f"--out {self.out}: the {self.format} file name must end in {suffix} (its metadata goes "
+                              "beside it as .json)")
+        if self.out is not None and self.format == "hf" and Path(self.out).is_file():
+            raise ConfigError(f"--out {self.out} is a file; --format hf writes a folder")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(CommandOptions):
+    """``covid-cxr serve``: POST /v1/predict, GET /healthz, OpenAPI docs at /docs and a web page at / (research use
+    only)."""
+
+    run: str
+    """Run folder (or a checkpoint file)."""
+    host: str = "127.0.0.1"
+    """Address to bind. The app has no TLS: bind other addresses only behind a proxy that adds it."""
+    port: int = 8000
+    """TCP port (0: any free port)."""
+    backend: Backend = "torch"
+    """torch (the checkpoint) or onnx (RUN/model.onnx, exported from the checkpoint if missing)."""
+    max_upload_mb: float = 20.0
+    """Largest accepted upload in MB (2**20 bytes); larger ones get HTTP 413 before they are read in full."""
+    concurrency: int = 2
+    """Predictions running at once (threads); further admitted requests wait their turn."""
+    max_uploads: int = 32
+    """Prediction requests admitted at once (receiving, waiting or predicting; each holds one temporary folder);
+    more get HTTP 503 with Retry-After."""
+    max_heatmaps: int = 2
+    """Requests with ?heatmap=true admitted at once. Grad-CAM runs one at a time in a thread of its own, so heatmaps
+    never hold up plain predictions; more get HTTP 503 with Retry-After."""
+    idle_timeout: float = 10.0
+    """Seconds an upload may send nothing before it is cut off with HTTP 408."""
+    upload_timeout: float = 60.0
+    """Seconds a whole upload may take; a client trickling bytes is cut off with HTTP 408."""
+    api_key: str | None = field(default=None, repr=False)
+    """Require this key on POST /v1/predict (header Authorization: Bearer KEY or X-API-Key: KEY; otherwise HTTP 401).
+    Prefer the COVID_CXR_API_KEY environment variable: a flag shows in the process list."""
+    rate_limit: int = 0
+    """Requests per minute per client address on POST /v1/predict (token bucket; over it HTTP 429 with
+    Retry-After); 0: no limit. Behind a proxy every client has the proxy's address."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    onnx_path: str | None = None
+    """ONNX file for backend onnx (default RUN/model.onnx; RUN/model.int8.onnx is the int8 model of `export --quantize
+    int8`)."""
+    device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        if not str(self.run):
+            raise ConfigError("serve needs --run (a run folder or checkpoint file)")
+        if not self.host:
+            raise ConfigError("--host must not be empty (e.g. 127.0.0.1)")
+        if not 0 <= int(self.port) <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        for name in ("max_upload_mb", "concurrency", "max_uploads", "max_heatmaps", "idle_timeout", "upload_timeout"):
+            check_positive(name, getattr(self, name))
+        check_positive("rate_limit", self.rate_limit, strict=False)
+        check_device_option(self.device)
+        if self.api_key is not None and not re.fullmatch(r"[\x21-\x7e]{16,}", self.api_key):
+            # never echo the key itself
+            raise ConfigError("--api-key must be at least 16 printable ASCII characters without spaces (it travels "
+                              "in an HTTP header); make one with: python -c \"import secrets; "
+                              "print(secrets.token_urlsafe(32))\"")

@@ -1,0 +1,84 @@
+"""The options of ``covid-cxr evaluate``, ``audit`` and ``report`` (see :mod:`covid_cxr.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from covid_cxr.config import Checkpoint, CommandOptions, SplitName, check_device_option, check_positive
+from covid_cxr.files import default_workers
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitJob(CommandOptions):
+    """What ``evaluate`` and ``audit`` share: one checkpoint of a run scored on one split of its dataset."""
+
+    run: str
+    """Run folder written by `covid-cxr train`."""
+    data: str | None = None
+    """Dataset folder; default: the one the run was trained on."""
+    split: SplitName = "test"
+    """Which manifest split."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    batch_size: int = 32
+    """Images per forward pass."""
+    workers: int = field(default_factory=default_workers)
+    """Processes decoding images that are not in the cache."""
+    device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+    source_roots: tuple[tuple[str, str], ...] = ()
+    """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (by patient) for 95% confidence intervals; 0 disables them."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+    def __post_init__(self) -> None:
+        check_positive("bootstrap", self.bootstrap, strict=False)
+        check_positive("batch_size", self.batch_size)
+        check_positive("workers", self.workers)
+        check_device_option(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(SplitJob):
+    """``covid-cxr evaluate``: metrics with patient-bootstrap CIs, the study's classification report and pictures
+    for one manifest split; writes RUN_DIR/eval-<split>/."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig(SplitJob):
+    """``covid-cxr audit``: does the model look at the lungs? AUC with the lungs masked and with only the border,
+    a source probe on frozen features, per-source performance; writes RUN_DIR/audit-<split>/ with verdicts."""
+
+    bootstrap: int = 500
+    """Bootstrap resamples (by patient) for the AUC intervals (five maskings: fewer than evaluate's); 0 disables
+    them."""
+    seed: int = 0
+    """Seed of the bootstrap and the probe."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(CommandOptions):
+    """``covid-cxr report``: RUN_DIR/report.html, one self-contained page: the study's table beside ours, metrics
+    with CIs, the out-of-source estimate, ROC, confusion matrix, calibration, learning curves, per-source tables,
+    the audit, Grad-CAM examples, the dataset and a model card. Runs evaluate (and audit) first if needed."""
+
+    run: str
+    """Run folder."""
+    split: Literal["val", "test"] = "test"
+    """Split the metrics come from."""
+    audit: bool = True
+    """Run the shortcut audit if it is missing."""
+    data: str | None = None
+    """Dataset folder; default: the one the run was trained on."""
+    crossval: str | None = None
+    """Crossval folder whose out-of-source estimate to show (default: the one recorded in the model, if any)."""
+    device: str = "auto"
+    """Where to run evaluate, audit and Grad-CAM: auto, cpu, cuda or cuda:N."""
+    source_roots: tuple[tuple[str, str], ...] = ()
+    """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
+
+    def __post_init__(self) -> None:
+        check_device_option(self.device)

@@ -1,0 +1,318 @@
+"""What a trained model is: :class:`ModelMeta`, the one typed description every stage reads.
+
+A checkpoint holds the weights and a :class:`ModelMeta`; an ONNX export's ``model.json`` holds the
+same meta, serialised. Every stage takes the labels, the positive class, the preprocessing, the
+threshold, the temperature and the out-of-scope gate from here, never from dict keys.
+
+Scores. All decisions and rankings are made on log-probabilities computed in float64 from logits
+(:func:`log_probs`), never on float32 probabilities: softmax in float32 rounds to exactly 1.0 once
+a logit difference passes ~17, which ties every confident image and corrupts AUCs and thresholds.
+The binary operating threshold is stored as log-odds for the same reason.
+
+NumPy only, so the ONNX backend does not need PyTorch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+
+from covid_cxr import __version__
+from covid_cxr.errors import CheckpointError
+from covid_cxr.imaging.pixels import PreprocessSpec
+
+META_FORMAT = 2
+"""Version of the serialised meta (1 was covid-cxr 0.1's untyped checkpoint keys)."""
+
+
+# ----------------------------------------------------------------------------- scores
+
+def log_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(N, K) log-probabilities of ``softmax(logits / temperature)``, in float64 (no saturation)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    if z.ndim != 2:
+        raise ValueError(f"logits must be (N, K), got shape {z.shape}")
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(N, K) class probabilities (float64) with the given temperature."""
+    return np.exp(log_probs(logits, temperature))
+
+
+def class_log_odds(lp: np.ndarray, k: int) -> np.ndarray:
+    """log(P(class k) / P(not class k)) per row of (N, K) log-probabilities, computed without leaving log space."""
+    others = np.delete(np.asarray(lp, dtype=np.float64), k, axis=1)
+    m = others.max(axis=1, keepdims=True)
+    return lp[:, k] - (m + np.log(np.exp(others - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)); +-inf at 1 and 0."""
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def format_probability(p: float | None, min_digits: int = 2) -> str:
+    """A probability with the digits that tell it apart from 0 and 1: ``0.50``, ``0.99988``, ``1 - 3.1e-09``."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    p = float(p)
+    tail = min(p, 1.0 - p)
+    if tail <= 0.0:
+        return "1" if p >= 1.0 else "0"
+    if tail < 1e-4:
+        return f"1 - {1.0 - p:.2g}" if p > 0.5 else f"{p:.2g}"
+    digits = max(min_digits, math.ceil(-math.log10(tail)) + 1)
+    return f"{p:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- typed parts
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the temperature and the operating point were chosen (on the validation split)."""
+
+    temperature: float = 1.0
+    """The temperature applied: ``softmax(logits / temperature)``."""
+    status: str = "not fitted"
+    """``fitted``; ``not fitted``; ``at lower bound`` (validation perfectly separated, so the NLL keeps falling
+    as T -> 0: the fit is meaningless and T = 1 is kept); ``at upper bound`` (logits no better than chance)."""
+    fitted_temperature: float | None = None
+    """What the fit returned (equals ``temperature`` unless it hit a bound)."""
+    threshold_rule: str = "default 0.5"
+    """``sensitivity``, ``youden``, ``default 0.5`` (not chosen) or ``argmax`` (more than two classes)."""
+    target_sensitivity: float | None = None
+    val_sensitivity: float | None = None
+    """Sensitivity and specificity the threshold reached on validation."""
+    val_specificity: float | None = None
+    n_val: int = 0
+    nll_before: float | None = None
+    nll_after: float | None = None
+    ece_before: float | None = None
+    ece_after: float | None = None
+    warnings: tuple[str, ...] = ()
+    """Plain-language warnings shown in the terminal, calibration.json and the report."""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "warnings": list(self.warnings)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(**{**_known(cls, d), "warnings": tuple(d.get("warnings") or ())})
+
+
+@dataclass(frozen=True)
+class ScopeGate:
+    """The out-of-scope gate's decision rule (its fitted statistics are tensors inside the model)."""
+
+    threshold: float
+    """Images whose scope score exceeds this are flagged out of scope."""
+    quantile: float
+    """Fraction of validation images the threshold keeps in scope."""
+    method: str
+    n_fit: int
+    """Training images the statistics were fitted on."""
+    n_val: int
+    dims: int
+    """Principal directions kept; the rest of the feature space is modelled by one residual variance."""
+    feature_dim: int
+    n_means: int
+    """Class means (the score is the distance to the nearest)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScopeGate":
+        return cls(**_known(cls, d))
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What the model was trained on (for model cards, reports and the web page)."""
+
+    task: str
+    sources: tuple[str, ...]
+    synthetic_sources: tuple[str, ...] = ()
+    """Sources made of synthetic images (phantoms); reports carry a SYNTHETIC banner."""
+    protocol: str = ""
+    n_train: int = 0
+    n_val: int = 0
+    test_split: bool = True
+    """False for a final model trained on every image (its estimate comes from crossval)."""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sources": list(self.sources), "synthetic_sources": list(self.synthetic_sources)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainingData":
+        v = _known(cls, d)
+        v["sources"] = tuple(v.get("sources") or ())
+        v["synthetic_sources"] = tuple(v.get("synthetic_sources") or ())
+        return cls(**v)
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.synthetic_sources)
+
+
+def _known(cls, d: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in (d or {}).items() if k in names}
+
+
+# ----------------------------------------------------------------------------- the meta
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything about a trained model except its weights.
+
+    ``positive`` is the task's positive class (``covid``), set once from the task. For two classes the
+    prediction is the positive class when its log-odds reach ``threshold_log_odds``; for more classes
+    it is the argmax.
+    """
+
+    arch: str
+    labels: tuple[str, ...]
+    positive: str | None
+    preprocess: PreprocessSpec
+    threshold_log_odds: float = 0.0
+    """Two classes: predict ``positive`` when log(P(positive) / P(other)) >= this (0.0 is P >= 0.5)."""
+    temperature: float = 1.0
+    calibration: Calibration | None = None
+    gate: ScopeGate | None = None
+    data: TrainingData | None = None
+    training: dict = field(default_factory=dict)
+    """The resolved training options."""
+    estimate: dict | None = None
+    """Where this model's performance estimate comes from when it has no test split (crossval)."""
+    epoch: int | None = None
+    val_metrics: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise CheckpointError(f"a model needs at least two distinct labels, got {list(self.labels)}")
+        if self.positive is not None and self.positive not in self.labels:
+            raise CheckpointError(f"positive class {self.positive!r} is not one of the labels {list(self.labels)}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise CheckpointError(f"temperature must be a positive number, got {self.temperature}")
+
+    # -- the decision rule ---------------------------------------------------------------------------
+    @property
+    def positive_index(self) -> int | None:
+        """Index of the positive class, or None when the task has none."""
+        return None if self.positive is None else self.labels.index(self.positive)
+
+    @property
+    def binary(self) -> bool:
+        """Two classes with a positive class: a threshold applies (else the argmax)."""
+        return len(self.labels) == 2 and self.positive is not None
+
+    @property
+    def threshold(self) -> float | None:
+        """The operating threshold on P(positive) (float64), or None for argmax models."""
+        return sigmoid(self.threshold_log_odds) if self.binary else None
+
+    def threshold_text(self) -> str:
+        """The threshold as people should read it: ``P(covid) >= 0.99988`` or ``argmax``."""
+        if not self.binary:
+            return "argmax (largest probability)"
+        return f"P({self.positive}) >= {format_probability(self.threshold, min_digits=3)}"
+
+    def log_probs(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated log-probabilities (float64) of raw logits."""
+        return log_probs(logits, self.temperature)
+
+    def positive_log_odds(self, lp: np.ndarray) -> np.ndarray:
+        """log(P(positive) / P(not positive)) per row of log-probabilities: the score AUCs are computed on."""
+        if self.positive_index is None:
+            raise ValueError("this model has no positive class")
+        return class_log_odds(lp, self.positive_index)
+
+    def decide(self, lp: np.ndarray) -> np.ndarray:
+        """Predicted class index per row of log-probabilities."""
+        if self.binary:
+            pos = self.positive_index
+            return np.where(self.positive_log_odds(lp) >= self.threshold_log_odds, pos, 1 - pos)
+        return lp.argmax(axis=1)
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": META_FORMAT, "arch": self.arch, "labels": list(self.labels), "positive": self.positive,
+            "preprocess": self.preprocess.to_dict(), "threshold_log_odds": self.threshold_log_odds,
+            "threshold": self.threshold, "temperature": self.temperature,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+            "gate": self.gate.to_dict() if self.gate else None,
+            "data": self.data.to_dict() if self.data else None,
+            "training": self.training, "estimate": self.estimate, "epoch": self.epoch,
+            "val_metrics": self.val_metrics, "versions": self.versions, "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "model metadata") -> "ModelMeta":
+        """Parse :meth:`to_dict`'s output. ``threshold`` is derived, not read.
+
+        Raises:
+            CheckpointError: a newer format, or missing or malformed fields (naming ``where``).
+        """
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: not a covid-cxr model description")
+        if int(d.get("format", 0)) > META_FORMAT:
+            raise CheckpointError(f"{where} was written by a newer covid-cxr (format {d['format']}); upgrade covid-cxr")
+        try:
+            return cls(
+                arch=str(d["arch"]), labels=tuple(d["labels"]), positive=d.get("positive"),
+                preprocess=PreprocessSpec.from_dict(d["preprocess"]),
+                threshold_log_odds=float(d.get("threshold_log_odds", 0.0)),
+                temperature=float(d.get("temperature", 1.0)),
+                calibration=Calibration.from_dict(d["calibration"]) if d.get("calibration") else None,
+                gate=ScopeGate.from_dict(d["gate"]) if d.get("gate") else None,
+                data=TrainingData.from_dict(d["data"]) if d.get("data") else None,
+                training=dict(d.get("training") or {}), estimate=d.get("estimate"), epoch=d.get("epoch"),
+                val_metrics=dict(d.get("val_metrics") or {}), versions=dict(d.get("versions") or {}),
+                created=str(d.get("created", "")))
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: malformed model description ({type(exc).__name__}: {exc})") from None
+
+    def replace(self, **changes: Any) -> "ModelMeta":
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        """One paragraph for terminals and model cards."""
+        parts = [f"{self.arch}, classes {', '.join(self.labels)}", self.threshold_text(),
+                 f"temperature {self.temperature:.3g}", f"input {self.preprocess.size} px"
+                 + ("" if self.preprocess.intensity == "none" else f" with {self.preprocess.intensity}")]
+        if self.gate:
+            parts.append(f"out-of-scope gate at score {self.gate.threshold:.3g} ({self.gate.quantile:.0%} of "
+                         "validation images in scope)")
+        return "; ".join(parts)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def base_versions() -> dict[str, str]:
+    return {"covid_cxr": __version__}

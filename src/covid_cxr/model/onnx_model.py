@@ -1,0 +1,138 @@
+"""An exported model (``model.onnx`` + ``model.json``) run by ONNX Runtime: the file pair checked against each
+other, a session set up for few shared cores, and the graph's inputs and outputs checked against the metadata.
+
+No PyTorch: this is what ``pip install covid-cxr`` (without extras) runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from covid_cxr.errors import CheckpointError, CovidCxrError
+from covid_cxr.files import default_workers, read_json
+from covid_cxr.imaging.pixels import finish
+from covid_cxr.model.meta import ModelMeta
+from covid_cxr.model.results import Outputs
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_LOGITS = "logits"
+OUTPUT_SCOPE = "scope"
+ONNX_META_FORMAT = 2
+
+
+
+def onnx_meta_path(model_path: str | Path) -> Path:
+    """The JSON written beside an ONNX file: ``model.onnx`` -> ``model.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def read_onnx_meta(path: Path) -> tuple[ModelMeta, dict]:
+    """(the model's meta, the export details) from the JSON beside ``path``."""
+    meta_file = onnx_meta_path(path)
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file} not found: an ONNX model needs the metadata JSON that "
+                              "`covid-cxr export` writes beside it; export the checkpoint again")
+    try:
+        doc = read_json(meta_file, "ONNX metadata")
+    except CovidCxrError as exc:
+        raise CheckpointError(f"{exc}; export the checkpoint again") from None
+    if not isinstance(doc, dict) or "meta" not in doc or "onnx" not in doc:
+        raise CheckpointError(f"{meta_file} is not covid-cxr {ONNX_META_FORMAT} ONNX metadata (written by an older "
+                              "covid-cxr?); export the checkpoint again with `covid-cxr export`")
+    if int(doc.get("format", 0)) > ONNX_META_FORMAT:
+        raise CheckpointError(f"{meta_file} was written by a newer covid-cxr; upgrade covid-cxr")
+    return ModelMeta.from_dict(doc["meta"], where=str(meta_file)), doc["onnx"]
+
+
+def _providers(device: str, available: list[str]) -> list[str]:
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise CovidCxrError(f"device must be auto, cpu or cuda, got {device!r}")
+    has_cuda = "CUDAExecutionProvider" in available
+    if str(device).startswith("cuda") and not has_cuda:
+        raise CovidCxrError(f"device {device} asked for, but this onnxruntime has only {available}; install "
+                            "onnxruntime-gpu or use --device cpu")
+    if device != "cpu" and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxModel:
+    """An exported model (``model.onnx`` + ``model.json``) run by ONNX Runtime.
+
+    Args:
+        path: the ONNX file written by ``covid-cxr export``.
+        device: ``auto`` (CUDA when ONNX Runtime has it), ``cpu`` or ``cuda``.
+        threads: intra-op threads on CPU; default: the CPUs this process may use.
+        spinning: let idle intra-op threads busy-wait. Off by default: on few shared cores a spinning
+            thread takes the CPU from the one everyone waits for (benchmarks/bench_infer.py measured ~2x
+            lower latency without it on a 2-core VM).
+
+    Raises:
+        CheckpointError: missing or corrupt files, a pair that does not belong together, or a graph
+            whose inputs and outputs do not match its metadata.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, spinning: bool = False):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"ONNX model {path} not found; create it with `covid-cxr export --run RUN_DIR`")
+        self.path = path
+        self.meta, self.export = read_onnx_meta(path)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.export.get("onnx_sha256"):
+            raise CheckpointError(f"{path} does not match {onnx_meta_path(path).name} (sha256 differs): the file "
+                                  "was changed or the pair comes from different exports; export again")
+        self.providers = _providers(device, ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = int(threads) if threads else default_workers(limit=64)
+        options.inter_op_num_threads = 1  # one sequential chain of convolutions: nothing to run in parallel
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+        try:
+            self.session = ort.InferenceSession(data, sess_options=options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            raise CheckpointError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {exc}); "
+                                  "export the checkpoint again") from None
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._check_signature()
+
+    def _check_signature(self) -> None:
+        spec, k = self.meta.preprocess, len(self.meta.labels)
+        inputs = self.session.get_inputs()
+        want = [OUTPUT_LOGITS] + ([OUTPUT_SCOPE] if self.meta.gate else [])
+        if [i.name for i in inputs] != [INPUT_NAME] or self._outputs != want:
+            raise CheckpointError(f"{self.path}: expected input {INPUT_NAME!r} and outputs {want}, found "
+                                  f"{[i.name for i in inputs]} and {self._outputs}; export again")
+        shape = list(inputs[0].shape[1:])
+        if shape != [spec.channels, spec.size, spec.size] or self.session.get_outputs()[0].shape[-1] != k:
+            raise CheckpointError(f"{self.path}: the graph takes {inputs[0].shape}, but its metadata says "
+                                  f"{spec.channels}x{spec.size}x{spec.size} images and {k} labels; export again")
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (N, K), scope (N,) or None) for a preprocessed float32 batch (N, C, S, S)."""
+        out = self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    def forward_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> Outputs:
+        logits, scopes = [], []
+        for start in range(0, len(pixels), batch_size):
+            lg, sc = self.run(finish(pixels[start:start + batch_size], self.meta.preprocess))
+            logits.append(lg)
+            if sc is not None:
+                scopes.append(sc)
+        k = len(self.meta.labels)
+        return Outputs(logits=np.concatenate(logits) if logits else np.zeros((0, k), np.float32),
+                       scope=(np.concatenate(scopes) if scopes else np.zeros(0, np.float32)) if self.meta.gate else None)
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({str(self.path)!r}, providers={self.providers})"

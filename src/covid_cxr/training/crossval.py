@@ -1,0 +1,379 @@
+"""``covid-cxr crossval``: how will the model do on a hospital it has never seen?
+
+Out-of-source validation. For every source S of a dataset, a fold trains a model with S held out
+entirely (its images and its patients) and scores every image of S with it. Pooling the held-out
+predictions of all folds gives the *pooled out-of-source AUC*: each image scored by a model that never
+saw its source, which is what a new hospital's images are.
+
+Layout of ``CV_DIR``::
+
+    folds/<source>/dataset/   manifest.csv + dataset.json of the fold (test = the held-out source;
+                              train/val = the other sources, split by patient); images come from the
+                              parent dataset's sources and cache
+    folds/<source>/run/       an ordinary run folder (`covid-cxr train` wrote it)
+    folds/<source>/result.json   the fold's held-out predictions are scored (written last: the fold is done)
+    folds/<source>/predictions.csv
+    commands.sh               the `covid-cxr train` command of every fold (to run folds on other machines)
+    crossval.json, predictions.csv, per_source.csv, roc.png
+    final/                    with --final: the model trained on every image, its estimate taken from here
+
+Folds are independent runs: ``--prepare-only`` writes the fold datasets and ``commands.sh``; run each line
+on any machine or GPU that can read the images (or the dataset's cache), copy ``folds/<source>/run`` back,
+and ``covid-cxr crossval --resume`` scores and pools them. ``--fold NAME`` runs one fold only.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+import types
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covid_cxr import DISCLAIMER, __version__
+from covid_cxr.data.dataset import Dataset, read_dataset, source_root_record
+from covid_cxr.data.splits import split_leave_source_out
+from covid_cxr.errors import DatasetError
+from covid_cxr.evaluation.metrics import auc_with_ci, rates, roc_auc, sensitivity_at_specificity
+from covid_cxr.files import atomic_write, read_json, relative_or_absolute, write_json, write_yaml
+from covid_cxr.model.meta import class_log_odds
+from covid_cxr.paths import DatasetDir, RunDir
+from covid_cxr.training.options import CrossvalConfig, TrainConfig, TrainOptions
+
+log = logging.getLogger(__name__)
+
+UNLIMITED = 10**9
+
+
+def fold_dir(cv: Path, source: str) -> Path:
+    return Path(cv) / "folds" / source
+
+
+def plan_folds(ds: Dataset, requested: tuple[str, ...]) -> list[str]:
+    """The held-out sources: every source with images of the task (or the requested ones).
+
+    Raises:
+        DatasetError: fewer than two sources, or a requested source without images of the task.
+    """
+    task_rows = ds.df[ds.df["target"].isin(ds.labels)]
+    present = sorted(task_rows["source"].unique())
+    if len(present) < 2:
+        raise DatasetError(f"out-of-source validation needs at least two sources with images of the task; "
+                           f"{ds.dir.root} has {present}")
+    if requested:
+        unknown = [s for s in requested if s not in present]
+        if unknown:
+            raise DatasetError(f"--fold {', '.join(unknown)}: not a source of {ds.dir.root} with images of the task; "
+                               f"choose from {', '.join(present)}")
+        return list(dict.fromkeys(requested))
+    return present
+
+
+def write_fold_dataset(ds: Dataset, held_out: str, out: Path, val_fraction: float, seed: int) -> DatasetDir:
+    """The fold's dataset folder: the held-out source's task images are the test split; the other sources'
+    images are split by patient into validation and training (all of them, no size cap)."""
+    d = DatasetDir(out)
+    df = ds.df.copy()
+    params = types.SimpleNamespace(test_source=held_out, seed=seed, val_fraction=val_fraction, train_size=UNLIMITED)
+    df["split"] = split_leave_source_out(df, ds.labels, params)
+    roots = {name: root for name, root in ds.roots.items()}
+    df["path"] = [str(Path(p).relative_to(roots[s])) if s in roots and Path(p).is_relative_to(roots[s]) else p
+                  for s, p in zip(df["source"], df["path"])]
+    info = dict(ds.info.raw)
+    info["source_roots"] = {name: source_root_record(roots[name], d.root, bool(rec.get("synthetic")))
+                            for name, rec in ds.info.sources.items()}
+    cache = ds.cache()
+    info["cache"] = ({"path": relative_or_absolute(cache.root, d.root), "absolute": str(cache.root.resolve()),
+                      "short_side": cache.short_side} if cache is not None else None)
+    info["protocol"] = {"name": "leave-source-out", "test_source": held_out, "seed": seed,
+                        "description": f"crossval fold: every image of {held_out!r} is the test split; validation "
+                                       f"({val_fraction:.0%} of patients) and training come from the other sources"}
+    info["parent_dataset"] = relative_or_absolute(ds.dir.root, d.root)
+    info["splits"] = {s: {c: int(((df["split"] == s) & (df["target"] == c)).sum()) for c in ds.labels}
+                      for s in ("train", "val", "test")}
+    d.root.mkdir(parents=True, exist_ok=True)
+    write_json(d.info, info)
+    atomic_write(d.manifest, df.to_csv(index=False))
+    return d
+
+
+def fold_train_config(cfg: CrossvalConfig, data: Path, out: Path, resume: bool) -> TrainConfig:
+    """The fold's training options: exactly the crossval's, with the fold's dataset and run folder."""
+    options = {f.name: getattr(cfg, f.name) for f in fields(TrainOptions)}
+    return TrainConfig(**options, data=str(data), out=str(out), resume=resume)
+
+
+def train_command(cfg: CrossvalConfig, data: Path, out: Path) -> str:
+    """The `covid-cxr train` command line that trains a fold (for commands.sh)."""
+    parts = ["covid-cxr", "train", "--data", str(data), "--out", str(out)]
+    defaults = TrainOptions()
+    for f in fields(TrainOptions):
+        value = getattr(cfg, f.name)
+        if f.name in ("progress", "workers", "device") or value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _fold_status(folder: Path) -> str:
+    run = RunDir(folder / "run")
+    if (folder / "result.json").is_file():
+        return "done"
+    if run.calibration.is_file() and run.best.is_file():
+        return "trained"
+    if run.last.is_file():
+        return "interrupted"
+    return "new"
+
+
+def score_fold(folder: Path, source: str, cfg: CrossvalConfig) -> dict:
+    """Score the held-out source with the fold's model; writes predictions.csv and result.json (last)."""
+    from covid_cxr.evaluation.split import load_split
+
+    run = RunDir(folder / "run")
+    d = load_split(run.root, "test", str(folder / "dataset"), "best", cfg.device)
+    meta = d.predictor.meta
+    out = d.predictor.outputs(d.pixels, cfg.batch_size)
+    lp = meta.log_probs(out.logits)
+    pred = meta.decide(lp)
+    labels = list(meta.labels)
+    rows = d.rows[["path", "source", "patient_id", "group", "label", "target"]].copy()
+    for i, lab in enumerate(labels):
+        rows[f"logit_{lab}"] = out.logits[:, i]
+        rows[f"prob_{lab}"] = np.exp(lp[:, i])
+    rows["log_odds"] = class_log_odds(lp, meta.positive_index) if meta.positive_index is not None else np.nan
+    rows["predicted_label"] = [labels[k] for k in pred]
+    rows["in_scope"] = (out.scope <= meta.gate.threshold) if out.scope is not None else True
+    rows["scope_score"] = out.scope if out.scope is not None else np.nan
+    rows["fold"] = source
+    atomic_write(folder / "predictions.csv", rows.to_csv(index=False))
+    result = {"fold": source, "held_out": source, "n": int(len(rows)), "threshold": meta.threshold,
+              "threshold_text": meta.threshold_text(), "temperature": meta.temperature,
+              "best_epoch": meta.epoch, "val_auc": meta.val_metrics.get("auc"),
+              "train_sources": list(meta.data.sources) if meta.data else [],
+              "n_train": meta.data.n_train if meta.data else None}
+    write_json(folder / "result.json", result)
+    return result
+
+
+def run_fold(cfg: CrossvalConfig, ds: Dataset, source: str, cv: Path) -> dict:
+    """Prepare, train (or resume) and score one fold."""
+    from covid_cxr.training import train
+
+    folder = fold_dir(cv, source)
+    status = _fold_status(folder)
+    if status != "new" and not cfg.resume:
+        raise DatasetError(f"{folder} already holds a fold ({status}); pass --resume to continue it or choose another "
+                           "--out")
+    if status == "done":
+        log.info("fold %s: done, skipped", source)
+        return read_json(folder / "result.json", "fold result")
+    data_dir = folder / "dataset"
+    if not (data_dir / "manifest.csv").is_file():
+        write_fold_dataset(ds, source, data_dir, cfg.val_fraction, cfg.seed)
+    t0 = time.perf_counter()
+    if status in ("new", "interrupted"):
+        log.info("fold %s: training with %s held out (%s)", source, source, "resuming" if status == "interrupted"
+                 else "new")
+        train.run(fold_train_config(cfg, data_dir, folder / "run", resume=status == "interrupted"))
+    log.info("fold %s: scoring the held-out images", source)
+    result = score_fold(folder, source, cfg)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(folder / "result.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def per_source_table(pred: pd.DataFrame, labels: list[str], positive: str) -> dict:
+    """Per held-out source: images per class, AUC when both classes are there, else the sensitivity or
+    specificity at that fold's own (validation-chosen) threshold; the share flagged out of scope."""
+    out = {}
+    for src, g in pred.groupby("fold", sort=True):
+        is_pos = (g["target"] == positive).to_numpy()
+        called = (g["predicted_label"] == positive).to_numpy()
+        r = rates(is_pos, called)
+        row = {"n": int(len(g)), "per_class": {lab: int((g["target"] == lab).sum()) for lab in labels},
+               "auc": None, "sensitivity": None, "specificity": None,
+               "in_scope": float(g["in_scope"].astype(bool).mean())}
+        if is_pos.any() and (~is_pos).any():
+            row["auc"] = float(roc_auc(is_pos.astype(int), np.stack([np.zeros(len(g)), g["log_odds"]], 1), 1))
+        if is_pos.any():
+            row["sensitivity"] = r["sensitivity"]
+        if (~is_pos).any():
+            row["specificity"] = r["specificity"]
+        out[str(src)] = row
+    return out
+
+
+def pool(pred: pd.DataFrame, positive: str, bootstrap: int, seed: int) -> dict:
+    """Pooled out-of-source numbers over every held-out image: AUC of the positive class with a patient-bootstrap
+    CI, sensitivity at 95% specificity, and sensitivity/specificity at each fold's own threshold."""
+    is_pos = (pred["target"] == positive).to_numpy().astype(int)
+    scores = pred["log_odds"].to_numpy(dtype=np.float64)
+    lp2 = np.stack([np.zeros(len(scores)), scores], 1)  # class_log_odds(lp2, 1) == scores
+    auc = auc_with_ci(is_pos, lp2, pred["group"].to_numpy(), 1, bootstrap, seed)
+    r = rates(is_pos.astype(bool), (pred["predicted_label"] == positive).to_numpy())
+    in_scope = pred["in_scope"].astype(bool).to_numpy()
+    return {"auc": auc["auc"], "ci95": auc["ci95"], "n": int(len(pred)), "n_positive": int(is_pos.sum()),
+            "patients": int(pred["group"].nunique()),
+            "sensitivity_at_95_specificity": sensitivity_at_specificity(is_pos, scores, 0.95),
+            "sensitivity_at_fold_thresholds": r["sensitivity"], "specificity_at_fold_thresholds": r["specificity"],
+            "in_scope": float(in_scope.mean()),
+            "auc_in_scope_only": roc_auc(is_pos[in_scope], lp2[in_scope], 1) if in_scope.any() else None}
+
+
+def roc_png(pred: pd.DataFrame, positive: str, pooled: dict, path: Path, synthetic: bool) -> None:
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    from covid_cxr.figures import save_figure
+
+    fig = Figure(figsize=(5.4, 5.4))
+    ax = fig.add_subplot()
+    y = (pred["target"] == positive).to_numpy()
+    fpr, tpr, _ = roc_curve(y, pred["log_odds"])
+    ci = pooled.get("ci95")
+    ax.plot(fpr, tpr, color="black", linewidth=2, label=f"pooled, AUC {pooled['auc']:.3f}"
+            + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else ""))
+    for src, g in pred.groupby("fold"):
+        gy = (g["target"] == positive).to_numpy()
+        if gy.any() and (~gy).any():
+            f, t, _ = roc_curve(gy, g["log_odds"])
+            ax.plot(f, t, linewidth=1, alpha=0.8, label=f"held out: {src}")
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("out-of-source ROC: every image scored by a model\nthat never saw its source", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_aspect("equal")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    save_figure(fig, path, synthetic)
+
+
+def aggregate(cfg: CrossvalConfig, ds: Dataset, folds: list[str], cv: Path) -> dict:
+    """Pool the finished folds' held-out predictions; write crossval.json, predictions.csv, per_source.csv, roc.png."""
+    done = [s for s in folds if (fold_dir(cv, s) / "result.json").is_file()]
+    missing = [s for s in folds if s not in done]
+    if not done:
+        raise DatasetError(f"no finished fold in {cv}; run `covid-cxr crossval` (or the lines of commands.sh)")
+    pred = pd.concat([pd.read_csv(fold_dir(cv, s) / "predictions.csv", keep_default_na=False,
+                                  dtype={"path": str, "source": str, "target": str, "label": str,
+                                         "predicted_label": str, "fold": str, "patient_id": str}) for s in done],
+                     ignore_index=True)
+    pred["in_scope"] = pred["in_scope"].astype(str).str.lower().isin(("true", "1"))
+    positive = ds.info.positive or ds.labels[-1]
+    log.info("pooling %d held-out predictions of %d folds (%d bootstrap resamples)", len(pred), len(done), cfg.bootstrap)
+    pooled = pool(pred, positive, cfg.bootstrap, cfg.seed)
+    per_source = per_source_table(pred, ds.labels, positive)
+    synthetic = sorted(set(ds.info.synthetic_sources) & set(pred["source"]))
+    results = {s: read_json(fold_dir(cv, s) / "result.json", "fold result") for s in done}
+    doc = {
+        "disclaimer": DISCLAIMER, "covid_cxr_version": __version__,
+        "protocol": {"by": cfg.by, "description": "leave-one-source-out: each fold trains on every other source "
+                     f"(validation {cfg.val_fraction:.0%} of their patients) and scores every image of its held-out "
+                     "source; predictions of all folds pooled; confidence interval from resampling patients",
+                     "dataset": str(ds.dir.root.resolve()), "task": ds.info.task, "labels": ds.labels,
+                     "positive_class": positive, "bootstrap": cfg.bootstrap, "folds": folds},
+        "complete": not missing, "missing_folds": missing, "synthetic_sources": synthetic,
+        "pooled": pooled, "per_source": per_source, "folds": results,
+        "training_options": {f.name: getattr(cfg, f.name) for f in fields(TrainOptions)},
+    }
+    write_json(cv / "crossval.json", doc)
+    atomic_write(cv / "predictions.csv", pred.to_csv(index=False))
+    table = pd.DataFrame([{"held_out": s, **{k: v for k, v in r.items() if k != "per_class"},
+                           **{f"n_{k}": v for k, v in r["per_class"].items()}} for s, r in per_source.items()])
+    atomic_write(cv / "per_source.csv", table.to_csv(index=False))
+    if pooled["auc"] == pooled["auc"]:
+        roc_png(pred, positive, pooled, cv / "roc.png", bool(synthetic))
+    return doc
+
+
+def run(cfg: CrossvalConfig) -> dict:
+    """Run (or resume) every fold, pool their held-out predictions, and with ``--final`` train the final model."""
+    ds = read_dataset(cfg.data, cfg.source_roots)
+    if ds.info.positive is None:
+        raise DatasetError(f"{ds.dir.root}: crossval needs a task with a positive class")
+    cv = Path(cfg.out)
+    cv.mkdir(parents=True, exist_ok=True)
+    folds = plan_folds(ds, cfg.folds)
+    write_yaml(cv / "crossval_config.yaml", {**cfg.to_dict(), "data": str(Path(cfg.data).resolve())})
+    lines = ["#!/bin/sh", "# One line per crossval fold; each is an ordinary training run. Run them anywhere the images "
+             "(or the dataset's cache) can be read, e.g. one line per GPU or machine, copy each folds/<source>/run back, "
+             "then run `covid-cxr crossval --resume` with the same options to score and pool them.", "set -e",
+             'cd "$(dirname "$0")"']
+    for s in folds:
+        folder = fold_dir(cv, s)
+        if not (folder / "dataset" / "manifest.csv").is_file():
+            write_fold_dataset(ds, s, folder / "dataset", cfg.val_fraction, cfg.seed)
+        lines.append(train_command(cfg, Path("folds") / s / "dataset", Path("folds") / s / "run"))
+    atomic_write(cv / "commands.sh", "\n".join(lines) + "\n")
+    if cfg.prepare_only:
+        return {"out": str(cv), "prepared": folds, "commands": str(cv / "commands.sh"), "pooled": None,
+                "per_source": {}, "complete": False, "missing_folds": folds}
+    for s in folds:
+        run_fold(cfg, ds, s, cv)
+    doc = aggregate(cfg, ds, plan_folds(ds, ()), cv)
+    doc["out"] = str(cv)
+    if cfg.final:
+        doc["final"] = train_final(cfg, cv)
+    return doc
+
+
+def train_final(cfg: CrossvalConfig, cv: Path) -> dict:
+    """The deployable model: trained on every image (validation for early stopping and calibration only), its
+    performance estimate recorded as this crossval's."""
+    from covid_cxr.training import train
+
+    out = cv / "final"
+    resume = RunDir(out).last.is_file() and not RunDir(out).calibration.is_file()
+    if RunDir(out).calibration.is_file():
+        return {"run": str(out), "note": "already trained"}
+    options = {f.name: getattr(cfg, f.name) for f in fields(TrainOptions)}
+    summary = train.run(TrainConfig(**options, data=cfg.data, out=str(out), resume=resume, all_images=True,
+                                    estimate_from=str(cv), source_roots=cfg.source_roots))
+    return {"run": str(out), "best_epoch": summary["best_epoch"], "threshold_text": summary.get("threshold_text")}
+
+
+def format_summary(doc: dict) -> str:
+    """A readable terminal summary."""
+    if doc.get("pooled") is None:
+        return (f"prepared {len(doc.get('prepared', []))} folds in {doc['out']}; train them with the lines of "
+                f"{doc['commands']}, then run `covid-cxr crossval --resume` with the same options")
+    p = doc["pooled"]
+    lines = []
+    if doc.get("synthetic_sources"):
+        lines.append(f"SYNTHETIC DATA ({', '.join(doc['synthetic_sources'])})")
+    ci = p.get("ci95")
+    lines.append(f"pooled out-of-source AUC {p['auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, patients "
+                                                                f"resampled)" if ci else "")
+                 + f" on {p['n']} images ({p['n_positive']} positive) from {p['patients']} patients")
+    lines.append(f"expect about this on a hospital the model has not seen; sensitivity at 95% specificity "
+                 f"{p['sensitivity_at_95_specificity']:.3f}; at each fold's own threshold: sensitivity "
+                 f"{p['sensitivity_at_fold_thresholds']:.3f}, specificity {p['specificity_at_fold_thresholds']:.3f}; "
+                 f"{p['in_scope']:.0%} of held-out images in scope")
+    lines.append(f"{'held-out source':<24}{'images':>8}  {'per class':<28}{'AUC':>7}{'sens':>7}{'spec':>7}{'in scope':>10}")
+
+    def f(v):
+        return "   n/a" if v is None else f"{v:6.3f}"
+
+    for src, r in doc["per_source"].items():
+        pc = ", ".join(f"{k} {v}" for k, v in r["per_class"].items())
+        lines.append(f"{src:<24}{r['n']:>8}  {pc:<28}{f(r['auc']):>7}{f(r['sensitivity']):>7}{f(r['specificity']):>7}"
+                     f"{r['in_scope']:>10.0%}")
+    if doc.get("missing_folds"):
+        lines.append(f"not finished: {', '.join(doc['missing_folds'])} (run them, then --resume)")
+    if doc.get("final"):
+        lines.append(f"final model (every image, estimate from this crossval): {doc['final']['run']}")
+    lines += [f"written to {doc['out']}/crossval.json, predictions.csv, per_source.csv, roc.png", DISCLAIMER]
+    return "\n".join(lines)
+
