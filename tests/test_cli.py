@@ -501,3 +501,38 @@ def test_a_config_class_inherits_its_bases_checks(config):
             cls(run="r", **bad)
     assert cls(run="r", bootstrap=0).bootstrap == 0
     assert cls(run="r").bootstrap == (500 if config == "AuditConfig" else 1000)
+
+
+def test_every_no_flag_says_that_it_turns_the_option_off():
+    """The help of each --no-x flag (a bool option that is on by default) starts by saying the flag turns it off; the
+    field's docstring that follows describes the option when on. Other bool flags turn their option on."""
+    from covid_cxr.cli import NO_FLAG_HELP, build_parser
+
+    parser = build_parser()
+    checked = 0
+    for name, cls in CONFIGS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for action in parser.commands[name]._actions:
+            flags = [s for s in action.option_strings if s.startswith("--")]
+            if not flags or action.dest not in defaults or not isinstance(defaults[action.dest], bool):
+                continue
+            checked += 1
+            if flags[0].startswith("--no-"):
+                assert defaults[action.dest] is True and action.const is False, flags[0]
+                assert action.help.startswith(NO_FLAG_HELP), f"{name} {flags[0]}: {action.help!r}"
+            else:
+                assert defaults[action.dest] is False and action.const is True, flags[0]
+                assert "turns off" not in action.help.lower(), f"{name} {flags[0]}: {action.help!r}"
+    assert checked >= 10
+
+
+def test_a_misspelled_option_gets_the_commands_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", "d", "--out", "o", "--epoch-s", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: covid-cxr train ")
+    assert "unrecognized arguments: --epoch-s 3; --epoch-s: did you mean --epochs?" in err
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--source", "folder=x", "--out", "o", "--test-per-klass", "5"])
+    assert "did you mean --test-per-class?" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import logging
 import os
@@ -31,6 +32,9 @@ log = logging.getLogger("covid_cxr")
 NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export", "torch.fx", "matplotlib",
                  "PIL", "httpx", "urllib3", "multipart", "python_multipart", "asyncio")
 """Third-party loggers that chatter at INFO; only their warnings are shown."""
+
+NO_FLAG_HELP = "Turns off (on by default): "
+"""How the help of every ``--no-x`` flag starts: the field's docstring describes the option when it is on."""
 
 SPECIAL_METAVARS = {"weights": "imagenet|none|FILE", "device": "auto|cpu|cuda|cuda:N", "run": "RUN_DIR",
                     "data": "DATASET_DIR", "inputs": "IMAGE_OR_FOLDER", "crossval": "CV_DIR",
@@ -87,8 +91,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, provided: set[str]) 
         flag = _flag(f.name, repeated)
         if tp is bool:
             if f.default is True:  # on by default: the flag turns it off
+                # The docstring says what the option does when on; the flag's help must say that the flag undoes it.
                 parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=argparse.SUPPRESS,
-                                    help=docs.get(f.name, "") + " (on by default; this turns it off)")
+                                    help=NO_FLAG_HELP + docs.get(f.name, ""))
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
                                     help=docs.get(f.name, ""))
@@ -221,6 +226,7 @@ def build_parser(provided: set[str] = frozenset()) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"covid-cxr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
+    commands: dict[str, argparse.ArgumentParser] = {}
     for cmd in COMMANDS:
         words = cmd.name.split()
         owner = sub
@@ -235,7 +241,22 @@ def build_parser(provided: set[str] = frozenset()) -> argparse.ArgumentParser:
                        help="YAML file of options (keys are the option names); flags override it")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
         p.set_defaults(_command=cmd)
+        commands[cmd.name] = p
+    parser.commands = commands  # command name -> its parser (for errors in the command's own words)
     return parser
+
+
+def unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
+    """The error for arguments a command does not take, with the closest option for each misspelled one."""
+    known = sorted({s for a in parser._actions for s in a.option_strings if s.startswith("--")})
+    hints = []
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--"):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{name}: did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(extra)}" + ("; " + "; ".join(hints) if hints else "")
 
 
 def _rank() -> int:
@@ -290,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except CovidCxrError as exc:
         return _error(exc)
     parser = build_parser(provided)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser: its usage, and the option meant
+        parser.commands[args._command.name].error(unrecognized(extra, parser.commands[args._command.name]))
     _configure_logging(args.verbose)
     cmd: Command = args._command
     options = {k: v for k, v in vars(args).items() if k not in ("_command", "config", "verbose", "command",
