@@ -536,3 +536,19 @@ def test_a_misspelled_option_gets_the_commands_usage_and_a_suggestion(capsys):
     with pytest.raises(SystemExit):
         main(["data", "build", "--source", "folder=x", "--out", "o", "--test-per-klass", "5"])
     assert "did you mean --test-per-class?" in capsys.readouterr().err
+
+
+def test_a_dataset_or_crossval_folder_given_as_run_says_what_it_is(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "manifest.csv").write_text("path,label\n")
+    (ds / "dataset.json").write_text("{}")
+    assert main(["evaluate", "--run", str(ds)]) == 2
+    err = capsys.readouterr().err
+    assert "is a dataset folder" in err and f"covid-cxr train --data {ds} --out runs/NAME" in err
+    assert f"--out {ds}`" not in err  # never advice to train into the dataset folder
+    cv = tmp_path / "cv"
+    cv.mkdir()
+    (cv / "crossval.json").write_text("{}")
+    assert main(["predict", "--run", str(cv), str(ds)]) == 2
+    assert "is a crossval folder" in capsys.readouterr().err

@@ -641,3 +641,29 @@ def test_fuzzed_multipart_bodies_never_get_a_5xx(client_with_logs, kind, edits, 
         ctype = mutate(ctype, ctype_edits)
     r, elapsed = send_raw(client_with_logs, {"content-type": ctype}, mutate(multipart(PAYLOADS[kind]), edits))
     check_answer(r, elapsed, ["normal", "covid"])
+
+
+def test_a_taken_port_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """serve checks its port first: a taken one is one line at once (no model loaded, no uvicorn bind error), and
+    --port 0 picks a free one."""
+    import socket
+
+    import uvicorn
+
+    from covid_cxr.deploy import serve
+    from covid_cxr.deploy.serve import app as app_mod
+
+    loaded = []
+    monkeypatch.setattr(app_mod, "create_app", lambda cfg: loaded.append(cfg))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: loaded.append(kw))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"port {port} on 127.0.0.1 is already in use.*--port 0"):
+            serve.run(ServeConfig(run=str(tmp_path / "no-run-needed"), port=port))
+        assert loaded == []  # refused before the model was loaded
+    picked = serve.free_port("127.0.0.1", 0)
+    assert 0 < picked <= 65535
+    serve.run(ServeConfig(run=str(tmp_path / "no-run-needed"), port=0))
+    assert loaded[0].port > 0 and loaded[1]["port"] == loaded[0].port

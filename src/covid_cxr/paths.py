@@ -116,6 +116,14 @@ class RunDir:
             raise RunError(f"run folder {self.root} not found; train a model with "
                            f"`covid-cxr train --data DATASET_DIR --out {self.root}`")
         if not path.is_file():
+            if DatasetDir(self.root).manifest.is_file() or DatasetDir(self.root).info.is_file():
+                raise RunError(f"{self.root} is a dataset folder (written by `covid-cxr data build`), not a run folder; "
+                               "--run takes the --out of `covid-cxr train`: train a model on it with "
+                               f"`covid-cxr train --data {self.root} --out runs/NAME`, then pass --run runs/NAME")
+            if (self.root / "crossval.json").is_file() or (self.root / "commands.sh").is_file():
+                raise RunError(f"{self.root} is a crossval folder, not a run folder: its fold models are only for the "
+                               f"estimate; pass --run {self.root / 'final'} after `covid-cxr crossval --final`, or the "
+                               "--out of `covid-cxr train`")
             other = [p.name for p in (self.best, self.last) if p.is_file()]
             hint = (f" (it holds {', '.join(other)}: the run may still be training or was interrupted; "
                     f"finish it with `covid-cxr train --resume --out {self.root} ...`)" if other else

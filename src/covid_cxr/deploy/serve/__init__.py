@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
+import socket
 
 from covid_cxr.deploy.options import ServeConfig
 from covid_cxr.errors import ConfigError
@@ -63,13 +65,44 @@ def with_env_key(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError(f"{API_KEY_ENV}: {exc}".replace("--api-key ", "the key ")) from None
 
 
+def free_port(host: str, port: int) -> int:
+    """``port`` if it can be bound on ``host`` now (0: a port the system picks), checked before the model loads.
+
+    Raises:
+        ConfigError: the port is taken, not allowed, or the host is not an address of this machine.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: not an address this machine can serve on ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's
+        try:                                                          # lingering connections do not count
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use (another covid-cxr serve?); choose "
+                                  "another with --port N, or --port 0 for any free port") from None
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"port {port} needs administrator rights on this machine; use a port above "
+                                  "1023, e.g. --port 8000") from None
+            raise ConfigError(f"cannot serve on {host}:{port} ({exc.strerror or exc})") from None
+        return probe.getsockname()[1]
+
+
 def run(cfg: ServeConfig) -> None:
-    """Load the model and serve the app with uvicorn until interrupted (Ctrl-C)."""
+    """Load the model and serve the app with uvicorn until interrupted (Ctrl-C). The port is checked first, so a
+    taken port is said at once instead of after the model has loaded."""
     import uvicorn
 
     from covid_cxr.deploy.serve.app import create_app
 
     cfg = with_env_key(cfg)
+    port = free_port(cfg.host, cfg.port)
+    if port != cfg.port:
+        log.info("--port 0: serving on port %d", port)
+    cfg = dataclasses.replace(cfg, port=port)
     app = create_app(cfg)
     if not _is_loopback(cfg.host):
         log.warning("serving on %s, beyond this machine: the app has no TLS (put it behind a proxy that adds it)%s. "
