@@ -691,3 +691,20 @@ def test_real_notes(real_reads: dict[str, SourceRead]) -> None:
     assert any("cp1252" in n for n in real_reads["figure1"].notes)
     assert any("pediatric" in n for n in real_reads["mooney"].notes)
     assert any("no patient ids" in n for n in real_reads["radiography"].notes)
+
+
+def test_a_flat_folder_source_explains_the_layout(tmp_path: Path) -> None:
+    """Images straight in ROOT (no label folders) stop with the layout the folder source reads; a few loose images
+    beside label folders are counted with their reason and noted."""
+    flat = tmp_path / "flat"
+    for i in range(3):
+        write_image(flat / f"x{i}.png", i)
+    with pytest.raises(SourceError, match=r"3 image\(s\) lie directly in it.*/covid/, .*/normal/"):
+        read_folder(flat)
+    mixed = tmp_path / "mixed"
+    write_image(mixed / "covid" / "a.png", 1)
+    write_image(mixed / "loose.png", 2)
+    out = read_folder(mixed)
+    assert len(out.images) == 1
+    assert [d["reason"] for d in out.dropped] == ["image not inside a <label>/ folder"]
+    assert any("1 image(s) lie directly in the folder" in n for n in out.notes)

@@ -340,12 +340,13 @@ def read_folder(root: str | Path) -> SourceRead:
     if out.synthetic:
         out.notes.append("SYNTHETIC images (README.txt says so): not patients; results on them show that the "
                          "pipeline works, not that anything detects COVID-19")
-    rows = []
+    rows, loose = [], 0
     for f in walk_files(root, out):
         rel = f.relative_to(root)
         if len(rel.parts) == 1:
             if is_image_file(f):
                 out.drop(f, "image not inside a <label>/ folder")
+                loose += 1
             continue  # README files etc. beside the class folders
         label = FOLDER_LABELS.get(rel.parts[0].lower())
         if label is None:
@@ -355,6 +356,13 @@ def read_folder(root: str | Path) -> SourceRead:
         else:
             rows.append({"path": str(f), "label": label, "finding": rel.parts[0],
                          "patient_id": str(rel.with_suffix("")), "view": "unknown", "source_split": ""})
+    if loose:
+        layout = (f"the folder source reads one subfolder per label: {root}/covid/, {root}/normal/ (and optionally "
+                  f"pneumonia/, other/); move each image into the folder of its label")
+        if not rows:
+            raise SourceError(f"folder source {root}: its {loose} image(s) lie directly in it, none inside a label "
+                              f"folder; {layout}")
+        out.notes.append(f"{loose} image(s) lie directly in the folder and were not used; {layout}")
     out.images = _frame(rows, name)
     return out
 

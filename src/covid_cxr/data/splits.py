@@ -111,9 +111,11 @@ def split_by_patient(df: pd.DataFrame, classes: list[str], cfg: DataConfig) -> p
     for c in classes:
         n = int(avail.get(c, 0))
         if n < cfg.test_per_class + 2:
+            per_source = df.loc[df["target"] == c, "source"].value_counts()
+            where = ", ".join(f"{s} {k}" for s, k in per_source.items()) or "none from any source"
             raise DatasetError(
-                f"only {n} {c!r} images are available (after duplicates, unreadable files and non-frontal views "
-                f"were removed; see ingest_report.json) but --test-per-class {cfg.test_per_class} needs "
+                f"only {n} {c!r} images are available ({where}; after duplicates, unreadable files and non-frontal "
+                f"views were removed; no dataset was written) but --test-per-class {cfg.test_per_class} needs "
                 f"{cfg.test_per_class} for the test split and at least 2 more for training; lower --test-per-class "
                 f"or add sources")
     counts = _group_counts(df)
