@@ -154,3 +154,34 @@ def test_pool_and_per_source_table_on_known_predictions():
     assert table["a"]["auc"] == pytest.approx(0.75) and table["a"]["specificity"] == 0.5
     assert table["b"]["auc"] is None and table["b"]["sensitivity"] == 0.5 and table["b"]["specificity"] is None
     assert np.isclose(table["b"]["in_scope"], 0.5)
+
+
+def test_small_held_out_sources_carry_intervals_a_flag_and_no_roc_curve(tmp_path):
+    """A held-out source with fewer than MIN_PER_CLASS images of a class gets its numbers with CIs and 'too few to
+    judge', in crossval.json's table, per_source.csv's columns and the terminal; roc.png draws no curve for it."""
+    from covid_cxr.evaluation.metrics import MIN_PER_CLASS
+
+    rng = np.random.default_rng(0)
+    big = MIN_PER_CLASS + 5
+    rows = []
+    for fold, n_pos, n_neg in (("big", big, big), ("small", 12, 3)):
+        for i in range(n_pos + n_neg):
+            pos = i < n_pos
+            lo = float(rng.normal(1.0 if pos else -1.0, 1.0))
+            rows.append({"fold": fold, "source": fold, "target": "covid" if pos else "normal", "log_odds": lo,
+                         "predicted_label": "covid" if lo > 0 else "normal", "group": f"{fold}{i}", "in_scope": True})
+    pred = pd.DataFrame(rows)
+    table = crossval.per_source_table(pred, ["normal", "covid"], "covid", bootstrap=100, seed=0)
+    assert table["big"]["too_few_to_judge"] is False and table["big"]["caveat"] is None
+    assert table["big"]["auc_ci95"][0] <= table["big"]["auc"] <= table["big"]["auc_ci95"][1]
+    small = table["small"]
+    assert small["too_few_to_judge"] is True and "3 normal images" in small["caveat"]
+    assert small["specificity_ci95"][1] - small["specificity_ci95"][0] > 0.4  # 3 images: wide, and shown
+    pooled = crossval.pool(pred, "covid", 0, 0)
+    drawn = crossval.roc_png(pred, "covid", pooled, tmp_path / "roc.png", synthetic=True)
+    assert drawn == {"drawn": ["big"], "too_few": ["small"]} and (tmp_path / "roc.png").stat().st_size > 1000
+    doc = {"pooled": {**pooled, "ci95": None}, "per_source": table, "out": str(tmp_path)}
+    text = crossval.format_summary(doc)
+    assert f"too few to judge: 3 normal images (fewer than {MIN_PER_CLASS})" in text
+    line = next(t for t in text.splitlines() if t.startswith("big"))
+    assert f"({table['big']['auc_ci95'][0]:.2f}-{table['big']['auc_ci95'][1]:.2f})" in line

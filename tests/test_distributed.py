@@ -206,12 +206,16 @@ def test_two_processes_with_sync_bn_match_one_process_with_the_same_global_batch
     """2 processes x batch 8 with --sync-bn against 1 process x batch 16 (same seed: same initial weights, same
     batches, same augmented images since augmentation is keyed by (seed, epoch, image index), not by rank).
 
-    Tolerance: both compute the same sums in a different order (float32 ~1e-7 relative per operation); Adam's
-    normalised step turns that noise on near-zero gradients into at most ~lr per parameter per step. Over 4 steps at
-    lr 1e-4 the weights may differ by <= 2e-3 and the BatchNorm running statistics and losses (relative) stay within
-    1e-3; the validation AUC (4 x 4 pairs) may flip at most one pair's order. Measured: weights 4e-5, running
-    statistics 1.2e-5, losses 5.6e-7, AUC equal. The bars fail without --sync-bn (the 2-process run of
-    test_two_processes_write_every_file_once: losses 9.9% off, running statistics 0.41, AUC 0.125)."""
+    Tolerance, derived rather than measured: both compute the same sums in a different order (float32 ~1e-7
+    relative per operation, and which convolution kernels run depends on the CPU's instruction set and the batch
+    size). Adam's normalised step can turn that noise on a near-zero gradient into a full step: at most
+    lr * (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr per parameter per step, so over 4 steps at lr 1e-4 the weights may
+    differ by up to ~1.3e-3 (bar 2e-3). Weights of magnitude 1e-2..1e-1 moved by that much change the losses and the
+    BatchNorm running statistics, smooth functions of them, by at most ~1e-2 relative (bar 1e-2). The validation AUC
+    (4 x 4 pairs) may flip at most one pair's order. Measured: on a CPU with AVX-512 weights 4e-5, losses 5.6e-7;
+    on an AVX2-only AMD EPYC weights 4.3e-4, losses 2.5e-3, running statistics 3.8e-3, AUC one pair. The bars fail
+    without --sync-bn (the 2-process run of test_two_processes_write_every_file_once: losses 9.9% off, running
+    statistics 0.41, AUC 0.125: 10x and 40x beyond them)."""
     one, two = tmp_path / "one", tmp_path / "two"
     _finish(subprocess.Popen([sys.executable, *_train_args(ddp_dataset, one, "--sync-bn", batch_size=16)], env=_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -229,11 +233,11 @@ def test_two_processes_with_sync_bn_match_one_process_with_the_same_global_batch
                 "bn_stats": max(v for k, v in diff.items() if "running" in k)}
 
     synced = gaps(one, two)
-    assert synced["loss"] <= 1e-3 and synced["bn_stats"] <= 1e-3 and synced["params"] <= 2e-3, synced
+    assert synced["loss"] <= 1e-2 and synced["bn_stats"] <= 1e-2 and synced["params"] <= 2e-3, synced
     assert synced["auc"] <= 1 / 16, synced  # 4 x 4 validation pairs: at most one pair's order may flip
     unsynced = gaps(one, two_process_run[0])  # the bars can fail: per-rank BatchNorm statistics miss them
     print(f"1 vs 2 processes, largest gaps: with --sync-bn {synced}; without {unsynced}")
-    assert unsynced["loss"] > 1e-3 and unsynced["bn_stats"] > 1e-3, unsynced
+    assert unsynced["loss"] > 1e-2 and unsynced["bn_stats"] > 1e-2, unsynced
 
 
 @pytest.mark.slow

@@ -220,3 +220,24 @@ def test_breakdowns_and_reliability(evaluated):
     assert sum(b["n"] for b in result["by_view"].values()) == result["protocol"]["images"]
     assert 0 <= result["calibration"]["ece"] <= 1
     assert result["metrics_at_0.5"]["accuracy"] >= 0
+
+
+def test_every_subgroup_number_carries_its_interval_and_small_ones_are_flagged(evaluated):
+    from covid_cxr.evaluation.evaluate import format_summary
+    from covid_cxr.evaluation.metrics import MIN_PER_CLASS, wilson_ci
+
+    _, result = evaluated
+    assert str(MIN_PER_CLASS) in result["subgroups"]
+    for table in (result["by_source"], result["by_view"]):
+        for b in table.values():
+            assert b["accuracy_ci95"] is not None
+            if b["n_positive"]:
+                k = round(b["sensitivity"] * b["n_positive"])
+                assert b["sensitivity_ci95"] == pytest.approx(wilson_ci(k, b["n_positive"]))
+            few = 0 < b["n_positive"] < MIN_PER_CLASS or 0 < b["n_negative"] < MIN_PER_CLASS
+            assert b["too_few_to_judge"] is few and (b["caveat"] is not None) is few
+    text = format_summary(result)
+    for name, b in result["by_source"].items():
+        line = next(t for t in text.splitlines() if t.strip().startswith(f"source {name} "))
+        assert "(" in line or b["roc_auc"] is None
+        assert (b["caveat"] or "") in line

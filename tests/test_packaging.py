@@ -141,7 +141,7 @@ def test_the_wheel_builds_and_holds_the_package(tmp_path):
     modules = {f"covid_cxr/{p.relative_to(REPO / 'src' / 'covid_cxr').as_posix()}"
                for p in (REPO / "src" / "covid_cxr").rglob("*.py")}
     assert modules <= names
-    assert "covid_cxr/serve/static/index.html" in names
+    assert "covid_cxr/deploy/serve/static/index.html" in names
     assert "covid-cxr = covid_cxr.cli:main" in entry_points
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     torch_line = next(line for line in requires if line.startswith("Requires-Dist: torch"))

@@ -144,3 +144,26 @@ def test_report_puts_the_out_of_source_estimate_beside_the_internal_number(tiny_
     assert "own test split" in part  # the internal number stays beside it
     with pytest.raises(Exception, match="crossval"):
         report.run(ReportConfig(run=str(tiny_copy), audit=False, crossval=str(tmp_path / "none"), device="cpu"))
+
+
+def test_the_crossval_is_compared_with_the_run_option_by_option():
+    """'The gap is how much the internal number flatters the model' only when both were trained alike; otherwise
+    every option that differs is named (options that do not change what is learned, like --workers, aside)."""
+    run = {"epochs": 3, "image_size": 64, "sources": ("a", "b"), "workers": 2, "data": "d"}
+    assert report.option_differences({"epochs": 3, "image_size": 64, "sources": ["a", "b"], "workers": 8}, run) == []
+    assert report.option_differences({"epochs": 2, "image_size": 64, "workers": 8}, run) == ["epochs: crossval 2, this run 3"]
+    assert report.option_differences(None, run) is None and report.option_differences({}, run) is None
+    assert "flatters" in report._comparison([])
+    differ = report._comparison(["epochs: crossval 2, this run 3"])
+    assert "flatters" not in differ and "epochs: crossval 2, this run 3" in differ
+    assert "flatters" not in report._comparison(None) and "unknown" in report._comparison(None)
+
+
+def test_per_source_rows_show_intervals_and_the_too_few_caveat():
+    rows = {"cohen": {"n": 13, "n_positive": 12, "accuracy": 0.77, "accuracy_ci95": [0.5, 0.92], "roc_auc": 0.162,
+                      "roc_auc_ci95": [0.0, 0.5], "sensitivity": 0.83, "sensitivity_ci95": [0.55, 0.95],
+                      "specificity": 0.0, "specificity_ci95": [0.0, 0.79],
+                      "caveat": "too few to judge: 1 normal image (fewer than 10)"}}
+    page = report._breakdown("by source", rows, "covid")
+    assert "0.162 (0.00-0.50)" in page and "0.000 (0.00-0.79)" in page
+    assert "too few to judge: 1 normal image (fewer than 10)" in page

@@ -68,6 +68,9 @@ DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N"
 MAX_WORKERS = 256
 """Most worker processes any option may ask for (a typo must not fork thousands of processes)."""
 MAX_CONFIG_BYTES = 1 << 20
+UNLEARNED_OPTIONS = ("resume", "workers", "progress", "device", "logs", "compile")
+"""Training options that do not change what a run learns: they may differ between an interrupted run and its
+``--resume``, and between a crossval and the run whose out-of-source estimate it is."""
 """Largest YAML config file read (options files are a few hundred bytes)."""
 
 _REPR = reprlib.Repr()

@@ -35,7 +35,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.evaluation.metrics import auc_with_ci, headline_metrics
+from covid_cxr.evaluation.metrics import auc_with_ci, breakdown, with_ci
 from covid_cxr.evaluation.options import AuditConfig
 from covid_cxr.evaluation.split import load_split
 from covid_cxr.figures import save_figure
@@ -152,17 +152,19 @@ def source_probe(features: np.ndarray, sources: np.ndarray, groups: np.ndarray,
 
 
 def per_source_metrics(sources: np.ndarray, targets: np.ndarray, lp: np.ndarray, pred: np.ndarray,
-                       meta: ModelMeta) -> list[dict]:
-    """One row per source: n, images per class, AUC, sensitivity/specificity (or accuracy) at the model's threshold."""
+                       meta: ModelMeta, groups: np.ndarray | None = None, n_resamples: int = 0,
+                       seed: int = 0) -> list[dict]:
+    """One row per source: n, images per class, and the source's metrics at the model's threshold with their CIs
+    and a "too few to judge" flag (:func:`covid_cxr.evaluation.evaluate.breakdown`, the one subgroup rule)."""
     rows = []
+    table = breakdown(sources, targets, lp, pred, meta, groups, n_resamples, seed)
     for src in sorted(np.unique(sources)):
         idx = np.flatnonzero(sources == src)
-        m = headline_metrics(targets[idx], lp[idx], pred[idx], meta.positive_index)
-        row = {"source": str(src), "n": int(len(idx)),
-               "per_class": {lab: int((targets[idx] == i).sum()) for i, lab in enumerate(meta.labels)},
-               "roc_auc": m["roc_auc"], "accuracy": m["accuracy"]}
-        if meta.binary:
-            row.update(sensitivity=m["sensitivity"], specificity=m["specificity"])
+        row = {"source": str(src), "per_class": {lab: int((targets[idx] == i).sum()) for i, lab in enumerate(meta.labels)},
+               **table[str(src)]}
+        if not meta.binary:  # sensitivity/specificity are shown for two classes only
+            for k in ("sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95"):
+                row.pop(k, None)
         rows.append(row)
     return rows
 
@@ -212,7 +214,8 @@ def run(cfg: AuditConfig) -> dict:
                   "border_fraction": BORDER_FRACTION, "border_area": float(border_mask(meta.preprocess.size).mean()),
                   "input_size": meta.preprocess.size},
         "source_probe": source_probe(feats, sources, groups, targets, seed=cfg.seed),
-        "per_source": per_source_metrics(sources, targets, lps["original"], preds["original"], meta),
+        "per_source": per_source_metrics(sources, targets, lps["original"], preds["original"], meta, groups,
+                                         cfg.bootstrap, cfg.seed),
         "source_label_counts": source_label_table(d.dataset.df, labels),
         "confidence_intervals": f"95% percentile bootstrap, {cfg.bootstrap} resamples of patients (not images)"
         if cfg.bootstrap else "not computed (bootstrap 0)",
@@ -327,11 +330,10 @@ def verdicts(result: dict) -> list[str]:
         if len(result["per_source"]) < 2:
             break
         if "sensitivity" in row:
-            out.append(f"On {row['source']} ({row['n']} images): AUC {_fmt(row['roc_auc'])}, sensitivity "
-                       f"{_fmt(row['sensitivity'])}, specificity {_fmt(row['specificity'])} at "
-                       f"{result['threshold_text']}.")
+            out.append(f"On {row['source']} ({row['n']} images): AUC {with_ci(row['roc_auc'], row.get('roc_auc_ci95'), 2)}, "
+                       f"sensitivity {with_ci(row['sensitivity'], row.get('sensitivity_ci95'), 2)}, specificity "
+                       f"{with_ci(row['specificity'], row.get('specificity_ci95'), 2)} at {result['threshold_text']}"
+                       + (f"; {row['caveat']}." if row.get("caveat") else "."))
     return out
 
 
-def _fmt(v: float) -> str:
-    return "n/a" if v is None or math.isnan(v) else f"{v:.2f}"

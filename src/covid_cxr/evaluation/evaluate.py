@@ -16,7 +16,8 @@ import pandas as pd
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.data.card import class_distribution_png, samples_png
 from covid_cxr.evaluation.calibration import expected_calibration_error, reliability_diagram_png
-from covid_cxr.evaluation.metrics import bootstrap_ci, confusion, headline_metrics, per_class_report
+from covid_cxr.evaluation.metrics import (MIN_PER_CLASS, bootstrap_ci, breakdown, confusion, headline_metrics,
+                                          per_class_report, with_ci)
 from covid_cxr.evaluation.options import EvalConfig
 from covid_cxr.evaluation.plots import confusion_matrix_png, roc_png
 from covid_cxr.evaluation.split import SplitData, load_split
@@ -49,17 +50,17 @@ def _sample_grid(rows: pd.DataFrame, pixels: np.ndarray, labels: list[str], seed
     return grid
 
 
-def breakdown(keys: np.ndarray, targets: np.ndarray, lp: np.ndarray, pred: np.ndarray, meta: ModelMeta) -> dict:
-    """Metrics per value of ``keys`` (source or view), with counts: one pooled number can hide a model that
-    only works on one hospital's images."""
-    positive = meta.positive_index
-    out = {}
-    for key in sorted(set(keys)):
-        m = keys == key
-        h = headline_metrics(targets[m], lp[m], pred[m], positive)
-        out[str(key)] = {"n": int(m.sum()), "n_positive": int((targets[m] == positive).sum()) if positive is not None
-                         else None, **{k: h.get(k) for k in ("accuracy", "roc_auc", "sensitivity", "specificity")}}
-    return out
+def format_breakdown(kind: str, rows: dict) -> list[str]:
+    """Terminal lines of a breakdown: each number with its CI, and the caveat of a subgroup too small to judge."""
+    lines = []
+    for name, b in rows.items():
+        line = (f"  {kind} {name:<20} n={b['n']:<5} positives={b.get('n_positive')!s:<5} "
+                f"AUC {with_ci(b.get('roc_auc'), b.get('roc_auc_ci95'))}")
+        if "sensitivity" in b:
+            line += (f"  sensitivity {with_ci(b['sensitivity'], b['sensitivity_ci95'])}"
+                     f"  specificity {with_ci(b['specificity'], b['specificity_ci95'])}")
+        lines.append(line + (f"  [{b['caveat']}]" if b.get("caveat") else ""))
+    return lines
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -123,8 +124,10 @@ def metrics_document(cfg: EvalConfig, d: SplitData, lp: np.ndarray, pred: np.nda
         "calibration": {"temperature": meta.temperature, "status": cal.status if cal else "not fitted",
                         "warnings": list(cal.warnings) if cal else [],
                         "ece": expected_calibration_error(probs, targets)["ece"]},
-        "by_source": breakdown(rows["source"].to_numpy(), targets, lp, pred, meta),
-        "by_view": breakdown(rows["view"].to_numpy(), targets, lp, pred, meta),
+        "by_source": breakdown(rows["source"].to_numpy(), targets, lp, pred, meta, groups, cfg.bootstrap, cfg.seed),
+        "by_view": breakdown(rows["view"].to_numpy(), targets, lp, pred, meta, groups, cfg.bootstrap, cfg.seed),
+        "subgroups": f"per source and per view: Wilson 95% intervals for proportions, patient bootstrap for AUC; "
+                     f"flagged 'too few to judge' below {MIN_PER_CLASS} images of a class",
         "scope": None if scope is None else {"in_scope": int((scope <= meta.gate.threshold).sum()),
                                              "out_of_scope": int((scope > meta.gate.threshold).sum())},
         "estimate": meta.estimate,
@@ -201,12 +204,8 @@ def format_summary(result: dict) -> str:
     if cal:
         lines.append(f"calibration: temperature {cal['temperature']:.3g} ({cal['status']}), ECE {cal['ece']:.3f}")
         lines += [f"WARNING: {w}" for w in cal.get("warnings", [])]
-    for name, b in result.get("by_source", {}).items():
-        auc = "n/a" if b["roc_auc"] != b["roc_auc"] else f"{b['roc_auc']:.3f}"
-        sens = "n/a" if b.get("sensitivity") is None or b["sensitivity"] != b["sensitivity"] else f"{b['sensitivity']:.3f}"
-        spec = "n/a" if b.get("specificity") is None or b["specificity"] != b["specificity"] else f"{b['specificity']:.3f}"
-        lines.append(f"  source {name:<20} n={b['n']:<5} positives={b['n_positive']!s:<5} AUC {auc:<6} "
-                     f"sensitivity {sens} specificity {spec}")
+    lines += format_breakdown("source", result.get("by_source", {}))
+    lines += format_breakdown("view", result.get("by_view", {}))
     if result.get("scope"):
         s = result["scope"]
         lines.append(f"out-of-scope gate: {s['out_of_scope']} of {s['in_scope'] + s['out_of_scope']} images flagged")

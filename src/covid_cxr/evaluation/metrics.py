@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from statistics import NormalDist
 
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
 
-from covid_cxr.model.meta import class_log_odds
+from covid_cxr.model.meta import ModelMeta, class_log_odds
+
+MIN_PER_CLASS = 10
+"""Fewest images of a class on which a subgroup's (a source's, a view's, a held-out fold's) sensitivity,
+specificity or ROC AUC is judged. Below it the number is still shown, with its confidence interval, but flagged
+"too few to judge", and no ROC curve is drawn for it: with 1-9 images of a class, one image moves it by 0.1-1."""
 
 
 def roc_auc(targets: np.ndarray, lp: np.ndarray, positive: int | None = 1) -> float:
@@ -134,3 +140,86 @@ def sensitivity_at_specificity(targets: np.ndarray, scores: np.ndarray, specific
     k = math.ceil(specificity * len(neg))  # at least k negatives must score below the threshold
     thr = neg[k - 1] if k >= 1 else -math.inf
     return float(np.mean(s[t] > thr))
+
+
+def wilson_ci(k: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a proportion ``k / n`` (None when ``n`` is 0). Unlike the normal approximation it
+    stays inside [0, 1] and is not zero-width at 0/n or n/n, which is where small subgroups usually are."""
+    if n <= 0:
+        return None
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def enough_to_judge(n_positive: int, n_negative: int) -> bool:
+    """Whether a subgroup has :data:`MIN_PER_CLASS` images of both classes (an AUC, a ROC curve)."""
+    return n_positive >= MIN_PER_CLASS and n_negative >= MIN_PER_CLASS
+
+
+def subgroup_metrics(is_positive: np.ndarray, called_positive: np.ndarray, scores: np.ndarray | None,
+                     groups: np.ndarray, names: tuple[str, str] = ("negative", "positive"), n_resamples: int = 0,
+                     seed: int = 0) -> dict:
+    """A subgroup's numbers, each with its 95% CI: accuracy, sensitivity and specificity at the decisions given
+    (Wilson intervals), ROC AUC of ``scores`` (patient-bootstrap interval, when both classes are present and
+    ``n_resamples`` > 0), and the counts. Metrics resting on fewer than :data:`MIN_PER_CLASS` images of a class are
+    flagged: ``too_few_to_judge`` and a ``caveat`` in words. A metric that cannot be computed (no image of a class)
+    is None.
+
+    Args:
+        is_positive, called_positive: per image, the truth and the decision (booleans).
+        scores: per image, higher = more positive (log-odds), or None for no AUC.
+        groups: per image, the patient (the bootstrap draws patients).
+        names: what the negative and the positive class are called (for the caveat).
+    """
+    t, c = np.asarray(is_positive, bool), np.asarray(called_positive, bool)
+    r = rates(t, c)
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    out = {"n": int(len(t)), "n_positive": n_pos, "n_negative": n_neg,
+           "accuracy": r["accuracy"] if len(t) else None, "accuracy_ci95": wilson_ci(r["tp"] + r["tn"], len(t)),
+           "sensitivity": r["sensitivity"] if n_pos else None, "sensitivity_ci95": wilson_ci(r["tp"], n_pos),
+           "specificity": r["specificity"] if n_neg else None, "specificity_ci95": wilson_ci(r["tn"], n_neg),
+           "roc_auc": None, "roc_auc_ci95": None}
+    if scores is not None and n_pos and n_neg:
+        s = np.asarray(scores, dtype=np.float64)
+        a = auc_with_ci(t.astype(int), np.stack([np.zeros(len(s)), s], 1), np.asarray(groups), 1, n_resamples, seed)
+        out["roc_auc"], out["roc_auc_ci95"] = a["auc"], a["ci95"]
+    few = [f"{k} {name} image{'' if k == 1 else 's'}" for k, name in ((n_neg, names[0]), (n_pos, names[1]))
+           if 0 < k < MIN_PER_CLASS]
+    out["too_few_to_judge"] = bool(few)
+    out["caveat"] = f"too few to judge: {' and '.join(few)} (fewer than {MIN_PER_CLASS})" if few else None
+    return out
+
+
+def breakdown(keys: np.ndarray, targets: np.ndarray, lp: np.ndarray, pred: np.ndarray, meta: ModelMeta,
+              groups: np.ndarray | None = None, n_resamples: int = 0, seed: int = 0) -> dict:
+    """Metrics per value of ``keys`` (source or view), each with its 95% CI and a "too few to judge" flag
+    (:func:`~covid_cxr.evaluation.metrics.subgroup_metrics`): one pooled number can hide a model that only works on
+    one hospital's images, and a subgroup of a few images can suggest a failure that is only chance."""
+    positive = meta.positive_index
+    groups = np.arange(len(keys)) if groups is None else np.asarray(groups)
+    out = {}
+    for key in sorted(set(keys)):
+        m = keys == key
+        if positive is None:  # no positive class: accuracy and the macro AUC only
+            h = headline_metrics(targets[m], lp[m], pred[m], None)
+            out[str(key)] = {"n": int(m.sum()), "n_positive": None, "accuracy": h["accuracy"],
+                             "accuracy_ci95": wilson_ci(int((pred[m] == targets[m]).sum()), int(m.sum())),
+                             "roc_auc": h["roc_auc"], "too_few_to_judge": False, "caveat": None}
+            continue
+        negative = "rest" if not meta.binary else meta.labels[1 - positive]
+        out[str(key)] = subgroup_metrics(targets[m] == positive, pred[m] == positive,
+                                         class_log_odds(lp[m], positive), groups[m],
+                                         (negative, meta.labels[positive]), n_resamples, seed)
+    return out
+
+
+def with_ci(value: float | None, ci: list[float] | None, digits: int = 3) -> str:
+    """``0.812 (0.71-0.89)``, ``n/a`` for a missing value: how every subgroup number is printed."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return text + (f" ({ci[0]:.{min(digits, 2)}f}-{ci[1]:.{min(digits, 2)}f})" if ci else "")

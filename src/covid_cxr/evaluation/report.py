@@ -17,8 +17,10 @@ from pathlib import Path
 import pandas as pd
 
 from covid_cxr import DISCLAIMER, __version__
+from covid_cxr.config import UNLEARNED_OPTIONS
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.evaluation.evaluate import STUDY_BASELINE
+from covid_cxr.evaluation.metrics import with_ci
 from covid_cxr.evaluation.options import AuditConfig, EvalConfig, ReportConfig
 from covid_cxr.files import atomic_write, read_json
 from covid_cxr.model.inference import Predictor, load_predictor
@@ -121,7 +123,41 @@ def _crossval(cfg: ReportConfig, run: RunDir, meta: ModelMeta) -> dict | None:
 
 # ----------------------------------------------------------------------------- sections
 
-def _estimate_section(m: dict, cv: dict | None, meta: ModelMeta) -> str:
+def _plain(value):
+    """YAML and JSON give lists where a config has tuples: compare them as lists."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def option_differences(cv_options: dict | None, run_options: dict) -> list[str] | None:
+    """The training options a crossval and a run do not share, as ``name: crossval X, this run Y`` (options that do
+    not change what a run learns aside); None when the crossval does not record its options."""
+    if not cv_options:
+        return None
+    out = []
+    for name, value in cv_options.items():
+        if name in UNLEARNED_OPTIONS or name not in run_options:
+            continue
+        mine = run_options[name]
+        if _plain(value) != _plain(mine):
+            out.append(f"{name}: crossval {value}, this run {mine}")
+    return out
+
+
+def _comparison(differences: list[str] | None) -> str:
+    """What the gap between the internal and the out-of-source number means, given how the two were trained."""
+    if differences is None:
+        return ("<p class='warn'>The crossval does not record its training options, so whether it trained like this "
+                "run is unknown; the gap between the two numbers may be partly a difference of options.</p>")
+    if differences:
+        return ("<p class='warn'>The crossval was trained with other options than this run ("
+                + _esc("; ".join(differences)) + "): the gap between the two numbers mixes the effect of those "
+                "options with the optimism of the internal split. Run the crossval with this run's options to measure "
+                "the optimism alone.</p>")
+    return "<p>The crossval was trained with this run's options, so the gap between the two is how much the internal " \
+           "number flatters the model.</p>"
+
+
+def _estimate_section(m: dict, cv: dict | None, meta: ModelMeta, run_options: dict | None = None) -> str:
     internal = m["metrics"].get("roc_auc")
     ci = m["ci95"].get("roc_auc")
     internal_text = (f"On its own test split (images from the same sources as its training data) the model scores "
@@ -135,15 +171,16 @@ def _estimate_section(m: dict, cv: dict | None, meta: ModelMeta) -> str:
     pooled = cv.get("pooled", {})
     pci = pooled.get("ci95")
     rows = [[src, r.get("n"), ", ".join(f"{k} {v}" for k, v in (r.get("per_class") or {}).items()),
-             _fmt(r.get("auc")), _fmt(r.get("sensitivity")), _fmt(r.get("specificity")), _fmt(r.get("in_scope"))]
+             with_ci(r.get("auc"), r.get("auc_ci95")), with_ci(r.get("sensitivity"), r.get("sensitivity_ci95")),
+             with_ci(r.get("specificity"), r.get("specificity_ci95")), _fmt(r.get("in_scope")), r.get("caveat") or ""]
             for src, r in cv.get("per_source", {}).items()]
     return (f"<div class='estimate'>Expect about this on a hospital the model has not seen: an area under the ROC "
             f"curve of <b>{_fmt(pooled.get('auc'))}</b>"
             + (f" (95% CI {_fmt(pci[0])}–{_fmt(pci[1])}, patient bootstrap)" if pci else "")
             + f", measured by leaving out one whole source at a time ({_esc(cv.get('protocol', {}).get('description', ''))}).</div>"
-            f"<p>{internal_text} The gap between the two is how much the internal number flatters the model.</p>"
-            + _table(["held-out source", "images", "per class", "AUC", "sensitivity", "specificity",
-                      "share in scope"], rows))
+            f"<p>{internal_text}</p>" + _comparison(option_differences(cv.get("training_options"), run_options or {}))
+            + _table(["held-out source", "images", "per class", "AUC (95% CI)", "sensitivity (95% CI)",
+                      "specificity (95% CI)", "share in scope", "note"], rows))
 
 
 def _metrics_section(m: dict) -> str:
@@ -171,10 +208,12 @@ def _metrics_section(m: dict) -> str:
 
 
 def _breakdown(title: str, d: dict, positive: str | None) -> str:
-    rows = [[k, v["n"], v.get("n_positive"), _fmt(v["accuracy"]), _fmt(v["roc_auc"]), _fmt(v.get("sensitivity")),
-             _fmt(v.get("specificity"))] for k, v in d.items()]
-    return f"<h3>{_esc(title)}</h3>" + _table([title.split()[-1], "images", f"{positive} images", "accuracy",
-                                               "area under ROC", "sensitivity", "specificity"], rows)
+    rows = [[k, v["n"], v.get("n_positive"), with_ci(v.get("accuracy"), v.get("accuracy_ci95")),
+             with_ci(v.get("roc_auc"), v.get("roc_auc_ci95")), with_ci(v.get("sensitivity"), v.get("sensitivity_ci95")),
+             with_ci(v.get("specificity"), v.get("specificity_ci95")), v.get("caveat") or ""] for k, v in d.items()]
+    return f"<h3>{_esc(title)}</h3>" + _table([title.split()[-1], "images", f"{positive} images", "accuracy (95% CI)",
+                                               "area under ROC (95% CI)", "sensitivity (95% CI)",
+                                               "specificity (95% CI)", "note"], rows)
 
 
 def _audit_section(run: RunDir, split: str, a: dict | None) -> str:
@@ -326,7 +365,7 @@ def run(cfg: ReportConfig) -> Path:
 <h1>covid-cxr report: {_esc(rd.root.name)}</h1>
 <p class="muted">{_esc(m['protocol']['dataset'])} · split {_esc(cfg.split)} · covid-cxr {__version__}</p>
 <h2>Warnings</h2>{warnings_ or "<p>None.</p>"}
-<h2>How it should do on a new hospital</h2>{_estimate_section(m, cv, meta)}
+<h2>How it should do on a new hospital</h2>{_estimate_section(m, cv, meta, rd.training_options())}
 <h2>The study and this model</h2>{study_note}
 <div class="side"><div><h3>Original study</h3><pre>{_esc(STUDY_BASELINE['classification_report'])}</pre>
 <p class="muted">{_esc(STUDY_BASELINE['source'])}. Classes: 0 = normal, 1 = covid.</p></div>

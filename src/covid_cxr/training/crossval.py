@@ -38,7 +38,8 @@ from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.data.dataset import Dataset, read_dataset, source_root_record
 from covid_cxr.data.splits import split_leave_source_out
 from covid_cxr.errors import DatasetError
-from covid_cxr.evaluation.metrics import auc_with_ci, rates, roc_auc, sensitivity_at_specificity
+from covid_cxr.evaluation.metrics import (MIN_PER_CLASS, auc_with_ci, enough_to_judge, rates, roc_auc,
+                                          sensitivity_at_specificity, subgroup_metrics, with_ci)
 from covid_cxr.files import atomic_write, read_json, relative_or_absolute, write_json, write_yaml
 from covid_cxr.model.meta import class_log_odds
 from covid_cxr.paths import DatasetDir, RunDir
@@ -194,24 +195,35 @@ def run_fold(cfg: CrossvalConfig, ds: Dataset, source: str, cv: Path) -> dict:
 # ----------------------------------------------------------------------------- pooling
 
 
-def per_source_table(pred: pd.DataFrame, labels: list[str], positive: str) -> dict:
-    """Per held-out source: images per class, AUC when both classes are there, else the sensitivity or
-    specificity at that fold's own (validation-chosen) threshold; the share flagged out of scope."""
+def per_source_table(pred: pd.DataFrame, labels: list[str], positive: str, bootstrap: int = 0, seed: int = 0) -> dict:
+    """Per held-out source: images per class; the AUC when both classes are there, and the sensitivity and
+    specificity at that fold's own (validation-chosen) threshold, each with its 95% CI (patient bootstrap for the
+    AUC, Wilson for the rates); a "too few to judge" flag below :data:`MIN_PER_CLASS` images of a class; the share
+    flagged out of scope."""
+    negative = next((lab for lab in labels if lab != positive), "rest") if len(labels) == 2 else "rest"
     out = {}
     for src, g in pred.groupby("fold", sort=True):
         is_pos = (g["target"] == positive).to_numpy()
         called = (g["predicted_label"] == positive).to_numpy()
-        r = rates(is_pos, called)
-        row = {"n": int(len(g)), "per_class": {lab: int((g["target"] == lab).sum()) for lab in labels},
-               "auc": None, "sensitivity": None, "specificity": None,
-               "in_scope": float(g["in_scope"].astype(bool).mean())}
-        if is_pos.any() and (~is_pos).any():
-            row["auc"] = float(roc_auc(is_pos.astype(int), np.stack([np.zeros(len(g)), g["log_odds"]], 1), 1))
-        if is_pos.any():
-            row["sensitivity"] = r["sensitivity"]
-        if (~is_pos).any():
-            row["specificity"] = r["specificity"]
-        out[str(src)] = row
+        s = subgroup_metrics(is_pos, called, g["log_odds"].to_numpy(dtype=np.float64), g["group"].to_numpy(),
+                             (negative, positive), bootstrap, seed)
+        out[str(src)] = {"n": int(len(g)), "per_class": {lab: int((g["target"] == lab).sum()) for lab in labels},
+                         "auc": s["roc_auc"], "auc_ci95": s["roc_auc_ci95"],
+                         "sensitivity": s["sensitivity"], "sensitivity_ci95": s["sensitivity_ci95"],
+                         "specificity": s["specificity"], "specificity_ci95": s["specificity_ci95"],
+                         "too_few_to_judge": s["too_few_to_judge"], "caveat": s["caveat"],
+                         "in_scope": float(g["in_scope"].astype(bool).mean())}
+    return out
+
+
+def _flat_cis(row: dict) -> dict:
+    """A row for a CSV: each ``x_ci95`` pair as ``x_ci95_low`` and ``x_ci95_high`` columns."""
+    out = {}
+    for k, v in row.items():
+        if k.endswith("_ci95"):
+            out[f"{k}_low"], out[f"{k}_high"] = (v[0], v[1]) if v else (None, None)
+        else:
+            out[k] = v
     return out
 
 
@@ -232,7 +244,9 @@ def pool(pred: pd.DataFrame, positive: str, bootstrap: int, seed: int) -> dict:
             "auc_in_scope_only": roc_auc(is_pos[in_scope], lp2[in_scope], 1) if in_scope.any() else None}
 
 
-def roc_png(pred: pd.DataFrame, positive: str, pooled: dict, path: Path, synthetic: bool) -> None:
+def roc_png(pred: pd.DataFrame, positive: str, pooled: dict, path: Path, synthetic: bool) -> dict[str, list[str]]:
+    """The pooled ROC curve and one per held-out source with enough images of both classes to judge; returns the
+    sources drawn and those left out as too few."""
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_curve
 
@@ -245,11 +259,17 @@ def roc_png(pred: pd.DataFrame, positive: str, pooled: dict, path: Path, synthet
     ci = pooled.get("ci95")
     ax.plot(fpr, tpr, color="black", linewidth=2, label=f"pooled, AUC {pooled['auc']:.3f}"
             + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else ""))
+    drawn, too_few = [], []
     for src, g in pred.groupby("fold"):
         gy = (g["target"] == positive).to_numpy()
-        if gy.any() and (~gy).any():
+        if enough_to_judge(int(gy.sum()), int((~gy).sum())):
             f, t, _ = roc_curve(gy, g["log_odds"])
             ax.plot(f, t, linewidth=1, alpha=0.8, label=f"held out: {src}")
+            drawn.append(str(src))
+        elif gy.any() and (~gy).any():
+            too_few.append(str(src))
+    if too_few:  # a curve through 1-9 images of a class is noise drawn as a result
+        ax.plot([], [], " ", label=f"not drawn (fewer than {MIN_PER_CLASS} of a class): {', '.join(too_few)}")
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
@@ -258,6 +278,7 @@ def roc_png(pred: pd.DataFrame, positive: str, pooled: dict, path: Path, synthet
     ax.set_aspect("equal")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     save_figure(fig, path, synthetic)
+    return {"drawn": drawn, "too_few": too_few}
 
 
 def aggregate(cfg: CrossvalConfig, ds: Dataset, folds: list[str], cv: Path) -> dict:
@@ -274,7 +295,7 @@ def aggregate(cfg: CrossvalConfig, ds: Dataset, folds: list[str], cv: Path) -> d
     positive = ds.info.positive or ds.labels[-1]
     log.info("pooling %d held-out predictions of %d folds (%d bootstrap resamples)", len(pred), len(done), cfg.bootstrap)
     pooled = pool(pred, positive, cfg.bootstrap, cfg.seed)
-    per_source = per_source_table(pred, ds.labels, positive)
+    per_source = per_source_table(pred, ds.labels, positive, cfg.bootstrap, cfg.seed)
     synthetic = sorted(set(ds.info.synthetic_sources) & set(pred["source"]))
     results = {s: read_json(fold_dir(cv, s) / "result.json", "fold result") for s in done}
     doc = {
@@ -290,7 +311,7 @@ def aggregate(cfg: CrossvalConfig, ds: Dataset, folds: list[str], cv: Path) -> d
     }
     write_json(cv / "crossval.json", doc)
     atomic_write(cv / "predictions.csv", pred.to_csv(index=False))
-    table = pd.DataFrame([{"held_out": s, **{k: v for k, v in r.items() if k != "per_class"},
+    table = pd.DataFrame([{"held_out": s, **_flat_cis({k: v for k, v in r.items() if k != "per_class"}),
                            **{f"n_{k}": v for k, v in r["per_class"].items()}} for s, r in per_source.items()])
     atomic_write(cv / "per_source.csv", table.to_csv(index=False))
     if pooled["auc"] == pooled["auc"]:
@@ -361,15 +382,14 @@ def format_summary(doc: dict) -> str:
                  f"{p['sensitivity_at_95_specificity']:.3f}; at each fold's own threshold: sensitivity "
                  f"{p['sensitivity_at_fold_thresholds']:.3f}, specificity {p['specificity_at_fold_thresholds']:.3f}; "
                  f"{p['in_scope']:.0%} of held-out images in scope")
-    lines.append(f"{'held-out source':<24}{'images':>8}  {'per class':<28}{'AUC':>7}{'sens':>7}{'spec':>7}{'in scope':>10}")
-
-    def f(v):
-        return "   n/a" if v is None else f"{v:6.3f}"
-
+    lines.append(f"{'held-out source':<24}{'images':>7}  {'per class':<24}{'AUC (95% CI)':<19}{'sensitivity':<19}"
+                 f"{'specificity':<19}{'in scope':>8}")
     for src, r in doc["per_source"].items():
         pc = ", ".join(f"{k} {v}" for k, v in r["per_class"].items())
-        lines.append(f"{src:<24}{r['n']:>8}  {pc:<28}{f(r['auc']):>7}{f(r['sensitivity']):>7}{f(r['specificity']):>7}"
-                     f"{r['in_scope']:>10.0%}")
+        lines.append(f"{src:<24}{r['n']:>7}  {pc:<24}{with_ci(r['auc'], r.get('auc_ci95'), 2):<19}"
+                     f"{with_ci(r['sensitivity'], r.get('sensitivity_ci95'), 2):<19}"
+                     f"{with_ci(r['specificity'], r.get('specificity_ci95'), 2):<19}{r['in_scope']:>8.0%}"
+                     + (f"  [{r['caveat']}]" if r.get("caveat") else ""))
     if doc.get("missing_folds"):
         lines.append(f"not finished: {', '.join(doc['missing_folds'])} (run them, then --resume)")
     if doc.get("final"):

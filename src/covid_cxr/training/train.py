@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from covid_cxr.config import UNLEARNED_OPTIONS
 from covid_cxr.data.dataset import Dataset, read_dataset
 from covid_cxr.errors import CheckpointError, CovidCxrError, OutputError, RunError
 from covid_cxr.evaluation.calibration import calibrate, reliability_diagram_png
@@ -47,7 +48,7 @@ from covid_cxr.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
 
-RESUME_FREE_OPTIONS = ("resume", "workers", "progress", "device", "logs", "compile")
+RESUME_FREE_OPTIONS = UNLEARNED_OPTIONS
 """Options that may differ between an interrupted run and its ``--resume``."""
 
 

@@ -135,8 +135,8 @@ def _page() -> str:
     try:
         return resources.files("covid_cxr.deploy.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise CovidCxrError("covid_cxr/serve/static/index.html is missing from the installed package; reinstall "
-                            "covid-cxr (the wheel must include package data serve/static/*.html)") from exc
+        raise CovidCxrError("covid_cxr/deploy/serve/static/index.html is missing from the installed package; reinstall "
+                            "covid-cxr (the wheel must include package data deploy/serve/static/*.html)") from exc
 
 
 async def _in_pool(pool: ThreadPoolExecutor, tmp: tempfile.TemporaryDirectory, fn, *args):
