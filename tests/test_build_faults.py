@@ -192,7 +192,10 @@ def test_ctrl_c_stops_workers_and_prints_one_line(rebuilt: dict) -> None:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole foreground group
-    _, err = proc.communicate(timeout=60)
+    # Bound: the interrupt path waits at most 5 + 5 s per worker and 10 s for the pool's manager thread
+    # (workers._stop: 30 s with 2 workers) plus the interpreter's exit; on an idle 2-core machine it takes ~10 s, and
+    # 180 s leaves room for a machine running other test suites at the same time (it once took over 60 s there).
+    _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-3000:])
     assert err.strip().splitlines()[-1] == "covid-cxr: interrupted"
     _assert_group_ends(proc.pid)

@@ -185,3 +185,24 @@ def test_small_held_out_sources_carry_intervals_a_flag_and_no_roc_curve(tmp_path
     assert f"too few to judge: 3 normal images (fewer than {MIN_PER_CLASS})" in text
     line = next(t for t in text.splitlines() if t.startswith("big"))
     assert f"({table['big']['auc_ci95'][0]:.2f}-{table['big']['auc_ci95'][1]:.2f})" in line
+
+
+def test_a_source_name_that_climbs_out_is_refused_before_anything_is_written(two_hospitals, tmp_path):
+    """Issue 18 N1: a dataset whose manifest.csv and dataset.json name a source '../../escaped' must not make
+    crossval write outside --out (nor put such a path into commands.sh)."""
+    import shutil
+
+    from covid_cxr.paths import is_plain_name
+
+    ds = tmp_path / "ds"
+    shutil.copytree(two_hospitals, ds)
+    for name in ("manifest.csv", "dataset.json"):
+        (ds / name).write_text((ds / name).read_text().replace("hospital-a", "../../escaped"))
+    out = tmp_path / "cv"
+    with pytest.raises(DatasetError, match=r"source name '\.\./\.\./escaped' cannot be a fold folder name"):
+        crossval.run(CrossvalConfig(data=str(ds), out=str(out), prepare_only=True, **OPTIONS))
+    assert not (tmp_path / "escaped").exists() and not (out / "commands.sh").exists()
+    with pytest.raises(DatasetError):
+        crossval.fold_dir(out, "..")
+    assert [is_plain_name(n) for n in ("cohen", "hospital-a", "a.b_c", ".", "..", "a/b", "", "x" * 129, "é")] == \
+        [True, True, True, False, False, False, False, False, False]

@@ -708,3 +708,10 @@ def test_a_flat_folder_source_explains_the_layout(tmp_path: Path) -> None:
     assert len(out.images) == 1
     assert [d["reason"] for d in out.dropped] == ["image not inside a <label>/ folder"]
     assert any("1 image(s) lie directly in the folder" in n for n in out.notes)
+
+
+def test_a_folder_source_is_named_so_that_its_name_can_be_a_folder(tmp_path: Path) -> None:
+    root = tmp_path / "My Hospital (export 2)"
+    write_image(root / "covid" / "a.png", 1)
+    assert read_folder(root).source == "My-Hospital-export-2"
+    assert read_folder(tmp_path / "My Hospital (export 2)").images["source"].tolist() == ["My-Hospital-export-2"]

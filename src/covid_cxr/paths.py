@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -23,6 +24,20 @@ import yaml
 from covid_cxr.errors import DatasetError, RunError
 
 log = logging.getLogger(__name__)
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def plain_name(text: str) -> str:
+    """``text`` made a plain name (:func:`is_plain_name`): every run of other characters becomes '-'."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-.")[:128]
+    return name if is_plain_name(name) else "source"
+
+
+def is_plain_name(name: str) -> bool:
+    """True for a name that can be one folder's name anywhere: letters, digits, '.', '_' and '-', not '.' or '..'
+    (no separator, so it cannot climb out of the folder it is put in)."""
+    return isinstance(name, str) and _PLAIN_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 SPLITS = ("train", "val", "test")
 CHECKPOINTS = ("best", "last")

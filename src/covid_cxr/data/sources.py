@@ -20,6 +20,7 @@ from covid_cxr.data.source_files import glob_escape, is_inside, is_utf8, read_me
 from covid_cxr.errors import SourceError
 from covid_cxr.files import printable
 from covid_cxr.imaging.images import is_image_file
+from covid_cxr.paths import plain_name
 
 log = logging.getLogger(__name__)
 
@@ -331,10 +332,11 @@ def read_folder(root: str | Path) -> SourceRead:
     """A generic ``ROOT/<label>/...`` image folder (e.g. a hospital's own export or the demo phantoms).
 
     Subfolder names are labels (covid, normal, pneumonia, other; ``COVID-19`` is accepted).
-    Each image is its own patient. The source is named after the folder.
+    Each image is its own patient. The source is named after the folder (characters other than letters, digits,
+    ".", "_" and "-" become "-", since the name becomes a folder name in crossval).
     """
     root = require_dir(Path(root), "folder")
-    name = root.name
+    name = plain_name(root.name)  # a source name becomes a folder name (crossval folds): never a path
     out = SourceRead(name, _frame([], name), root=root, synthetic=is_synthetic_folder(root))
     out.notes.append("generic folder source: no patient ids, each image is its own patient")
     if out.synthetic:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -117,6 +118,34 @@ class Calibration:
         return cls(**{**_known(cls, d), "warnings": tuple(d.get("warnings") or ())})
 
 
+MAX_LABELS = 64
+"""Most classes a model may have (covid-cxr's tasks have 2 or 3): a model file listing more is refused before any
+tensor is allocated for it."""
+MAX_GATE_FEATURES = 4096
+"""Largest feature width of the out-of-scope gate (the backbones give 512-2048): its precision matrix is this
+squared, so a file claiming 100,000 would ask for 40 GB."""
+
+
+def _finite(where: str, name: str, value: Any) -> float:
+    """``value`` as a finite float, or a :class:`CheckpointError` naming the field."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise CheckpointError(f"{where}: {name} must be a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(number):
+        raise CheckpointError(f"{where}: {name} is {number}, not a finite number; the model file was edited or "
+                              "damaged: export or train the model again")
+    return number
+
+
+def _count(where: str, name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int in [low, high], or a :class:`CheckpointError` naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value != int(value) or not low <= int(value) <= high:
+        raise CheckpointError(f"{where}: {name} must be a whole number from {low} to {high}, got {str(value)[:40]}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class ScopeGate:
     """The out-of-scope gate's decision rule (its fitted statistics are tensors inside the model)."""
@@ -130,10 +159,19 @@ class ScopeGate:
     """Training images the statistics were fitted on."""
     n_val: int
     dims: int
-    """Principal directions kept; the rest of the feature space is modelled by one residual variance."""
+    """Dimensions the gate measures in: the network's features plus its image views."""
     feature_dim: int
     n_means: int
     """Class means (the score is the distance to the nearest)."""
+
+    def __post_init__(self) -> None:
+        where = "the out-of-scope gate"
+        object.__setattr__(self, "threshold", _finite(where, "threshold", self.threshold))
+        object.__setattr__(self, "quantile", _finite(where, "quantile", self.quantile))
+        object.__setattr__(self, "feature_dim", _count(where, "feature_dim", self.feature_dim, 1, MAX_GATE_FEATURES))
+        object.__setattr__(self, "n_means", _count(where, "n_means", self.n_means, 1, MAX_LABELS))
+        # features plus the gate's image views (a few hundred): informational, never allocated from
+        object.__setattr__(self, "dims", _count(where, "dims", self.dims, 0, 2 * MAX_GATE_FEATURES))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,11 +247,19 @@ class ModelMeta:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
+        if len(self.labels) > MAX_LABELS:
+            raise CheckpointError(f"a model lists {len(self.labels)} labels, more than the {MAX_LABELS} allowed; the "
+                                  "model file was edited or damaged")
+        if not all(isinstance(lab, str) and 0 < len(lab) <= 64 for lab in self.labels):
+            raise CheckpointError("every label must be a name of 1 to 64 characters")
+        object.__setattr__(self, "threshold_log_odds",
+                           _finite("the model", "threshold_log_odds", self.threshold_log_odds))
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
             raise CheckpointError(f"a model needs at least two distinct labels, got {list(self.labels)}")
         if self.positive is not None and self.positive not in self.labels:
             raise CheckpointError(f"positive class {self.positive!r} is not one of the labels {list(self.labels)}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+        object.__setattr__(self, "temperature", _finite("the model", "temperature", self.temperature))
+        if not self.temperature > 0:
             raise CheckpointError(f"temperature must be a positive number, got {self.temperature}")
 
     # -- the decision rule ---------------------------------------------------------------------------
@@ -283,8 +329,7 @@ class ModelMeta:
             return cls(
                 arch=str(d["arch"]), labels=tuple(d["labels"]), positive=d.get("positive"),
                 preprocess=PreprocessSpec.from_dict(d["preprocess"]),
-                threshold_log_odds=float(d.get("threshold_log_odds", 0.0)),
-                temperature=float(d.get("temperature", 1.0)),
+                threshold_log_odds=d.get("threshold_log_odds", 0.0), temperature=d.get("temperature", 1.0),
                 calibration=Calibration.from_dict(d["calibration"]) if d.get("calibration") else None,
                 gate=ScopeGate.from_dict(d["gate"]) if d.get("gate") else None,
                 data=TrainingData.from_dict(d["data"]) if d.get("data") else None,

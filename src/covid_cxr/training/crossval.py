@@ -42,7 +42,7 @@ from covid_cxr.evaluation.metrics import (MIN_PER_CLASS, auc_with_ci, enough_to_
                                           sensitivity_at_specificity, subgroup_metrics, with_ci)
 from covid_cxr.files import atomic_write, read_json, relative_or_absolute, write_json, write_yaml
 from covid_cxr.model.meta import class_log_odds
-from covid_cxr.paths import DatasetDir, RunDir
+from covid_cxr.paths import DatasetDir, RunDir, is_plain_name
 from covid_cxr.training.options import CrossvalConfig, TrainConfig, TrainOptions
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,12 @@ UNLIMITED = 10**9
 
 
 def fold_dir(cv: Path, source: str) -> Path:
+    """The folder of the fold that holds ``source`` out; a source name read from a dataset is refused unless it is
+    a plain name (it must not climb out of ``cv``)."""
+    if not is_plain_name(source):
+        raise DatasetError(f"source name {str(source)[:80]!r} cannot be a fold folder name (letters, digits, '.', '_' "
+                           "and '-' only); the dataset was edited or not written by `covid-cxr data build`: build it "
+                           "again")
     return Path(cv) / "folds" / source
 
 
@@ -62,6 +68,11 @@ def plan_folds(ds: Dataset, requested: tuple[str, ...]) -> list[str]:
     """
     task_rows = ds.df[ds.df["target"].isin(ds.labels)]
     present = sorted(task_rows["source"].unique())
+    odd = [s for s in present if not is_plain_name(s)]
+    if odd:  # each becomes a folder name: refused before anything is written
+        raise DatasetError(f"{ds.dir.manifest}: source name {str(odd[0])[:80]!r} cannot be a fold folder name "
+                           "(letters, digits, '.', '_' and '-' only, not '.' or '..'); the dataset was edited or not "
+                           "written by `covid-cxr data build`: build it again")
     if len(present) < 2:
         raise DatasetError(f"out-of-source validation needs at least two sources with images of the task; "
                            f"{ds.dir.root} has {present}")

@@ -1,0 +1,72 @@
+"""Model files a user downloads or receives are checked by type and range before anything is built or served
+(issue 18 N4-N6): a non-finite threshold or temperature, a gate with absurd sizes or a list of a million labels is a
+one-line CheckpointError naming the field, never a silent every-image-normal model or a 40 GB allocation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tracemalloc
+
+import pytest
+
+from covid_cxr.errors import CheckpointError
+from covid_cxr.imaging.pixels import PreprocessSpec
+from covid_cxr.model.checkpoint import new_meta
+from covid_cxr.model.meta import MAX_GATE_FEATURES, MAX_LABELS, ModelMeta
+
+GATE = {"threshold": 3.8, "quantile": 0.99, "method": "m", "n_fit": 10, "n_val": 5, "dims": 8, "feature_dim": 64,
+        "n_means": 2}
+
+
+def _doc(**changes) -> dict:
+    meta = new_meta("densenet121", ("normal", "covid"), "covid", PreprocessSpec(size=32), {}, None)
+    return {**meta.to_dict(), "gate": dict(GATE), **changes}
+
+
+@pytest.mark.parametrize("field,value", [("threshold_log_odds", float("nan")), ("threshold_log_odds", float("-inf")),
+                                         ("threshold_log_odds", float("inf")), ("threshold_log_odds", "abc"),
+                                         ("temperature", float("nan")), ("temperature", -1.0)])
+def test_a_non_finite_threshold_or_temperature_is_refused(field, value):
+    with pytest.raises(CheckpointError, match=field if field == "threshold_log_odds" else "temperature"):
+        ModelMeta.from_dict(_doc(**{field: value}), where="model.json")
+
+
+@pytest.mark.parametrize("field,value", [("threshold", float("nan")), ("threshold", float("inf")),
+                                         ("quantile", float("nan")), ("feature_dim", 100_000),
+                                         ("n_means", 100_000), ("feature_dim", 0), ("dims", -1), ("n_means", 2.5),
+                                         ("feature_dim", "64")])
+def test_gate_numbers_are_checked_before_any_tensor_exists(field, value):
+    with pytest.raises(CheckpointError, match=field):
+        ModelMeta.from_dict(_doc(gate={**GATE, field: value}), where="model.json")
+    assert MAX_GATE_FEATURES >= 2048  # the widest backbone (resnet50) still fits
+
+
+def test_a_million_labels_are_refused_without_building_anything():
+    labels = [f"c{i}" for i in range(1_000_000)]
+    tracemalloc.start()
+    with pytest.raises(CheckpointError, match=f"more than the {MAX_LABELS} allowed"):
+        ModelMeta.from_dict(_doc(labels=labels, positive="c1"), where="model.json")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200 * 2**20  # the labels list itself, not a 10^6-class network
+
+
+def test_an_onnx_model_json_with_a_nan_threshold_is_refused_at_load(tiny_exported, tmp_path):
+    """The recipe of N4: model.json edited (its own sha updated) to threshold_log_odds NaN or a NaN gate threshold."""
+    from covid_cxr.deploy.api import load_run
+
+    for edit in ({"threshold_log_odds": float("nan")}, {"threshold_log_odds": float("-inf")},
+                 {"gate": "nan-threshold"}):
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_exported, run)
+        doc = json.loads((run / "model.json").read_text())
+        if edit.get("gate"):
+            doc["meta"]["gate"]["threshold"] = float("nan")
+        else:
+            doc["meta"].update(edit)
+        (run / "model.json").write_text(json.dumps(doc))  # json writes NaN / -Infinity, as the attack did
+        assert hashlib.sha256((run / "model.onnx").read_bytes()).hexdigest() == doc["onnx"]["onnx_sha256"]
+        with pytest.raises(CheckpointError, match="not a finite number"):
+            load_run(run, backend="onnx")
