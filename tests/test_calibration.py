@@ -264,12 +264,36 @@ def test_calibrate_perfectly_separated_validation_keeps_temperature_one():
     cal, threshold_lo, plot = calibrate(z, y, positive=1)
     assert cal.status == "at lower bound"
     assert cal.temperature == 1.0 and cal.fitted_temperature == T_MIN
-    assert len(cal.warnings) == 1 and "lower bound" in cal.warnings[0] and "NOT calibrated" in cal.warnings[0]
+    assert len(cal.warnings) == 2 and "lower bound" in cal.warnings[0] and "NOT calibrated" in cal.warnings[0]
+    assert "separates the classes" in cal.warnings[1] and "95 % sensitivity target cannot be checked" in cal.warnings[1]
     assert cal.nll_after == cal.nll_before and cal.n_val == 8
+    scores = class_log_odds(log_probs(z, 1.0), 1)
+    assert threshold_lo == pytest.approx((scores[y == 0].max() + scores[y == 1].min()) / 2)  # between the classes
     np.testing.assert_array_equal(plot["probs_after"], plot["probs_before"])
     meta = _meta(temperature=cal.temperature, threshold_log_odds=threshold_lo, calibration=cal)
     assert (meta.decide(meta.log_probs(z)) == y).all()  # the operating point still separates validation
     assert cal.val_sensitivity == 1.0 and cal.val_specificity == 1.0
+
+
+def test_separated_validation_puts_the_threshold_between_the_classes_for_both_rules():
+    """On separated validation either rule alone would sit on the edge of the positive cluster (the demo's '95 %
+    sensitivity' became 68 % on test); the threshold goes midway, and a fitted temperature does not change that."""
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(40, int), np.ones(40, int)]
+    z = np.stack([np.zeros(80), np.r_[rng.normal(-2, 1, 40).clip(max=-0.5), rng.normal(2, 1, 40).clip(min=0.5)]], 1)
+    for rule in ("sensitivity", "youden"):
+        cal, threshold_lo, _ = calibrate(z, y, positive=1, rule=rule, target_sensitivity=0.95)
+        scores = class_log_odds(log_probs(z, cal.temperature), 1)
+        lo, hi = scores[y == 0].max(), scores[y == 1].min()
+        assert threshold_lo == pytest.approx((lo + hi) / 2) and lo < threshold_lo < hi
+        assert cal.val_sensitivity == cal.val_specificity == 1.0
+        assert any("separates the classes" in w for w in cal.warnings)
+    z_overlap = z.copy()
+    z_overlap[0, 1] = 3.0  # one normal above every covid: not separated, the rule's own threshold
+    cal, threshold_lo, _ = calibrate(z_overlap, y, positive=1, target_sensitivity=0.95)
+    assert not any("separates the classes" in w for w in cal.warnings)
+    scores = class_log_odds(log_probs(z_overlap, cal.temperature), 1)
+    assert threshold_lo < choose_threshold(scores, y, "sensitivity", 0.95)["threshold"] < threshold_lo + 1e-5
 
 
 def test_calibrate_fits_temperature_and_a_log_odds_threshold():

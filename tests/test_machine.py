@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covid_cxr.machine import CPU_FLAGS, cpu_features, describe_cpu, has_int8_dot_product
+from covid_cxr.machine import CPU_FLAGS, cpu_features, describe_cpu, has_int8_dot_product, int8_cpu_note
 
 
 def _cpuinfo(tmp_path: Path, flags: str | None) -> Path:
@@ -33,3 +33,17 @@ def test_unreadable_or_non_x86_is_unknown_not_absent(tmp_path):
         assert set(f) == set(CPU_FLAGS) and all(v is None for v in f.values())
         assert has_int8_dot_product(f) is None
         assert "unknown" in describe_cpu(f)
+
+
+def test_an_int8_model_moved_across_the_vnni_line_says_what_changes(tmp_path):
+    avx2 = cpu_features(_cpuinfo(tmp_path, "avx2"))
+    vnni = cpu_features(_cpuinfo(tmp_path, "avx2 avx512f avx512_vnni"))
+    unknown = dict.fromkeys(CPU_FLAGS)
+    assert int8_cpu_note({"name": "A", **avx2}, avx2) is None
+    assert int8_cpu_note({"name": "A", **vnni}, vnni) is None
+    assert int8_cpu_note(None, avx2) is None and int8_cpu_note({"name": "A", **unknown}, avx2) is None
+    assert int8_cpu_note({"name": "A", **vnni}, unknown) is None
+    down = int8_cpu_note({"name": "Big CPU", **vnni}, avx2)
+    assert "Big CPU" in down and "same predictions" in down and "1.1-1.4x" in down
+    up = int8_cpu_note({"name": "Small CPU", **avx2}, vnni)
+    assert "Small CPU" in up and "faster" in up

@@ -175,3 +175,64 @@ def test_a_learned_model_keeps_its_auc_and_scope_under_the_default_bar(learned_p
     assert q["test_n"] == 80 and q["max_auc_drop"] == 0.01
     assert q["fp32_auc"] - q["int8_auc"] <= 0.01
     assert q["in_scope_agree"] >= 0.95 and q["decisions_agree"] >= 0.95
+
+
+def test_an_int8_model_served_on_a_cpu_across_the_vnni_line_warns(quantized, monkeypatch, caplog):
+    """Loaded on a CPU whose int8 kernels differ from the exporting CPU's, the int8 model says so once (the fp32
+    model, whose kernels do not depend on VNNI, says nothing)."""
+    import covid_cxr.model.onnx_model as onnx_model
+
+    run, _, _ = quantized
+    exported = read_json(run / "model.int8.json", "int8 json")["quantization"]["exported_on_cpu"]
+    assert set(CPU_FLAGS) <= set(exported) and exported["name"]
+    if all(exported[f] is None for f in CPU_FLAGS):
+        pytest.skip("this CPU's features cannot be read (not Linux x86): nothing to compare")
+    other = dict(exported)
+    vnni = bool(exported["avx512_vnni"] or exported["avx_vnni"] or exported["amx_int8"])
+    for f in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        other[f] = not vnni
+    monkeypatch.setattr(onnx_model, "cpu_features", lambda: other)
+    with caplog.at_level("WARNING", logger="covid_cxr.model.onnx_model"):
+        OnnxModel(run / "model.onnx", device="cpu")
+        assert not caplog.records
+        OnnxModel(run / "model.int8.onnx", device="cpu")
+    assert len(caplog.records) == 1 and "same predictions" in caplog.records[0].getMessage()
+
+
+def test_more_than_2_percent_flipped_decisions_is_a_warning_in_the_summary(quantized):
+    from covid_cxr.deploy.export import format_summary
+
+    _, summary, _ = quantized
+    n = summary["test_n"]
+    assert quantize.flip_warnings({**summary, "decisions_agree": 1.0, "in_scope_agree": 1.0}) == []
+    ok = 1.0 - quantize.MAX_DECISION_FLIPS / 2  # under the bar: no warning
+    assert quantize.flip_warnings({**summary, "decisions_agree": ok, "in_scope_agree": ok}) == []
+    flipped = {**summary, "decisions_agree": 1.0 - 3 / n, "in_scope_agree": 1.0}
+    (warning,) = quantize.flip_warnings(flipped)
+    assert f"{100 * 3 / n:.1f}% of {n} test images" in warning
+    fake = {"format": "onnx", "onnx": "r/model.onnx", "json": "r/model.json", "bytes": 1, "opset": 18,
+            "outputs": ["logits"], "max_abs_diff": {"logits": 0.0},
+            "quantization": {**flipped, "warnings": [warning]}}
+    assert f"warning: {warning}" in format_summary(fake)
+
+
+def test_the_int8_export_reuses_a_current_onnx_file_and_only_that(tiny_exported, tmp_path):
+    """export --quantize int8 quantises a model.onnx exported from this very checkpoint at this opset as it is;
+    a changed checkpoint or another opset gets a fresh export."""
+    from covid_cxr.deploy.export import MIN_OPSET, current_onnx, format_summary
+
+    run = _copy_run(tiny_exported, tmp_path / "run")
+    summary = current_onnx(run / "best.pt", run / "model.onnx", MIN_OPSET)
+    assert summary is not None and summary["reused"] and summary["outputs"][0] == "logits"
+    assert summary["onnx_sha256"] == read_json(run / "model.json", "json")["onnx"]["onnx_sha256"]
+    assert format_summary({"format": "onnx", **summary}).startswith(f"kept {run / 'model.onnx'}")
+    assert current_onnx(run / "best.pt", run / "model.onnx", MIN_OPSET + 1) is None
+    assert current_onnx(run / "best.pt", run / "absent.onnx", MIN_OPSET) is None
+    with open(run / "model.onnx", "ab") as f:  # the pair no longer matches: export again
+        f.write(b"\0")
+    assert current_onnx(run / "best.pt", run / "model.onnx", MIN_OPSET) is None
+    shutil.copy2(tiny_exported / "model.onnx", run / "model.onnx")
+    assert current_onnx(run / "best.pt", run / "model.onnx", MIN_OPSET) is not None
+    with open(run / "best.pt", "ab") as f:  # another checkpoint
+        f.write(b"\0")
+    assert current_onnx(run / "best.pt", run / "model.onnx", MIN_OPSET) is None

@@ -53,3 +53,21 @@ def describe_cpu(features: dict[str, bool | None] | None = None) -> str:
     lacks = [f for f, v in features.items() if v is False]
     text = f"{name}: {', '.join(have) or 'none of ' + ', '.join(CPU_FLAGS)}"
     return text + (f"; no {', '.join(lacks)}" if lacks and have else "")
+
+
+def int8_cpu_note(exported_on: dict | None, here: dict[str, bool | None]) -> str | None:
+    """What to tell the user when an int8 model runs on a CPU whose int8 kernels differ from the exporting CPU's
+    (VNNI/AMX on one side only), else None. Predictions stay the same (7-bit weights: no int16 saturation on either
+    path); the speed does not."""
+    if not isinstance(exported_on, dict):
+        return None
+    then, now = has_int8_dot_product(exported_on), has_int8_dot_product(here)
+    if then is None or now is None or then == now:
+        return None
+    name = exported_on.get("name") or "the exporting CPU"
+    if then:
+        return (f"this int8 model was checked on a CPU with VNNI/AMX ({name}); this CPU has neither, so ONNX Runtime "
+                "takes its AVX2 int8 path: the same predictions (7-bit weights), but expect only about 1.1-1.4x the "
+                "speed of the fp32 model here (benchmarks/bench_infer.py measures it)")
+    return (f"this int8 model was checked on a CPU without VNNI/AMX ({name}); this CPU has them, so ONNX Runtime "
+            "takes its VNNI int8 path: the same predictions (7-bit weights), and faster than the check measured")

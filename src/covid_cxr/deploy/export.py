@@ -26,7 +26,7 @@ from torch import nn
 
 from covid_cxr import __version__
 from covid_cxr.deploy.options import ExportConfig
-from covid_cxr.errors import ExportError
+from covid_cxr.errors import CovidCxrError, ExportError
 from covid_cxr.files import atomic_write, to_json
 from covid_cxr.imaging.images import sha256_file
 from covid_cxr.model.checkpoint import load_model
@@ -169,6 +169,26 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET)
             "bytes": len(data)}
 
 
+def current_onnx(checkpoint: str | Path, out: str | Path, opset: int) -> dict[str, Any] | None:
+    """The summary of ``out`` when it is a loadable export of this very checkpoint (same sha256) at ``opset``, else
+    None. ``export --quantize int8`` quantises such a file as it is instead of exporting the same graph again."""
+    out = Path(out)
+    if not (out.is_file() and onnx_meta_path(out).is_file()):
+        return None
+    try:
+        model = OnnxModel(out, device="cpu")
+    except CovidCxrError as exc:
+        log.info("not reusing %s: %s", out, exc)
+        return None
+    doc = model.export
+    if doc.get("source_checkpoint", {}).get("sha256") != sha256_file(checkpoint) or doc.get("opset") != opset:
+        return None
+    spec = model.meta.preprocess
+    return {"onnx": str(out), "json": str(onnx_meta_path(out)), "opset": opset, "outputs": list(model.session_outputs),
+            "labels": list(model.meta.labels), "image_size": spec.size, "max_abs_diff": doc["max_abs_diff_vs_torch"],
+            "onnx_sha256": doc["onnx_sha256"], "bytes": out.stat().st_size, "reused": True}
+
+
 def run(cfg: ExportConfig) -> dict:
     """Export the run's checkpoint in ``cfg.format``: onnx, safetensors or hf (see :mod:`covid_cxr.deploy.hub`)."""
     from covid_cxr.deploy import hub
@@ -181,7 +201,12 @@ def run(cfg: ExportConfig) -> dict:
         # the dataset is read first: a moved dataset fails before anything is written
         qdata = quantize.load_data(run_dir, read_checkpoint(ckpt).meta, cfg.data, cfg.source_roots,
                                    cfg.calibration_images)
-        summary = export_onnx(ckpt, cfg.out or run_dir.onnx, cfg.opset)
+        out = cfg.out or run_dir.onnx
+        summary = current_onnx(ckpt, out, cfg.opset)
+        if summary is None:
+            summary = export_onnx(ckpt, out, cfg.opset)
+        else:
+            log.info("%s is already this checkpoint's export (opset %d): quantising it as it is", out, cfg.opset)
         return {"format": "onnx", **summary, "quantization": quantize.quantize_export(summary["onnx"], qdata,
                                                                                       cfg.max_auc_drop)}
     if cfg.format == "onnx":
@@ -197,9 +222,11 @@ def run(cfg: ExportConfig) -> dict:
 
 def _onnx_lines(summary: dict) -> list[str]:
     diffs = ", ".join(f"{k} {v:.2g}" for k, v in summary["max_abs_diff"].items())
-    return [f"wrote {summary['onnx']} ({summary['bytes'] / 2**20:.1f} MB, opset {summary['opset']}, outputs "
+    verb = "kept" if summary.get("reused") else "wrote"
+    return [f"{verb} {summary['onnx']} ({summary['bytes'] / 2**20:.1f} MB, opset {summary['opset']}, outputs "
             f"{', '.join(summary['outputs'])}) and {summary['json']}",
-            f"checked against PyTorch on a random batch: max difference {diffs}"]
+            f"checked against PyTorch on a random batch{' when it was exported' if summary.get('reused') else ''}: "
+            f"max difference {diffs}"]
 
 
 def format_summary(summary: dict) -> str:
@@ -230,5 +257,6 @@ def format_summary(summary: dict) -> str:
                   f"images) and {q['json']}",
                   f"test ROC AUC int8 {q['int8_auc']:.4f} vs fp32 {q['fp32_auc']:.4f} ({q['auc_difference']:+.4f}) on "
                   f"{q['test_n']} images; decisions agree on {100 * q['decisions_agree']:.1f}%{scope}",
+                  *[f"warning: {w}" for w in q.get("warnings", [])],
                   f"use it with: covid-cxr predict --backend onnx --run {q['onnx']} IMAGES..."]
     return "\n".join(lines)

@@ -57,6 +57,8 @@ CALIBRATION_BATCH = 16
 METHOD = ("onnxruntime quant_pre_process + quantize_static, QDQ, uint8 activations (MinMax calibration), int8 "
           "weights per channel in 7 bits (reduce_range: no int16 saturation on CPUs without VNNI); out-of-scope gate "
           "kept in float32")
+MAX_DECISION_FLIPS = 0.02
+"""Share of test images whose decision may differ between the fp32 and int8 graphs before the export warns."""
 WEIGHT_QMAX = 64
 """Largest |int8 weight| ``reduce_range=True`` writes: 2 * 255 * 64 < 32767, so AVX2's int16 pair sums never
 saturate and CPUs with and without VNNI compute the same integers."""
@@ -215,6 +217,19 @@ def _compare(fp32: OnnxModel, int8: OnnxModel, qd: QuantData) -> dict[str, Any]:
     return block
 
 
+def flip_warnings(block: dict[str, Any]) -> list[str]:
+    """A warning when more than :data:`MAX_DECISION_FLIPS` of the test images change decision (or in-scope flag)
+    between the fp32 and the int8 graph."""
+    out = []
+    for key, what in (("decisions_agree", "decide differently"), ("in_scope_agree", "flag scope differently")):
+        flips = 1.0 - block.get(key, 1.0)
+        if flips > MAX_DECISION_FLIPS:
+            out.append(f"int8 and fp32 {what} on {100 * flips:.1f}% of {block['test_n']} test images (more than "
+                       f"{100 * MAX_DECISION_FLIPS:.0f}%): compare both on your own images before serving the int8 "
+                       "model")
+    return out
+
+
 def quantize_export(onnx_path: str | Path, qd: QuantData, max_auc_drop: float = MAX_AUC_DROP,
                     keep_gate_fp32: bool = True) -> dict[str, Any]:
     """Quantise an exported ``model.onnx``, check it on the test split and write ``model.int8.onnx`` + its JSON.
@@ -243,6 +258,9 @@ def quantize_export(onnx_path: str | Path, qd: QuantData, max_auc_drop: float = 
         atomic_write(onnx_meta_path(trial), to_json({**int8_doc, "quantization": block}))
         int8 = OnnxModel(trial, device="cpu")
         block.update(_compare(fp32, int8, qd))
+    for warning in flip_warnings(block):
+        block.setdefault("warnings", []).append(warning)
+        log.warning("%s", warning)
     drop = block["fp32_auc"] - block["int8_auc"]
     if not (drop <= max_auc_drop):  # also NaN
         for stale in (out, onnx_meta_path(out)):

@@ -298,6 +298,15 @@ def choose_threshold(scores: np.ndarray, targets: np.ndarray, rule: str = "sensi
             "sensitivity": tp / n_pos, "specificity": tn / n_neg, "n_positive": n_pos, "n_negative": n_neg}
 
 
+def separation_gap(scores: np.ndarray, is_positive: np.ndarray) -> tuple[float, float] | None:
+    """(highest other score, lowest positive score) when every positive scores above every other image, else
+    None."""
+    pos, neg = scores[is_positive], scores[~is_positive]
+    if len(pos) and len(neg) and float(pos.min()) > float(neg.max()):
+        return float(neg.max()), float(pos.min())
+    return None
+
+
 def _needed_positives(target: float, n_pos: int) -> int:
     """Smallest k with k / n_pos >= target, checked with the same float division the metrics use."""
     k = min(n_pos, max(1, math.ceil(target * n_pos)))
@@ -348,10 +357,25 @@ def calibrate(logits: np.ndarray, targets: np.ndarray, positive: int | None, rul
     if positive is not None and z.shape[1] == 2:
         scores = class_log_odds(log_probs(z, t), positive)
         try:
-            op = choose_threshold(scores, (y == positive).astype(int), rule, target_sensitivity)
+            is_pos = y == positive
+            op = choose_threshold(scores, is_pos.astype(int), rule, target_sensitivity)
             # The threshold equals one validation score; a hair below it keeps that image positive when
             # batch size or hardware changes the logits in the 7th digit.
             threshold_lo = float(op["threshold"]) - 1e-6 * max(1.0, abs(float(op["threshold"])))
+            gap = separation_gap(scores, is_pos)
+            if gap is not None:
+                # Every threshold in the gap reaches 100 % on both classes: either rule would put it on the edge
+                # of the positive cluster, where the next positive image from elsewhere falls below it.
+                threshold_lo = (gap[0] + gap[1]) / 2.0
+                op = {**op, "sensitivity": 1.0, "specificity": 1.0}
+                warnings_.append(
+                    f"validation separates the classes completely ({int(is_pos.sum())} positive and "
+                    f"{int((~is_pos).sum())} other images): any threshold between them reaches 100 % sensitivity "
+                    "there, so it is set midway between the two classes"
+                    + (f"; the {100 * target_sensitivity:g} % sensitivity target cannot be checked on these data"
+                       if rule == "sensitivity" else "")
+                    + ", and new images (other hospitals, other scanners) will not be separated as cleanly: "
+                      "measure sensitivity on data the model has not seen (covid-cxr crossval)")
             values.update(threshold_rule=rule, target_sensitivity=op["target_sensitivity"],
                           val_sensitivity=op["sensitivity"], val_specificity=op["specificity"])
         except CalibrationError as exc:

@@ -15,6 +15,7 @@ import numpy as np
 from covid_cxr.errors import CheckpointError, CovidCxrError
 from covid_cxr.files import default_workers, read_json
 from covid_cxr.imaging.pixels import finish
+from covid_cxr.machine import cpu_features, int8_cpu_note
 from covid_cxr.model.meta import ModelMeta
 from covid_cxr.model.results import Outputs
 
@@ -24,7 +25,6 @@ INPUT_NAME = "image"
 OUTPUT_LOGITS = "logits"
 OUTPUT_SCOPE = "scope"
 ONNX_META_FORMAT = 2
-
 
 
 def onnx_meta_path(model_path: str | Path) -> Path:
@@ -86,6 +86,7 @@ class OnnxModel:
             raise CheckpointError(f"ONNX model {path} not found; create it with `covid-cxr export --run RUN_DIR`")
         self.path = path
         self.meta, self.export = read_onnx_meta(path)
+        self.quantization: dict = read_json(onnx_meta_path(path), "ONNX metadata").get("quantization") or {}
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != self.export.get("onnx_sha256"):
             raise CheckpointError(f"{path} does not match {onnx_meta_path(path).name} (sha256 differs): the file "
@@ -105,6 +106,15 @@ class OnnxModel:
                                   "export the checkpoint again") from None
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._check_signature()
+        if "quantized_from" in self.export:
+            note = int8_cpu_note(self.quantization.get("exported_on_cpu"), cpu_features())
+            if note:
+                log.warning("%s: %s", path.name, note)
+
+    @property
+    def session_outputs(self) -> list[str]:
+        """The graph's output names, in order: ``logits`` and, with a gate, ``scope``."""
+        return list(self._outputs)
 
     def _check_signature(self) -> None:
         spec, k = self.meta.preprocess, len(self.meta.labels)
