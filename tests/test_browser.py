@@ -16,6 +16,7 @@ from liveserver import serve_in_thread
 
 from conftest import real_data_root, write_image
 from covid_cxr.deploy.serve import create_app
+from covid_cxr.model.checkpoint import read_checkpoint
 
 DISCLAIMER_TEXT = "Research use only — not a diagnostic device"
 
@@ -26,6 +27,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT_COPY = Path("/tmp/serve_screenshot.png")
 """A copy of the screenshot outside pytest's temporary folders, to look at after a run."""
+OUT_OF_SCOPE_SCREENSHOT = Path("/tmp/serve_out_of_scope_screenshot.png")
+IN_SCOPE_SCREENSHOT = Path("/tmp/serve_in_scope_screenshot.png")
 
 
 def keep_copy(shot: Path, copy: Path) -> None:
@@ -67,7 +70,7 @@ def browser():
         b.close()
 
 
-def test_page_predicts_and_shows_heatmap(live_url, browser, tmp_path):
+def test_page_predicts_and_shows_heatmap(live_url, browser, tiny_run, tmp_path):
     xray = real_xray() or write_image(tmp_path / "phantom.png", seed=7, size=(320, 288))
     page = browser.new_page(viewport={"width": 1200, "height": 1000})
     requests = []
@@ -83,9 +86,17 @@ def test_page_predicts_and_shows_heatmap(live_url, browser, tmp_path):
     page.wait_for_selector("#heatmap[src^='data:image/png;base64,']", state="visible", timeout=60_000)
     label = page.locator("#result-label").inner_text()
     prob = page.locator("#result-prob").inner_text()
-    assert label in ("normal", "covid")
+    assert label in ("normal", "covid", "out of scope")  # a real X-ray is out of scope for the phantom model
     assert "P(covid) =" in prob and "%" in prob
     assert "(decision rule: P(covid) >= " in prob and "1.00" not in prob.split("decision rule")[1]
+    why = page.locator("#result-why").inner_text()
+    decided = why.removeprefix("out of scope: ").split("had it been in scope: ")[-1]
+    assert decided.startswith(("normal: P(covid) ", "covid: P(covid) ")) and "the decision threshold" in decided
+    assert why.startswith("out of scope: ") == (label == "out of scope")
+    tick = page.locator("#probs .tick")  # one threshold mark, on the covid bar, where the threshold is
+    assert tick.count() == 1 and "decision threshold" in tick.get_attribute("title")
+    left = float(tick.get_attribute("style").split("left:")[1].split("%")[0])
+    assert left == pytest.approx(100 * read_checkpoint(tiny_run / "best.pt").meta.threshold, abs=0.006)  # toFixed(2)
     assert page.locator("#error").is_hidden()
     assert page.locator("#preview").is_visible()
     assert page.evaluate("document.getElementById('heatmap').naturalWidth") > 100  # the PNG decoded
@@ -129,14 +140,26 @@ def test_page_warns_about_out_of_scope_images(live_url, browser, tiny_run, tmp_p
     page.set_input_files("#file", str(phantom))
     expect(page.locator("#status")).to_have_text(f"Done: {phantom.name}", timeout=30_000)
     assert page.locator("#result").is_visible() and page.locator("#scope-warning").is_hidden()
+    assert page.locator("#result-label").inner_text() in ("normal", "covid")
+    assert "out-of-scope" not in (page.locator("#result").get_attribute("class") or "")
+    shot = tmp_path / "in_scope.png"
+    page.screenshot(path=str(shot), full_page=True)
+    keep_copy(shot, IN_SCOPE_SCREENSHOT)
     texture = write_image(tmp_path / "texture.png", seed=4, size=(72, 64))
     page.set_input_files("#file", str(texture))
     expect(page.locator("#status")).to_have_text("Done: texture.png", timeout=30_000)
     warning = page.locator("#scope-warning")
     assert warning.is_visible() and warning.inner_text().startswith("Out of scope: ")
     assert "not meaningful" in warning.inner_text()
-    assert page.locator("#result-label").inner_text() in ("normal", "covid")
+    # no bold class label for it: 'out of scope', the probabilities greyed but still there
+    assert page.locator("#result-label").inner_text() == "out of scope"
+    assert "out-of-scope" in page.locator("#result").get_attribute("class")
+    assert page.locator("#result-why").inner_text().startswith("out of scope: ")
+    assert "P(covid) = " in page.locator("#result-prob").inner_text() and page.locator("#probs tr").count() == 2
     assert DISCLAIMER_TEXT in page.locator("#banner").inner_text()
+    shot = tmp_path / "out_of_scope.png"
+    page.screenshot(path=str(shot), full_page=True)
+    keep_copy(shot, OUT_OF_SCOPE_SCREENSHOT)
     page.close()
 
 

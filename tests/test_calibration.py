@@ -366,3 +366,33 @@ def test_reliability_diagram_errors(tmp_path):
     with pytest.raises(CalibrationError, match="mode must be"):
         reliability_diagram_png(probs, np.array([0, 1, 2]), tmp_path / "x.png", "t", mode="bottom")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_threshold_is_explained_in_plain_words_for_every_rule():
+    from covid_cxr.model.meta import Calibration
+
+    sens = _meta(threshold_log_odds=-1.0, calibration=Calibration(threshold_rule="sensitivity", target_sensitivity=0.95))
+    assert sens.threshold_reason() == "set to catch 95 % of covid cases on validation"
+    text = sens.explain_decision({"normal": 0.67, "covid": 0.33}, "covid")
+    assert text == ("covid: P(covid) 0.330 is at or above the decision threshold 0.269, which was set to catch 95 % of "
+                    "covid cases on validation")
+    assert sens.explain_decision({"normal": 0.9, "covid": 0.1}, "normal").startswith("normal: P(covid) 0.100 is below")
+    t = sens.threshold  # a probability just below the threshold never reads as equal to it or above it
+    close = sens.explain_decision({"normal": 1 - (t - 2e-5), "covid": t - 2e-5}, "normal")
+    p_text, t_text = close.split("P(covid) ")[1].split(" is below the decision threshold ")
+    t_text = t_text.split(",")[0]
+    assert p_text != t_text and float(p_text) < float(t_text)
+    out = sens.explain_decision({"normal": 0.067, "covid": 0.933}, "covid", in_scope=False)
+    assert out.startswith("out of scope: ") and "P(covid) 0.933" in out
+    sep = Calibration(threshold_rule="sensitivity", target_sensitivity=0.9, warnings=("validation separates the "
+                                                                                      "classes completely (…)",))
+    assert "midway between them" in _meta(calibration=sep).threshold_reason()
+    youden = _meta(calibration=Calibration(threshold_rule="youden"))
+    assert "Youden" in youden.threshold_reason() and ", which was set on validation" in youden.explain_decision(
+        {"normal": 0.5, "covid": 0.5}, "covid")
+    plain = _meta()
+    assert plain.threshold_reason().startswith("the default 0.5")
+    assert "(the default 0.5" in plain.explain_decision({"normal": 0.5, "covid": 0.5}, "covid")
+    three = _meta(labels=("normal", "covid", "other"), positive=None)
+    assert three.explain_decision({"normal": 0.2, "covid": 0.7, "other": 0.1}, "covid") == (
+        "covid: the largest probability (0.70)")

@@ -155,3 +155,63 @@ def test_onnx_backend_and_heatmaps(tiny_run, images, tmp_path):
     assert all(r["heatmap_png"] for r in o)
     with pytest.raises(CovidCxrError, match="export the model first"):
         predict.run(PredictConfig(run=str(tiny_run.parent), inputs=(str(folder),), backend="onnx"))
+
+
+def test_auto_format_is_a_table_for_a_person_and_csv_or_json_for_a_program(tiny_run):
+    cfg = PredictConfig(run="r", inputs=("x",))
+    assert cfg.format == "auto"
+    assert predict.output_format(cfg, terminal=True) == "table"
+    assert predict.output_format(cfg, terminal=False) == "csv"
+    assert predict.output_format(PredictConfig(run="r", inputs=("x",), out="p.csv"), terminal=True) == "csv"
+    assert predict.output_format(PredictConfig(run="r", inputs=("x",), out="p.JSON"), terminal=True) == "json"
+    assert predict.output_format(PredictConfig(run="r", inputs=("x",), format="csv"), terminal=True) == "csv"
+
+
+def test_the_table_names_each_decision_and_sums_up(tiny_run, images):
+    """On a terminal: short paths, the decision or 'out of scope' (probability in brackets), the unreadable file
+    with its reason, a summary whose counts add up, and the threshold in plain words."""
+    folder, paths = images
+    bad = folder / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    res = predict.run(PredictConfig(run=str(tiny_run), inputs=(str(folder),), skip_unreadable=True, format="table"))
+    csv = predict.run(PredictConfig(run=str(tiny_run), inputs=(str(folder),), skip_unreadable=True, format="csv"))
+    df = pd.read_csv(io.StringIO(csv["text"]), keep_default_na=False)
+    meta = read_checkpoint(tiny_run / "best.pt").meta
+    lines = res["text"].splitlines()
+    assert lines[0].split() == ["image", "decision", "P(covid)", "scope", "score"]
+    body = {line.split()[0]: line for line in lines[1:5]}
+    assert set(body) == {"a.png", "sub/b.JPG", "sub/c.jpeg", "broken.png"}
+    assert "unreadable" in body["broken.png"]
+    for _, r in df[df["error"] == ""].iterrows():
+        name = str(pd.Series([r["path"]]).iloc[0]).removeprefix(str(folder) + "/")
+        words = body[name].split()
+        if r["in_scope"] == "False":
+            assert words[1:4] == ["out", "of", "scope"] and words[4].startswith("(")
+        else:
+            assert words[1] == r["predicted_label"]
+    n_covid = int((df["predicted_label"] == "covid").sum())
+    n_normal = int((df["predicted_label"] == "normal").sum())
+    assert n_covid + n_normal == 3
+    assert f"4 images: {n_normal} normal, {n_covid} covid" in res["text"] and "1 unreadable" in res["text"]
+    assert res["summary"] in res["text"] and csv["summary"] == res["summary"]
+    assert meta.threshold_reason() in res["text"]
+
+
+def test_every_prediction_explains_its_decision(tiny_run, images):
+    """The API's Prediction carries the sentence the web page and the table show: P(covid) against the threshold
+    and how the threshold was chosen; an out-of-scope image says so first."""
+    from covid_cxr.deploy.api import load_run
+
+    _, paths = images
+    model = load_run(str(tiny_run))
+    meta = model.meta
+    for pred in model.predict([str(p) for p in paths]):
+        side = "at or above" if pred.label == "covid" else "below"
+        head = f"{pred.label}: P(covid) "
+        assert head in pred.explanation and meta.threshold_reason() in pred.explanation
+        p_text, t_text = pred.explanation.split(head)[1].split(",")[0].split(f" is {side} the decision threshold ")
+        for text, value in ((p_text, pred.probability), (t_text, meta.threshold)):  # rounded, never misleading
+            assert abs(float(text) - value) <= 0.5 * 10.0 ** -len(text.split(".")[1]) + 1e-12
+        assert (float(p_text) >= float(t_text)) == (pred.label == "covid") or p_text == t_text
+        assert pred.explanation.startswith("out of scope: ") == (pred.in_scope is False)
+        assert str(pred) == f"{pred.source}: {pred.explanation}"

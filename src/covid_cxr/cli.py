@@ -139,9 +139,13 @@ def _print_with(module: str, fn: str = "format_summary") -> Callable[[Any, Any],
 
 def _print_predict(result: dict, cfg) -> None:
     if result["text"] is not None:
-        sys.stdout.write(result["text"])
+        sys.stdout.write(printable(result["text"]) if result.get("format") == "table" else result["text"])
     else:
         print(printable(f"wrote {result['images']} predictions to {result['out']}"), file=sys.stderr)
+    if result.get("format") == "table":  # the table ends with the summary and the decision rule
+        print(DISCLAIMER, file=sys.stderr)
+        return
+    print(printable(result["summary"]), file=sys.stderr)
     if result["unreadable"]:
         print(f"{result['unreadable']} unreadable files: see their 'error' column", file=sys.stderr)
     if result["out_of_scope"]:

@@ -93,8 +93,8 @@ def run(cfg: DemoConfig) -> dict:
     ds = read_dataset(data_cfg.out)
     sample = ds.rows("test")["path"].head(8).tolist()
     pred_out = out / "predictions.csv"
-    predict.run(PredictConfig(run=train_cfg.out, inputs=tuple(sample), out=str(pred_out), progress=False))
-    print(f"[5/6] predicted {len(sample)} test phantoms -> {pred_out}")
+    pred = predict.run(PredictConfig(run=train_cfg.out, inputs=tuple(sample), out=str(pred_out), progress=False))
+    print(f"[5/6] predicted {len(sample)} test phantoms -> {pred_out} ({pred['summary']})")
     audited = audit.run(AuditConfig(run=train_cfg.out, split="test", bootstrap=200, seed=cfg.seed))
     page = report.run(ReportConfig(run=train_cfg.out, split="test"))
     print("[6/6] shortcut audit: " + " ".join(audited["verdicts"][:2]))

@@ -22,8 +22,9 @@ class PredictConfig(CommandOptions):
     """Run folder, checkpoint file, or (with --backend onnx) an .onnx file."""
     out: str | None = None
     """Output file; default: print to standard output."""
-    format: Literal["csv", "json"] = "csv"
-    """Output format."""
+    format: Literal["auto", "table", "csv", "json"] = "auto"
+    """Output format; auto: a readable table on a terminal, CSV in a pipe or file (JSON for an --out ending in
+    .json)."""
     skip_unreadable: bool = False
     """Write a row with the reason for an unreadable file instead of stopping."""
     checkpoint: Checkpoint = "best"

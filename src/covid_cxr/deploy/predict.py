@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import sys
 from pathlib import Path
+from typing import Sequence
 
 from covid_cxr import DISCLAIMER
 from covid_cxr.deploy.api import load_run
 from covid_cxr.deploy.options import PredictConfig
 from covid_cxr.files import atomic_write, to_json
 from covid_cxr.imaging.images import list_images
+from covid_cxr.model.meta import format_probability
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,61 @@ def _csv(rows: list[dict]) -> str:
         for r in rows:
             writer.writerow({k: "" if v is None else v for k, v in r.items()})
     return buf.getvalue()
+
+
+def output_format(cfg: PredictConfig, terminal: bool) -> str:
+    """``cfg.format``, with ``auto`` resolved: a table for a person at a terminal, CSV for a pipe or file (JSON for
+    an --out ending in .json)."""
+    if cfg.format != "auto":
+        return cfg.format
+    if cfg.out:
+        return "json" if Path(cfg.out).suffix.lower() == ".json" else "csv"
+    return "table" if terminal else "csv"
+
+
+def summary_line(rows: list[dict], labels: Sequence[str]) -> str:
+    """``7 images: 5 covid, 2 normal; 2 of them out of scope; 1 unreadable``."""
+    decided = [r for r in rows if not r["error"]]
+    counts = ", ".join(f"{sum(1 for r in decided if r['predicted_label'] == lab)} {lab}" for lab in labels)
+    text = f"{len(rows)} image{'s' if len(rows) != 1 else ''}: {counts}"
+    out = sum(1 for r in decided if r.get("in_scope") is False)
+    if out:
+        text += f"; {out} of them out of scope (their decision is not meaningful)"
+    if len(decided) < len(rows):
+        text += f"; {len(rows) - len(decided)} unreadable"
+    return text
+
+
+def format_table(rows: list[dict], meta) -> str:
+    """The predictions as a person reads them: one line per image (shortest distinct path, the decision, or 'out of
+    scope' with the probability in brackets, the scope score), then the summary and the decision rule in words."""
+    shown = meta.positive if meta.binary else None
+    names = [r["path"] for r in rows]
+    base = Path(os.path.commonpath(names)) if len(names) > 1 else Path(names[0]).parent if names else Path(".")
+    if len(names) > 1 and base in {Path(n) for n in names}:
+        base = base.parent
+    head = ["image", "decision", f"P({shown})" if shown else "P(decision)", "scope score"]
+    table = []
+    for r in rows:
+        name = os.path.relpath(r["path"], base) if names else r["path"]
+        if r["error"]:
+            table.append([name, "unreadable", "-", r["error"]])
+            continue
+        p = r[f"prob_{shown}"] if shown else r[f"prob_{r['predicted_label']}"]
+        score = "-" if r.get("scope_score") is None else f"{r['scope_score']:.3g}"
+        if r.get("in_scope") is False:
+            table.append([name, "out of scope", f"({format_probability(p)})",
+                          f"{score} > {meta.gate.threshold:.3g}"])
+        else:
+            table.append([name, r["predicted_label"], format_probability(p), score])
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *table]]
+    rule = (f"decision: {meta.positive} when P({meta.positive}) >= {format_probability(meta.threshold, min_digits=3)}"
+            f", a threshold {meta.threshold_reason()}" if meta.binary and meta.threshold_reason().startswith("set")
+            else f"decision: {meta.threshold_text()} ({meta.threshold_reason()})")
+    scope = (f"; out of scope: a scope score above {meta.gate.threshold:.3g} (unlike the training chest X-rays)"
+             if meta.gate else "")
+    return "\n".join(lines + ["", summary_line(rows, meta.labels), rule + scope]) + "\n"
 
 
 def run(cfg: PredictConfig) -> dict:
@@ -47,10 +106,14 @@ def run(cfg: PredictConfig) -> dict:
         for r in rows:
             r["heatmap_png"] = by_path.get(r["path"], "")
     meta = predictor.meta
-    if cfg.format == "json":
+    fmt = output_format(cfg, sys.stdout.isatty())
+    if fmt == "table":
+        text = format_table(rows, meta)
+    elif fmt == "json":
         text = to_json({"disclaimer": DISCLAIMER, "model": str(predictor.source), "backend": cfg.backend,
                         "labels": list(meta.labels), "positive_class": meta.positive,
                         "threshold": meta.threshold, "threshold_text": meta.threshold_text(),
+                        "threshold_reason": meta.threshold_reason(),
                         "out_of_scope_gate": meta.gate.to_dict() if meta.gate else None,
                         "predictions": rows})
     else:
@@ -59,5 +122,5 @@ def run(cfg: PredictConfig) -> dict:
         atomic_write(Path(cfg.out), text)
     return {"images": len(rows), "unreadable": sum(1 for r in rows if r["error"]),
             "out_of_scope": sum(1 for r in rows if r.get("in_scope") is False), "out": cfg.out,
-            "text": None if cfg.out else text}
+            "text": None if cfg.out else text, "format": fmt, "summary": summary_line(rows, meta.labels)}
 

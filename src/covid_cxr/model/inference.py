@@ -117,7 +117,7 @@ class Predictor:
 
     def results(self, out: Outputs) -> list[dict]:
         """One result per image: ``probabilities``, ``label``, ``log_odds`` (two classes), ``in_scope``,
-        ``scope_score``."""
+        ``scope_score`` and ``explanation`` (the decision in one sentence)."""
         lp = self.meta.log_probs(out.logits)
         probs = np.exp(lp)
         decided = self.meta.decide(lp)
@@ -131,6 +131,7 @@ class Predictor:
             if out.scope is not None and self.meta.gate is not None:
                 row["scope_score"] = float(out.scope[i])
                 row["in_scope"] = bool(out.scope[i] <= self.meta.gate.threshold)
+            row["explanation"] = self.meta.explain_decision(row["probabilities"], row["label"], row["in_scope"])
             rows.append(row)
         return rows
 
@@ -249,7 +250,7 @@ class Predictor:
         return Prediction(source=name, probabilities=res["probabilities"], label=res["label"],
                           threshold=meta.threshold, threshold_text=meta.threshold_text(),
                           positive_class=meta.positive, log_odds=res["log_odds"], in_scope=res["in_scope"],
-                          scope_score=res["scope_score"])
+                          scope_score=res["scope_score"], explanation=res["explanation"])
 
     def explain(self, images_or_paths: Any, target: str | int | None = None, out_dir: str | Path | None = None,
                 layer: str | None = None, progress: bool = False) -> list[Explanation]:

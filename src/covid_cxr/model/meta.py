@@ -83,6 +83,16 @@ def format_probability(p: float | None, min_digits: int = 2) -> str:
     return f"{p:.{digits}f}"
 
 
+def _apart(p: float, threshold: float) -> tuple[str, str]:
+    """``p`` and the threshold with enough digits (at least 3) that a value below the threshold never reads as equal
+    to or above it: 0.487 vs 0.488, not 0.49 vs 0.488."""
+    for digits in range(3, 10):
+        a, b = format_probability(p, min_digits=digits), format_probability(threshold, min_digits=digits)
+        if a != b or p == threshold:
+            return a, b
+    return a, b
+
+
 # ----------------------------------------------------------------------------- typed parts
 
 @dataclass(frozen=True)
@@ -283,6 +293,37 @@ class ModelMeta:
         if not self.binary:
             return "argmax (largest probability)"
         return f"P({self.positive}) >= {format_probability(self.threshold, min_digits=3)}"
+
+    def threshold_reason(self) -> str:
+        """How the threshold was chosen, in plain words: ``set to catch 95 % of covid cases on validation``."""
+        cal = self.calibration
+        if not self.binary:
+            return "the class with the largest probability is the decision"
+        rule = cal.threshold_rule if cal else "default 0.5"
+        separated = bool(cal) and any("separates the classes" in w for w in cal.warnings)
+        if rule == "sensitivity" and cal.target_sensitivity is not None:
+            text = f"set to catch {100 * cal.target_sensitivity:g} % of {self.positive} cases on validation"
+        elif rule == "youden":
+            text = "set on validation to balance sensitivity and specificity (Youden's J)"
+        else:
+            return "the default 0.5: no threshold was chosen on validation"
+        return text + (" (validation separated the classes, so it lies midway between them)" if separated else "")
+
+    def explain_decision(self, probabilities: dict[str, float], label: str, in_scope: bool | None = None) -> str:
+        """The decision in one sentence, e.g. ``covid: P(covid) 0.33 is above the decision threshold 0.237, which
+        was set to catch 95 % of covid cases on validation``; an out-of-scope image says that first."""
+        if self.binary:
+            p, t, reason = probabilities[self.positive], self.threshold, self.threshold_reason()
+            side = "at or above" if label == self.positive else "below"
+            p_text, t_text = _apart(p, t)
+            text = (f"{label}: P({self.positive}) {p_text} is {side} the decision threshold {t_text}"
+                    + (f", which was {reason}" if reason.startswith("set") else f" ({reason})"))
+        else:
+            text = f"{label}: the largest probability ({format_probability(probabilities[label])})"
+        if in_scope is False:
+            return ("out of scope: this image is unlike the chest X-rays the model was trained on, so its output is "
+                    f"not meaningful (had it been in scope: {text})")
+        return text
 
     def log_probs(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated log-probabilities (float64) of raw logits."""

@@ -59,6 +59,9 @@ class Prediction:
     when the model has no out-of-scope gate."""
     scope_score: float | None
     """The gate's distance (larger: less like the training images)."""
+    explanation: str = ""
+    """The decision in one sentence: the probability against the threshold, and how the threshold was chosen
+    (``out of scope: ...`` first when the gate flags the image)."""
 
     @property
     def probability(self) -> float | None:
@@ -69,6 +72,8 @@ class Prediction:
         return asdict(self)
 
     def __str__(self) -> str:
+        if self.explanation:
+            return f"{self.source}: {self.explanation}"
         if self.positive_class is not None:
             what = (f"{self.label} (P({self.positive_class}) {format_probability(self.probability)}; decision at "
                     f"{self.threshold_text})")

@@ -91,6 +91,10 @@ class Prediction(BaseModel):
     in_scope: bool | None = Field(None, description="False: the image is unlike the training images (flagged)")
     scope_score: float | None = Field(None, description="out-of-scope distance (higher: less like training)")
     scope_warning: str | None = None
+    explanation: str = Field(description="the decision in one sentence: P(positive) against the threshold and how "
+                                         "the threshold was chosen; 'out of scope: ...' first when flagged")
+    threshold_reason: str = Field(description="how the threshold was chosen, e.g. 'set to catch 95 % of covid "
+                                              "cases on validation'")
     model: ModelInfo
     disclaimer: str
     image: ImageInfo

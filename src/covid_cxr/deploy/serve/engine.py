@@ -302,6 +302,7 @@ class Engine:
                   "threshold": self.meta.threshold if self.meta.binary else None,
                   "threshold_text": self.meta.threshold_text(), "positive_class": self.positive_class,
                   "in_scope": res["in_scope"], "scope_score": res["scope_score"],
+                  "explanation": res["explanation"], "threshold_reason": self.meta.threshold_reason(),
                   "model": self.model_info(), "disclaimer": DISCLAIMER,
                   "image": {"width": int(image.shape[1]), "height": int(image.shape[0])}}
         if res["in_scope"] is False:
