@@ -140,6 +140,9 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, max_iter: int = 200
 
 # ----------------------------------------------------------------------------- calibration error
 
+ECE_BINS = 15
+"""Equal-width bins of the one ECE covid-cxr reports (top-label), in text, JSON and plots."""
+
 def _reliability(conf: np.ndarray, hit: np.ndarray, n_bins: int) -> dict:
     """ECE and bins of (confidence, outcome) pairs; bins are (lo, hi], the first also holds 0."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -157,7 +160,7 @@ def _reliability(conf: np.ndarray, hit: np.ndarray, n_bins: int) -> dict:
     return {"ece": float(ece), "bins": bins}
 
 
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: int = 15) -> dict:
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: int = ECE_BINS) -> dict:
     """Expected calibration error over equal-width bins of the top-label confidence.
 
     ECE = sum over bins of (bin count / N) * |accuracy - mean confidence|. Empty bins carry
@@ -170,8 +173,9 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
 
     Returns:
         ``{"ece", "n_bins", "bins": [{"lo", "hi", "count", "confidence", "accuracy"}, ...]}``; for
-        K = 2 also ``"positive"``: the same for P(class 1) against the observed fraction of class 1
-        (the reliability of the score the operating threshold is applied to).
+        K = 2 also ``"positive": {"bins"}``: P(class 1) against the observed fraction of class 1 (the
+        reliability of the score the operating threshold is applied to), for plots. It carries no second ECE:
+        ``ece`` (top-label) is the one calibration error covid-cxr reports, in text, JSON and plots alike.
 
     Raises:
         CalibrationError: bad shapes, rows not summing to 1, targets outside 0..K-1, n_bins < 1.
@@ -181,13 +185,13 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
         raise CalibrationError(f"n_bins must be a positive integer, got {n_bins}")
     top = _reliability(p.max(1), (p.argmax(1) == y).astype(float), int(n_bins))
     out = {"ece": top["ece"], "n_bins": int(n_bins), "bins": top["bins"]}
-    if p.shape[1] == 2:
-        out["positive"] = _reliability(p[:, 1], (y == 1).astype(float), int(n_bins))
+    if p.shape[1] == 2:  # bins only: the one ECE covid-cxr reports is the top-label one above
+        out["positive"] = {"bins": _reliability(p[:, 1], (y == 1).astype(float), int(n_bins))["bins"]}
     return out
 
 
 def reliability_diagram_png(probs: np.ndarray, targets: np.ndarray, path: Path, title: str,
-                            probs_before: np.ndarray | None = None, n_bins: int = 15,
+                            probs_before: np.ndarray | None = None, n_bins: int = ECE_BINS,
                             mode: str = "top_label") -> None:
     """Reliability diagram: per-bin accuracy against mean confidence, the diagonal, bin counts below.
 
@@ -211,14 +215,16 @@ def reliability_diagram_png(probs: np.ndarray, targets: np.ndarray, path: Path, 
     ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1, label="perfect calibration")
     eces = []
     for name, pr, color, style in series:
-        rel = expected_calibration_error(pr, targets, n_bins)
+        full_rel = expected_calibration_error(pr, targets, n_bins)
+        rel = full_rel
         if mode == "positive":
-            if "positive" not in rel:
+            if "positive" not in full_rel:
                 raise CalibrationError("mode='positive' needs two classes; use mode='top_label'")
-            rel = rel["positive"]
+            rel = full_rel["positive"]
         full = [b for b in rel["bins"] if b["count"]]
+        ece = full_rel["ece"]  # the one definition (top-label), whatever the points show
         ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], color=color, linestyle=style,
-                marker="o", markersize=4, label=f"{name} (ECE {rel['ece']:.3f})")
+                marker="o", markersize=4, label=f"{name} (ECE {ece:.3f})")
         lo = np.array([b["lo"] for b in rel["bins"]])
         counts = np.array([b["count"] for b in rel["bins"]])
         if style == "-":
@@ -226,11 +232,11 @@ def reliability_diagram_png(probs: np.ndarray, targets: np.ndarray, path: Path, 
         else:  # outline only, so the scaled counts stay visible behind it
             axh.bar(lo, counts, width=1.0 / n_bins, align="edge", fill=False, edgecolor=color, linestyle=style,
                     label=name)
-        eces.append(f"{rel['ece']:.3f}")
+        eces.append(f"{ece:.3f}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed fraction of class 1" if mode == "positive" else "accuracy")
-    ax.set_title(f"{title}\nECE {' -> '.join(eces)} ({n_bins} bins, {len(targets)} images)", fontsize=9)
+    ax.set_title(f"{title}\nECE (top-label) {' -> '.join(eces)} ({n_bins} bins, {len(targets)} images)", fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     axh.set_xlabel("predicted P(class 1)" if mode == "positive" else "confidence (probability of the predicted class)")
     axh.set_ylabel("images")

@@ -15,7 +15,7 @@ import pandas as pd
 
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.data.card import class_distribution_png, samples_png
-from covid_cxr.evaluation.calibration import expected_calibration_error, reliability_diagram_png
+from covid_cxr.evaluation.calibration import ECE_BINS, expected_calibration_error, reliability_diagram_png
 from covid_cxr.evaluation.metrics import (MIN_PER_CLASS, bootstrap_ci, breakdown, confusion, headline_metrics,
                                           per_class_report, with_ci)
 from covid_cxr.evaluation.options import EvalConfig
@@ -202,7 +202,7 @@ def format_summary(result: dict) -> str:
                      f"specificity {half['specificity']:.3f}, accuracy {half['accuracy']:.3f}")
     cal = result.get("calibration")
     if cal:
-        lines.append(f"calibration: temperature {cal['temperature']:.3g} ({cal['status']}), ECE {cal['ece']:.3f}")
+        lines.append(f"calibration: temperature {cal['temperature']:.3g} ({cal['status']}), ECE (top-label, {ECE_BINS} bins) {cal['ece']:.3f}")
         lines += [f"WARNING: {w}" for w in cal.get("warnings", [])]
     lines += format_breakdown("source", result.get("by_source", {}))
     lines += format_breakdown("view", result.get("by_view", {}))

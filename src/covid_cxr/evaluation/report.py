@@ -19,6 +19,7 @@ import pandas as pd
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.config import UNLEARNED_OPTIONS
 from covid_cxr.errors import CovidCxrError
+from covid_cxr.evaluation.calibration import ECE_BINS
 from covid_cxr.evaluation.evaluate import STUDY_BASELINE
 from covid_cxr.evaluation.metrics import with_ci
 from covid_cxr.evaluation.options import AuditConfig, EvalConfig, ReportConfig
@@ -202,7 +203,8 @@ def _metrics_section(m: dict) -> str:
             f"{_esc(p['confidence_intervals'])}.</p>"
             f"<p>Decision rule: <b>{_esc(m['threshold_text'])}</b>, chosen as {_esc(rule.get(op.get('rule'), op.get('rule')))}. "
             f"Probabilities are calibrated with temperature {_fmt(cal.get('temperature'))} ({_esc(cal.get('status', ''))}); "
-            f"expected calibration error on this split {_fmt(cal.get('ece'))}.</p>"
+            f"expected calibration error (ECE, top-label, {ECE_BINS} bins: the number in the reliability plot's "
+            f"legend) on this split {_fmt(cal.get('ece'))}.</p>"
             + _table(["measure", "at the decision rule", "95% confidence interval (patients resampled)",
                       f"at P({m.get('positive_class')}) ≥ 0.5"], rows))
 
