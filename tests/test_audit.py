@@ -50,7 +50,7 @@ def test_border_mask_and_black_out():
         audit.black_out(images, keep[:10])
 
 
-def test_source_probe_separable_vs_random():
+def test_source_probe_separable_vs_random(caplog):
     rng = np.random.default_rng(0)
     n = 240
     sources = np.array(["a", "b"])[rng.integers(0, 2, n)]
@@ -59,7 +59,10 @@ def test_source_probe_separable_vs_random():
     noise = rng.normal(size=(n, 16))
     separable = noise.copy()
     separable[:, 3] += np.where(sources == "b", 4.0, 0.0)
-    good = audit.source_probe(separable, sources, groups)
+    with caplog.at_level("INFO", logger="covid_cxr.evaluation.audit"):
+        good = audit.source_probe(separable, sources, groups)
+    said = [r.getMessage() for r in caplog.records]  # no silent stage: the probe says what it does, fold by fold
+    assert "tell 2 sources apart" in said[0] and [m for m in said if "fold" in m][-1].endswith("fold 5/5")
     bad = audit.source_probe(noise, sources, groups)
     assert not good["skipped"] and good["folds"] == 5 and good["n"] == n
     assert good["accuracy"] >= 0.95 and good["chance"] < 0.6

@@ -206,3 +206,12 @@ def test_a_source_name_that_climbs_out_is_refused_before_anything_is_written(two
         crossval.fold_dir(out, "..")
     assert [is_plain_name(n) for n in ("cohen", "hospital-a", "a.b_c", ".", "..", "a/b", "", "x" * 129, "é")] == \
         [True, True, True, False, False, False, False, False, False]
+
+
+def test_fold_counter_eta_from_the_folds_timed_so_far():
+    from covid_cxr.training.crossval import eta_text
+
+    assert eta_text([], 5) == ""  # nothing timed yet: no guess
+    assert eta_text([100.0], 4) == "; 1 fold took 1 min 40 s, about 6 min 40 s left"
+    assert eta_text([30.0, 50.0], 1) == "; 2 folds took 1 min 20 s, about 40 s left"
+    assert eta_text([3000.0, 3600.0], 3) == "; 2 folds took 1 h 50 min, about 2 h 45 min left"

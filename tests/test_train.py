@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -137,9 +138,12 @@ def test_a_locked_run_folder_is_refused(small_dataset, tmp_path):
         pass
 
 
-def test_run_outputs_describe_themselves(small_dataset, tmp_path):
+def test_run_outputs_describe_themselves(small_dataset, tmp_path, caplog):
     out = tmp_path / "run"
-    summary = train_mod.run(_cfg(small_dataset, out, epochs=2))
+    with caplog.at_level(logging.INFO, logger="covid_cxr.training.train"):
+        summary = train_mod.run(_cfg(small_dataset, out, epochs=2))
+    steps = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("finalize ")]
+    assert steps == [f"finalize {k}/4" for k in range(1, 5)]  # no silent stage after the last epoch
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["image_size"] == 32 and cfg["lr"] == pytest.approx(1e-3) and cfg["labels"] == ["normal", "covid"]
     assert cfg["positive"] == "covid" and cfg["preprocess"]["size"] == 32

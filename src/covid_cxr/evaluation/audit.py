@@ -135,7 +135,10 @@ def source_probe(features: np.ndarray, sources: np.ndarray, groups: np.ndarray,
                 "sources": per_source}
     k = min(folds, n_groups)
     pred = np.empty(len(sources), dtype=object)
-    for train, test in GroupKFold(n_splits=k).split(features, sources, groups):
+    log.info("audit: source probe: can the model's features tell %d sources apart? (logistic regression, %d folds "
+             "that keep each patient's images together)", len(names), k)
+    for i, (train, test) in enumerate(GroupKFold(n_splits=k).split(features, sources, groups), 1):
+        log.info("audit: source probe fold %d/%d", i, k)
         seen = np.unique(sources[train])
         if len(seen) < 2:  # a fold whose training part has one source can only guess that source
             pred[test] = seen[0]
@@ -157,6 +160,8 @@ def per_source_metrics(sources: np.ndarray, targets: np.ndarray, lp: np.ndarray,
     """One row per source: n, images per class, and the source's metrics at the model's threshold with their CIs
     and a "too few to judge" flag (:func:`covid_cxr.evaluation.evaluate.breakdown`, the one subgroup rule)."""
     rows = []
+    log.info("audit: metrics for each of %d sources%s", len(np.unique(sources)),
+             f" with {n_resamples} patient bootstrap resamples each" if n_resamples else "")
     table = breakdown(sources, targets, lp, pred, meta, groups, n_resamples, seed)
     for src in sorted(np.unique(sources)):
         idx = np.flatnonzero(sources == src)

@@ -382,9 +382,12 @@ def finalize(run_dir: RunDir, cfg: TrainConfig, rt: Runtime, train_px: np.ndarra
     model = model_from_checkpoint(ckpt, rt.device)
     meta = ckpt.meta
     spec, synthetic = meta.preprocess, bool(meta.data and meta.data.synthetic)
+    log.info("finalize 1/4: features of the %d training images (what the out-of-scope gate learns)", len(train_px))
     train_out = forward_pixels(model, train_px, spec, rt.device, cfg.batch_size, features=True)
+    log.info("finalize 2/4: logits and features of the %d validation images", len(val_px))
     val_out = forward_pixels(model, val_px, spec, rt.device, cfg.batch_size, features=True) if len(val_px) else None
     doc: dict = {"split": "val", "n": int(len(val_px))}
+    log.info("finalize 3/4: temperature and operating threshold (%s)", cfg.threshold_rule)
     if val_out is not None:
         cal, threshold_lo, plot = calibrate(val_out.logits, val_y, meta.positive_index if meta.binary else None,
                                             cfg.threshold_rule, cfg.target_sensitivity)
@@ -396,6 +399,7 @@ def finalize(run_dir: RunDir, cfg: TrainConfig, rt: Runtime, train_px: np.ndarra
 
         cal, threshold_lo = Calibration(warnings=("no validation split: the temperature (1) and threshold (0.5) were "
                                                   "not fitted",)), 0.0
+    log.info("finalize 4/4: the out-of-scope gate (distances to the training images' features)")
     gate_module, gate_info, gate_summary = fit_gate(train_out.features, train_out.views, train_y,
                                                     None if val_out is None else val_out.features,
                                                     None if val_out is None else val_out.views, cfg.gate_quantile)
