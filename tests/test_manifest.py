@@ -270,6 +270,19 @@ def test_build_writes_all_files(mixed_build) -> None:
     dropped = pd.read_csv(out / "dropped.csv", keep_default_na=False)
     assert list(dropped.columns) == ["source", "item", "reason"]
     assert report["not_used_total"] == len(dropped)
+    # the per-source columns add up: everything a source offered is either in the manifest or listed as not used
+    from covid_cxr.data.manifest import format_report
+
+    for name, s in report["sources"].items():
+        assert s["found"] == s["not_used_total"] + s["in_manifest"], name
+        assert s["not_used_total"] == int((dropped["source"] == name).sum()) == sum(s["not_used"].values())
+        assert s["in_manifest"] == int((df["source"] == name).sum())
+    assert sum(s["not_used_total"] for s in report["sources"].values()) == report["not_used_total"]
+    table = format_report(report, out).splitlines()
+    assert table[1].split()[:5] == ["source", "found", "not", "used", "in"]
+    for line in table[2:2 + len(report["sources"])]:
+        found, not_used, kept = map(int, line.split()[1:4])
+        assert found == not_used + kept, line
 
 
 def test_build_manifest_content(mixed_build, mixed_sources) -> None:

@@ -502,7 +502,6 @@ def test_augmentation_on_the_device_is_independent_of_loader_workers(small_datas
     """--augment-on device (tested here on the CPU device): loader workers only hand over pixels, the batch is
     augmented in the training process; 0 and 2 workers give bit-identical weights, and the weights differ from
     augmentation in the workers (another implementation of the same draws)."""
-    import logging
 
     monkeypatch.setattr(train_mod, "finalize", lambda *args, **kwargs: {})
     caplog.set_level(logging.INFO, logger="covid_cxr.training.train")

@@ -119,8 +119,9 @@ def render_card(df: pd.DataFrame, report: dict) -> str:
     if report["warnings"]:
         parts += ["## Warnings", ""] + [f"- **{w}**" for w in report["warnings"]] + [""]
     parts += ["## Sources", "", _md_table(
-        ["source", "images read", "in manifest", "labels in manifest", "views", "notes"],
-        [[name, s["images_read"], s["in_manifest"], ", ".join(f"{k} {v}" for k, v in s["labels_in_manifest"].items()),
+        ["source", "found (files, rows)", "not used", "in manifest", "labels in manifest", "views", "notes"],
+        [[name, s["found"], s["not_used_total"], s["in_manifest"],
+          ", ".join(f"{k} {v}" for k, v in s["labels_in_manifest"].items()),
           ", ".join(f"{k} {v}" for k, v in s.get("views_in_manifest", {}).items()), "; ".join(s["notes"])]
          for name, s in report["sources"].items()]), ""]
     parts += ["## What was left out, and why", "",

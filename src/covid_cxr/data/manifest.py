@@ -273,7 +273,9 @@ def _report(cfg: DataConfig, classes: list[str], reads, df: pd.DataFrame, droppe
         kept = df[df["source"] == r.source]
         by_source[r.source] = {
             "path": str(Path(path).resolve()),
+            "found": int(len(r.images) + len(r.dropped)),
             "images_read": int(len(r.images)),
+            "not_used_total": int(sum(reasons.values())),
             "in_manifest": int(len(kept)),
             "labels_in_manifest": {k: int(v) for k, v in kept["label"].value_counts().items()},
             "views_in_manifest": {k: int(v) for k, v in kept["view"].value_counts().items()},
@@ -369,10 +371,12 @@ def format_report(report: dict, out: str | Path) -> str:
     """A terminal summary of an ingest report."""
     lines = [f"dataset written to {out} (task {report['task']}: " +
              ", ".join(f"{i}={lab}" for i, lab in enumerate(report["labels"])) + ")"]
-    lines.append(f"{'source':<22}{'read':>7}{'in manifest':>13}{'not used':>10}  labels")
+    # found = not used + in manifest: 'found' counts every file and metadata row the source offered (images and
+    # what was skipped while reading it); 'not used' counts them all, whichever step left them out
+    lines.append(f"{'source':<22}{'found':>7}{'not used':>10}{'in manifest':>13}  labels in manifest")
     for name, s in report["sources"].items():
         labels = ", ".join(f"{k} {v}" for k, v in s["labels_in_manifest"].items())
-        lines.append(f"{name:<22}{s['images_read']:>7}{s['in_manifest']:>13}{sum(s['not_used'].values()):>10}  {labels}")
+        lines.append(f"{name:<22}{s['found']:>7}{s['not_used_total']:>10}{s['in_manifest']:>13}  {labels}")
     lines.append("split      " + "  ".join(f"{lab:>8}" for lab in report["labels"]) + "  patients")
     for split, counts in report["splits"].items():
         lines.append(f"{split:<10} " + "  ".join(f"{counts[lab]:>8}" for lab in report["labels"]) +
