@@ -202,3 +202,23 @@ def test_export_on_the_command_line_prints_a_summary_and_no_exporter_chatter(tin
         noise = [line for line in proc.stderr.splitlines() if line.strip() and " covid_cxr." not in line]
         assert noise == [], noise
         assert "onnxscript" not in proc.stderr.lower() and "Obtain model graph" not in proc.stdout + proc.stderr
+
+
+def test_the_cards_scope_matches_the_training_data():
+    """Children are named out of scope only when no training source had children; with pediatric training
+    images (mooney) the card says instead why a child's output still means little. The report says the same."""
+    from covid_cxr.deploy.modelcard import out_of_scope_uses
+    from covid_cxr.imaging.pixels import PreprocessSpec
+    from covid_cxr.model.meta import ModelMeta, TrainingData
+
+    def meta(*sources):
+        return ModelMeta(arch="densenet121", labels=("normal", "covid"), positive="covid",
+                         preprocess=PreprocessSpec(size=32), data=TrainingData(task="covid-vs-normal", sources=sources))
+
+    adults = out_of_scope_uses(meta("cohen", "radiography"))
+    assert "children" in adults and "Children are in the training data" not in adults
+    kids = out_of_scope_uses(meta("cohen", "mooney", "radiography"))
+    assert "(other hospitals and scanners, lateral views" in kids
+    assert "Children are in the training data (mooney: patients aged 1-5), but only in its non-COVID classes" in kids
+    assert "children" in out_of_scope_uses(ModelMeta(arch="densenet121", labels=("normal", "covid"), positive="covid",
+                                                     preprocess=PreprocessSpec(size=32)))  # nothing recorded

@@ -167,3 +167,17 @@ def test_per_source_rows_show_intervals_and_the_too_few_caveat():
     page = report._breakdown("by source", rows, "covid")
     assert "0.162 (0.00-0.50)" in page and "0.000 (0.00-0.79)" in page
     assert "too few to judge: 1 normal image (fewer than 10)" in page
+
+
+def test_grad_cam_examples_are_shown_at_their_own_width(without_audit):
+    """The overlays (captions and the caveat in 7-9 pt text) are drawn 660 px wide and shown one per row at up to
+    that width, not shrunk into 340 px thumbnails."""
+    import io
+
+    from PIL import Image
+
+    _, text = without_audit
+    cams = section(text, "Grad-CAM examples")
+    assert 'class="grid cams"' in cams and ".cams figure{width:100%;max-width:660px}" in text
+    widths = [Image.open(io.BytesIO(png)).size[0] for _, png in embedded_images(cams)]
+    assert widths and all(w >= 600 for w in widths), widths

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.config import TASKS, Task
+from covid_cxr.config import PEDIATRIC_SOURCES, TASKS, Task
 from covid_cxr.data.card import write_card
 from covid_cxr.data.dataset import MANIFEST_COLUMNS, source_root_record
 from covid_cxr.data.dedup import FingerprintTable, cluster, find_near_duplicates
@@ -142,10 +142,10 @@ def confounder_warnings(df: pd.DataFrame, classes: list[str], margin: float = 0.
             if share_in - share_out >= margin:
                 out.append(f"{share_in:.0%} of {c!r} images come from {src!r} but only {share_out:.0%} of the "
                            f"other classes: a model can learn to recognise that source instead of the disease")
-    if "mooney" in set(used["source"]):
-        ped = used[used["source"] == "mooney"]["target"].value_counts()
-        out.append(f"{', '.join(f'{n} {c!r}' for c, n in ped.items())} images come from mooney, whose patients are pediatric "
-                   "(children aged 1-5) while covid images are adults: age is a confounder")
+    for src in sorted(PEDIATRIC_SOURCES & set(used["source"])):
+        ped = used[used["source"] == src]["target"].value_counts()
+        out.append(f"{', '.join(f'{n} {c!r}' for c, n in ped.items())} images come from {src}, whose patients are "
+                   "pediatric (children aged 1-5) while covid images are adults: age is a confounder")
     return out
 
 

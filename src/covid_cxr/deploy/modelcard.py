@@ -17,7 +17,7 @@ import yaml
 
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.config import TASKS
-from covid_cxr.model.meta import ModelMeta
+from covid_cxr.model.meta import ModelMeta, TrainingData
 
 SOURCE_DATASETS = {
     "cohen": "ieee8023/covid-chestxray-dataset",
@@ -36,10 +36,15 @@ METRICS = (("roc_auc", "roc_auc", "ROC AUC"), ("accuracy", "accuracy", "accuracy
 
 INTENDED_USE = ("Research on chest X-ray classification methods, teaching, and studying dataset bias and shortcut "
                 "learning in the public COVID-19 chest X-ray collections.")
-OUT_OF_SCOPE = ("Diagnosis, triage, screening or any other decision about a patient, or use as a medical device; "
-                "images unlike the training sources (other hospitals and scanners, children, lateral views, CT, "
-                "photographs of films or screens) without an external validation of their own; comparing patients "
-                "or sites by its scores.")
+def out_of_scope_uses(meta: ModelMeta) -> str:
+    """The card's out-of-scope uses: the kinds of image named match what the model was trained on (children are
+    named only when no training source had children; otherwise the age caveat says why they still are)."""
+    data = meta.data or TrainingData(task="", sources=())
+    text = ("Diagnosis, triage, screening or any other decision about a patient, or use as a medical device; "
+            f"images unlike the training sources ({data.images_out_of_scope()}) without an external validation of "
+            "their own; comparing patients or sites by its scores.")
+    caveat = data.age_caveat()
+    return text + (f" {caveat}" if caveat else "")
 LIMITATIONS = (
     "The public COVID-19 collections differ by hospital, scanner, processing and patient age as much as by "
     "disease: a model can learn where an image came from instead of what it shows. The internal test split "
@@ -186,7 +191,7 @@ def model_card(meta: ModelMeta, evaluation: dict | None, note: str, name: str, o
               f"* Out of scope detection: {gate}.", ""]
     if meta.calibration and meta.calibration.warnings:
         lines += ["Calibration warnings:", ""] + [f"* {w}" for w in meta.calibration.warnings] + [""]
-    lines += ["## Intended use", "", INTENDED_USE, "", "## Out-of-scope uses", "", OUT_OF_SCOPE, ""]
+    lines += ["## Intended use", "", INTENDED_USE, "", "## Out-of-scope uses", "", out_of_scope_uses(meta), ""]
     lines += ["## Training data", ""]
     if data:
         lines += [f"{data.n_train} training and {data.n_val} validation images, task `{data.task}`, from: "

@@ -25,7 +25,7 @@ from covid_cxr.evaluation.metrics import with_ci
 from covid_cxr.evaluation.options import AuditConfig, EvalConfig, ReportConfig
 from covid_cxr.files import atomic_write, read_json
 from covid_cxr.model.inference import Predictor, load_predictor
-from covid_cxr.model.meta import ModelMeta
+from covid_cxr.model.meta import ModelMeta, TrainingData
 from covid_cxr.paths import RunDir
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ th{background:#f2f4f8}td:first-child,th:first-child{text-align:left}
 pre{background:#f6f7fa;padding:10px;border-radius:6px;font-size:13px;overflow-x:auto}
 img{max-width:100%;border:1px solid #e3e6ee;border-radius:4px}.grid{display:flex;flex-wrap:wrap;gap:12px}
 .grid figure{margin:0;width:340px}.grid figcaption{font-size:12px;color:#555}
+.cams figure{width:100%;max-width:660px}.cams img{width:100%}
 .warn{background:#fff4e5;border-left:4px solid #f59e0b;padding:6px 10px;margin:6px 0}
 .conf{background:#fdecea;border-left:4px solid #b3261e;padding:6px 10px;margin:6px 0}
 .estimate{background:#e8f0fe;border-left:4px solid #1a56db;padding:8px 12px;margin:8px 0;font-size:15px}
@@ -274,8 +275,8 @@ def _dataset_section(run: RunDir, cfg: ReportConfig) -> tuple[str, list[str]]:
     if not d.ingest_report.is_file():
         return "<p class='muted'>Dataset report not found.</p>", []
     rep = json.loads(d.ingest_report.read_text(encoding="utf-8"))
-    rows = [[n, s["images_read"], s["in_manifest"], ", ".join(f"{k} {v}" for k, v in s["labels_in_manifest"].items())]
-            for n, s in rep["sources"].items()]
+    rows = [[n, s.get("found", s["images_read"]), s.get("not_used_total", ""), s["in_manifest"],
+             ", ".join(f"{k} {v}" for k, v in s["labels_in_manifest"].items())] for n, s in rep["sources"].items()]
     conf = "".join(f"<div class='conf'>{_esc(w)}</div>" for w in rep["warnings"])
     pics = "".join(_img(p, p.name) for p in (d.source_mix_png, d.samples_png) if p.is_file())
     nd = rep.get("near_duplicates", {})
@@ -284,12 +285,13 @@ def _dataset_section(run: RunDir, cfg: ReportConfig) -> tuple[str, list[str]]:
     body = (f"<p>Dataset <code>{_esc(d.root)}</code> (full card: dataset_card.md), task {_esc(rep['task'])}, protocol "
             f"{_esc(rep['protocol']['name'])}.</p><h3>Confounders the data build found</h3>"
             + (conf or "<p>None flagged.</p>") + dup
-            + _table(["source", "images read", "in the manifest", "labels"], rows) + pics)
+            + _table(["source", "found (files, rows)", "not used", "in the manifest", "labels"], rows) + pics)
     return body, rep["warnings"]
 
 
 def _model_card(meta: ModelMeta, m: dict, cv: dict | None, confounders: list[str]) -> str:
     data = meta.data
+    scope_data = data or TrainingData(task="", sources=())
     sources = ", ".join(data.sources) if data else "unknown"
     synthetic = (f" <b>Synthetic (not patients): {_esc(', '.join(data.synthetic_sources))}.</b>"
                  if data and data.synthetic else "")
@@ -308,7 +310,8 @@ def _model_card(meta: ModelMeta, m: dict, cv: dict | None, confounders: list[str
             "<p><b>Intended use:</b> research on chest X-ray classification methods, teaching, and studying dataset "
             "bias in public COVID-19 collections.</p>"
             "<p><b>Out of scope:</b> diagnosis, triage, screening or any decision about a patient; images unlike the "
-            "training sources (other hospitals, children, lateral views, CT, photographs) without external validation. "
+            f"training sources ({_esc(scope_data.images_out_of_scope())}) without external validation. "
+            + (f"{_esc(scope_data.age_caveat())} " if scope_data.age_caveat() else "")
             + ("An out-of-scope gate flags images unlike the training images; it is not a guarantee." if meta.gate else "")
             + f"</p><p><b>Known confounders:</b></p><ul>{conf}</ul><p><b>{_esc(DISCLAIMER)}</b></p>")
 
@@ -380,7 +383,7 @@ def run(cfg: ReportConfig) -> Path:
 <h2>Per source and per view</h2>{_breakdown('by source', m.get('by_source', {}), meta.positive)}{_breakdown('by view', m.get('by_view', {}), meta.positive)}
 <h2>Shortcut audit</h2>{_audit_section(rd, cfg.split, a)}
 <h2>Grad-CAM examples</h2><p class="muted">Where the model found evidence for {_esc(meta.positive)}, for its most confident
-right and wrong calls. A heatmap shows where, not why, and is not a localisation of disease.</p><div class="grid">{grid}</div>
+right and wrong calls. A heatmap shows where, not why, and is not a localisation of disease.</p><div class="grid cams">{grid}</div>
 <h2>Data</h2>{dataset_html}
 <h2>Model card</h2>{_model_card(meta, m, cv, confounders)}
 </body></html>"""

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from covid_cxr import __version__
+from covid_cxr.config import PEDIATRIC_SOURCES
 from covid_cxr.errors import CheckpointError
 from covid_cxr.imaging.pixels import PreprocessSpec
 
@@ -218,6 +219,29 @@ class TrainingData:
     @property
     def synthetic(self) -> bool:
         return bool(self.synthetic_sources)
+
+    @property
+    def pediatric_sources(self) -> tuple[str, ...]:
+        """Training sources whose patients are children (:data:`covid_cxr.config.PEDIATRIC_SOURCES`)."""
+        return tuple(s for s in self.sources if s in PEDIATRIC_SOURCES)
+
+    def images_out_of_scope(self) -> str:
+        """The kinds of image its training data does not cover, in words (model card, report). Children are named
+        only when no training source had children; with pediatric training images, :meth:`age_caveat` says why
+        a child's output still means little."""
+        kinds = ["other hospitals and scanners", "lateral views", "CT", "photographs of films or screens"]
+        if not self.pediatric_sources:
+            kinds.insert(1, "children")
+        return ", ".join(kinds)
+
+    def age_caveat(self) -> str | None:
+        """With pediatric training sources: their children are in the training data, but (in the public
+        collections) not among the COVID-19 images, so age is a shortcut. None otherwise."""
+        if not self.pediatric_sources:
+            return None
+        return (f"Children are in the training data ({', '.join(self.pediatric_sources)}: patients aged 1-5), but "
+                "only in its non-COVID classes, while the COVID-19 images are mostly adults: age is a shortcut the "
+                "model can learn, so its output on a child's X-ray says little about COVID-19.")
 
 
 def _known(cls, d: dict) -> dict:
