@@ -1,4 +1,4 @@
-"""The Python API: covid_cxr.load_run -> Predictor.predict / explain, the lazy package exports, and the README's
+"""The Python API: covid_cxr.load_run -> Predictor.predict / explain, the lazy package exports, and docs/api.md's
 example (run as written, on a tiny trained run)."""
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ def _phantom_images(dataset: Path, n: int) -> list[Path]:
 
 
 def readme_example() -> str:
-    """The first python block of the README's 'Python API' section."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The first python block of docs/api.md's 'Python API' section."""
+    text = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
     section = text.split("## Python API", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_readme_example_runs_on_a_trained_run(tiny_run, phantom_dataset, tmp_path, monkeypatch):
-    """The README's code, unchanged, in a folder laid out as it assumes (runs/, scans/, data/)."""
+    """docs/api.md's code, unchanged, in a folder laid out as it assumes (runs/, scans/, data/)."""
     images = _phantom_images(phantom_dataset, 3)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "densenet").symlink_to(tiny_run, target_is_directory=True)
@@ -57,7 +57,7 @@ def test_readme_example_runs_on_a_trained_run(tiny_run, phantom_dataset, tmp_pat
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(readme_example(), "README.md", "exec"), {"__name__": "readme"})
+        exec(compile(readme_example(), "docs/api.md", "exec"), {"__name__": "readme"})
     printed = out.getvalue()
     assert "scans/a.png: " in printed and "<PIL image 1>: " in printed and "<array 2>: " in printed
     assert "the decision threshold " in printed and "set to catch 95 % of covid cases on validation" in printed

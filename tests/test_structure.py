@@ -27,7 +27,7 @@ def test_lint_imports_holds_the_stage_contracts():
 
 def test_the_layers_contract_names_every_stage_package():
     """A new stage folder must take its place in the layers (the contract is exhaustive, so lint-imports refuses an
-    unlisted top-level module; this says which one in the words of the README's layout table)."""
+    unlisted top-level module; this says which one in the words of docs/development.md's layout table)."""
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     config = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
     layers = next(c for c in config["contracts"] if c["type"] == "layers")["layers"]
@@ -35,9 +35,9 @@ def test_the_layers_contract_names_every_stage_package():
     on_disk = {p.stem if p.is_file() else p.name for p in SRC.iterdir()
                if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
     assert on_disk == named
-    readme = (SRC.parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (SRC.parents[1] / "docs" / "development.md").read_text(encoding="utf-8")
     for package in (p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()):
-        assert f"`{package}/`" in readme, f"the README's layout table does not list {package}/"
+        assert f"`{package}/`" in readme, f"the layout table in docs/development.md does not list {package}/"
 
 
 def test_every_exception_type_lives_in_errors():
