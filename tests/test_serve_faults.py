@@ -667,3 +667,47 @@ def test_a_taken_port_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     assert 0 < picked <= 65535
     serve.run(ServeConfig(run=str(tmp_path / "no-run-needed"), port=0))
     assert loaded[0].port > 0 and loaded[1]["port"] == loaded[0].port
+
+
+def _proxy_options(cfg) -> dict:
+    from covid_cxr.deploy.serve import uvicorn_options
+
+    opts = uvicorn_options(cfg)
+    return {k: opts[k] for k in ("proxy_headers", "forwarded_allow_ips")}
+
+
+def test_a_forged_x_forwarded_for_does_not_escape_the_rate_limit(tiny_run):
+    """Over a real socket from loopback, with uvicorn set up as `serve` sets it up: a random X-Forwarded-For per
+    request is ignored (uvicorn's own default would trust it from 127.0.0.1: one client posing as thousands). With
+    --trust-proxy naming the proxy, the header is believed and each named client gets its own bucket."""
+    import httpx
+
+    from covid_cxr.deploy.options import ServeConfig
+
+    for trust, statuses in ((None, [200, 200, 429, 429]), ("127.0.0.1/32", [200, 200, 200, 200])):
+        cfg = ServeConfig(run=str(tiny_run), device="cpu", rate_limit=2, trust_proxy=trust)
+        app = create_app(str(tiny_run), device="cpu", rate_limit=2)
+        with serve_in_thread(app, **_proxy_options(cfg)) as url:
+            got = [httpx.post(f"{url}/v1/predict", files={"file": ("x.png", png_bytes(), "image/png")},
+                              headers={"X-Forwarded-For": f"10.0.{i}.{i + 1}"}, timeout=60).status_code
+                   for i in range(4)]
+        assert got == statuses, (trust, got)
+
+
+def test_serving_beyond_this_machine_needs_a_key_or_insecure_public(tiny_run, monkeypatch):
+    from covid_cxr.deploy import serve
+    from covid_cxr.deploy.options import ServeConfig
+    from covid_cxr.errors import ConfigError
+
+    monkeypatch.delenv(serve.API_KEY_ENV, raising=False)
+    with pytest.raises(ConfigError, match="--host 0.0.0.0 serves beyond this machine.*--insecure-public"):
+        serve.run(ServeConfig(run=str(tiny_run), host="0.0.0.0", device="cpu"))  # refused before anything loads
+    serve.check_exposure(ServeConfig(run="r", host="0.0.0.0", api_key=KEY))
+    serve.check_exposure(ServeConfig(run="r", host="0.0.0.0", insecure_public=True))
+    for local in ("127.0.0.1", "::1", "localhost"):
+        serve.check_exposure(ServeConfig(run="r", host=local))
+    with pytest.raises(ConfigError, match="--trust-proxy.*'proxy.example' is not an address"):
+        ServeConfig(run="r", trust_proxy="10.0.0.1,proxy.example")
+    assert _proxy_options(ServeConfig(run="r")) == {"proxy_headers": False, "forwarded_allow_ips": ""}
+    assert _proxy_options(ServeConfig(run="r", trust_proxy="10.0.0.0/24")) == {
+        "proxy_headers": True, "forwarded_allow_ips": "10.0.0.0/24"}

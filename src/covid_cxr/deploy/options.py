@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,14 @@ class ServeConfig(CommandOptions):
     Prefer the COVID_CXR_API_KEY environment variable: a flag shows in the process list."""
     rate_limit: int = 0
     """Requests per minute per client address on POST /v1/predict (token bucket; over it HTTP 429 with
-    Retry-After); 0: no limit. Behind a proxy every client has the proxy's address."""
+    Retry-After); 0: no limit. The address is the connection's peer: X-Forwarded-For is ignored (any client could
+    send one) unless --trust-proxy names the proxy."""
+    trust_proxy: str | None = None
+    """Address or network (CIDR) of your reverse proxy, comma-separated for several: only connections from there may
+    set the client address with X-Forwarded-For (the rate limit then counts per real client). Default: no proxy
+    header is trusted."""
+    insecure_public: bool = False
+    """Serve on an address beyond this machine without an API key (refused otherwise)."""
     checkpoint: Checkpoint = "best"
     """Which checkpoint of the run."""
     onnx_path: str | None = None
@@ -187,6 +195,13 @@ class ServeConfig(CommandOptions):
             check_positive(name, getattr(self, name))
         check_positive("rate_limit", self.rate_limit, strict=False)
         check_device_option(self.device)
+        if self.trust_proxy is not None:
+            for item in str(self.trust_proxy).split(","):
+                try:
+                    ipaddress.ip_network(item.strip(), strict=False)
+                except ValueError:
+                    raise ConfigError(f"--trust-proxy {str(self.trust_proxy)[:80]!r}: {item.strip()[:40]!r} is not an "
+                                      "address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
         if self.api_key is not None and not re.fullmatch(r"[\x21-\x7e]{16,}", self.api_key):
             # never echo the key itself
             raise ConfigError("--api-key must be at least 16 printable ASCII characters without spaces (it travels "

@@ -91,6 +91,27 @@ def free_port(host: str, port: int) -> int:
         return probe.getsockname()[1]
 
 
+def check_exposure(cfg: ServeConfig) -> None:
+    """Refuse to serve beyond this machine without an API key, unless the user says so with --insecure-public.
+
+    Raises:
+        ConfigError: a non-loopback --host, no key, no --insecure-public.
+    """
+    if not _is_loopback(cfg.host) and cfg.api_key is None and not cfg.insecure_public:
+        raise ConfigError(f"--host {cfg.host} serves beyond this machine, and no API key is set: anyone who reaches "
+                          f"it could use the model. Set {API_KEY_ENV} (or --api-key), or pass --insecure-public if "
+                          "the network is yours alone")
+
+
+def uvicorn_options(cfg: ServeConfig) -> dict:
+    """How uvicorn serves the app: proxy headers (X-Forwarded-For) only from --trust-proxy, never by default
+    (uvicorn's own default trusts them from 127.0.0.1, so any local client could pose as many)."""
+    return {"host": cfg.host, "port": cfg.port, "log_level": "info", "proxy_headers": cfg.trust_proxy is not None,
+            "forwarded_allow_ips": cfg.trust_proxy or "",
+            # a backstop under the app's own limits: connections beyond it get uvicorn's 503 (health checks keep room)
+            "limit_concurrency": 2 * cfg.max_uploads + 32}
+
+
 def run(cfg: ServeConfig) -> None:
     """Load the model and serve the app with uvicorn until interrupted (Ctrl-C). The port is checked first, so a
     taken port is said at once instead of after the model has loaded."""
@@ -99,6 +120,7 @@ def run(cfg: ServeConfig) -> None:
     from covid_cxr.deploy.serve.app import create_app
 
     cfg = with_env_key(cfg)
+    check_exposure(cfg)
     port = free_port(cfg.host, cfg.port)
     if port != cfg.port:
         log.info("--port 0: serving on port %d", port)
@@ -108,5 +130,4 @@ def run(cfg: ServeConfig) -> None:
         log.warning("serving on %s, beyond this machine: the app has no TLS (put it behind a proxy that adds it)%s. "
                     "Research use only, not a diagnostic device.", cfg.host,
                     "" if cfg.api_key else " and no API key (set COVID_CXR_API_KEY or --api-key)")
-    # A backstop under the app's own limits: connections beyond it get uvicorn's 503 (health checks keep room).
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", limit_concurrency=2 * cfg.max_uploads + 32)
+    uvicorn.run(app, **uvicorn_options(cfg))
