@@ -70,3 +70,60 @@ def test_an_onnx_model_json_with_a_nan_threshold_is_refused_at_load(tiny_exporte
         assert hashlib.sha256((run / "model.onnx").read_bytes()).hexdigest() == doc["onnx"]["onnx_sha256"]
         with pytest.raises(CheckpointError, match="not a finite number"):
             load_run(run, backend="onnx")
+
+
+def _safetensors_bytes(header_json: str) -> bytes:
+    import struct
+
+    raw = header_json.encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * 8
+
+
+def test_a_safetensors_header_naming_a_tensor_twice_is_refused(tmp_path):
+    """W8: JSON keeps the last of two equal keys silently; the header is refused instead, naming the key."""
+    from covid_cxr.model.formats import read_safetensors_header
+
+    entry = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    ok = tmp_path / "ok.safetensors"
+    ok.write_bytes(_safetensors_bytes(f'{{"head.weight":{entry},"head.bias":{entry.replace("0,4", "4,8")}}}'))
+    assert set(read_safetensors_header(ok)) == {"head.weight", "head.bias"}
+    twice = tmp_path / "twice.safetensors"
+    twice.write_bytes(_safetensors_bytes(f'{{"head.weight":{entry},"head.weight":{entry.replace("0,4", "4,8")}}}'))
+    with pytest.raises(CheckpointError, match="names 'head.weight' twice"):
+        read_safetensors_header(twice)
+    deep = tmp_path / "deep.safetensors"
+    deep.write_bytes(_safetensors_bytes('{"__metadata__":' + "[" * 200_000 + "]" * 200_000 + "}"))
+    with pytest.raises(CheckpointError, match="nested absurdly deep"):
+        read_safetensors_header(deep)
+
+
+def test_an_oversized_or_altered_onnx_file_costs_no_memory(tiny_exported, tmp_path):
+    """N8: a 3 GB sparse model.onnx beside a valid model.json is refused from its size (nothing read); a same-size
+    file with other bytes is refused by a hash computed in 1 MiB chunks; an oversized or absurdly nested model.json is
+    refused before it is parsed. Peak Python allocations stay small throughout."""
+    from covid_cxr.limits import MAX_MODEL_JSON_BYTES, MAX_ONNX_BYTES
+    from covid_cxr.model.onnx_model import OnnxModel
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_exported, run)
+    tracemalloc.start()
+    with open(run / "model.onnx", "r+b") as f:
+        f.truncate(3 * 2**30)  # sparse: no disk used
+    with pytest.raises(CheckpointError, match=f"more than the {MAX_ONNX_BYTES:,}"):
+        OnnxModel(run / "model.onnx", device="cpu")
+    with open(run / "model.onnx", "r+b") as f:
+        f.truncate(64 * 2**20)  # within the cap, but not the exported bytes
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        OnnxModel(run / "model.onnx", device="cpu")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2**20, peak  # chunks of 1 MiB, never the file
+    shutil.copy2(tiny_exported / "model.onnx", run / "model.onnx")
+    OnnxModel(run / "model.onnx", device="cpu")  # the restored pair loads
+    with open(run / "model.json", "ab") as f:
+        f.truncate(MAX_MODEL_JSON_BYTES + 1)
+    with pytest.raises(CheckpointError, match="more than the"):
+        OnnxModel(run / "model.onnx", device="cpu")
+    (run / "model.json").write_text('{"meta":' + "[" * 200_000 + "]" * 200_000 + ', "onnx": {}}')
+    with pytest.raises(CheckpointError, match="nested too deep"):
+        OnnxModel(run / "model.onnx", device="cpu")

@@ -226,15 +226,23 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, to_json(obj))
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
-    """Parse a JSON file; a missing or broken file is a :class:`~covid_cxr.errors.CovidCxrError` naming it."""
+def read_json(path: str | Path, what: str = "file", max_bytes: int | None = None) -> Any:
+    """Parse a JSON file; a missing, broken, absurdly nested or (with ``max_bytes``) oversized file is a
+    :class:`~covid_cxr.errors.CovidCxrError` naming it. The size is checked before anything is read."""
     from covid_cxr.errors import CovidCxrError
 
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise CovidCxrError(f"{what} {path} is {size:,} bytes, more than the {max_bytes:,} such a file can "
+                                    "need; it is not one covid-cxr wrote: use another copy or write it again")
+            return json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise CovidCxrError(f"{what} {path} not found") from None
+    except RecursionError:
+        raise CovidCxrError(f"{what} {path} is nested too deep to be one covid-cxr wrote; write it again") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CovidCxrError(f"{what} {path} is unreadable ({exc}); write it again") from None
 

@@ -27,6 +27,15 @@ deflate-compressed data set is inflated at most this far before its header is kn
 PIXEL_DATA_SLACK = 2**20
 """Bytes a DICOM file may hold beyond what its header's image needs (padding, trailing elements)."""
 
+MAX_MODEL_JSON_BYTES = 8 * 2**20
+"""Largest model metadata JSON read (``model.json``, an hf folder's ``config.json``): a few KB in practice; a file
+claiming more is refused before it is read."""
+
+MAX_ONNX_BYTES = 2**30
+"""Largest ONNX file loaded (covid-cxr's exports are 10-120 MB; protobuf itself stops at 2 GiB). Checked from the
+file's size before anything is read; its sha256 is then computed in chunks and compared with ``model.json`` before
+the file is loaded whole."""
+
 SAMPLES_PER_PIXEL = (1, 3)
 """DICOM Samples per Pixel values we accept (grayscale; RGB, YBR)."""
 BITS_ALLOCATED = (1, 8, 16, 32)

@@ -15,6 +15,7 @@ from typing import Any
 
 from covid_cxr.errors import CheckpointError, CovidCxrError
 from covid_cxr.files import read_json
+from covid_cxr.limits import MAX_MODEL_JSON_BYTES
 from covid_cxr.model.meta import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,21 @@ def _safetensors():
     return st
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads`` hook: a JSON object naming one key twice is refused (Python would keep the last silently, the
+    safetensors loader might keep another)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_safetensors_header(path: str | Path) -> dict:
     """The JSON header of a safetensors file (tensor table and ``__metadata__``), without loading tensors.
 
@@ -54,11 +70,17 @@ def read_safetensors_header(path: str | Path) -> dict:
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path} is not a safetensors file (header length {n})")
-            header = json.loads(f.read(n).decode("utf-8"))
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{path}: its header names {str(exc)[:80]!r} twice (one of the two would be loaded "
+                              "silently); the file was altered or written wrongly: use another copy or export "
+                              "the model again") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not a safetensors file (its header is nested absurdly deep)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a safetensors file")
     return header
@@ -135,7 +157,7 @@ def read_hf_config(folder: str | Path) -> dict:
     """
     path = Path(folder) / CONFIG_NAME
     try:
-        config = read_json(path, "model config")
+        config = read_json(path, "model config", max_bytes=MAX_MODEL_JSON_BYTES)
     except CovidCxrError as exc:
         raise CheckpointError(str(exc)) from None
     if not isinstance(config, dict) or config.get("library_name") != "covid-cxr" or META_KEY not in config:

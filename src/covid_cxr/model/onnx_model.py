@@ -15,6 +15,7 @@ import numpy as np
 from covid_cxr.errors import CheckpointError, CovidCxrError
 from covid_cxr.files import default_workers, read_json
 from covid_cxr.imaging.pixels import finish
+from covid_cxr.limits import MAX_MODEL_JSON_BYTES, MAX_ONNX_BYTES
 from covid_cxr.machine import cpu_features, int8_cpu_note
 from covid_cxr.model.meta import ModelMeta
 from covid_cxr.model.results import Outputs
@@ -39,7 +40,7 @@ def read_onnx_meta(path: Path) -> tuple[ModelMeta, dict]:
         raise CheckpointError(f"{meta_file} not found: an ONNX model needs the metadata JSON that "
                               "`covid-cxr export` writes beside it; export the checkpoint again")
     try:
-        doc = read_json(meta_file, "ONNX metadata")
+        doc = read_json(meta_file, "ONNX metadata", max_bytes=MAX_MODEL_JSON_BYTES)
     except CovidCxrError as exc:
         raise CheckpointError(f"{exc}; export the checkpoint again") from None
     if not isinstance(doc, dict) or "meta" not in doc or "onnx" not in doc:
@@ -48,6 +49,26 @@ def read_onnx_meta(path: Path) -> tuple[ModelMeta, dict]:
     if int(doc.get("format", 0)) > ONNX_META_FORMAT:
         raise CheckpointError(f"{meta_file} was written by a newer covid-cxr; upgrade covid-cxr")
     return ModelMeta.from_dict(doc["meta"], where=str(meta_file)), doc["onnx"]
+
+
+def _read_checked(path: Path, sha256: str | None) -> bytes:
+    """The bytes of ``path`` once its size is within :data:`~covid_cxr.limits.MAX_ONNX_BYTES` and its sha256, computed
+    in chunks (no more than 1 MiB in memory), equals the one recorded in its metadata."""
+    size = path.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        raise CheckpointError(f"{path} is {size:,} bytes, more than the {MAX_ONNX_BYTES:,} an exported covid-cxr "
+                              "model can be; it was not written by covid-cxr export: export again")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise CheckpointError(f"{path} does not match {onnx_meta_path(path).name} (sha256 differs): the file "
+                              "was changed or the pair comes from different exports; export again")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:  # changed while it was checked
+        raise CheckpointError(f"{path} changed while it was being loaded; load it again")
+    return data
 
 
 def _providers(device: str, available: list[str]) -> list[str]:
@@ -86,11 +107,9 @@ class OnnxModel:
             raise CheckpointError(f"ONNX model {path} not found; create it with `covid-cxr export --run RUN_DIR`")
         self.path = path
         self.meta, self.export = read_onnx_meta(path)
-        self.quantization: dict = read_json(onnx_meta_path(path), "ONNX metadata").get("quantization") or {}
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != self.export.get("onnx_sha256"):
-            raise CheckpointError(f"{path} does not match {onnx_meta_path(path).name} (sha256 differs): the file "
-                                  "was changed or the pair comes from different exports; export again")
+        self.quantization: dict = read_json(onnx_meta_path(path), "ONNX metadata",
+                                            max_bytes=MAX_MODEL_JSON_BYTES).get("quantization") or {}
+        data = _read_checked(path, self.export.get("onnx_sha256"))
         self.providers = _providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
