@@ -128,10 +128,41 @@ def test_wrong_architecture_weights_are_refused(tmp_path):
 
 
 def test_pickled_module_is_refused(tmp_path):
+    """W6: refused without repeating torch's advice to pass weights_only=False (which would run the file's code)."""
     f = tmp_path / "module.pt"
     torch.save(torch.nn.Linear(2, 2), f)
-    with pytest.raises(CheckpointError, match="cannot load"):
+    with pytest.raises(CheckpointError, match="pickled Python objects besides tensors") as err:
         build_model(LABELS, weights=str(f))
+    assert "weights_only" not in str(err.value)
+
+
+def test_a_zip_bombed_checkpoint_is_refused_from_its_directory(tmp_path):
+    """N7: a torch zip whose data.pkl inflates ~1000-fold (the issue's 3 MB -> 3 GiB file, here 0.5 MB -> 512 MiB to
+    keep the test quick: the check reads the zip directory only, so the ratio is what matters) is refused before torch
+    opens it, as --weights and as a run's checkpoint, with no large allocation; a real torch.save file passes."""
+    import tracemalloc
+    import zipfile
+
+    from covid_cxr.model.checkpoint import read_checkpoint
+    from covid_cxr.model.networks import check_torch_zip
+
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        with z.open("archive/data.pkl", "w", force_zip64=True) as entry:
+            block = b"\0" * 2**24
+            for _ in range(2**29 // len(block)):
+                entry.write(block)
+    assert bomb.stat().st_size < 2**20
+    tracemalloc.start()
+    for load in (lambda: build_model(LABELS, weights=str(bomb)), lambda: read_checkpoint(bomb)):
+        with pytest.raises(CheckpointError, match="would inflate to 536,870,912 bytes"):
+            load()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2**20, peak
+    real = tmp_path / "real.pt"
+    torch.save(build_model(LABELS, weights=None).state_dict(), real)
+    check_torch_zip(real)  # stored entries: they add up to the file's size
 
 
 # ----------------------------------------------------------------------------- checkpoints

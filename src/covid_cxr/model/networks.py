@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,11 +120,47 @@ def fix_legacy_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+ZIP_SLACK = 16 * 2**20
+"""Bytes the entries of a torch zip checkpoint may inflate to beyond the file's own size: torch.save stores its
+entries uncompressed, so their sizes add up to the file's (plus a few KB of directory)."""
+
+
+def check_torch_zip(path: Path) -> None:
+    """Refuse a zip checkpoint whose entries would inflate far beyond its size (a zip bomb: 3 MB that torch would
+    inflate to 3 GiB), from the zip directory alone, before torch opens it.
+
+    Raises:
+        CheckpointError: the directory promises more than the file holds plus :data:`ZIP_SLACK`.
+    """
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        if not zipfile.is_zipfile(path):
+            return  # the legacy format: a pickle stream, read no further than the file's bytes
+        with zipfile.ZipFile(path) as z:
+            inflated = sum(i.file_size for i in z.infolist())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path} ({exc}); it is damaged: use another copy") from None
+    if inflated > size + ZIP_SLACK:
+        raise CheckpointError(f"{path}: its entries would inflate to {inflated:,} bytes from a {size:,}-byte file; "
+                              "torch.save never compresses, so this is not a checkpoint (a zip bomb?): use another "
+                              "copy")
+
+
 def _torch_load(path: Path) -> Any:
+    check_torch_zip(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} not found") from exc
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run the file's code: never say that
+        raise CheckpointError(f"{path} holds pickled Python objects besides tensors, and covid-cxr never runs them "
+                              "(unpickling can execute any code); use a covid-cxr checkpoint or a state dict saved "
+                              "with torch.save(model.state_dict(), path)") from None
     except Exception as exc:  # torch raises many types for corrupt or pickled-module files
         raise CheckpointError(f"cannot load {path} ({type(exc).__name__}: {str(exc)[:200]}); it must be a covid-cxr "
                               "checkpoint or a tensor state dict saved with torch.save(model.state_dict(), path)") from None
