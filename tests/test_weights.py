@@ -108,3 +108,21 @@ def test_input_scale_is_chosen_and_mismatches_are_named(xrv_file, caplog):
     assert spec.scale == "xrv" and "[-1024, 1024]" in spec.describe()
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
     assert PreprocessSpec.for_size(32).scale == "imagenet"
+
+
+def test_wrong_shaped_torchxrayvision_weights_are_named_in_one_line(xrv_file, tmp_path):
+    """N11: a torchxrayvision-shaped state dict whose stem is 64x1x3x3 (not 7x7) was a bare size-mismatch
+    RuntimeError ('this is a bug'); now a CheckpointError names the tensor and both shapes."""
+    _, _, state = xrv_file
+    bad = dict(state)
+    bad["features.conv0.weight"] = torch.zeros(64, 1, 3, 3)
+    path = tmp_path / "xrv-wrong.pt"
+    torch.save(bad, path)
+    with pytest.raises(CheckpointError, match=r"features.conv0.weight is \(64, 3, 3, 3\), densenet121 needs "
+                                              r"\(64, 3, 7, 7\)"):
+        build_model(["normal", "covid"], weights=path)
+    odd = {k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k.endswith("norm0.weight") else v)
+           for k, v in torchvision.models.densenet121(weights=None).state_dict().items()}
+    torch.save(odd, tmp_path / "tv-wrong.pt")
+    with pytest.raises(CheckpointError, match=r"features.norm0.weight is \(65,\), densenet121 needs \(64,\)"):
+        build_model(["normal", "covid"], weights=tmp_path / "tv-wrong.pt")

@@ -282,6 +282,13 @@ def build_model(labels: list[str] | tuple[str, ...], arch: str = "densenet121",
         head_prefix = spec.head + "."
         extra_heads = ("head.", "gate.")  # a covid-cxr checkpoint's own head and gate
         backbone = {k: v for k, v in state.items() if not k.startswith(head_prefix) and not k.startswith(extra_heads)}
+        wanted = net.state_dict()
+        wrong = [f"{k} is {tuple(v.shape)}, {arch} needs {tuple(wanted[k].shape)}" for k, v in backbone.items()
+                 if k in wanted and tuple(v.shape) != tuple(wanted[k].shape)]
+        if wrong:  # load_state_dict would raise a bare RuntimeError for these
+            raise CheckpointError(f"weights {origin} do not fit {arch}: {'; '.join(wrong[:3])}"
+                                  + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else "")
+                                  + "; pass weights saved from the same --arch")
         missing, unexpected = net.load_state_dict(backbone, strict=False)
         # Files older than BatchNorm's num_batches_tracked buffer lack it; it is not a weight.
         missing = [k for k in missing if not k.startswith(head_prefix) and not k.endswith("num_batches_tracked")]
