@@ -12,7 +12,7 @@ import pytest
 
 from covid_cxr.deploy import predict
 from covid_cxr.deploy.options import PredictConfig
-from covid_cxr.errors import ImageReadError
+from covid_cxr.errors import DatasetError, ImageReadError
 from covid_cxr.evaluation import evaluate
 from covid_cxr.evaluation.metrics import auc_with_ci, bootstrap_ci, headline_metrics, rates, roc_auc
 from covid_cxr.evaluation.options import EvalConfig
@@ -147,12 +147,22 @@ def test_unreadable_test_image_stops_evaluation(tiny_run, phantom_dataset, tmp_p
     shutil.copytree(phantom_dataset, data)
     shutil.rmtree(data / "cache")
     df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
-    bad = tmp_path / "corrupt.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     row = df.index[df["split"] == "test"][0]
-    # Cached pixels are keyed by content (sha256), and a copied dataset still finds its original's cache:
-    # give the row the corrupt file's own hash, so its pixels must come from the file.
-    df.loc[row, ["path", "sha256"]] = [str(bad), sha256_file(bad)]
+    # The corrupt file goes inside the row's source (a copy of its folder made of links: manifest paths may not
+    # leave their source). Cached pixels are keyed by content (sha256), and a copied dataset still finds its
+    # original's cache: give the row the corrupt file's own hash, so its pixels must come from the file.
+    info = json.loads((data / "dataset.json").read_text())
+    source = df.loc[row, "source"]
+    original = Path(info["source_roots"][source]["absolute"])
+    src = tmp_path / "src"
+    src.mkdir()
+    for entry in original.iterdir():
+        (src / entry.name).symlink_to(entry)
+    info["source_roots"][source] = {**info["source_roots"][source], "path": str(src), "absolute": str(src)}
+    (data / "dataset.json").write_text(json.dumps(info))
+    bad = src / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    df.loc[row, ["path", "sha256"]] = ["corrupt.png", sha256_file(bad)]
     df.to_csv(data / "manifest.csv", index=False)
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -241,3 +251,22 @@ def test_every_subgroup_number_carries_its_interval_and_small_ones_are_flagged(e
         line = next(t for t in text.splitlines() if t.strip().startswith(f"source {name} "))
         assert "(" in line or b["roc_auc"] is None
         assert (b["caveat"] or "") in line
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../../../../../../etc/passwd", "covid/../../../outside.png", ""])
+def test_a_manifest_path_outside_its_source_is_refused_unopened(tiny_run, phantom_dataset, tmp_path, path):
+    """N2: a received dataset whose manifest names /etc/passwd or climbs out of its source folder is refused with one
+    line naming the row; the file is never opened (no bytes, no hash of it in the message)."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dataset, data)
+    df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    row = int(df.index[df["split"] == "test"][0])
+    df.loc[row, "path"] = path
+    df.to_csv(data / "manifest.csv", index=False)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with pytest.raises(DatasetError, match=f"manifest.csv row {row + 2}: image path") as err:
+        evaluate.run(EvalConfig(run=str(run), data=str(data), bootstrap=0))
+    message = str(err.value)
+    assert "root:" not in message and "726f6f74" not in message and "sha256" not in message
+    assert not (run / "eval-test").exists()  # nothing scored, nothing written

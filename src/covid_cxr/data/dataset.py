@@ -147,6 +147,33 @@ def _read_info(d: DatasetDir) -> DatasetInfo:
                        sources=roots, cache=cache, raw=raw)
 
 
+def _inside_roots(d: DatasetDir, df: pd.DataFrame, roots: Mapping[str, Path], relative: bool) -> list[str]:
+    """Each manifest path joined to its source's root, refused unless it stays inside that root: a dataset received
+    from someone else must not make evaluate open ``/etc/passwd`` or ``../../x``. The check is on the path's words
+    (normalised, not resolved), so symlinked image folders inside a source keep working.
+
+    Raises:
+        DatasetError: an absolute or escaping path, or a source with no recorded root; names the manifest row and
+            never opens the file.
+    """
+    out = []
+    for i, (source, p) in enumerate(zip(df["source"], df["path"])):
+        root = roots.get(source)
+        if root is None:
+            raise DatasetError(f"{d.manifest} row {i + 2}: source {str(source)[:80]!r} has no root folder in "
+                               f"{d.info.name}; rebuild the dataset with `covid-cxr data build`")
+        if relative and (os.path.isabs(p) or not p):
+            raise DatasetError(f"{d.manifest} row {i + 2}: image path {str(p)[:120]!r} is not relative to the "
+                               f"{source} source folder; a dataset built by covid-cxr never holds one: rebuild it")
+        full = os.path.normpath(root / p) if relative else os.path.normpath(p)
+        if os.path.commonpath([full, str(root)]) != str(root):
+            raise DatasetError(f"{d.manifest} row {i + 2}: image path {str(p)[:120]!r} leads outside the {source} "
+                               f"source folder {root}; it was not written by covid-cxr data build: rebuild the "
+                               "dataset")
+        out.append(full)
+    return out
+
+
 def read_dataset(dataset_dir: str | Path | DatasetDir,
                  source_roots: Mapping[str, str] | tuple[tuple[str, str], ...] | None = None) -> Dataset:
     """Read a dataset folder; image paths are resolved against the source roots (see the module docstring).
@@ -188,8 +215,7 @@ def read_dataset(dataset_dir: str | Path | DatasetDir,
             missing_roots[name] = list(dict.fromkeys(str(c) for c in candidates))
             found = candidates[0]
         roots[name] = Path(os.path.normpath(found.absolute()))
-    if "source_roots" in info.raw:  # paths relative to their root
-        df["path"] = [str(roots[s] / p) if s in roots else p for s, p in zip(df["source"], df["path"])]
+    df["path"] = _inside_roots(d, df, roots, relative="source_roots" in info.raw)
     if missing_roots:
         log.info("source folders not found (images come from the cache where it has them): %s",
                  ", ".join(f"{n}: {' or '.join(t)}" for n, t in missing_roots.items()))
