@@ -215,3 +215,21 @@ def test_fold_counter_eta_from_the_folds_timed_so_far():
     assert eta_text([100.0], 4) == "; 1 fold took 1 min 40 s, about 6 min 40 s left"
     assert eta_text([30.0, 50.0], 1) == "; 2 folds took 1 min 20 s, about 40 s left"
     assert eta_text([3000.0, 3600.0], 3) == "; 2 folds took 1 h 50 min, about 2 h 45 min left"
+
+
+def test_a_fold_whose_training_sources_lack_a_class_is_refused_at_planning(two_hospitals, tmp_path):
+    """W5: with every normal image in hospital-b, holding hospital-b out leaves no normal image to train on. That is
+    said at planning, naming the fold and the fix, before any fold is written (it used to fail late, unnamed)."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(two_hospitals, ds)
+    df = pd.read_csv(ds / "manifest.csv", dtype=str, keep_default_na=False)
+    df.loc[(df["source"] == "hospital-a") & (df["target"] == "normal"), "target"] = ""
+    df.to_csv(ds / "manifest.csv", index=False)
+    out = tmp_path / "cv"
+    with pytest.raises(DatasetError, match=r"fold 'hospital-b': with hospital-b held out, the other sources "
+                                           r"\(hospital-a\) have no 'normal' images to train on.*--fold hospital-a"):
+        crossval.run(CrossvalConfig(data=str(ds), out=str(out), prepare_only=True, **OPTIONS))
+    assert not (out / "folds").exists() and not (out / "commands.sh").exists()
+    assert crossval.plan_folds(read_dataset(ds), ("hospital-a",)) == ["hospital-a"]  # the fold that can train

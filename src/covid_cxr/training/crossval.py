@@ -64,7 +64,8 @@ def plan_folds(ds: Dataset, requested: tuple[str, ...]) -> list[str]:
     """The held-out sources: every source with images of the task (or the requested ones).
 
     Raises:
-        DatasetError: fewer than two sources, or a requested source without images of the task.
+        DatasetError: fewer than two sources, a requested source without images of the task, or a fold whose
+            training sources lack a class (named, with the fix), before anything is written.
     """
     task_rows = ds.df[ds.df["target"].isin(ds.labels)]
     present = sorted(task_rows["source"].unique())
@@ -81,8 +82,20 @@ def plan_folds(ds: Dataset, requested: tuple[str, ...]) -> list[str]:
         if unknown:
             raise DatasetError(f"--fold {', '.join(unknown)}: not a source of {ds.dir.root} with images of the task; "
                                f"choose from {', '.join(present)}")
-        return list(dict.fromkeys(requested))
-    return present
+        folds = list(dict.fromkeys(requested))
+    else:
+        folds = present
+    for held_out in folds:  # each fold trains on the others: they need every class, checked before anything runs
+        rest = task_rows[task_rows["source"] != held_out]
+        lacking = [lab for lab in ds.labels if not (rest["target"] == lab).any()]
+        if lacking:
+            others = [s for s in present if s != held_out]
+            raise DatasetError(
+                f"fold {held_out!r}: with {held_out} held out, the other sources ({', '.join(others)}) have no "
+                f"{', '.join(map(repr, lacking))} images to train on ({held_out} holds all of them); leave this fold "
+                f"out with --fold (e.g. --fold {' --fold '.join(s for s in folds if s != held_out) or others[0]}), "
+                f"or add a source with {', '.join(map(repr, lacking))} images to the dataset")
+    return folds
 
 
 def write_fold_dataset(ds: Dataset, held_out: str, out: Path, val_fraction: float, seed: int) -> DatasetDir:
