@@ -222,3 +222,23 @@ def test_the_cards_scope_matches_the_training_data():
     assert "Children are in the training data (mooney: patients aged 1-5), but only in its non-COVID classes" in kids
     assert "children" in out_of_scope_uses(ModelMeta(arch="densenet121", labels=("normal", "covid"), positive="covid",
                                                      preprocess=PreprocessSpec(size=32)))  # nothing recorded
+
+
+def test_overwrite_never_touches_a_folder_that_is_not_an_export(evaluated, tmp_path):
+    """W2: --overwrite into a folder of the user's own files (README.md, config.json, model.onnx) is refused, naming
+    what it would replace; the files are untouched. An earlier export's folder is still replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, text in (("README.md", "# my notes\n"), ("config.json", '{"mine": true}'), ("model.onnx", "x"),
+                       ("model.json", "{}")):
+        (mine / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    for hf_onnx in (True, False):
+        with pytest.raises(ExportError, match=r"not written by covid-cxr export.*would replace or remove "
+                                              r"config.json, README.md, model.onnx, model.json"):
+            export_run(ExportConfig(run=str(evaluated), format="hf", overwrite=True, out=str(mine), hf_onnx=hf_onnx))
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    again = tmp_path / "again"
+    export_run(ExportConfig(run=str(evaluated), format="hf", hf_onnx=False, out=str(again)))
+    assert hub.is_hf_export(again)
+    export_run(ExportConfig(run=str(evaluated), format="hf", hf_onnx=False, overwrite=True, out=str(again)))

@@ -23,6 +23,7 @@ from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.errors import CovidCxrError, ExportError
 from covid_cxr.files import atomic_write, read_json, to_json
 from covid_cxr.imaging.images import sha256_file
+from covid_cxr.limits import MAX_MODEL_JSON_BYTES
 from covid_cxr.model.formats import CHECKSUM_KEY, CONFIG_NAME, HF_FORMAT, META_KEY, WEIGHTS_NAME, _safetensors
 from covid_cxr.model.meta import ModelMeta
 
@@ -117,16 +118,35 @@ def evaluation_for(run_root: Path, checkpoint: Path, meta: ModelMeta) -> tuple[d
 
 
 def prepare_folder(out_dir: str | Path, overwrite: bool) -> Path:
-    """The hf export folder, created; refused when it already holds files and ``overwrite`` is off.
+    """The hf export folder, created; refused when it already holds files and ``overwrite`` is off, and even with
+    ``overwrite`` when those files are not an earlier export's (:func:`is_hf_export`): the user's own README.md or
+    model.onnx are never replaced or removed.
 
     Raises:
-        ExportError: the folder holds files.
+        ExportError: the folder holds files (naming the ones an export would touch).
     """
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if present and not overwrite:
         raise ExportError(f"{out_dir} already holds files; pass --overwrite to replace them or choose another --out")
+    if present and not is_hf_export(out_dir):
+        touched = [n for n in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, "model.onnx", "model.json") if n in present]
+        raise ExportError(f"{out_dir} was not written by covid-cxr export (its {CONFIG_NAME} is not an export's), so "
+                          "--overwrite does not apply: it would replace or remove "
+                          f"{', '.join(touched) or 'nothing, but mix with ' + ', '.join(present[:5])}; "
+                          "choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
+
+
+def is_hf_export(folder: Path) -> bool:
+    """True when ``folder/config.json`` is a covid-cxr hf export's (it carries the model's metadata under
+    ``covid_cxr_meta``): the marker that lets ``--overwrite`` replace the folder's files."""
+    try:
+        config = read_json(folder / CONFIG_NAME, "config", max_bytes=MAX_MODEL_JSON_BYTES)
+    except CovidCxrError:
+        return False
+    return isinstance(config, dict) and isinstance(config.get(META_KEY), dict)
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, run_root: str | Path | None = None,
