@@ -127,3 +127,50 @@ def test_an_oversized_or_altered_onnx_file_costs_no_memory(tiny_exported, tmp_pa
     (run / "model.json").write_text('{"meta":' + "[" * 200_000 + "]" * 200_000 + ', "onnx": {}}')
     with pytest.raises(CheckpointError, match="nested too deep"):
         OnnxModel(run / "model.onnx", device="cpu")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"format": "x"}, "format must be an integer"),
+    ({"threshold_log_odds": 10**400}, "threshold_log_odds"),
+    ({"preprocess": [1, 2]}, "preprocess must be an object"),
+    ({"labels": "normal"}, "labels must be a list of class names"),
+    ({"calibration": [1]}, "calibration must be an object"),
+    ({"data": "x"}, "data must be an object"),
+    ({"preprocess": "mean"}, "preprocess must be an object"),
+])
+def test_malformed_model_metadata_is_one_line_naming_the_field(edit, needle):
+    """N10: each of these ended in 'unexpected error ... this is a bug' or a raw exception from load_run."""
+    with pytest.raises(CheckpointError, match=needle):
+        ModelMeta.from_dict(_doc(**edit), where="model.json")
+
+
+@pytest.mark.parametrize("field,value", [("mean", "abc"), ("mean", [float("nan")] * 3), ("std", [1, 1]),
+                                         ("size", 10**6), ("size", "32"), ("channels", 2), ("clahe_clip", float("inf")),
+                                         ("base_short_side", 10**9)])
+def test_preprocessing_numbers_are_checked_at_load_not_at_predict(field, value):
+    """N10: `mean: "abc"` passed the load and failed at predict; every preprocessing number is checked at load."""
+    doc = _doc()
+    with pytest.raises(CheckpointError, match=field):
+        ModelMeta.from_dict({**doc, "preprocess": {**doc["preprocess"], field: value}}, where="model.json")
+
+
+def test_a_deep_or_wrongly_typed_dataset_json_is_one_line(tmp_path, phantom_dataset):
+    """N10: dataset.json nested 200,000 deep, or with labels/source roots of the wrong type."""
+    from covid_cxr.data.dataset import read_dataset
+    from covid_cxr.errors import DatasetError
+
+    for text, needle in (("[" * 200_000 + "]" * 200_000, "nested too deep"),
+                         (None, "labels must be a list"), ("src", "source_roots must be an object"),
+                         ("rec", "source_roots.synthetic-phantoms must hold a path")):
+        ds = tmp_path / f"ds{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(phantom_dataset, ds, ignore=shutil.ignore_patterns("cache"))
+        info = json.loads((ds / "dataset.json").read_text())
+        if text is None:
+            info["labels"] = {"a": 1}
+        elif text == "src":
+            info["source_roots"] = ["x"]
+        elif text == "rec":
+            info["source_roots"]["synthetic-phantoms"] = {"path": 3}
+        (ds / "dataset.json").write_text(text if text and text.startswith("[") else json.dumps(info))
+        with pytest.raises(DatasetError, match=needle):
+            read_dataset(ds)

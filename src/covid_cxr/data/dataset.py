@@ -10,7 +10,6 @@ must be decoded from its file (not found in the cache); the error then names the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.config import TASKS
-from covid_cxr.errors import DatasetError, ImageReadError
-from covid_cxr.files import relative_or_absolute
+from covid_cxr.errors import CovidCxrError, DatasetError, ImageReadError
+from covid_cxr.files import read_json, relative_or_absolute
+from covid_cxr.limits import MAX_MODEL_JSON_BYTES
 from covid_cxr.paths import DatasetDir, parse_pairs
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,34 @@ class Dataset:
             raise
 
 
+def _wrong_types(raw: dict) -> str | None:
+    """What in a dataset.json has the wrong type (a received dataset is checked before it is used), or None."""
+    labels = raw.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        return f"labels must be a list of class names, got {str(labels)[:60]!r}"
+    for key in ("task", "positive_class"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            return f"{key} must be a name, got {str(raw[key])[:40]!r}"
+    for key in ("source_roots", "sources", "protocol", "cache"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            return f"{key} must be an object, got {type(raw[key]).__name__}"
+    for name, rec in (raw.get("source_roots") or {}).items():
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k, ""), str) for k in ("path", "absolute")):
+            return f"source_roots.{str(name)[:40]} must hold a path and an absolute path"
+    return None
+
+
 def _read_info(d: DatasetDir) -> DatasetInfo:
     try:
-        raw = json.loads(d.info.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{d.info} is unreadable ({exc}); rebuild the dataset with `covid-cxr data build`") from None
+        raw = read_json(d.info, "dataset description", max_bytes=MAX_MODEL_JSON_BYTES)
+    except CovidCxrError as exc:
+        raise DatasetError(f"{exc}; rebuild the dataset with `covid-cxr data build`") from None
     if not isinstance(raw, dict) or "labels" not in raw:
         raise DatasetError(f"{d.info} is not a covid-cxr dataset description; rebuild it with `covid-cxr data build`")
+    wrong = _wrong_types(raw)
+    if wrong:
+        raise DatasetError(f"{d.info}: {wrong}; the file was edited or not written by covid-cxr: rebuild the dataset "
+                           "with `covid-cxr data build`")
     task = raw.get("task", "")
     positive = raw.get("positive_class", TASKS[task].positive if task in TASKS else None)
     roots = raw.get("source_roots")

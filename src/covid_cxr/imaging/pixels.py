@@ -22,6 +22,8 @@ backend does not need PyTorch.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
@@ -78,8 +80,23 @@ class PreprocessSpec:
     """The grayscale image is repeated on this many channels (ImageNet-pretrained stems take 3)."""
 
     def __post_init__(self) -> None:
-        if int(self.size) != self.size or not 8 <= self.size <= 4096:
+        # a spec may come from a file someone else wrote: every field is checked by type and range
+        for name in ("size", "base_short_side", "clahe_tiles", "channels"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {str(value)[:40]!r}")
+        if not 8 <= self.size <= 4096:
             raise ValueError(f"size must be an integer in 8..4096, got {self.size!r}")
+        if self.channels not in (1, 3) or not self.size <= self.base_short_side <= 16384 or self.clahe_tiles > 64:
+            raise ValueError(f"channels must be 1 or 3, base_short_side in size..16384 and clahe_tiles at most 64, got "
+                             f"{self.channels}, {self.base_short_side}, {self.clahe_tiles}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)) or not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be finite numbers, one per channel, got {str(values)[:60]!r}")
+        if not (isinstance(self.clahe_clip, numbers.Real) and math.isfinite(self.clahe_clip)):
+            raise ValueError(f"clahe_clip must be a finite number, got {str(self.clahe_clip)[:40]!r}")
         if self.intensity not in INTENSITY_MODES:
             raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         if self.base_short_side < self.size:

@@ -388,8 +388,22 @@ class ModelMeta:
         """
         if not isinstance(d, dict):
             raise CheckpointError(f"{where}: not a covid-cxr model description")
-        if int(d.get("format", 0)) > META_FORMAT:
-            raise CheckpointError(f"{where} was written by a newer covid-cxr (format {d['format']}); upgrade covid-cxr")
+        fmt = d.get("format", 0)
+        if not isinstance(fmt, int) or isinstance(fmt, bool):
+            raise CheckpointError(f"{where}: format must be an integer, got {str(fmt)[:40]!r}; the file was edited or "
+                                  "not written by covid-cxr")
+        if fmt > META_FORMAT:
+            raise CheckpointError(f"{where} was written by a newer covid-cxr (format {fmt}); upgrade covid-cxr")
+        labels = d.get("labels")
+        if labels is None:
+            raise CheckpointError(f"{where}: malformed model description (no labels)")
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise CheckpointError(f"{where}: labels must be a list of class names, got {str(labels)[:60]!r}")
+        for key, required in (("preprocess", True), ("calibration", False), ("gate", False), ("data", False)):
+            value = d.get(key)
+            if (required or value) and not isinstance(value, dict):
+                raise CheckpointError(f"{where}: {key} must be an object of named fields, got "
+                                      f"{type(value).__name__} {str(value)[:40]}")
         try:
             return cls(
                 arch=str(d["arch"]), labels=tuple(d["labels"]), positive=d.get("positive"),
@@ -403,8 +417,9 @@ class ModelMeta:
                 created=str(d.get("created", "")))
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: malformed model description ({type(exc).__name__}: {exc})") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise CheckpointError(f"{where}: malformed model description ({type(exc).__name__}: {str(exc)[:200]})"
+                                  ) from None
 
     def replace(self, **changes: Any) -> "ModelMeta":
         return replace(self, **changes)
