@@ -229,8 +229,13 @@ def create_app(run: str | Path | ServeConfig, **options) -> FastAPI:
                                            "Cache-Control": "no-store"})
 
     @app.get("/report", response_class=HTMLResponse, summary="the run's HTML report (when it has one)",
-             responses={404: {"description": "the run has no report.html"}})
-    def report() -> FileResponse:
+             responses={404: {"description": "the run has no report.html"},
+                        401: {"description": "the server has an API key and the request did not carry it"}},
+             dependencies=security)
+    def report(request: Request) -> FileResponse:
+        # It shows training radiographs and local paths: behind the key like predictions
+        if app.state.api_key is not None:
+            app.state.api_key.check(request.headers)
         if not engine.report.is_file():
             raise HTTPException(404, "this model's run has no report.html; write one with "
                                      "`covid-cxr report --run RUN`")
