@@ -174,3 +174,15 @@ def test_a_deep_or_wrongly_typed_dataset_json_is_one_line(tmp_path, phantom_data
         (ds / "dataset.json").write_text(text if text and text.startswith("[") else json.dumps(info))
         with pytest.raises(DatasetError, match=needle):
             read_dataset(ds)
+
+
+def test_an_onnx_runtime_failure_is_one_line(tiny_exported):
+    """W7 (in part): whatever ONNX Runtime raises while running a graph (an allocation failure of an altered graph,
+    a shape it refuses) is a CheckpointError naming the file, not a raw onnxruntime exception."""
+    import numpy as np
+
+    from covid_cxr.model.onnx_model import OnnxModel
+
+    model = OnnxModel(tiny_exported / "model.onnx", device="cpu")
+    with pytest.raises(CheckpointError, match="ONNX Runtime failed running model.onnx on a batch of 1"):
+        model.run(np.zeros((1, 3, 5, 5), np.float32))  # ORT refuses the shape: a real ORT error, wrapped

@@ -149,7 +149,13 @@ class OnnxModel:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits (N, K), scope (N,) or None) for a preprocessed float32 batch (N, C, S, S)."""
-        out = self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+        try:
+            out = self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types, allocation failures too
+            raise CheckpointError(f"ONNX Runtime failed running {self.path.name} on a batch of {len(x)} "
+                                  f"({type(exc).__name__}: {str(exc)[:200]}); a covid-cxr export runs in well under "
+                                  "1 GB per image: this graph was altered or not exported by covid-cxr, export "
+                                  "again") from None
         return out[0], (out[1] if len(out) > 1 else None)
 
     def forward_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> Outputs:
