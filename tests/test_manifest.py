@@ -681,3 +681,27 @@ def test_real_build_accounts_for_every_image(real_build, real_data: Path) -> Non
         assert len(rows) == 1
         members = df[(df["source"] == "cohen") & df["patient_id"].isin(ids.split(";") + [ids])]
         assert members["group"].nunique() == 1
+
+
+def test_a_source_that_loses_every_image_stops_the_build_unless_allowed(tmp_path: Path) -> None:
+    """N3: a folder source whose images are links to shared storage outside it loses every image (links out of a
+    source are refused). That used to be a silent exit 0; now it stops the build naming the source, the reason and
+    the way out, writing nothing, and --allow-empty-source builds without it, with the warning in the report."""
+    from covid_cxr.errors import DatasetError
+
+    good = folder_source(tmp_path / "good", {"covid": 10, "normal": 10})
+    shared = folder_source(tmp_path / "shared-storage", {"covid": 4, "normal": 4})
+    linked = tmp_path / "linked"
+    for f in shared.rglob("*.png"):
+        (linked / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (linked / f.parent.name / f.name).symlink_to(f)
+    out = tmp_path / "ds"
+    sources = (("folder", str(good)), ("folder", str(linked)))
+    with pytest.raises(DatasetError, match=r"source linked yields no usable image: 8 item\(s\) were not used "
+                                           r"\(8 link pointing outside the source folder.*--allow-empty-source"):
+        build(DataConfig(sources=sources, out=str(out), test_per_class=3, workers=1, progress=False))
+    assert not out.exists()
+    report = build(DataConfig(sources=sources, out=str(out), test_per_class=3, workers=1, progress=False,
+                              allow_empty_source=True))
+    assert any("source linked yields no usable image" in w for w in report["warnings"])
+    assert set(load(out)["source"]) == {"good"}

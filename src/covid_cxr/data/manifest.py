@@ -157,7 +157,23 @@ def _read_sources(cfg: DataConfig) -> list:
                            "folder sources are named after their folder, so give them different folder names")
     if all(r.images.empty for r in reads):
         raise DatasetError("the sources hold no usable images; check the --source paths")
+    empty = [empty_source_text(r) for r in reads if r.images.empty]
+    if empty and not cfg.allow_empty_source:
+        raise DatasetError("; ".join(empty) + ". Nothing was written: fix the source folder, leave the source out, or "
+                           "pass --allow-empty-source to build without its images")
+    for text in empty:
+        log.warning("%s (--allow-empty-source: building without it)", text)
     return reads
+
+
+def empty_source_text(r) -> str:
+    """``source X yields no usable image: its 12 items were refused (12 link pointing outside ...)``."""
+    reasons = Counter(d["reason"] for d in r.dropped)
+    top = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
+    hint = (" (a link to shared storage outside the source folder is refused: copy the images in, or point --source "
+            "at the folder the links lead to)" if any("outside the source folder" in k for k in reasons) else "")
+    return (f"source {r.source} yields no usable image: {len(r.dropped)} item(s) were not used"
+            + (f" ({top})" if top else " (it holds no image files)") + hint)
 
 
 def _read_and_check(cfg: DataConfig, reads: list, cache_root: Path | None, reuse: list[Path]
@@ -234,6 +250,7 @@ def build(cfg: DataConfig) -> dict:
         df, cap_notes = _assign_splits(df, cfg, task)
         check_patient_disjoint(df)
         report = _report(cfg, list(task.classes), reads, df, dropped, conflict_notes, cap_notes)
+        report["warnings"] += [empty_source_text(r) for r in reads if r.images.empty]
         report["near_duplicates"] = _duplicate_summary(duplicates, cfg.dedup)
         report["build"] = stats
         _write(cfg, staging, df, dropped, report, list(task.classes), duplicates, reads)

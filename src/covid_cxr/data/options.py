@@ -38,6 +38,8 @@ class DataConfig(CommandOptions):
     """Cap on one source's share of a class (e.g. 0.6); surplus images are left out of the task, counted."""
     dedup: bool = True
     """Remove near-duplicate images (perceptual hash confirmed by a pixel check) before splitting."""
+    allow_empty_source: bool = False
+    """Build even when a source yields no usable image (it is then a warning in the dataset report, not an error)."""
     cache: bool = True
     """Write the preprocessed image cache (DATASET_DIR/cache), so training never decodes originals again."""
     workers: int = field(default_factory=lambda: default_workers(limit=1024))
