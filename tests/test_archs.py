@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from test_api import _phantom_images
+from test_export import SCOPE_RTOL, TOL, log_odds_atol
 from torch.utils.data import DataLoader
 
 import covid_cxr
@@ -45,6 +46,7 @@ def test_each_arch_trains_a_step_and_explains(arch):
 
     model.eval()
     heat = grad_cam(model, torch.from_numpy(finish(pixels[:1], spec)), target=1)
+    # [0, 1] exactly: the map is divided by its own maximum, and rounding is monotone
     assert heat.shape == (SIZE, SIZE) and np.isfinite(heat).all() and 0.0 <= heat.min() and heat.max() <= 1.0
 
 
@@ -83,13 +85,22 @@ def test_each_arch_runs_train_export_and_both_backends(arch, phantom_dataset, tm
     pixels = np.stack([covid_cxr.imaging.pixels.geometry(covid_cxr.imaging.images.load_image(p), torch_model.meta.preprocess)
                        for p in paths])
     t, o = torch_model.outputs(pixels), onnx_model.outputs(pixels)
-    assert np.abs(t.logits - o.logits).max() <= 1e-3
-    assert np.abs(t.scope - o.scope).max() <= 1e-3 * max(1.0, float(np.abs(t.scope).max()))
+    # test_export.TOL's and SCOPE_RTOL's derivations, with 10x room for the other archs: wider sums (ResNet-50's
+    # 512 x 3 x 3 = 4608 products, ConvNeXt-T's 3072-wide MLPs: 2x DenseNet's sqrt(K)), other layers (LayerNorm,
+    # depthwise convolutions) and narrower features (512 for ResNet-18: a smaller gate.MIN_SCALE floor), at 64 px.
+    # (The scope bar was 1e-3, DenseNet's own bound.) A wrong graph is still off by O(1).
+    logit_tol, scope_rtol = 10 * TOL, 10 * SCOPE_RTOL
+    assert np.abs(t.logits - o.logits).max() <= logit_tol
+    assert np.abs(t.scope - o.scope).max() <= scope_rtol * max(1.0, float(np.abs(t.scope).max()))
     tr, orr = torch_model.predict(paths), onnx_model.predict(paths)
-    assert [r.in_scope for r in tr] == [r.in_scope for r in orr]
-    assert [r.label for r in tr] == [r.label for r in orr]
+    meta = torch_model.meta
+    edge = scope_rtol * max(1.0, meta.gate.threshold)  # flags and decisions compared away from the thresholds' edges
+    assert [a.in_scope for a in tr if abs(a.scope_score - meta.gate.threshold) > edge] == [
+        b.in_scope for a, b in zip(tr, orr) if abs(a.scope_score - meta.gate.threshold) > edge]
+    far = [abs(a.log_odds - meta.threshold_log_odds) > 10 * log_odds_atol(meta.temperature) for a in tr]
+    assert [a.label for a, f in zip(tr, far) if f] == [b.label for b, f in zip(orr, far) if f]
     [cam] = onnx_model.explain(paths[0])
-    assert cam.heatmap.shape == cam.image.shape and cam.heatmap.max() <= 1.0
+    assert cam.heatmap.shape == cam.image.shape and cam.heatmap.max() <= 1.0  # exact, as above
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_export import SCOPE_RTOL, log_odds_atol, prob_atol
 
 from conftest import write_image
 from covid_cxr import config as C
@@ -206,6 +207,8 @@ def test_binary_huge_and_alias_bomb_configs_are_one_line_errors(tmp_path, capsys
         t0 = time.perf_counter()
         assert main(argv + [str(bomb)]) == 2
         line = one_error_line(capsys)
+        # the refusal parses a 9-line file (milliseconds); expanding the aliases would build 9^9 = 387 M nodes
+        # (minutes, GBs): 10 s separates the two on a machine 100x slower than needed
         assert time.perf_counter() - t0 < 10 and len(line) < 1000, len(line)
 
 
@@ -475,13 +478,20 @@ def test_a_copied_or_moved_run_folder_works_with_every_command(tiny_run, phantom
     assert "SYNTHETIC" in got["report"] and "Dataset not found" not in got["report"]
     assert (moved / "model.onnx").is_file() and (moved / "model.json").is_file()
     assert str(tiny_run) not in (moved / "model.json").read_text()
-    assert list(got["torch"]["predicted_label"]) == list(got["onnx"]["predicted_label"])
-    assert (got["torch"]["prob_covid"] - got["onnx"]["prob_covid"]).abs().max() <= 1e-4
-    assert (got["torch"]["scope_score"] - got["onnx"]["scope_score"]).abs().max() <= 1e-4 * got["torch"][
-        "scope_score"].abs().max()
+    # torch vs ONNX Runtime: the bounds derived in test_export (TOL per logit, SCOPE_RTOL per score); decisions
+    # compared away from the threshold's edge (was: every label, P within 1e-4 - tighter than prob_atol for T < 0.5 -
+    # and scores within 1e-4 relative)
+    meta = json.loads((moved / "model.json").read_text())["meta"]
+    temperature, threshold = meta["temperature"], meta["threshold_log_odds"]
+    far = (got["torch"]["log_odds"] - threshold).abs() > log_odds_atol(temperature)
+    assert list(got["torch"]["predicted_label"][far]) == list(got["onnx"]["predicted_label"][far])
+    assert (got["torch"]["prob_covid"] - got["onnx"]["prob_covid"]).abs().max() <= prob_atol(temperature)
+    assert (got["torch"]["scope_score"] - got["onnx"]["scope_score"]).abs().max() <= SCOPE_RTOL * max(
+        1.0, got["torch"]["scope_score"].abs().max())
     a_row = got["torch"].set_index("path").loc[str(images / "a.png")]
     for backend in ("torch", "onnx"):
-        assert got[f"serve-{backend}"]["probabilities"]["covid"] == pytest.approx(a_row["prob_covid"], abs=1e-4)
+        assert got[f"serve-{backend}"]["probabilities"]["covid"] == pytest.approx(a_row["prob_covid"],
+                                                                                  abs=prob_atol(temperature))
         assert got[f"serve-{backend}"]["heatmap_png_base64"]
     # nothing was written into the original run folder
     assert _snapshot(tiny_run) == original

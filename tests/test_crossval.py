@@ -75,7 +75,7 @@ def test_every_image_is_predicted_once_by_the_model_that_never_saw_it(cv_result,
     for row in doc["per_source"].values():
         assert row["n"] == 48 and row["per_class"] == {"normal": 24, "covid": 24} and row["auc"] is not None
     on_disk = json.loads((out / "crossval.json").read_text())
-    assert on_disk["pooled"]["auc"] == pytest.approx(pooled["auc"])
+    assert on_disk["pooled"]["auc"] == pytest.approx(pooled["auc"])  # the same float through JSON: exact
     assert (out / "roc.png").stat().st_size > 1000 and (out / "per_source.csv").is_file()
     assert doc["synthetic_sources"] == ["hospital-a", "hospital-b"]
 
@@ -86,6 +86,8 @@ def test_pooled_auc_is_computed_from_log_odds_across_folds(cv_result):
 
     out, doc = cv_result
     pred = pd.read_csv(out / "predictions.csv")
+    # the same log-odds (CSV keeps float64 repr exactly), ranked by another implementation: a ratio of pair counts,
+    # equal to ~1 ulp; approx's default rel=1e-6 is ~1e10 ulp
     assert doc["pooled"]["auc"] == pytest.approx(roc_auc_score(pred["target"] == "covid", pred["log_odds"]))
 
 
@@ -110,7 +112,7 @@ def test_final_model_records_its_crossval_estimate(cv_result):
     out, doc = cv_result
     meta = read_checkpoint(out / "final" / "best.pt").meta
     assert meta.estimate["source"] == "crossval"
-    assert meta.estimate["pooled_auc"] == pytest.approx(doc["pooled"]["auc"])
+    assert meta.estimate["pooled_auc"] == pytest.approx(doc["pooled"]["auc"])  # the same number, stored twice
     assert meta.data.test_split is False
     # Every image except the validation split trained the final model.
     ds = read_dataset(meta.training["data_absolute"])
@@ -147,13 +149,14 @@ def test_pool_and_per_source_table_on_known_predictions():
                          "predicted_label": ["covid", "normal", "covid", "covid", "covid", "normal"],
                          "group": [1, 2, 3, 4, 5, 6], "in_scope": [True] * 5 + [False]})
     pooled = crossval.pool(pred, "covid", 0, 0)
-    # positives 3, 0.5, 2, -2 against negatives -1, 1: 5 of 8 pairs ranked right.
+    # positives 3, 0.5, 2, -2 against negatives -1, 1: 5 of 8 pairs ranked right. (Ratios of small integer counts
+    # here and below: exact up to 1 ulp.)
     assert pooled["auc"] == pytest.approx(5 / 8)
     assert pooled["in_scope"] == pytest.approx(5 / 6)
     table = crossval.per_source_table(pred, ["normal", "covid"], "covid")
     assert table["a"]["auc"] == pytest.approx(0.75) and table["a"]["specificity"] == 0.5
     assert table["b"]["auc"] is None and table["b"]["sensitivity"] == 0.5 and table["b"]["specificity"] is None
-    assert np.isclose(table["b"]["in_scope"], 0.5)
+    assert np.isclose(table["b"]["in_scope"], 0.5)  # 1 of 2: exact
 
 
 def test_small_held_out_sources_carry_intervals_a_flag_and_no_roc_curve(tmp_path):

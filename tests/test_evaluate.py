@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_export import log_odds_atol, prob_atol, scope_atol
 
 from covid_cxr.deploy import predict
 from covid_cxr.deploy.options import PredictConfig
@@ -59,7 +60,10 @@ def test_evaluate_writes_every_report(evaluated, phantom_dataset):
     assert metrics["scope"]["in_scope"] + metrics["scope"]["out_of_scope"] == n_test
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == n_test
+    # float64 exp of log-softmax, written as repr (exact): the sum is off by a few 1e-16
     np.testing.assert_allclose(preds["prob_normal"] + preds["prob_covid"], 1.0, atol=1e-12)
+    # the log of a ratio of two such probabilities: each is off by ~(1 + |log p|) x 1.1e-16 relative, so the log
+    # by ~1e-15 while neither probability underflows (the tiny model's are ~0.5); 1e-9 leaves 1e6x
     np.testing.assert_allclose(preds["log_odds"], np.log(preds["prob_covid"] / preds["prob_normal"]), atol=1e-9)
     decided = np.where(preds["log_odds"] >= meta.threshold_log_odds, "covid", "normal")
     assert list(preds["predicted_label"]) == list(decided)  # the decision is made on log-odds
@@ -102,6 +106,7 @@ def test_binary_metrics_by_hand():
     s = np.array([0.9, 0.6, 0.2, 0.7, 0.1])
     m = rates(t == 1, s >= 0.5)
     assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 1)
+    # ratios of small integer counts here and below: exact up to 1 ulp
     assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(0.5)
     assert m["ppv"] == pytest.approx(2 / 3) and m["npv"] == pytest.approx(0.5)
     lp, pred = np.log(np.c_[1 - s, s]), (s >= 0.5).astype(int)
@@ -136,10 +141,18 @@ def test_predict_agrees_with_evaluate(evaluated):
     res = predict.run(PredictConfig(run=str(run), inputs=tuple(preds["path"]), format="json"))
     got = json.loads(res["text"])["predictions"]
     assert [g["path"] for g in got] == list(preds["path"])
-    np.testing.assert_allclose([g["prob_covid"] for g in got], preds["prob_covid"], atol=1e-5)
-    np.testing.assert_allclose([g["log_odds"] for g in got], preds["log_odds"], atol=1e-4)
-    assert [g["predicted_label"] for g in got] == list(preds["predicted_label"])
-    assert [g["in_scope"] for g in got] == list(preds["in_scope"])
+    # evaluate runs the test split in batches of 32, predict these 6 files in one batch of 6: other kernels may
+    # sum in another order, so each logit may move by test_export.TOL (was atol 1e-5 and 1e-4: what the derived
+    # bounds give only for T >= 5 and T >= 2). Flags and decisions compared away from their thresholds' edges.
+    meta = read_checkpoint(run / "best.pt").meta
+    t = meta.temperature
+    np.testing.assert_allclose([g["prob_covid"] for g in got], preds["prob_covid"], atol=prob_atol(t))
+    np.testing.assert_allclose([g["log_odds"] for g in got], preds["log_odds"], atol=log_odds_atol(t))
+    far = [abs(x - meta.threshold_log_odds) > log_odds_atol(t) for x in preds["log_odds"]]
+    assert [g["predicted_label"] for g, f in zip(got, far) if f] == [
+        e for e, f in zip(preds["predicted_label"], far) if f]
+    far = [abs(x - meta.gate.threshold) > scope_atol(meta.gate.threshold) for x in preds["scope_score"]]
+    assert [g["in_scope"] for g, f in zip(got, far) if f] == [e for e, f in zip(preds["in_scope"], far) if f]
 
 
 def test_unreadable_test_image_stops_evaluation(tiny_run, phantom_dataset, tmp_path):
@@ -204,7 +217,7 @@ def test_training_stores_a_validated_operating_point_and_temperature(tiny_run, p
     raise the validation NLL, and both travel in the checkpoint's meta to evaluate and predict."""
     cal = json.loads((tiny_run / "calibration.json").read_text())
     meta = read_checkpoint(tiny_run / "best.pt").meta
-    assert meta.temperature == pytest.approx(cal["calibration"]["temperature"])
+    assert meta.temperature == pytest.approx(cal["calibration"]["temperature"])  # one float, stored twice: exact
     assert meta.calibration.to_dict() == cal["calibration"]
     assert meta.threshold_log_odds == cal["threshold_log_odds"] and meta.threshold == cal["threshold"]
     assert isinstance(meta.threshold, float) and cal["threshold_text"] == meta.threshold_text()
@@ -243,7 +256,7 @@ def test_every_subgroup_number_carries_its_interval_and_small_ones_are_flagged(e
             assert b["accuracy_ci95"] is not None
             if b["n_positive"]:
                 k = round(b["sensitivity"] * b["n_positive"])
-                assert b["sensitivity_ci95"] == pytest.approx(wilson_ci(k, b["n_positive"]))
+                assert b["sensitivity_ci95"] == pytest.approx(wilson_ci(k, b["n_positive"]))  # same function: exact
             few = 0 < b["n_positive"] < MIN_PER_CLASS or 0 < b["n_negative"] < MIN_PER_CLASS
             assert b["too_few_to_judge"] is few and (b["caveat"] is not None) is few
     text = format_summary(result)

@@ -27,7 +27,7 @@ from covid_cxr.data.unzip import unpack_zip
 from covid_cxr.errors import CovidCxrError, FetchError
 
 TOP = "covid-chestxray-dataset-master"
-TIMEOUT = 5.0
+TIMEOUT = 5.0  # socket timeout against a local server that answers in milliseconds: > 1000x, only bounds a hang
 
 
 def png_bytes(seed: int) -> bytes:

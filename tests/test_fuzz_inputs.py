@@ -60,6 +60,9 @@ RSS_GROWTH_BYTES = 512 << 20
 """Most the process's peak resident memory may grow over a whole fuzz test (C decoders are not seen by
 tracemalloc; a multi-GB blow-up is)."""
 SECONDS = 15.0
+"""Most one fuzzed input may take. Under SMALL a decode touches <= 1 M pixels and 2 MB (tens of milliseconds on one
+core) and a config is a few KB of YAML; 15 s is > 100x that for a loaded 2-core machine, while what the bound exists
+to catch - a parser or decoder that goes quadratic or expands a bomb - runs for minutes."""
 
 
 @pytest.fixture(autouse=True)
@@ -419,6 +422,7 @@ def test_corpus_images_are_refused_cheaply_with_the_real_limits(path: Path, monk
     finally:
         tracemalloc.stop()
     assert err.value.path == str(path)
+    # refused from headers or limits (milliseconds): 5 s is > 100x; the memory bounds do not depend on load
     assert time.perf_counter() - t0 < 5.0 and peak < 48 << 20 and _maxrss() - rss < 256 << 20
 
 

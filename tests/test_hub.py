@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from test_api import _phantom_images
+from test_export import prob_atol, scope_atol
 
 import covid_cxr
 from covid_cxr import cli
@@ -61,11 +62,15 @@ def test_hf_folder_predicts_identically_to_the_run(evaluated, hf_folder, phantom
     paths = _phantom_images(phantom_dataset, 6)
     original = covid_cxr.load_run(evaluated, device="cpu").predict(paths)
     reloaded = covid_cxr.load_run(hf_folder, device="cpu").predict(paths)
+    # exact: the same float32 weights (safetensors is lossless, loaded into the model's own parameters), the same
+    # 6-image batch, kernels, process and thread count
     assert [r.to_dict() | {"source": ""} for r in reloaded] == [r.to_dict() | {"source": ""} for r in original]
     via_onnx = covid_cxr.load_run(hf_folder, backend="onnx", device="cpu").predict(paths)
-    for a, b in zip(original, via_onnx):
-        assert a.probabilities["covid"] == pytest.approx(b.probabilities["covid"], abs=1e-5)
-        assert a.in_scope == b.in_scope
+    meta = covid_cxr.load_run(evaluated, device="cpu").meta
+    for a, b in zip(original, via_onnx):  # torch vs ONNX Runtime: test_export's bounds (was abs=1e-5: T >= 5 only)
+        assert a.probabilities["covid"] == pytest.approx(b.probabilities["covid"], abs=prob_atol(meta.temperature))
+        if abs(a.scope_score - meta.gate.threshold) > scope_atol(meta.gate.threshold):  # not on the gate's edge
+            assert a.in_scope == b.in_scope
     # Grad-CAM for the ONNX backend of an hf folder comes from its safetensors (same source checkpoint)
     assert covid_cxr.load_run(hf_folder, backend="onnx").explain(paths[0])[0].heatmap.max() <= 1.0
 
@@ -98,6 +103,7 @@ def test_model_card_front_matter_has_results_with_cis_and_protocol(evaluated, hf
     assert result["dataset"]["args"]["protocol"] == metrics["protocol"]["split_protocol"]["description"]
     by_type = {m["type"]: m for m in result["metrics"]}
     auc = by_type["roc_auc"]
+    # the card rounds to 4 decimals (modelcard: round(v, 4)): <= 5e-5 off
     assert auc["value"] == pytest.approx(metrics["metrics"]["roc_auc"], abs=1e-4)
     assert auc["args"]["ci95"] == pytest.approx(metrics["ci95"]["roc_auc"], abs=1e-4)
     assert "resamples of patients" in auc["args"]["ci_method"]

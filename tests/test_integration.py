@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_export import prob_atol
 
 from conftest import REAL_SOURCES
 from covid_cxr.cli import main
+from covid_cxr.model.checkpoint import read_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,7 +60,9 @@ def test_real_pipeline_end_to_end(real_data, tmp_path, capsys):
     agree = tmp_path / "agree.csv"
     assert main(["predict", "--run", str(run), *ev["path"], "--out", str(agree)]) == 0
     pr = pd.read_csv(agree).set_index("path").loc[ev["path"]]
-    assert abs(pr["prob_covid"].to_numpy() - ev["prob_covid"].to_numpy()).max() < 1e-5
+    # batches of 32 vs 10: other kernels, so each logit may move by test_export.TOL (was 1e-5: T >= 5 only)
+    temperature = read_checkpoint(run / "best.pt").meta.temperature
+    assert abs(pr["prob_covid"].to_numpy() - ev["prob_covid"].to_numpy()).max() <= prob_atol(temperature)
 
     images = real_data / "sources" / REAL_SOURCES["mooney"] / "chest_xray" / "train" / "NORMAL"
     preds = tmp_path / "preds.json"

@@ -10,7 +10,8 @@ from covid_cxr.evaluation.metrics import MIN_PER_CLASS, enough_to_judge, subgrou
 
 def test_wilson_interval_matches_the_textbook_values():
     # Wilson (1927) 95% score intervals, as tabulated (e.g. Newcombe 1998, table I): 5/10 -> 0.237-0.763,
-    # 0/10 -> 0-0.278, 10/10 -> 0.722-1, 0/1 -> 0-0.793. 3 decimals are what those tables give.
+    # 0/10 -> 0-0.278, 10/10 -> 0.722-1, 0/1 -> 0-0.793. 3 decimals are what those tables give: rounded, so the
+    # exact values are within 5e-4 of them (float64 arithmetic adds ~1e-16).
     for (k, n), (lo, hi) in {(5, 10): (0.237, 0.763), (0, 10): (0.0, 0.278), (10, 10): (0.722, 1.0),
                              (0, 1): (0.0, 0.793)}.items():
         got = wilson_ci(k, n)
@@ -30,6 +31,7 @@ def test_a_subgroup_with_one_image_of_a_class_is_flagged_too_few_to_judge():
     called = np.array([True] * 10 + [False, False, True])
     m = subgroup_metrics(is_pos, called, np.arange(13.0), np.arange(13), ("normal", "covid"), n_resamples=200, seed=0)
     assert (m["n"], m["n_positive"], m["n_negative"]) == (13, 12, 1)
+    # the same function on the same counts (exact), and ratios of small integers (1 ulp)
     assert m["specificity"] == 0.0 and m["specificity_ci95"] == pytest.approx(wilson_ci(0, 1))
     assert m["sensitivity"] == pytest.approx(10 / 12) and m["sensitivity_ci95"] == pytest.approx(wilson_ci(10, 12))
     assert m["too_few_to_judge"] is True

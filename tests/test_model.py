@@ -180,12 +180,14 @@ def test_checkpoint_round_trip(tmp_path):
     loaded, got = load_model(path)
     assert got == meta
     assert got.labels == tuple(LABELS) and got.positive == "covid" and got.epoch == 2
+    # sigmoid(log(0.3 / 0.7)) in float64: division, log, exp, division each <= 1 ulp, condition numbers <= 1:
+    # <= ~3e-16 off 0.3 (ulp 5.6e-17); 1e-15 leaves 3x and still catches a float32 round trip (1e-8)
     assert got.threshold == pytest.approx(0.3, abs=1e-15) and isinstance(got.threshold, float)
     assert got.preprocess == spec
     assert got.versions["torch"] == str(torch.__version__)
     assert not loaded.training  # eval mode
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad():  # exact: the same float32 weights, input, kernels and thread count, in one process
         assert torch.equal(model(x), loaded(x))
     ckpt = read_checkpoint(path)
     assert ckpt.training is None and ckpt.checksum == raw["checksum"] and ckpt.meta == meta
@@ -278,9 +280,10 @@ def test_format_1_checkpoint_is_still_read(tmp_path):
                 "arch": "densenet121", "temperature": 1.5, "epoch": 4}, path)
     loaded, meta = load_model(path)
     assert meta.labels == tuple(LABELS) and meta.positive == "covid" and meta.epoch == 4
+    # 0.25 read as log-odds and back (float64 log, exp): ~1e-16 off
     assert meta.threshold == pytest.approx(0.25) and meta.temperature == 1.5 and meta.preprocess.size == 32
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad():  # exact: the same float32 weights, input, kernels and thread count, in one process
         assert torch.equal(model(x), loaded(x))
 
 
@@ -311,7 +314,7 @@ def test_model_meta_round_trip_through_dict_and_json():
     assert via_json == meta
     assert via_json.calibration.warnings == ("one", "two") and via_json.data.synthetic
     assert via_json.preprocess.mean == meta.preprocess.mean and isinstance(via_json.labels, tuple)
-    assert d["threshold"] == meta.threshold == pytest.approx(1 / (1 + math.exp(1.25)))
+    assert d["threshold"] == meta.threshold == pytest.approx(1 / (1 + math.exp(1.25)))  # float64: ~1e-16 apart
     bare = ModelMeta(arch="resnet18", labels=("a", "b", "c"), positive=None, preprocess=PreprocessSpec(size=32))
     assert ModelMeta.from_dict(json.loads(json.dumps(bare.to_dict()))) == bare
     assert bare.threshold is None and not bare.binary and "argmax" in bare.threshold_text()
@@ -336,10 +339,13 @@ def test_model_meta_decides_on_log_odds_without_saturation():
     logits = np.array([[0.0, 29.0], [0.0, 31.0], [0.0, 45.0], [3.0, 0.0]], dtype=np.float32)
     lp = meta.log_probs(logits)
     assert lp.dtype == np.float64
+    # float64 log-space arithmetic on |logits| <= 45: <= ~45 x 2.2e-16 = 1e-14 off; 1e-9 leaves 1e5x, while a
+    # float32 softmax could not give 29 or 45 at all (it saturates)
     np.testing.assert_allclose(meta.positive_log_odds(lp), [29.0, 31.0, 45.0, -3.0], atol=1e-9)
     assert meta.decide(lp).tolist() == [0, 1, 1, 0]
     assert meta.threshold < 1.0 and meta.threshold_text() != "P(covid) >= 1.00"
-    np.testing.assert_allclose(probabilities(logits, 2.0).sum(1), 1.0)
+    np.testing.assert_allclose(probabilities(logits, 2.0).sum(1), 1.0)  # float64: ~2e-16, rtol 1e-7
+    # log(exp(lp)) for lp >= -23 (45 / 2): |lp| x 2.2e-16 + 1 ulp ~ 5e-15
     np.testing.assert_allclose(log_probs(logits, 2.0), np.log(probabilities(logits, 2.0)), atol=1e-12)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_export import SCOPE_RTOL, prob_atol, scope_atol
 
 from conftest import make_gray, write_image
 from covid_cxr.deploy import predict
@@ -36,7 +37,7 @@ def test_csv_for_a_folder(tiny_run, images, tmp_path):
     assert list(df.columns) == ["path", "prob_normal", "prob_covid", "log_odds", "predicted_label", "threshold",
                                 "in_scope", "scope_score", "error"]
     assert sorted(df["path"]) == sorted(str(p) for p in paths)
-    np.testing.assert_allclose(df["prob_normal"] + df["prob_covid"], 1.0, atol=1e-12)
+    np.testing.assert_allclose(df["prob_normal"] + df["prob_covid"], 1.0, atol=1e-12)  # float64, CSV repr: ~1e-16
     meta = read_checkpoint(tiny_run / "best.pt").meta
     assert df["threshold"].dtype == np.float64 and (df["threshold"] == meta.threshold).all()
     expected = np.where(df["log_odds"] >= meta.threshold_log_odds, "covid", "normal")
@@ -61,6 +62,7 @@ def test_json_format_and_disclaimer(tiny_run, images):
     assert row["error"] == "" and isinstance(row["threshold"], float) and row["threshold"] == meta.threshold
     assert isinstance(row["in_scope"], bool) and isinstance(row["scope_score"], float)
     assert row["in_scope"] == (row["scope_score"] <= meta.gate.threshold)
+    # the same float64 log-odds through another formula: a few ulp of a probability (~1e-16)
     assert row["prob_covid"] == pytest.approx(1 / (1 + np.exp(-row["log_odds"])), abs=1e-12)
 
 
@@ -104,6 +106,8 @@ def test_preprocess_is_pure_and_checks_its_input():
     assert np.array_equal(img, make_gray(4, (50, 70)))  # input untouched
     black = preprocess(np.zeros((10, 10), np.uint8), spec)
     white = preprocess(np.full((10, 10), PIXEL_RANGE[1], np.uint8), spec)
+    # float32 (x - m) / s against float64: m, s and two operations each rounded to 2^-24 relative, no cancellation
+    # (|x - m| >= 0.4): <= 4 x 6e-8 = 2.4e-7 relative; 1e-5 leaves 40x
     np.testing.assert_allclose(black[:, 0, 0], [-m / s for m, s in zip(spec.mean, spec.std)], rtol=1e-5)
     np.testing.assert_allclose(white[:, 0, 0], [(1 - m) / s for m, s in zip(spec.mean, spec.std)], rtol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
@@ -125,6 +129,9 @@ def test_predict_uses_the_same_pixels_as_the_model_contract(tiny_run, images):
         logits = model(x).numpy()
     res = predict.run(PredictConfig(run=str(tiny_run), inputs=tuple(str(p) for p in paths), format="json"))
     got = json.loads(res["text"])["predictions"]
+    # the same network on the same 3-image batch in one process and thread count: the same kernels, the same float32
+    # logits (MKL and oneDNN are run-to-run reproducible at a fixed thread count); 1e-6 is slack for float64
+    # post-processing only, and a second pixel pipeline would show
     np.testing.assert_allclose([g["prob_covid"] for g in got], probabilities(logits, meta.temperature)[:, 1],
                                atol=1e-6)
 
@@ -146,9 +153,15 @@ def test_onnx_backend_and_heatmaps(tiny_run, images, tmp_path):
     t = json.loads(torch_res["text"])["predictions"]
     o = json.loads(onnx_res["text"])["predictions"]
     assert [r["path"] for r in t] == [r["path"] for r in o]
-    np.testing.assert_allclose([r["prob_covid"] for r in o], [r["prob_covid"] for r in t], atol=1e-4)
-    assert [r["in_scope"] for r in o] == [r["in_scope"] for r in t]  # the gate is part of the exported graph
-    np.testing.assert_allclose([r["scope_score"] for r in o], [r["scope_score"] for r in t], rtol=1e-3)
+    # torch vs ONNX Runtime: test_export's derived bounds (was atol=1e-4, tighter than prob_atol for T < 0.5)
+    meta = read_checkpoint(run / "best.pt").meta
+    np.testing.assert_allclose([r["prob_covid"] for r in o], [r["prob_covid"] for r in t],
+                               atol=prob_atol(meta.temperature))
+    clear = [abs(r["scope_score"] - meta.gate.threshold) > scope_atol(meta.gate.threshold) for r in t]
+    # the gate is part of the exported graph (flags compared away from its threshold's edge)
+    assert [r["in_scope"] for r, c in zip(o, clear) if c] == [r["in_scope"] for r, c in zip(t, clear) if c]
+    np.testing.assert_allclose([r["scope_score"] for r in o], [r["scope_score"] for r in t], rtol=SCOPE_RTOL,
+                               atol=SCOPE_RTOL)
     assert [r["threshold"] for r in o] == [r["threshold"] for r in t]
     pngs = sorted((tmp_path / "heat").glob("*.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
@@ -211,6 +224,7 @@ def test_every_prediction_explains_its_decision(tiny_run, images):
         assert head in pred.explanation and meta.threshold_reason() in pred.explanation
         p_text, t_text = pred.explanation.split(head)[1].split(",")[0].split(f" is {side} the decision threshold ")
         for text, value in ((p_text, pred.probability), (t_text, meta.threshold)):  # rounded, never misleading
+            # half a unit of the last printed digit; 1e-12 for float64 parsing and 10.0 ** -d (~1e-16 each)
             assert abs(float(text) - value) <= 0.5 * 10.0 ** -len(text.split(".")[1]) + 1e-12
         assert (float(p_text) >= float(t_text)) == (pred.label == "covid") or p_text == t_text
         assert pred.explanation.startswith("out of scope: ") == (pred.in_scope is False)

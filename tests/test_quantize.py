@@ -27,6 +27,20 @@ range, and the largest of 48 logits (24 images x 2) is ~2.8 sigma ~ 0.035. 0.08 
 CPUs training a slightly different tiny model), and still ~10x below what a broken graph does (a wrong scale or zero
 point moves a logit by O(spread)). That every CPU computes the same integers is checked by the weight range
 (quantize.WEIGHT_QMAX), not by this bound."""
+INT8_SCOPE_BAND = 0.25
+"""In-scope flags of the int8 and fp32 graphs are compared for images whose fp32 score is farther than this share of
+the gate's threshold from it. The gate itself stays float32, but it whitens the int8 backbone's features: their
+quantisation noise (~1.2% of the tensor's range, LOGIT_ATOL's derivation) adds in quadrature to the feature distance,
+and along directions where the one-epoch model's features vary 10-30x less than that range it is a sizeable share
+of the distance: sqrt(1 + (0.012 x 30)^2) - 1 = 6% per such direction, more where several add up. There is no
+model-independent bound (it depends on the spectrum of the features of whichever tiny model the CPU trained): scores
+moved by up to 0.10 in quantize's note and by up to 0.19 (12% of the threshold 1.54) on another run, whose nearest
+fp32 score sat 0.015 below the threshold. The band is 2x the larger; a broken gate (quantised, fed the wrong tensor)
+moves scores by O(1) and flips flags outside it. (Was: every flag equal, which that run met by a margin of 0.015.)"""
+
+
+def _clear_of_gate_edge(scope: np.ndarray, threshold: float) -> np.ndarray:
+    return np.abs(scope - threshold) > INT8_SCOPE_BAND * threshold
 
 
 def _copy_run(src, dst):
@@ -49,6 +63,8 @@ def quantized(tiny_exported, tmp_path_factory):
 def test_int8_file_and_its_check_are_written(quantized):
     run, summary, qd = quantized
     assert (run / "model.int8.onnx").is_file() and (run / "model.int8.json").is_file()
+    # int8 weights are 1/4 of fp32's; the float32 gate (a 1024 x 1024 precision, 4 MiB) and scales keep it at 0.39
+    # here; an unquantised graph would be ~1.0
     assert (run / "model.int8.onnx").stat().st_size < 0.6 * (run / "model.onnx").stat().st_size
     block = read_json(run / "model.json", "model.json")["quantization"]
     assert read_json(run / "model.int8.json", "int8 json")["quantization"] == block
@@ -56,9 +72,11 @@ def test_int8_file_and_its_check_are_written(quantized):
     assert block["calibration_n"] == len(qd.calibration) == block["validation_n"] == 14
     assert block["test_n"] == len(qd.test) == 24
     assert 0 <= block["fp32_auc"] <= 1 and 0 <= block["int8_auc"] <= 1
-    assert block["auc_difference"] == pytest.approx(block["int8_auc"] - block["fp32_auc"])
+    assert block["auc_difference"] == pytest.approx(block["int8_auc"] - block["fp32_auc"])  # same floats: exact
     assert block["gate_nodes_kept_fp32"] > 0
-    assert block["in_scope_agree"] == 1.0
+    fp32 = OnnxModel(run / "model.onnx", device="cpu")
+    clear = _clear_of_gate_edge(fp32.forward_pixels(qd.test).scope, fp32.meta.gate.threshold)
+    assert block["in_scope_agree"] >= clear.mean()  # flags may differ only near the gate's threshold
     assert "reduce_range" in block["method"]
     assert set(CPU_FLAGS) <= set(block["exported_on_cpu"]) and block["exported_on_cpu"]["name"]
     # the fp32 pair still loads (model.json changed, model.onnx did not)
@@ -74,7 +92,9 @@ def test_int8_predicts_like_fp32(quantized):
     spread = max(1.0, float(a.logits.max() - a.logits.min()))
     assert np.abs(a.logits - b.logits).max() <= LOGIT_ATOL * spread
     t = fp32.meta.gate.threshold
-    assert np.array_equal(a.scope <= t, b.scope <= t)
+    clear = _clear_of_gate_edge(a.scope, t)
+    assert clear.any()  # the comparison is not empty
+    assert np.array_equal((a.scope <= t)[clear], (b.scope <= t)[clear])
     assert int8.meta.to_dict() == fp32.meta.to_dict()
 
 
@@ -173,6 +193,8 @@ def test_a_learned_model_keeps_its_auc_and_scope_under_the_default_bar(learned_p
     q = run(ExportConfig(run=str(dst), quantize="int8", data=str(learned_phantom_run.parent / "dataset")))[
         "quantization"]
     assert q["test_n"] == 80 and q["max_auc_drop"] == 0.01
+    # the export's own bar (quantize.MAX_AUC_DROP); agreement: a model that learned the phantoms keeps most images
+    # far from both thresholds, so 4 of 80 may flip (quantize warns above 2%)
     assert q["fp32_auc"] - q["int8_auc"] <= 0.01
     assert q["in_scope_agree"] >= 0.95 and q["decisions_agree"] >= 0.95
 

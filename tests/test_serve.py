@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_export import SCOPE_RTOL, log_odds_atol, prob_atol, scope_atol
 
 from conftest import make_gray
 from covid_cxr import DISCLAIMER, __version__
@@ -140,7 +141,7 @@ def test_predict_png_equals_the_cli_prediction(client, tiny_run, tmp_path):
     assert r.status_code == 200, r.text
     out = r.json()
     probs = out["probabilities"]
-    assert list(probs) == ["normal", "covid"] and sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+    assert list(probs) == ["normal", "covid"] and sum(probs.values()) == pytest.approx(1.0, abs=1e-6)  # float64
     assert out["label"] in out["model"]["labels"] and out["disclaimer"] == DISCLAIMER
     assert out["positive_class"] == "covid"
     assert out["image"] == {"width": 64, "height": 72}
@@ -148,7 +149,9 @@ def test_predict_png_equals_the_cli_prediction(client, tiny_run, tmp_path):
     assert out["model"]["checkpoint"] == "best.pt" and len(out["model"]["checkpoint_sha256"]) == 64
     assert "heatmap_png_base64" not in out and "heatmap" not in out
     assert out["threshold_text"] == out["model"]["threshold_text"] and "1.00" not in out["threshold_text"]
-    # The one prediction path: the same numbers as `covid-cxr predict` on the same file.
+    # The one prediction path: the same numbers as `covid-cxr predict` on the same file. Same Predictor code, the
+    # same 1-image batch, process and thread count: the same kernels give the same float32 outputs (MKL and oneDNN
+    # are run-to-run reproducible at a fixed thread count); 1e-6 is slack for float64 post-processing only.
     (tmp_path / "x.png").write_bytes(data)
     row = cli_row(tiny_run, tmp_path / "x.png")
     assert probs["covid"] == pytest.approx(row["prob_covid"], abs=1e-6)
@@ -166,7 +169,7 @@ def test_out_of_scope_images_are_flagged(client, tiny_run):
     phantom = phantom_png(tiny_run)
     inside = post(client, phantom.read_bytes()).json()
     assert inside["in_scope"] is True and "scope_warning" not in inside
-    assert inside["scope_score"] == pytest.approx(cli_row(tiny_run, phantom)["scope_score"], rel=1e-6)
+    assert inside["scope_score"] == pytest.approx(cli_row(tiny_run, phantom)["scope_score"], rel=1e-6)  # as above
     outside = post(client, png_bytes(4)).json()
     assert outside["in_scope"] is False and outside["scope_score"] > inside["scope_score"]
     assert "unlike" in outside["scope_warning"] and "not meaningful" in outside["scope_warning"]
@@ -184,7 +187,8 @@ def test_heatmap_is_a_base64_png(client):
         assert img.width > 100 and img.height > 100
     assert out["heatmap"]["method"] == "Grad-CAM" and out["heatmap"]["target"] == "covid"
     assert "ONNX" not in out["heatmap"]["computed_with"]
-    # Asking for the heatmap does not change the prediction.
+    # Asking for the heatmap does not change the prediction (exact: the same predictor call; the heatmap has its own
+    # model copy and forward pass).
     assert out["probabilities"] == post(client, png_bytes()).json()["probabilities"]
 
 
@@ -204,14 +208,20 @@ def test_onnx_backend_agrees_with_torch(client, onnx_client, onnx_run):
     assert (onnx_run / "model.onnx").is_file() and (onnx_run / "model.json").is_file()
     assert onnx_client.get("/healthz").json()["backend"] == "onnx"
     phantom = phantom_png(onnx_run_source(onnx_run))
+    meta = load_predictor(onnx_run, "torch", device="cpu").meta
+    t = meta.temperature
     for data in (png_bytes(3), png_bytes(4), phantom.read_bytes()):
         a, b = post(client, data).json(), post(onnx_client, data, heatmap=True).json()
+        # torch vs ONNX Runtime: test_export's derived bounds (were 1e-4 for P and log-odds, what they give only for
+        # T >= 0.5 and T >= 2, and 1e-4 relative for the score)
         for label in a["probabilities"]:
-            assert abs(a["probabilities"][label] - b["probabilities"][label]) <= 1e-4
-        assert b["log_odds"] == pytest.approx(a["log_odds"], abs=1e-4)
+            assert abs(a["probabilities"][label] - b["probabilities"][label]) <= prob_atol(t)
+        assert b["log_odds"] == pytest.approx(a["log_odds"], abs=log_odds_atol(t))
         # the gate's score comes out of the ONNX graph too
-        assert b["scope_score"] == pytest.approx(a["scope_score"], rel=1e-4)
-        assert b["in_scope"] == a["in_scope"] and b["threshold_text"] == a["threshold_text"]
+        assert b["scope_score"] == pytest.approx(a["scope_score"], rel=SCOPE_RTOL, abs=SCOPE_RTOL)
+        if abs(a["scope_score"] - meta.gate.threshold) > scope_atol(meta.gate.threshold):  # not on the gate's edge
+            assert b["in_scope"] == a["in_scope"]
+        assert b["threshold_text"] == a["threshold_text"]
         assert b["model"]["backend"] == "onnx" and b["model"]["onnx_file"] == "model.onnx"
         assert b["model"]["checkpoint_sha256"] == a["model"]["checkpoint_sha256"]
         assert "ONNX" in b["heatmap"]["computed_with"]  # says the heatmap came from the PyTorch checkpoint
@@ -295,6 +305,7 @@ def test_dicom_upload(client, tiny_run, tmp_path, bits):
     out = r.json()
     assert out["image"] == {"width": 64, "height": 80}
     row = cli_row(tiny_run, path)
+    # the same path as `covid-cxr predict` (see test_predict_png_equals_the_cli_prediction): exact but for float64
     assert out["probabilities"]["covid"] == pytest.approx(row["prob_covid"], abs=1e-6)
     assert out["in_scope"] == row["in_scope"]
     assert load_image(path).shape == (80, 64)
@@ -329,6 +340,7 @@ def test_concurrent_requests_agree_and_stay_within_the_pool(tiny_run):
     assert len(results) == 16 and all(status == 200 for _, status, _ in results)
     for seed in images:
         probs = [out["probabilities"] for s, _, out in results if s == seed]
+        # exact: the same 1-image forward on either pool thread, each with the process's intra-op thread count
         assert len(probs) == 8 and all(p == probs[0] for p in probs)
     assert 1 <= state["max"] <= 2
 

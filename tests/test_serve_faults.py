@@ -372,7 +372,9 @@ def test_api_key_from_the_environment_and_the_exposure_warning(tiny_run, monkeyp
     serve.run(ServeConfig(run=str(tiny_run), host="127.0.0.1", device="cpu"))
     assert not caplog.records and calls[-1][0].state.api_key is None
     assert calls[-1][1]["limit_concurrency"] > ServeConfig(run="x").max_uploads
-    serve.run(ServeConfig(run=str(tiny_run), host="0.0.0.0", device="cpu"))
+    with pytest.raises(ConfigError, match="--insecure-public"):  # beyond loopback without a key: refused (W3)
+        serve.run(ServeConfig(run=str(tiny_run), host="0.0.0.0", device="cpu"))
+    serve.run(ServeConfig(run=str(tiny_run), host="0.0.0.0", device="cpu", insecure_public=True))
     [warning] = caplog.records
     assert "0.0.0.0" in warning.getMessage() and "no API key" in warning.getMessage() and "TLS" in warning.getMessage()
     caplog.clear()

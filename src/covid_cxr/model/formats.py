@@ -40,17 +40,13 @@ def _safetensors():
     return st
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    """``json.loads`` hook: a JSON object naming one key twice is refused (Python would keep the last silently, the
-    safetensors loader might keep another)."""
+    """``json.loads`` hook: a JSON object naming one key twice is refused with a ValueError (Python would keep the
+    last silently, the safetensors loader might keep another)."""
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(key)
+            raise ValueError(f"names {str(key)[:80]!r} twice")
         out[key] = value
     return out
 
@@ -75,10 +71,9 @@ def read_safetensors_header(path: str | Path) -> dict:
         raise CheckpointError(f"{path} not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    except _DuplicateKey as exc:
-        raise CheckpointError(f"{path}: its header names {str(exc)[:80]!r} twice (one of the two would be loaded "
-                              "silently); the file was altered or written wrongly: use another copy or export "
-                              "the model again") from None
+    except ValueError as exc:  # _unique_keys (JSON and Unicode errors are caught above)
+        raise CheckpointError(f"{path}: its header {exc} (one of the two would be loaded silently); the file was "
+                              "altered or written wrongly: use another copy or export the model again") from None
     except RecursionError:
         raise CheckpointError(f"{path} is not a safetensors file (its header is nested absurdly deep)") from None
     if not isinstance(header, dict):
