@@ -64,6 +64,11 @@ def test_json_format_and_disclaimer(tiny_run, images):
     assert row["in_scope"] == (row["scope_score"] <= meta.gate.threshold)
     # the same float64 log-odds through another formula: a few ulp of a probability (~1e-16)
     assert row["prob_covid"] == pytest.approx(1 / (1 + np.exp(-row["log_odds"])), abs=1e-12)
+    # the JSON rows carry the same sentence as the API's Prediction (one definition: ModelMeta.explain_decision)
+    from covid_cxr.deploy.api import load_run
+
+    [pred] = load_run(str(tiny_run)).predict([str(paths[0])])
+    assert row["explanation"] == pred.explanation and "the decision threshold" in row["explanation"]
 
 
 def test_unreadable_file_is_an_error_or_a_row(tiny_run, images, tmp_path):

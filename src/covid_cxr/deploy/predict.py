@@ -46,6 +46,15 @@ def output_format(cfg: PredictConfig, terminal: bool) -> str:
     return "table" if terminal else "csv"
 
 
+def explanation(row: dict, meta) -> str:
+    """The decision of one flat row in one sentence (:meth:`~covid_cxr.model.meta.ModelMeta.explain_decision`), or
+    the reason an unreadable file has none."""
+    if row["error"]:
+        return f"unreadable: {row['error']}"
+    return meta.explain_decision({lab: row[f"prob_{lab}"] for lab in meta.labels}, row["predicted_label"],
+                                 row.get("in_scope"))
+
+
 def summary_line(rows: list[dict], labels: Sequence[str]) -> str:
     """``7 images: 5 covid, 2 normal; 2 of them out of scope; 1 unreadable``."""
     decided = [r for r in rows if not r["error"]]
@@ -115,7 +124,7 @@ def run(cfg: PredictConfig) -> dict:
                         "threshold": meta.threshold, "threshold_text": meta.threshold_text(),
                         "threshold_reason": meta.threshold_reason(),
                         "out_of_scope_gate": meta.gate.to_dict() if meta.gate else None,
-                        "predictions": rows})
+                        "predictions": [{**r, "explanation": explanation(r, meta)} for r in rows]})
     else:
         text = _csv(rows)
     if cfg.out:
