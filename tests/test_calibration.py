@@ -410,8 +410,7 @@ def test_the_threshold_is_explained_in_plain_words_for_every_rule():
     assert p_text != t_text and float(p_text) < float(t_text)
     out = sens.explain_decision({"normal": 0.067, "covid": 0.933}, "covid", in_scope=False)
     assert out.startswith("out of scope: ") and "P(covid) 0.933" in out
-    sep = Calibration(threshold_rule="sensitivity", target_sensitivity=0.9, warnings=("validation separates the "
-                                                                                      "classes completely (…)",))
+    sep = Calibration(threshold_rule="sensitivity", target_sensitivity=0.9, separated=True)
     assert "midway between them" in _meta(calibration=sep).threshold_reason()
     youden = _meta(calibration=Calibration(threshold_rule="youden"))
     assert "Youden" in youden.threshold_reason() and ", which was set on validation" in youden.explain_decision(

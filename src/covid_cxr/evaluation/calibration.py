@@ -382,7 +382,7 @@ def calibrate(logits: np.ndarray, targets: np.ndarray, positive: int | None, rul
                        if rule == "sensitivity" else "")
                     + ", and new images (other hospitals, other scanners) will not be separated as cleanly: "
                       "measure sensitivity on data the model has not seen (covid-cxr crossval)")
-            values.update(threshold_rule=rule, target_sensitivity=op["target_sensitivity"],
+            values.update(threshold_rule=rule, target_sensitivity=op["target_sensitivity"], separated=gap is not None,
                           val_sensitivity=op["sensitivity"], val_specificity=op["specificity"])
         except CalibrationError as exc:
             values["threshold_rule"] = "default 0.5"

@@ -113,6 +113,9 @@ class Calibration:
     val_sensitivity: float | None = None
     """Sensitivity and specificity the threshold reached on validation."""
     val_specificity: float | None = None
+    separated: bool = False
+    """Validation separated the classes completely, so the threshold was put midway between them (and the target
+    sensitivity could not be checked there)."""
     n_val: int = 0
     nll_before: float | None = None
     nll_after: float | None = None
@@ -324,7 +327,7 @@ class ModelMeta:
         if not self.binary:
             return "the class with the largest probability is the decision"
         rule = cal.threshold_rule if cal else "default 0.5"
-        separated = bool(cal) and any("separates the classes" in w for w in cal.warnings)
+        separated = bool(cal) and cal.separated
         if rule == "sensitivity" and cal.target_sensitivity is not None:
             text = f"set to catch {100 * cal.target_sensitivity:g} % of {self.positive} cases on validation"
         elif rule == "youden":

@@ -33,8 +33,8 @@ def onnx_meta_path(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
-def read_onnx_meta(path: Path) -> tuple[ModelMeta, dict]:
-    """(the model's meta, the export details) from the JSON beside ``path``."""
+def _read_onnx_doc(path: Path) -> dict:
+    """The JSON beside ``path``, checked for its shape (``meta`` and ``onnx`` objects, an integer format)."""
     meta_file = onnx_meta_path(path)
     if not meta_file.is_file():
         raise CheckpointError(f"{meta_file} not found: an ONNX model needs the metadata JSON that "
@@ -43,12 +43,21 @@ def read_onnx_meta(path: Path) -> tuple[ModelMeta, dict]:
         doc = read_json(meta_file, "ONNX metadata", max_bytes=MAX_MODEL_JSON_BYTES)
     except CovidCxrError as exc:
         raise CheckpointError(f"{exc}; export the checkpoint again") from None
-    if not isinstance(doc, dict) or "meta" not in doc or "onnx" not in doc:
+    if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict) or not isinstance(doc.get("onnx"), dict):
         raise CheckpointError(f"{meta_file} is not covid-cxr {ONNX_META_FORMAT} ONNX metadata (written by an older "
                               "covid-cxr?); export the checkpoint again with `covid-cxr export`")
-    if int(doc.get("format", 0)) > ONNX_META_FORMAT:
+    fmt = doc.get("format", 0)
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise CheckpointError(f"{meta_file}: format must be an integer, got {str(fmt)[:40]!r}; export again")
+    if fmt > ONNX_META_FORMAT:
         raise CheckpointError(f"{meta_file} was written by a newer covid-cxr; upgrade covid-cxr")
-    return ModelMeta.from_dict(doc["meta"], where=str(meta_file)), doc["onnx"]
+    return doc
+
+
+def read_onnx_meta(path: Path) -> tuple[ModelMeta, dict]:
+    """(the model's meta, the export details) from the JSON beside ``path``."""
+    doc = _read_onnx_doc(path)
+    return ModelMeta.from_dict(doc["meta"], where=str(onnx_meta_path(path))), doc["onnx"]
 
 
 def _read_checked(path: Path, sha256: str | None) -> bytes:
@@ -106,9 +115,10 @@ class OnnxModel:
         if not path.is_file():
             raise CheckpointError(f"ONNX model {path} not found; create it with `covid-cxr export --run RUN_DIR`")
         self.path = path
-        self.meta, self.export = read_onnx_meta(path)
-        self.quantization: dict = read_json(onnx_meta_path(path), "ONNX metadata",
-                                            max_bytes=MAX_MODEL_JSON_BYTES).get("quantization") or {}
+        doc = _read_onnx_doc(path)  # read once: meta, export details and the int8 check
+        self.meta, self.export = ModelMeta.from_dict(doc["meta"], where=str(onnx_meta_path(path))), doc["onnx"]
+        quantization = doc.get("quantization")
+        self.quantization: dict = quantization if isinstance(quantization, dict) else {}
         data = _read_checked(path, self.export.get("onnx_sha256"))
         self.providers = _providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
