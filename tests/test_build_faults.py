@@ -192,9 +192,11 @@ def test_ctrl_c_stops_workers_and_prints_one_line(rebuilt: dict) -> None:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole foreground group
-    # Bound: the interrupt path waits at most 5 + 5 s per worker and 10 s for the pool's manager thread
-    # (workers._stop: 30 s with 2 workers) plus the interpreter's exit; on an idle 2-core machine it takes ~10 s, and
+    # Bound: the interrupt path waits at most 5 + 5 s per worker and 1 + 10 s for the pool's manager thread
+    # (workers._stop: 31 s with 2 workers) plus the interpreter's exit; on an idle 2-core machine it takes 1-2 s, and
     # 180 s leaves room for a machine running other test suites at the same time (it once took over 60 s there).
+    # It once never ended (CI): a worker stopped mid-send left the manager thread waiting forever; the unit test
+    # test_workers.py::test_ctrl_c_while_workers_send_large_results_ends_the_command reproduces that every time.
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-3000:])
     assert err.strip().splitlines()[-1] == "covid-cxr: interrupted"

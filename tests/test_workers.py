@@ -103,3 +103,54 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_ctrl_c_while_workers_send_large_results_ends_the_command(fresh: bool) -> None:
+    """Ctrl-C while workers are in the middle of sending results larger than a pipe holds (32 MB each here; a decode
+    batch of large images is several MB): the command ends, with no traceback and no worker left. The bug: a worker
+    stopped mid-send left the pool's manager thread waiting for the rest of the message forever (this process holds
+    the pipe's write end too), and the interpreter's exit joined that thread: `data build` printed "interrupted" and
+    never exited (CI, 180 s)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(SRC)!r})
+        import numpy as np
+        from covid_cxr.workers import run_batches
+
+        if __name__ == "__main__":
+            try:
+                for k, out in enumerate(run_batches(np.zeros, [4_000_000] * 10_000, 2, batch=1, fresh={fresh})):
+                    if k == 3:
+                        print("running", flush=True)
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                sys.exit(130)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "running", proc.stderr.read()[-2000:]
+        time.sleep(0.2)  # results are streaming: most of the time a worker is inside a send
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole group
+        # Bound: workers._stop waits at most 5 + 5 s per worker, 1 + 10 s for the manager thread (31 s with 2
+        # workers); it takes ~1 s on an idle 2-core machine. A hang (the bug) never ends.
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-2000:])
+        assert err.strip().splitlines()[-1] == "interrupted"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("a worker outlived the interrupted command")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass

@@ -15,6 +15,7 @@ forked (quick to start). Tasks and their data reach the workers pickled either w
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -23,6 +24,8 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable, Sequence
+
+log = logging.getLogger(__name__)
 
 
 def _alive(pid: int) -> bool:
@@ -81,6 +84,7 @@ def _stop(pool: ProcessPoolExecutor, clean: bool) -> None:
         return
     processes = list((getattr(pool, "_processes", None) or {}).values())
     manager = getattr(pool, "_executor_manager_thread", None)
+    results = getattr(pool, "_result_queue", None)
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
         if p.is_alive():
@@ -90,8 +94,23 @@ def _stop(pool: ProcessPoolExecutor, clean: bool) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
-    if manager is not None:
-        manager.join(timeout=10)  # it sees the workers gone, fails what was pending and ends
+    if manager is None:
+        return
+    manager.join(timeout=1)  # usually it sees the workers gone, fails what was pending and ends
+    if manager.is_alive() and results is not None:
+        # A worker ended in the middle of sending a result larger than the pipe holds: the manager thread waits in
+        # recv() for the rest, and since this process holds the pipe's write end too, no end of file ever comes
+        # (the interpreter's exit would then join that thread forever). With the workers gone, closing our write
+        # end is what ends the wait: recv() fails, the thread treats the pool as broken and ends.
+        writer = getattr(results, "_writer", None)
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass
+    manager.join(timeout=10)
+    if manager.is_alive():  # pragma: no cover - no known way here; say so rather than hang without a word
+        log.warning("a worker pool's manager thread did not end; the command may wait for it on exit")
 
 
 def make_pool(workers: int, fresh: bool = False) -> ProcessPoolExecutor:
