@@ -698,10 +698,63 @@ def test_a_source_that_loses_every_image_stops_the_build_unless_allowed(tmp_path
     out = tmp_path / "ds"
     sources = (("folder", str(good)), ("folder", str(linked)))
     with pytest.raises(DatasetError, match=r"source linked yields no usable image: 8 item\(s\) were not used "
-                                           r"\(8 link pointing outside the source folder.*--allow-empty-source"):
+                                           r"\(8 link pointing outside the source folder.*--allow-links-to.*"
+                                           r"--allow-empty-source"):
         build(DataConfig(sources=sources, out=str(out), test_per_class=3, workers=1, progress=False))
     assert not out.exists()
     report = build(DataConfig(sources=sources, out=str(out), test_per_class=3, workers=1, progress=False,
                               allow_empty_source=True))
     assert any("source linked yields no usable image" in w for w in report["warnings"])
     assert set(load(out)["source"]) == {"good"}
+
+
+def test_links_into_a_folder_the_user_names_are_followed_and_others_still_refused(tmp_path: Path) -> None:
+    """N3, the way out: shared storage is common (a source's images are links to it, or its whole images/ folder is
+    one link). --allow-links-to STORAGE follows links that lead into STORAGE, for a folder source (each image a link)
+    and a Cohen source (images/ a link); a link that leads anywhere else is still refused and counted."""
+    storage = tmp_path / "storage"
+    shared = folder_source(storage / "folder-images", {"covid": 4, "normal": 4})
+    linked = tmp_path / "linked"
+    for f in sorted(shared.rglob("*.png")):
+        (linked / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (linked / f.parent.name / f.name).symlink_to(f)
+    elsewhere = write_image(tmp_path / "elsewhere" / "secret.png", seed=77)
+    (linked / "normal" / "stray.png").symlink_to(elsewhere)
+    real_cohen = cohen_source(storage / "cohen-real", {"1": ("COVID-19", 3), "2": ("COVID-19", 2)})
+    cohen = tmp_path / "cohen"
+    cohen.mkdir()
+    shutil.copy(real_cohen / "metadata.csv", cohen / "metadata.csv")
+    (cohen / "images").symlink_to(real_cohen / "images", target_is_directory=True)
+    good = folder_source(tmp_path / "good", {"covid": 10, "normal": 10})
+    sources = {"folder": good, "cohen": cohen}
+    out = tmp_path / "ds"
+    config = DataConfig(sources=(("folder", str(good)), ("folder", str(linked)), ("cohen", str(cohen))), out=str(out),
+                        test_per_class=3, workers=1, progress=False, allow_links_to=(str(storage),))
+    report = build(config)
+    df = load(out)
+    counts = df.groupby("source").size().to_dict()
+    assert counts == {"good": 20, "linked": 8, "cohen": 5}, counts
+    stray = [d for d in report_dropped(out) if d["item"].endswith("stray.png")]
+    assert len(stray) == 1 and "outside the source folder" in stray[0]["reason"], stray
+    assert not any("secret" in str(p) for p in df["path"]), "a link out of every allowed folder was read"
+    assert report["build"]["files"] == 33
+    assert report["links_followed_into"] == [str(storage.resolve())]  # the provenance says where links led
+    # Without the flag the same sources lose the linked images (and the whole Cohen source): the build stops.
+    with pytest.raises(DatasetError, match="--allow-links-to"):
+        build(DataConfig(sources=config.sources, out=str(tmp_path / "ds2"), test_per_class=3, workers=1,
+                         progress=False))
+    del sources
+
+
+def test_allow_links_to_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    from covid_cxr.errors import SourceError
+
+    good = folder_source(tmp_path / "good", {"covid": 4, "normal": 4})
+    with pytest.raises(SourceError, match=r"--allow-links-to .*nowhere: no such folder"):
+        build(DataConfig(sources=(("folder", str(good)),), out=str(tmp_path / "ds"), test_per_class=1, workers=1,
+                         progress=False, allow_links_to=(str(tmp_path / "nowhere"),)))
+    assert not (tmp_path / "ds").exists()
+
+
+def report_dropped(out: Path) -> list[dict]:
+    return pd.read_csv(out / "dropped.csv", dtype=str).fillna("").to_dict("records")

@@ -38,7 +38,7 @@ NO_FLAG_HELP = "Turns off (on by default): "
 
 SPECIAL_METAVARS = {"weights": "imagenet|none|FILE", "device": "auto|cpu|cuda|cuda:N", "run": "RUN_DIR",
                     "data": "DATASET_DIR", "inputs": "IMAGE_OR_FOLDER", "crossval": "CV_DIR",
-                    "estimate_from": "CV_DIR"}
+                    "estimate_from": "CV_DIR", "allow_links_to": "DIR"}
 
 
 def _pair(value: str) -> tuple[str, str]:
@@ -107,7 +107,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, provided: set[str]) 
                 kw["type"] = _source if f.name == "sources" else _pair
                 kw["metavar"] = "NAME=PATH"
             else:
-                kw["metavar"] = f.name[:-1].upper()
+                kw["metavar"] = SPECIAL_METAVARS.get(f.name, f.name.removesuffix("s").upper())
         else:
             kw["type"] = tp if tp in (int, float) else str
             kw["metavar"] = SPECIAL_METAVARS.get(f.name, f.name.upper())

@@ -150,7 +150,7 @@ def confounder_warnings(df: pd.DataFrame, classes: list[str], margin: float = 0.
 
 
 def _read_sources(cfg: DataConfig) -> list:
-    reads = [read_source(name, path) for name, path in cfg.sources]
+    reads = [read_source(name, path, cfg.allow_links_to) for name, path in cfg.sources]
     names = [r.source for r in reads]
     if len(set(names)) != len(names):
         raise DatasetError(f"two sources would both be called {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
@@ -170,8 +170,9 @@ def empty_source_text(r) -> str:
     """``source X yields no usable image: its 12 items were refused (12 link pointing outside ...)``."""
     reasons = Counter(d["reason"] for d in r.dropped)
     top = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
-    hint = (" (a link to shared storage outside the source folder is refused: copy the images in, or point --source "
-            "at the folder the links lead to)" if any("outside the source folder" in k for k in reasons) else "")
+    hint = (" (a link to shared storage outside the source folder is refused: pass --allow-links-to with the folder "
+            "the links lead to, copy the images in, or point --source at that folder)"
+            if any("outside the source folder" in k for k in reasons) else "")
     return (f"source {r.source} yields no usable image: {len(r.dropped)} item(s) were not used"
             + (f" ({top})" if top else " (it holds no image files)") + hint)
 
@@ -321,6 +322,7 @@ def _report(cfg: DataConfig, classes: list[str], reads, df: pd.DataFrame, droppe
         "label_mapping": dict(TASKS[cfg.task].mapping),
         "protocol": _protocol(cfg),
         "sources": by_source,
+        "links_followed_into": [str(Path(p).expanduser().resolve()) for p in cfg.allow_links_to],
         "images_in_manifest": int(len(df)),
         "not_used_total": len(dropped),
         "not_used_by_reason": dict(Counter(_reason_kind(d["reason"]) for d in dropped).most_common()),

@@ -38,6 +38,9 @@ class DataConfig(CommandOptions):
     """Cap on one source's share of a class (e.g. 0.6); surplus images are left out of the task, counted."""
     dedup: bool = True
     """Remove near-duplicate images (perceptual hash confirmed by a pixel check) before splitting."""
+    allow_links_to: tuple[str, ...] = ()
+    """Folders that links inside a source may lead into (e.g. shared storage holding the images); repeat for each.
+    Without it, a link that leaves its source folder is refused and counted."""
     allow_empty_source: bool = False
     """Build even when a source yields no usable image (it is then a warning in the dataset report, not an error)."""
     cache: bool = True

@@ -11,8 +11,10 @@ import csv
 import io
 import os
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol, Sequence
 
 import pandas as pd
 
@@ -25,6 +27,9 @@ class Drops(Protocol):
 
     def drop(self, item: str | Path, reason: str) -> None: ...
 
+
+LINK_HINT = "; --allow-links-to DIR follows links into DIR"
+"""Appended to the reason a link out of a source is refused: the way to follow it."""
 
 _CSV_FIX = "save it from a spreadsheet program as CSV (comma-separated, UTF-8)"
 
@@ -117,7 +122,7 @@ def walk_files(root: Path, out: Drops) -> list[Path]:
                 out.drop(printable(p), "folder name is not valid UTF-8 (its files were not read); rename the folder")
                 dirnames.remove(name)
             elif p.is_symlink():
-                out.drop(p, "link to a folder outside the source folder (refused)" if not is_inside(p, root)
+                out.drop(p, f"link to a folder outside the source folder (refused{LINK_HINT})" if not is_inside(p, root)
                          else "link to a folder (not followed: its files are read where they are)")
                 dirnames.remove(name)
         dirnames.sort()
@@ -126,7 +131,7 @@ def walk_files(root: Path, out: Drops) -> list[Path]:
             if not is_utf8(p):
                 out.drop(printable(p), "file name is not valid UTF-8; rename the file")
             elif p.is_symlink() and not is_inside(p, root):
-                out.drop(p, "link pointing outside the source folder (refused)")
+                out.drop(p, f"link pointing outside the source folder (refused{LINK_HINT})")
             elif not p.is_file():
                 out.drop(p, "broken link or not a regular file")
             else:
@@ -143,12 +148,44 @@ def require_dir(root: Path, what: str) -> Path:
     return root.resolve()
 
 
-def is_inside(path: Path, root: Path) -> bool:
-    """True when ``path`` (after resolving links and ``..``) lies inside ``root``."""
+_LINK_TARGETS: ContextVar[tuple[Path, ...]] = ContextVar("covid_cxr_link_targets", default=())
+"""Folders that links in a source may lead into besides the source itself (``--allow-links-to``); set only by
+:func:`links_allowed_into` around one source's reading."""
+
+
+@contextmanager
+def links_allowed_into(folders: Sequence[str | Path]) -> Iterator[tuple[Path, ...]]:
+    """While reading a source: links that resolve inside one of ``folders`` (shared storage the user named) count as
+    inside the source. Each folder must exist; it is resolved once, here."""
+    resolved = []
+    for f in folders:
+        p = Path(f).expanduser()
+        if not p.is_dir():
+            raise SourceError(f"--allow-links-to {printable(p)}: no such folder; name the folder the source's links "
+                              "lead to (e.g. the shared storage that holds the images)")
+        resolved.append(p.resolve())
+    token = _LINK_TARGETS.set(tuple(resolved))
     try:
-        path.resolve().relative_to(root.resolve())
+        yield tuple(resolved)
+    finally:
+        _LINK_TARGETS.reset(token)
+
+
+def _under(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
         return True
-    except (ValueError, OSError, RuntimeError):
+    except ValueError:
+        return False
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """True when ``path`` (after resolving links and ``..``) lies inside ``root``, or inside a folder that links
+    may lead into (``--allow-links-to``, see :func:`links_allowed_into`)."""
+    try:
+        real = path.resolve()
+        return any(_under(real, r) for r in (root.resolve(), *_LINK_TARGETS.get()))
+    except (OSError, RuntimeError):
         return False
 
 

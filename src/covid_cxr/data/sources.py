@@ -9,14 +9,16 @@ source's own wording is kept in ``finding``.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pandas as pd
 
-from covid_cxr.data.source_files import glob_escape, is_inside, is_utf8, read_metadata_csv, require_dir, walk_files
+from covid_cxr.data.source_files import (LINK_HINT, glob_escape, is_inside, is_utf8, links_allowed_into,
+                                         read_metadata_csv, require_dir, walk_files)
 from covid_cxr.errors import SourceError
 from covid_cxr.files import printable
 from covid_cxr.imaging.images import is_image_file
@@ -88,6 +90,12 @@ def _frame(rows: list[dict], source: str) -> pd.DataFrame:
     return df
 
 
+def _lexical(path: Path) -> Path:
+    """``path`` with ``.`` and ``..`` removed but links kept: the manifest records where an image lies in its source
+    (a link inside the source stays a path inside it); :func:`is_inside` checks where it leads."""
+    return Path(os.path.normpath(path))
+
+
 def _read_metadata_source(root: Path, source: str, image_column: str | None,
                           resolve: Callable[[Path, dict], Path | None], extra_required: list[str],
                           patient_of: Callable[[str], str] = lambda pid: pid) -> SourceRead:
@@ -95,7 +103,8 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
     root = require_dir(root, source)
     meta = root / "metadata.csv"
     if meta.is_symlink() and not is_inside(meta, root):
-        raise SourceError(f"{meta} is a link pointing outside the source folder (refused); copy the real file there")
+        raise SourceError(f"{meta} is a link pointing outside the source folder (refused); copy the real file "
+                          "there, or pass --allow-links-to with the folder it leads into")
     required = ["patientid", "finding", "view", "modality"] + extra_required
     df, encoding = read_metadata_csv(meta, required)
     out = SourceRead(source, _frame([], source), root=root)
@@ -116,7 +125,8 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
             out.drop(item, "the image file name in metadata.csv is not a valid file name")
             continue
         if outside:
-            out.drop(item, "the image path in metadata.csv points outside the source folder (refused)")
+            out.drop(item, "the image path in metadata.csv points outside the source folder (refused"
+                           f"{LINK_HINT})")
             continue
         if missing:
             out.drop(item, f"image file {path.name if path else '?'} listed in metadata.csv is missing")
@@ -152,6 +162,7 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
     unknown_views = sum(1 for r in by_path.values() if r["view"] == "unknown")
     if unknown_views:
         out.notes.append(f"{unknown_views} images have no view in metadata.csv; kept as view 'unknown'")
+    listed = {p.resolve() for p in referenced}  # a listed image may be a link: compare where files lead
     for folder in sorted({p.parent for p in referenced} | {root / "images"}):
         if not folder.is_dir() or not is_inside(folder, root):
             continue
@@ -159,8 +170,8 @@ def _read_metadata_source(root: Path, source: str, image_column: str | None,
             if not is_utf8(f):
                 out.drop(printable(f), "file name is not valid UTF-8; rename the file")
             elif f.is_symlink() and not is_inside(f, root):
-                out.drop(f, "link pointing outside the source folder (refused)")
-            elif f.is_file() and f.resolve() not in referenced:
+                out.drop(f, f"link pointing outside the source folder (refused{LINK_HINT})")
+            elif f.is_file() and f.resolve() not in listed:
                 out.drop(f, "not listed in metadata.csv" if is_image_file(f) else "not an image file")
     out.images = _frame(list(by_path.values()), source)
     return out
@@ -174,7 +185,7 @@ def read_cohen(root: str | Path) -> SourceRead:
 
     def resolve(r: Path, row: dict) -> Path:
         folder = row.get("folder", "").strip() or "images"
-        return (r / folder / row["filename"].strip()).resolve()
+        return _lexical(r / folder / row["filename"].strip())
 
     return _read_metadata_source(Path(root), "cohen", "filename", resolve, ["filename"])
 
@@ -183,7 +194,7 @@ def read_actualmed(root: str | Path) -> SourceRead:
     """Actualmed COVID-19 Chest X-ray Dataset: ``metadata.csv`` (``imagename``) + ``images/``."""
 
     def resolve(r: Path, row: dict) -> Path:
-        return (r / "images" / row["imagename"].strip()).resolve()
+        return _lexical(r / "images" / row["imagename"].strip())
 
     return _read_metadata_source(Path(root), "actualmed", "imagename", resolve, ["imagename"])
 
@@ -199,7 +210,7 @@ def read_figure1(root: str | Path) -> SourceRead:
             return r / "images" / pid  # not globbed: refused if it leads outside, else missing
         for f in sorted((r / "images").glob(f"{glob_escape(pid)}.*")):
             if is_image_file(f):
-                return f.resolve()
+                return f
         return r / "images" / f"{pid}.(jpg|png)"
 
     # COVID-00003a, COVID-00003b: two images of one patient (the letter numbers the image).
@@ -396,12 +407,15 @@ PATIENT_METADATA_PRIORITY = ("cohen", "figure1", "actualmed", "mooney", "radiogr
 sources with real patient ids come first."""
 
 
-def read_source(name: str, root: str | Path) -> SourceRead:
-    """Read one source by its ``--source`` name."""
+def read_source(name: str, root: str | Path, links_to: Sequence[str | Path] = ()) -> SourceRead:
+    """Read one source by its ``--source`` name. Links in it are followed when they resolve inside the source
+    folder or inside one of ``links_to`` (``--allow-links-to``: shared storage the user named); others are refused,
+    each counted with its reason."""
     try:
         reader = READERS[name]
     except KeyError:
         raise SourceError(f"unknown source {name!r}; use one of: {', '.join(READERS)}") from None
-    result = reader(root)
+    with links_allowed_into(links_to):
+        result = reader(root)
     log.info("%s: %d images kept, %d items not used", result.source, len(result.images), len(result.dropped))
     return result
