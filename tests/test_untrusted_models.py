@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,79 @@ def test_an_onnx_runtime_failure_is_one_line(tiny_exported):
     model = OnnxModel(tiny_exported / "model.onnx", device="cpu")
     with pytest.raises(CheckpointError, match="ONNX Runtime failed running model.onnx on a batch of 1"):
         model.run(np.zeros((1, 3, 5, 5), np.float32))  # ORT refuses the shape: a real ORT error, wrapped
+
+
+def _graph_asking_for(src_run, run, n_floats: int) -> None:
+    """W7's recipe: the exported graph with a ``ConstantOfShape([n_floats])`` branch added to its logits (times 0),
+    and model.json's sha256 updated, so the pair loads and only running it asks for the memory."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    shutil.copytree(src_run, run)
+    model = onnx.load(str(run / "model.onnx"))
+    g = model.graph
+    for node in g.node:
+        node.output[:] = ["w7_logits" if o == "logits" else o for o in node.output]
+    g.initializer.extend([numpy_helper.from_array(np.array([n_floats], np.int64), "w7_shape"),
+                          numpy_helper.from_array(np.array(0.0, np.float32), "w7_zero")])
+    g.node.extend([
+        helper.make_node("ConstantOfShape", ["w7_shape"], ["w7_big"],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("ReduceSum", ["w7_big"], ["w7_sum"], keepdims=0),
+        helper.make_node("Mul", ["w7_sum", "w7_zero"], ["w7_nothing"]),
+        helper.make_node("Add", ["w7_logits", "w7_nothing"], ["logits"]),
+    ])
+    onnx.save(model, str(run / "model.onnx"))
+    doc = json.loads((run / "model.json").read_text())
+    doc["onnx"]["onnx_sha256"] = hashlib.sha256((run / "model.onnx").read_bytes()).hexdigest()
+    (run / "model.json").write_text(json.dumps(doc))
+
+
+def test_a_graph_asking_for_more_memory_than_the_cap_is_refused_unallocated(tiny_exported, tmp_path):
+    """W7: an altered graph whose ConstantOfShape asks for 1 GiB more than ONNX Runtime may use here
+    (limits.MAX_ORT_MEMORY_BYTES, 8 GiB) is refused by the capped arena before anything is allocated: one
+    CheckpointError naming the file and the limit, and the process's peak RSS stays far below the request (before the
+    cap, ORT allocated and filled all of it). The same graph asking for 4 MB runs: the cap refuses sizes, not graphs.
+    Run in a child process, whose peak RSS is its own."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import write_image
+    from covid_cxr.limits import MAX_ORT_MEMORY_BYTES
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the child's own peak resident size")
+    image = write_image(tmp_path / "x.png", seed=5, size=(64, 64))
+    ask = MAX_ORT_MEMORY_BYTES + 2**30
+    _graph_asking_for(tiny_exported, tmp_path / "big", ask // 4)
+    _graph_asking_for(tiny_exported, tmp_path / "small", 2**20)
+    script = textwrap.dedent("""
+        import json, sys
+        import onnxruntime as ort
+        from covid_cxr.deploy.api import load_run
+        from covid_cxr.errors import CheckpointError
+        from covid_cxr.model import onnx_model
+        out = {}
+        for name in ("small", "big"):
+            try:
+                out[name] = load_run(sys.argv[1] + "/" + name, backend="onnx", device="cpu").predict([sys.argv[2]])[0].label
+            except CheckpointError as exc:
+                out[name] = "error: " + str(exc)
+        out["capped"] = onnx_model._cpu_arena_capped(ort)
+        # VmHWM: this program's own peak (ru_maxrss would count the forking pytest process's pages too)
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+        out["peak_rss"] = int(hwm.split()[1]) * 1024
+        print(json.dumps(out))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(image)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["capped"] is True
+    assert not out["small"].startswith("error"), out["small"]
+    assert out["big"].startswith("error: model.onnx asked for more memory than ONNX Runtime may use here (8 GiB"), out
+    assert "export again" in out["big"] and "\n" not in out["big"]
+    # An interpreter with numpy, onnxruntime and the tiny model peaks at a few hundred MB; the request was 9 GiB.
+    assert out["peak_rss"] < 2**30, out["peak_rss"]

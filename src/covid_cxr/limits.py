@@ -36,6 +36,13 @@ MAX_ONNX_BYTES = 2**30
 file's size before anything is read; its sha256 is then computed in chunks and compared with ``model.json`` before
 the file is loaded whole."""
 
+MAX_ORT_MEMORY_BYTES = 8 * 2**30
+"""Most memory ONNX Runtime may hold for models' tensors (weights, activations): on CPU one arena shared by every
+session of the process, on CUDA each session's limit. DenseNet-121 at 224 px runs a batch of 32 within 1 GiB
+(measured with ORT 1.32: refused at 640 MiB, runs at 1 GiB; ConvNeXt-Tiny too); activations grow with batch x
+size^2, so a batch of 32 at 512 px needs about 5 GiB. A graph asking for more (an altered file's
+``ConstantOfShape([2^34])``, 64 GiB) is refused by the arena before anything is allocated."""
+
 SAMPLES_PER_PIXEL = (1, 3)
 """DICOM Samples per Pixel values we accept (grayscale; RGB, YBR)."""
 BITS_ALLOCATED = (1, 8, 16, 32)

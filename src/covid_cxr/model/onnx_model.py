@@ -15,7 +15,7 @@ import numpy as np
 from covid_cxr.errors import CheckpointError, CovidCxrError
 from covid_cxr.files import default_workers, read_json
 from covid_cxr.imaging.pixels import finish
-from covid_cxr.limits import MAX_MODEL_JSON_BYTES, MAX_ONNX_BYTES
+from covid_cxr.limits import MAX_MODEL_JSON_BYTES, MAX_ONNX_BYTES, MAX_ORT_MEMORY_BYTES
 from covid_cxr.machine import cpu_features, int8_cpu_note
 from covid_cxr.model.meta import ModelMeta
 from covid_cxr.model.results import Outputs
@@ -92,6 +92,33 @@ def _providers(device: str, available: list[str]) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+_capped_arena: bool | None = None  # whether this process's capped CPU arena is registered (None: not tried yet)
+
+
+def _cpu_arena_capped(ort) -> bool:
+    """Register, once per process, the CPU arena that sessions share, capped at
+    :data:`~covid_cxr.limits.MAX_ORT_MEMORY_BYTES` (ONNX Runtime's CPU arena settings are per process: an
+    environment allocator). False when this onnxruntime cannot (then sessions use their own, uncapped arena)."""
+    global _capped_arena
+    if _capped_arena is None:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            # extend strategy 1: grow by what is asked, not by doubling (a doubled chunk could pass the cap early)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"max_mem": MAX_ORT_MEMORY_BYTES,
+                                                                      "arena_extend_strategy": 1}))
+            _capped_arena = True
+        except Exception as exc:  # an onnxruntime without the API, or one already registered by the host program
+            log.debug("ONNX Runtime CPU memory cap not set: %s", exc)
+            _capped_arena = False
+    return _capped_arena
+
+
+def _provider_options(providers: list[str]) -> list:
+    """The providers with their memory limits (CUDA: ``gpu_mem_limit`` per session)."""
+    return [(p, {"gpu_mem_limit": str(MAX_ORT_MEMORY_BYTES)}) if p == "CUDAExecutionProvider" else p
+            for p in providers]
+
+
 class OnnxModel:
     """An exported model (``model.onnx`` + ``model.json``) run by ONNX Runtime.
 
@@ -128,8 +155,10 @@ class OnnxModel:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+        if _cpu_arena_capped(ort):  # a graph cannot take more than MAX_ORT_MEMORY_BYTES (W7)
+            options.add_session_config_entry("session.use_env_allocators", "1")
         try:
-            self.session = ort.InferenceSession(data, sess_options=options, providers=self.providers)
+            self.session = ort.InferenceSession(data, sess_options=options, providers=_provider_options(self.providers))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise CheckpointError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {exc}); "
                                   "export the checkpoint again") from None
@@ -162,8 +191,15 @@ class OnnxModel:
         try:
             out = self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
         except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types, allocation failures too
+            text = str(exc)
+            if "Available memory of" in text or "gpu_mem_limit" in text or "Failed to allocate" in text:
+                raise CheckpointError(
+                    f"{self.path.name} asked for more memory than ONNX Runtime may use here "
+                    f"({MAX_ORT_MEMORY_BYTES / 2**30:.0f} GiB, covid_cxr.limits.MAX_ORT_MEMORY_BYTES) on a batch of "
+                    f"{len(x)}: a covid-cxr export at 224 px needs about 1 GiB for 32 images; use a smaller batch "
+                    "(--batch-size), or this graph was altered or not exported by covid-cxr: export again") from None
             raise CheckpointError(f"ONNX Runtime failed running {self.path.name} on a batch of {len(x)} "
-                                  f"({type(exc).__name__}: {str(exc)[:200]}); a covid-cxr export runs in well under "
+                                  f"({type(exc).__name__}: {text[:200]}); a covid-cxr export runs in well under "
                                   "1 GB per image: this graph was altered or not exported by covid-cxr, export "
                                   "again") from None
         return out[0], (out[1] if len(out) > 1 else None)
