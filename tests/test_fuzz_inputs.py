@@ -435,3 +435,41 @@ def test_corpus_configs_are_one_line_errors(path: Path, capsys, tmp_path) -> Non
     err = capsys.readouterr().err
     assert time.perf_counter() - t0 < SECONDS
     assert err.count("\n") == 1 and err.startswith("covid-cxr: error: ") and len(err) < 2000, err[:3000]
+
+
+def _set_dotted(doc: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        doc = doc.setdefault(key, {})
+    doc[last] = value
+
+
+@pytest.mark.parametrize("path", sorted((CORPUS / "model-json").glob("*.json")), ids=lambda p: p.stem)
+def test_corpus_model_json_edits_are_refused_at_load(path: Path, tiny_exported, tmp_path) -> None:
+    """Every model.json edit that once loaded, crashed or exhausted memory (issue 18: N4, N5, N6, N10), applied to a
+    real export whose model.onnx still matches: one CheckpointError line naming model.json, before any session or
+    tensor exists, within seconds and small memory."""
+    import json
+    import shutil
+
+    from covid_cxr.errors import CheckpointError
+    from covid_cxr.model.onnx_model import OnnxModel
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_exported, run)
+    doc = json.loads((run / "model.json").read_text())
+    for dotted, value in json.loads(path.read_text()).items():
+        _set_dotted(doc, dotted, value)
+    (run / "model.json").write_text(json.dumps(doc))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(CheckpointError) as err:
+            OnnxModel(run / "model.onnx", device="cpu")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(err.value)
+    assert "model.json" in message and "\n" not in message and len(message) < 2000, message[:3000]
+    # refused from the metadata alone: the file is < 1 MB, so 48 MB of Python allocations is far above parsing it
+    assert time.perf_counter() - t0 < SECONDS and peak < 48 << 20

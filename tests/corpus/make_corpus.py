@@ -7,6 +7,7 @@ finds a new failure, and say in README.md what it did.
 
 from __future__ import annotations
 
+import json
 import struct
 import sys
 import zlib
@@ -67,6 +68,28 @@ def configs(out: Path) -> None:
     (out / "workers-huge.yaml").write_text("workers: 1000000\n")  # would fork a million loader processes
 
 
+def model_json_edits(out: Path) -> None:
+    """Edits of an exported model.json (dotted path -> value) that loaded, crashed or exhausted memory before the
+    checks of issue 18; the test applies each to a real export (its model.onnx unchanged, so the sha still matches)."""
+    out.mkdir(parents=True, exist_ok=True)
+    edits = {
+        "threshold-nan": {"meta.threshold_log_odds": float("nan")},  # N4: every image called normal
+        "threshold-minus-infinity": {"meta.threshold_log_odds": float("-inf")},  # N4: every image called covid
+        "temperature-infinity": {"meta.temperature": float("inf")},  # N4: every probability 0.5
+        "gate-threshold-nan": {"meta.gate.threshold": float("nan")},  # N4: every image in scope
+        "gate-features-100000": {"meta.gate.feature_dim": 100_000, "meta.gate.n_means": 100_000},  # N6: 40 GB
+        "labels-20000": {"meta.labels": [f"c{i:05d}" for i in range(20_000)]},  # N5 (10^6 in the issue: 4.96 GB)
+        "labels-a-string": {"meta.labels": "covid"},  # N10: iterated letter by letter
+        "format-a-word": {"format": "two"},  # N10: TypeError comparing versions
+        "preprocess-mean-a-word": {"meta.preprocess.mean": "abc"},  # N10: failed at predict, not at load
+        "preprocess-size-huge": {"meta.preprocess.size": 10**9},  # N10
+        "meta-a-list": {"meta": [1, 2, 3]},  # N10: AttributeError
+    }
+    for name, edit in edits.items():
+        (out / f"{name}.json").write_text(json.dumps(edit) + "\n")  # json writes NaN / Infinity as the attack did
+
+
 if __name__ == "__main__":
     images(HERE / "images")
     configs(HERE / "yaml")
+    model_json_edits(HERE / "model-json")

@@ -418,8 +418,10 @@ class ModelMeta:
                 training=dict(d.get("training") or {}), estimate=d.get("estimate"), epoch=d.get("epoch"),
                 val_metrics=dict(d.get("val_metrics") or {}), versions=dict(d.get("versions") or {}),
                 created=str(d.get("created", "")))
-        except CheckpointError:
-            raise
+        except CheckpointError as exc:  # a field's own check: say which file it is in
+            if str(exc).startswith(where):
+                raise
+            raise CheckpointError(f"{where}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CheckpointError(f"{where}: malformed model description ({type(exc).__name__}: {str(exc)[:200]})"
                                   ) from None
