@@ -21,11 +21,11 @@ from covid_cxr import DISCLAIMER, __version__
 from covid_cxr import config as C
 from covid_cxr.data.options import DataConfig, FetchConfig
 from covid_cxr.demo import DemoConfig
-from covid_cxr.deploy.options import ExplainConfig, ExportConfig, PredictConfig, ServeConfig
+from covid_cxr.deploy.options import ExplainConfig, ExportConfig, LungsPredictConfig, PredictConfig, ServeConfig
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.evaluation.options import AuditConfig, EvalConfig, ReportConfig
 from covid_cxr.files import describe_os_error, printable
-from covid_cxr.training.options import CrossvalConfig, TrainConfig
+from covid_cxr.training.options import CrossvalConfig, LungsTrainConfig, TrainConfig
 
 log = logging.getLogger("covid_cxr")
 
@@ -188,6 +188,9 @@ class Command:
     help: str
 
 
+GROUP_HELP = {"data": "dataset", "lungs": "lung-field segmenter"}
+"""What a two-word command's first word stands for, in its group's help."""
+
 COMMANDS: tuple[Command, ...] = (
     Command("data build", DataConfig, "covid_cxr.data.manifest:build", _print_build,
             "sources -> manifest with patient-level splits"),
@@ -203,6 +206,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("report", ReportConfig, "covid_cxr.evaluation.report:run", _print_report, "one self-contained HTML report"),
     Command("export", ExportConfig, "covid_cxr.deploy.export:run", _print_with("covid_cxr.deploy.export"),
             "export the model: ONNX, safetensors or a Hugging Face-style folder with a model card"),
+    Command("lungs train", LungsTrainConfig, "covid_cxr.training.lungs:run", _print_with("covid_cxr.training.lungs"),
+            "train the lung-field segmenter on images with lung masks"),
+    Command("lungs predict", LungsPredictConfig, "covid_cxr.deploy.lungs:run", _print_with("covid_cxr.deploy.lungs"),
+            "lung-field masks and overlays, with a plausibility verdict"),
     Command("serve", ServeConfig, "covid_cxr.deploy.serve:run", _print_nothing, "web app and HTTP API"),
     Command("demo", DemoConfig, "covid_cxr.demo:run", _print_nothing, "offline end-to-end demo on synthetic phantoms"),
 )
@@ -236,7 +243,10 @@ def build_parser(provided: set[str] = frozenset()) -> argparse.ArgumentParser:
         owner = sub
         if len(words) == 2:
             if words[0] not in groups:
-                g = sub.add_parser(words[0], help="dataset commands: build, fetch", description="Dataset commands.")
+                members = [c.name.split()[1] for c in COMMANDS if c.name.split()[0] == words[0]]
+                what = GROUP_HELP.get(words[0], words[0])
+                g = sub.add_parser(words[0], help=f"{what} commands: {', '.join(members)}",
+                                   description=f"{what.capitalize()} commands.")
                 groups[words[0]] = g.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
             owner = groups[words[0]]
         p = owner.add_parser(words[-1], help=cmd.help, description=C.class_doc(cmd.config))

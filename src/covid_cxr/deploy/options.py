@@ -207,3 +207,21 @@ class ServeConfig(CommandOptions):
             raise ConfigError("--api-key must be at least 16 printable ASCII characters without spaces (it travels "
                               "in an HTTP header); make one with: python -c \"import secrets; "
                               "print(secrets.token_urlsafe(32))\"")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LungsPredictConfig(CommandOptions):
+    """``covid-cxr lungs predict``: the lung fields of each image as a mask PNG and an overlay PNG, and lungs.csv
+    saying whether each mask shows two plausible lung fields (research use only)."""
+
+    inputs: tuple[str, ...]
+    """Image files and/or folders (searched recursively)."""
+    lungs: str
+    """The segmenter: lungs.pt from `covid-cxr lungs train`, or its folder."""
+    out: str
+    """Folder for <name>_mask.png, <name>_overlay.png and lungs.csv."""
+    device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        check_device_option(self.device)

@@ -173,3 +173,43 @@ class CrossvalConfig(TrainOptions):
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("--val-fraction must be in (0, 1): each fold needs validation images")
         check_positive("bootstrap", self.bootstrap, strict=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LungsTrainConfig(CommandOptions):
+    """``covid-cxr lungs train``: train the lung-field segmenter on a dataset's images that have lung masks, with a
+    patient-level validation split; report Dice and IoU with confidence intervals."""
+
+    data: str
+    """Dataset folder written by `covid-cxr data build` (images with a mask_path are used, whatever their split)."""
+    out: str
+    """Folder to write: lungs.pt, lungs_metrics.json, val_masks.png."""
+    image_size: int = 256
+    """Side of the square the segmenter sees (the whole image, resized)."""
+    epochs: int = 30
+    """Passes over the training images; the epoch with the best validation Dice is kept."""
+    batch_size: int = 8
+    """Images per optimisation step."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW, one-cycle schedule)."""
+    width: int = 16
+    """Channels of the U-Net's first level (16: about 0.5 M parameters)."""
+    val_fraction: float = 0.2
+    """Fraction of the patients held out to measure Dice and choose the best epoch."""
+    seed: int = 0
+    """Seed of the patient split, the initialisation and the batch order."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        check_device_option(self.device)
+        for name in ("epochs", "batch_size"):
+            check_positive(name, getattr(self, name))
+        if not 32 <= self.image_size <= 1024 or self.image_size % 8:
+            raise ConfigError("--image-size must be a multiple of 8 from 32 to 1024 (the U-Net halves it three times)")
+        if not 4 <= self.width <= 64:
+            raise ConfigError("--width must be from 4 to 64")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("--val-fraction must be in (0, 1)")
+        if not (self.lr > 0 and self.lr < 1):
+            raise ConfigError("--lr must be in (0, 1)")
