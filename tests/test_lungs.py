@@ -98,7 +98,7 @@ def test_the_segmenter_learns_phantom_lungs() -> None:
     y = np.stack([resize_mask(m, (size, size)) for m in masks])
     val = split_groups([str(i) for i in range(len(images))], 0.25, 0)
     cfg = LungsTrainConfig(data="unused", out="unused", image_size=size, epochs=12, batch_size=8, width=8,
-                           device="cpu", progress=False)
+                           device="cpu")
     truths = [m for m, v in zip(masks, val) if v]
     model, history = fit(x, y, val, cfg, torch.device("cpu"), truths)
     d, _, checks = score_masks(_probabilities(model, x[val], torch.device("cpu")), truths)
