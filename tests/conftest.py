@@ -56,6 +56,8 @@ REAL_SOURCES = {
     "figure1": "figure1-covid-chestxray-dataset",
     "radiography": "covid19-radiography-database",
     "mooney": "chest-xray-pneumonia",
+    "cxnet": "covid-cxnet",
+    "openist": "openist-chest-xray",
 }
 """covid-cxr source name -> folder under sources/ in the real collection."""
 

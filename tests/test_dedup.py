@@ -313,14 +313,21 @@ def test_fingerprint_is_bit_identical_to_the_imagehash_reference(tmp_path: Path)
 # --------------------------------------------------------------------------- real collection
 
 
+# COVID-CXNet files in WebP (one named .png): covid-cxr reads PNG, JPEG and DICOM, so data build counts them as
+# unreadable; they have no fingerprint.
+REAL_WEBP = {"sources/covid-cxnet/chest_xray_images/covid19/821.webp",
+             "sources/covid-cxnet/chest_xray_images/covid19/884.png"}
+
+
 @pytest.fixture(scope="module")
 def real_fingerprints(real_data: Path) -> tuple[list[str], list[Fingerprint]]:
     paths = list(real_inventory(real_data)["relative_path"])
     with ProcessPoolExecutor(max_workers=2) as pool:
         info = list(pool.map(functools.partial(inspect_image, fingerprints=True), [str(real_data / p) for p in paths],
                              chunksize=16))
-    assert all(i["error"] == "" for i in info)
-    return paths, [i["fingerprint"] for i in info]
+    assert {p for p, i in zip(paths, info) if i["error"]} == REAL_WEBP
+    kept = [(p, i["fingerprint"]) for p, i in zip(paths, info) if not i["error"]]
+    return [p for p, _ in kept], [fp for _, fp in kept]
 
 
 @pytest.mark.integration
@@ -367,6 +374,8 @@ def test_real_collection_listed_pairs_found_and_few_extra(real_fingerprints, rea
     extra = [p for p in pairs if listed_ids[p.i] != listed_ids[p.j]]
     for p in extra:
         print(f"extra pair: {p.similarity:.3f} d={p.hash_distance} {p.method}: {paths[p.i]}  {paths[p.j]}")
-    # On this collection: 10 extra pairs, checked by eye: 6 true copies the list lacks (re-cropped or
-    # re-contrasted), 4 different exposures of one patient in the same position.
-    assert len(extra) <= 15
+    # On this collection: 19 extra pairs, checked by eye. In the five first sources 10: 6 true copies the list lacks
+    # (re-cropped or re-contrasted), 4 different exposures of one patient in the same position. COVID-CXNet adds 9
+    # true copies: 6 of Eurorad cases 16744-16747 that Cohen has too (one labelled No Finding there), and 3 inside
+    # COVID-CXNet whose copies carry two patient ids (53/57, 136/167; crops without the burned-in text).
+    assert len(extra) <= 24

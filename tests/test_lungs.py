@@ -158,3 +158,45 @@ def test_lungs_predict_writes_masks_overlays_and_a_row_per_image(tmp_path: Path)
         mask = np.asarray(Image.open(tmp_path / "o" / r["mask"]))
         assert mask.shape == (40, 40) and set(np.unique(mask)) <= {0, 255}
         assert np.asarray(Image.open(tmp_path / "o" / r["overlay"])).shape == (40, 40, 3)
+
+
+def _folder_with_masks(root: Path, n: int, size: int = 64) -> Path:
+    """A folder source of phantoms, each with its lung mask at ROOT/<label>/masks/<name>.png."""
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        label = ("normal", "covid")[i % 2]
+        p = make_phantom_with_masks(label, size, rng)
+        (root / label / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(p["image"]).save(root / label / f"p{i:03d}.png")
+        Image.fromarray(p["lung_mask"].astype(np.uint8) * 255).save(root / label / "masks" / f"p{i:03d}.png")
+    return root
+
+
+def test_lungs_train_from_a_dataset_writes_a_segmenter_and_its_measured_dice(tmp_path: Path) -> None:
+    """data build carries each image's mask (manifest mask_path); lungs train uses them, splits by patient, writes
+    lungs.pt (loadable as a segmenter, refused as a classifier's weights) and lungs_metrics.json with CIs."""
+    import json
+
+    from covid_cxr.cli import main
+    from covid_cxr.model.lungs import load_segmenter
+
+    src = _folder_with_masks(tmp_path / "site", 24)
+    assert main(["data", "build", "--source", f"folder={src}", "--out", str(tmp_path / "ds"), "--test-per-class", "2",
+                 "--no-progress", "--workers", "1", "--no-dedup"]) == 0
+    assert main(["lungs", "train", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "lungs"), "--epochs", "2",
+                 "--image-size", "32", "--width", "4", "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "lungs" / "lungs_metrics.json").read_text())
+    dsc = metrics["dice"]
+    assert dsc["images"] == dsc["patients"] == 5 and 0.0 <= dsc["ci95"][0] <= dsc["mean"] <= dsc["ci95"][1] <= 1.0
+    assert "patient-level split of the 24 images with lung masks" in metrics["protocol"]
+    assert len(metrics["history"]) == 2 and set(metrics["dice_by_source"]) == {"site"}
+    seg = load_segmenter(tmp_path / "lungs")
+    assert seg.meta.val_metrics["dice"] == dsc["mean"] and seg.size == 32
+
+
+def test_lungs_train_on_a_dataset_without_masks_says_where_masks_come_from(tmp_path: Path, phantom_dataset) -> None:
+    from covid_cxr.errors import DatasetError
+    from covid_cxr.training.lungs import masked_images
+
+    with pytest.raises(DatasetError, match="no image of this dataset has a lung mask.*--source openist"):
+        masked_images(phantom_dataset)

@@ -580,6 +580,83 @@ def test_build_without_cache(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- atomicity
 
 
+# --------------------------------------------------------------------------- lung masks (mask_path)
+
+
+def _masked_site(base: Path) -> tuple[Path, set[str]]:
+    """A folder source with lung masks <label>/masks/<stem>.png for some images; returns (source, the masked images'
+    paths relative to it)."""
+    src = folder_source(base / "site", {"covid": 8, "normal": 8})
+    masked = {"covid/covid-000.png", "covid/covid-003.png", "normal/normal-001.png"}
+    for rel in masked:
+        label, name = rel.split("/")
+        write_image(src / label / "masks" / name, seed=next(_seed))
+    return src, masked
+
+
+def _masked_build(base: Path) -> tuple[Path, Path, set[str]]:
+    """:func:`_masked_site`, built; returns (source, dataset, the masked images' paths)."""
+    src, masked = _masked_site(base)
+    out = base / "ds"
+    report = build(cfg({"folder": src}, out, test_per_class=3))
+    assert report["sources"]["site"]["masks_in_manifest"] == 3
+    return src, out, masked
+
+
+def test_mask_paths_travel_in_the_manifest_and_are_never_images(tmp_path: Path) -> None:
+    src, out, masked = _masked_build(tmp_path)
+    raw = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    assert list(raw.columns) == MANIFEST_COLUMNS
+    assert len(raw) == 16 and not raw["path"].str.contains("masks").any()  # a mask is never an image row
+    # Relative to the source's root, like path; '' where the image has none.
+    assert {p: m for p, m in zip(raw["path"], raw["mask_path"]) if m} == {
+        rel: rel.replace("/", "/masks/") for rel in masked}
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert report["build"]["files"] == 16  # masks are not decoded, hashed or cached
+    assert report["sources"]["site"]["found"] == 16 and report["not_used_total"] == 0
+    assert "| lung masks |" in (out / "dataset_card.md").read_text()
+    ds = read_dataset(out)
+    assert (ds.df["mask_path"] == raw["mask_path"]).all()  # kept as written
+    masks = ds.mask_paths(ds.df)
+    assert sorted(Path(m).relative_to(src.resolve()).as_posix() for m in masks if m) == sorted(
+        rel.replace("/", "/masks/") for rel in masked)
+    assert all(Path(m).is_file() for m in masks if m)
+    assert not set(masks) & set(ds.df["path"])
+
+
+def test_a_crossval_fold_keeps_the_masks(tmp_path: Path) -> None:
+    from covid_cxr.training.crossval import write_fold_dataset
+
+    src, _ = _masked_site(tmp_path)
+    other = folder_source(tmp_path / "other", {"covid": 6, "normal": 6})
+    out = tmp_path / "ds"
+    build(DataConfig(sources=(("folder", str(src)), ("folder", str(other))), out=str(out), test_per_class=3, workers=1,
+                     progress=False))
+    ds = read_dataset(out)
+    fold = read_dataset(write_fold_dataset(ds, "other", tmp_path / "fold", 0.2, 0).root)
+    assert sum(1 for m in fold.mask_paths(fold.df) if m) == 3
+    assert fold.mask_paths(fold.df) == ds.mask_paths(ds.df)
+
+
+def test_a_manifest_written_before_mask_path_still_loads(tmp_path: Path) -> None:
+    _, out = _small_build(tmp_path, cache=False)
+    raw = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    raw.drop(columns="mask_path").to_csv(out / "manifest.csv", index=False)
+    ds = read_dataset(out)
+    assert (ds.df["mask_path"] == "").all() and ds.mask_paths(ds.rows("test")) == [""] * 6
+
+
+@pytest.mark.parametrize("mask", ["/etc/passwd", "../../../../../../etc/passwd", "covid/../../../outside.png"])
+def test_a_mask_path_outside_its_source_is_refused(tmp_path: Path, mask: str) -> None:
+    """A received manifest's mask path passes the same inside-the-source check as an image path."""
+    _, out = _small_build(tmp_path, cache=False)
+    raw = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    raw.loc[4, "mask_path"] = mask
+    raw.to_csv(out / "manifest.csv", index=False)
+    with pytest.raises(DatasetError, match=r"manifest.csv row 6: mask path .*(not relative to|leads outside)"):
+        read_dataset(out)
+
+
 def _snapshot(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(d.iterdir())}
 
@@ -655,9 +732,16 @@ def test_real_build(real_build, real_data: Path) -> None:
     assert any("mooney" in w and "pediatric" in w for w in warnings_)
     assert any("'normal'" in w and "'radiography'" in w for w in warnings_)
     assert set(report["sources"]) == set(REAL_SOURCES)
-    # The near-duplicate result before the multi-index search (all pairs compared) was 64 pairs in 43 clusters.
+    # The near-duplicate result before the multi-index search (all pairs compared) was 64 pairs in 43 clusters on
+    # the five first sources; COVID-CXNet adds 6 pairs with Cohen and 3 within itself, OpenIST none.
     nd = report["near_duplicates"]
-    assert (nd["pairs"], nd["clusters"]) == (64, 43)
+    assert (nd["pairs"], nd["clusters"]) == (73, 52)
+    assert nd["pairs_by_source_pair"]["cohen <-> cxnet"] == 6 and nd["pairs_by_source_pair"]["cxnet <-> cxnet"] == 3
+    # OpenIST's images carry their lung masks into the manifest; no other real source has masks.
+    masks = df[df["mask_path"] != ""]
+    assert set(masks["source"]) == {"openist"} and len(masks) == report["sources"]["openist"]["in_manifest"] == 214
+    assert all(Path(m).is_file() for m in read_dataset(real_build["out"]).mask_paths(masks))
+    assert not df["path"].str.endswith("@.png").any()
     assert report["build"]["files"] == report["build"]["decoded"] + report["build"]["reused_from_cache"]
     # Every real source contributes rows to the manifest.
     assert set(df["source"]) == set(REAL_SOURCES)

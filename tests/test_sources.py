@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from conftest import REAL_SOURCES, write_image
-from covid_cxr.data.sources import (LABELS, SOURCE_COLUMNS, SourceRead, label_from_finding, mooney_patient,
-                                    read_actualmed, read_cohen, read_figure1, read_folder, read_mooney,
+from covid_cxr.data.sources import (LABELS, PATIENT_METADATA_PRIORITY, READERS, SOURCE_COLUMNS, SourceRead,
+                                    label_from_finding, mask_of, mooney_patient, read_actualmed, read_cohen,
+                                    read_cxnet, read_figure1, read_folder, read_mooney, read_openist,
                                     read_radiography, read_source, view_kind)
 from covid_cxr.errors import SourceError
 from covid_cxr.imaging.images import is_image_file
@@ -25,6 +26,10 @@ ACTUALMED_HEADER = ("patientid,offset,sex,age,finding,survival,temperature,pO2 s
                     "artifacts/distortion,notes")
 FIGURE1_HEADER = ("patientid,offset,sex,age,finding,survival,temperature,pO2 saturation,view,modality,"
                   "artifacts/distortion,notes")
+# Header line of COVID-CXNet's metadata.csv (armiro/COVID-CXNet, without its byte-order mark).
+CXNET_HEADER = ("filename,patient_id,sex,age,view,label,pcr_test,survival,location,admission_offset,symptom_offset,"
+                "also_had_ct,has_fever,has_cough,has_dyspnea,has_diarrhea,spo2,other_symptoms,medical_background,"
+                "opacification,other,is_bilateral,url")
 
 
 def _write_csv(path: Path, header: str, rows: list[dict], encoding: str = "utf-8", newline: str = "\n") -> Path:
@@ -467,16 +472,22 @@ def test_radiography_current_layout(tmp_path: Path) -> None:
             expected[name] = (label, folder)
         (root / f"{folder}.metadata.xlsx").write_bytes(b"PK\x03\x04 not really a spreadsheet")
     (root / "README.md.txt").write_text("COVID-19 Radiography Database")
+    write_image(root / "Normal" / "masks" / "Normal-9.png", seed=99)  # a mask whose image is not there
     result = read_radiography(root)
     _check_radiography(result, expected)
     assert all(Path(p).parent.name == "images" for p in result.images["path"])
+    # <Class>/masks/<name> is the lung mask of <Class>/images/<name>: recorded, never an image row.
+    for p, m in zip(result.images["path"], result.images["mask_path"]):
+        assert Path(m) == Path(p).parent.parent / "masks" / Path(p).name
+    assert any("8 of 8 images have a lung mask" in n for n in result.notes)
     dropped = _dropped_files(result)
-    masks = {p for p, r in dropped.items() if "mask" in r}
-    assert len(masks) == 8 and all(p.parent.name == "masks" for p in masks)
+    assert {p.name: r for p, r in dropped.items() if "mask" in r} == {
+        "Normal-9.png": "lung mask without a kept image of the same name (not used)"}
     not_images = {p.name for p, r in dropped.items() if "not an image" in r}
     assert not_images == {f"{c}.metadata.xlsx" for c in classes} | {"README.md.txt"}
     all_files = {f.resolve() for f in root.rglob("*") if f.is_file()}
-    assert {Path(p) for p in result.images["path"]} | set(dropped) == all_files
+    masks = {Path(m) for m in result.images["mask_path"]}
+    assert {Path(p) for p in result.images["path"]} | masks | set(dropped) == all_files
     findings = dict(zip(result.images["label"], result.images["finding"]))
     assert "Lung Opacity" in findings["other"] and findings["pneumonia"] == "Viral Pneumonia"
 
@@ -493,6 +504,7 @@ def test_radiography_flat_layout_from_parent(tmp_path: Path) -> None:
     result = read_source("radiography", parent)
     _check_radiography(result, expected)
     assert not result.dropped
+    assert (result.images["mask_path"] == "").all()  # this layout has no masks
     # Same rows when pointed at the dataset folder itself.
     direct = read_radiography(base)
     assert sorted(direct.images["path"]) == sorted(result.images["path"])
@@ -536,6 +548,171 @@ def test_radiography_without_class_folders(tmp_path: Path) -> None:
     assert str(root.resolve()) in str(err.value)
     with pytest.raises(SourceError):
         read_radiography(tmp_path / "absent")
+
+
+# --------------------------------------------------------------------------- COVID-CXNet
+
+
+def _cxnet_row(filename: str, pid: str, age: str = "60", view: str = "PA", label: str = "COVID-19",
+               pcr: str = "positive") -> dict:
+    return {"filename": filename, "patient_id": pid, "sex": "male", "age": age, "view": view, "label": label,
+            "pcr_test": pcr, "location": "Spain", "url": "https://example.org/case"}
+
+
+def test_cxnet_filters_and_every_row_accounted_for(tmp_path: Path) -> None:
+    root = tmp_path / "COVID-CXNet"
+    images = root / "chest_xray_images" / "covid19"
+    rows = [_cxnet_row("1.jpg", "1"), _cxnet_row("2.png", "1", view="AP"),  # two images of one patient
+            _cxnet_row("3.jpeg", "2", age="", view=""),  # unknown age and view: kept, view 'unknown'
+            _cxnet_row("4.jpg", "3", pcr=""),  # no PCR result given: kept
+            _cxnet_row("5.jpg", "4", pcr="negative"), _cxnet_row("6.jpg", "5", age="0.1"),
+            _cxnet_row("7.jpg", "6", age="17"), _cxnet_row("8.jpg", "7", age="18"),
+            _cxnet_row("9.jpg", "8", label="Normal"), _cxnet_row("10.jpg", "9", view="L"),
+            _cxnet_row("missing.jpg", "10"), _cxnet_row("", "11")]
+    _write_csv(root / "metadata.csv", CXNET_HEADER, rows)
+    for i, r in enumerate(rows):
+        if r["filename"] and r["filename"] != "missing.jpg":
+            write_image(images / r["filename"], seed=i)
+    write_image(images / "259.jpg", seed=50)  # in the folder, not in metadata.csv
+    (images / "Thumbs.db").write_bytes(b"\0")
+    result = read_source("cxnet", root)
+    _assert_well_formed(result)
+    assert result.source == "cxnet"
+    kept = _kept(result)
+    assert set(kept) == {"1.jpg", "2.png", "3.jpeg", "4.jpg", "8.jpg"}
+    assert all(r["label"] == "covid" and r["finding"] == "COVID-19" and r["mask_path"] == "" for r in kept.values())
+    assert {n: r["patient_id"] for n, r in kept.items()} == {"1.jpg": "1", "2.png": "1", "3.jpeg": "2", "4.jpg": "3",
+                                                            "8.jpg": "7"}
+    assert {n: r["view"] for n, r in kept.items()} == {"1.jpg": "PA", "2.png": "AP", "3.jpeg": "unknown",
+                                                      "4.jpg": "PA", "8.jpg": "PA"}
+    # The paths are recorded as they lie in the source, not resolved.
+    assert all(Path(r["path"]).parent == images.resolve() for r in kept.values())
+    dropped = {p.name: r for p, r in _dropped_files(result).items()}
+    assert dropped == {"5.jpg": "PCR test negative",
+                       "6.jpg": "age under 18 (only adults and unknown ages are used)",
+                       "7.jpg": "age under 18 (only adults and unknown ages are used)",
+                       "9.jpg": "label 'Normal' (only COVID-19 rows are used)",
+                       "10.jpg": "non-frontal view L",
+                       "259.jpg": "not listed in metadata.csv",
+                       "Thumbs.db": "not an image file"}
+    rows_dropped = sorted(d["reason"] for d in result.dropped if "metadata.csv:row" in d["item"])
+    assert rows_dropped == ["image file missing.jpg listed in metadata.csv is missing",
+                            "metadata row names no image file"]
+    listed_files = set(dropped) - {"259.jpg", "Thumbs.db"}
+    assert len(kept) + len(listed_files) + len(rows_dropped) == len(rows)  # every metadata row, once
+    assert any("1 images have no view" in n for n in result.notes)
+
+
+def test_cxnet_requires_its_columns(tmp_path: Path) -> None:
+    root = tmp_path / "cxnet"
+    _write_csv(root / "metadata.csv", "filename,patient_id,view,label,age", [])
+    with pytest.raises(SourceError, match=r"metadata.csv has no column 'pcr_test'"):
+        read_cxnet(root)
+
+
+def test_cxnet_image_path_outside_the_source_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "cxnet"
+    write_image(tmp_path / "secret.png", seed=1)
+    write_image(root / "chest_xray_images" / "covid19" / "1.png", seed=2)
+    _write_csv(root / "metadata.csv", CXNET_HEADER, [_cxnet_row("../../../secret.png", "1"), _cxnet_row("1.png", "2")])
+    result = read_cxnet(root)
+    assert list(_kept(result)) == ["1.png"]
+    assert [d["reason"] for d in result.dropped] == [
+        "the image path in metadata.csv points outside the source folder (refused; --allow-links-to DIR follows "
+        "links into DIR)"]
+
+
+# --------------------------------------------------------------------------- OpenIST
+
+
+def _openist(root: Path, ids: list[str], masks: list[str]) -> Path:
+    folder = root / "Datasets" / "Chest_x-ray"
+    for i, name in enumerate(ids):
+        write_image(folder / f"{name}.jpg", seed=i)
+    for i, name in enumerate(masks):
+        write_image(folder / f"{name}@.png", seed=100 + i)
+    return folder
+
+
+def test_openist_images_with_their_masks(tmp_path: Path) -> None:
+    root = tmp_path / "OpenIST"
+    folder = _openist(root, ["1-10-500-500-100", "10-19-500-500-100", "nomask"], ["1-10-500-500-100",
+                                                                                 "10-19-500-500-100", "orphan"])
+    (folder / "readme.txt").write_text("teaching set")
+    write_image(root / "Docs" / "logo.png", seed=9)  # elsewhere in the repository: not read
+    result = read_source("openist", root)
+    _assert_well_formed(result)
+    kept = _kept(result)
+    assert set(kept) == {"1-10-500-500-100.jpg", "10-19-500-500-100.jpg", "nomask.jpg"}  # a mask is never an image
+    assert all(r["label"] == "normal" and r["view"] == "PA" for r in kept.values())
+    assert {n: r["patient_id"] for n, r in kept.items()} == {n: n[:-4] for n in kept}  # each image its own patient
+    assert kept["1-10-500-500-100.jpg"]["mask_path"] == str(folder.resolve() / "1-10-500-500-100@.png")
+    assert kept["10-19-500-500-100.jpg"]["mask_path"] == str(folder.resolve() / "10-19-500-500-100@.png")
+    assert kept["nomask.jpg"]["mask_path"] == ""
+    assert {p.name: r for p, r in _dropped_files(result).items()} == {
+        "orphan@.png": "lung mask without a kept image of the same name (not used)", "readme.txt": "not an image file"}
+    assert any("2 of 3 images have a lung mask" in n for n in result.notes)
+    assert any("no license" in n for n in result.notes)
+    # Pointed at the image folder itself: the same rows.
+    direct = read_openist(folder)
+    assert direct.images.drop(columns="patient_id").equals(result.images.drop(columns="patient_id"))
+
+
+def test_openist_without_images(tmp_path: Path) -> None:
+    root = tmp_path / "OpenIST"
+    _openist(root, [], ["a"])
+    with pytest.raises(SourceError, match=r"no images in .*Chest_x-ray.*<id>@.png"):
+        read_openist(root)
+
+
+def test_openist_mask_link_out_of_the_source_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "OpenIST"
+    folder = _openist(root, ["a", "b"], ["a"])
+    (folder / "b@.png").symlink_to(write_image(tmp_path / "elsewhere.png", seed=5))
+    result = read_openist(root)
+    assert _kept(result)["b.jpg"]["mask_path"] == ""
+    assert [d["reason"] for d in result.dropped] == [
+        "link pointing outside the source folder (refused; --allow-links-to DIR follows links into DIR)"]
+
+
+# --------------------------------------------------------------------------- masks of any source
+
+
+@pytest.mark.parametrize("rel,mask", [("covid/a.jpg", "covid/masks/a.png"),
+                                      ("covid/sub/b.jpg", "covid/masks/sub/b.png"),
+                                      ("COVID/images/COVID-1.png", "COVID/masks/COVID-1.png"),
+                                      ("Normal/Normal-2.png", "Normal/masks/Normal-2.png")])
+def test_mask_of(rel: str, mask: str) -> None:
+    assert mask_of(Path(rel)) == Path(mask)
+
+
+def test_folder_source_masks(tmp_path: Path) -> None:
+    """<label>/masks/ mirrors the label folder's tree with .png names; its files are masks, never images."""
+    root = tmp_path / "hospital"
+    write_image(root / "covid" / "a.jpg", 1)
+    write_image(root / "covid" / "masks" / "a.png", 2)
+    write_image(root / "covid" / "sub" / "b.png", 3)
+    write_image(root / "covid" / "masks" / "sub" / "b.png", 4)
+    write_image(root / "normal" / "c.png", 5)  # no mask
+    write_image(root / "normal" / "masks" / "z.png", 6)  # a mask without its image
+    (root / "normal" / "masks" / "notes.txt").write_text("drawn by hand")
+    result = read_folder(root)
+    _assert_well_formed(result)
+    kept = _kept(result)
+    assert set(kept) == {"a.jpg", "b.png", "c.png"}
+    assert kept["a.jpg"]["mask_path"] == str(root.resolve() / "covid" / "masks" / "a.png")
+    assert kept["b.png"]["mask_path"] == str(root.resolve() / "covid" / "masks" / "sub" / "b.png")
+    assert kept["c.png"]["mask_path"] == ""
+    assert {p.name: r for p, r in _dropped_files(result).items()} == {
+        "z.png": "lung mask without a kept image of the same name (not used)", "notes.txt": "not an image file"}
+    assert any("2 of 3 images have a lung mask" in n for n in result.notes)
+
+
+def test_registry_and_priority() -> None:
+    assert set(READERS) == {"cohen", "mooney", "radiography", "actualmed", "figure1", "cxnet", "openist", "folder"}
+    assert set(PATIENT_METADATA_PRIORITY) == set(READERS) - {"folder"}
+    # Sources with real patient ids are kept first when one image is in several sources.
+    assert PATIENT_METADATA_PRIORITY.index("cxnet") < PATIENT_METADATA_PRIORITY.index("radiography")
 
 
 # --------------------------------------------------------------------------- generic folder
@@ -587,8 +764,10 @@ def test_read_folder_missing(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- real collection
 
 COVID_WORDS = ("COVID-19", "COVID")
-NORMAL_WORDS = {"No Finding", "No finding", "Normal", "NORMAL"}
+NORMAL_WORDS = {"No Finding", "No finding", "Normal", "NORMAL", "normal"}
 FRONTAL_OR_EMPTY = {"PA", "AP", "AP Supine", "AP erect", ""}
+# COVID-CXNet rows of children in the real copy (ages 0.03 to 1.5 years; inventory.csv has no age): left out.
+CXNET_CHILDREN = {"455p.jpg", "482p-.jpg", "484p.png", "488p.png", "757p.jpg", "758p.jpg", "899p.jpg"}
 
 
 @pytest.fixture(scope="module")
@@ -635,7 +814,7 @@ def test_real_source_counts_match_inventory(name: str, real_data: Path, inventor
         expected_covid = int((inv["label_as_in_source"].str.contains("COVID-19")
                               & inv["view"].isin({"PA", "AP", "AP Supine"})).sum())
     else:
-        expected_covid = int((is_covid & frontal).sum())
+        expected_covid = int((is_covid & frontal).sum()) - (len(CXNET_CHILDREN) if name == "cxnet" else 0)
     expected_normal = int((inv["label_as_in_source"].isin(NORMAL_WORDS) & frontal).sum())
     labels = result.images["label"].value_counts()
     assert int(labels.get("covid", 0)) == expected_covid
@@ -652,7 +831,7 @@ def test_real_source_counts_match_inventory(name: str, real_data: Path, inventor
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["cohen", "actualmed", "mooney", "figure1"])
+@pytest.mark.parametrize("name", ["cohen", "actualmed", "mooney", "figure1", "cxnet"])
 def test_real_patient_ids_match_inventory(name: str, real_data: Path, inventory: pd.DataFrame,
                                           real_reads: dict[str, SourceRead]) -> None:
     folder = REAL_SOURCES[name]
@@ -691,6 +870,40 @@ def test_real_notes(real_reads: dict[str, SourceRead]) -> None:
     assert any("cp1252" in n for n in real_reads["figure1"].notes)
     assert any("pediatric" in n for n in real_reads["mooney"].notes)
     assert any("no patient ids" in n for n in real_reads["radiography"].notes)
+    assert any("figures from papers" in n for n in real_reads["cxnet"].notes)
+    assert any("no license" in n for n in real_reads["openist"].notes)
+
+
+@pytest.mark.integration
+def test_real_cxnet_exact_counts(real_data: Path, real_reads: dict[str, SourceRead]) -> None:
+    """The real copy: 234 metadata rows, every one COVID-19 with no negative PCR; 7 are of children (the collection's
+    README says adults only, its metadata.csv says otherwise), so 227 images of 144 patients are kept."""
+    result = real_reads["cxnet"]
+    images = result.images
+    assert len(images) == 227
+    assert images["patient_id"].nunique() == 144
+    assert images["view"].value_counts().to_dict() == {"unknown": 109, "AP": 97, "PA": 21}
+    assert (images["label"] == "covid").all() and (images["mask_path"] == "").all()
+    assert {Path(d["item"]).name: d["reason"] for d in result.dropped} == {
+        name: "age under 18 (only adults and unknown ages are used)" for name in CXNET_CHILDREN}
+    meta = pd.read_csv(real_data / "sources" / REAL_SOURCES["cxnet"] / "metadata.csv", dtype=str)
+    assert len(images) + len(result.dropped) == len(meta) == 234
+    assert meta["patient_id"].nunique() == 150
+
+
+@pytest.mark.integration
+def test_real_openist_exact_counts(real_data: Path, real_reads: dict[str, SourceRead]) -> None:
+    """The real copy: 214 normal PA films, each its own patient, each with its lung mask <id>@.png (never an image)."""
+    result = real_reads["openist"]
+    images = result.images
+    assert len(images) == 214 and not result.dropped
+    assert images["patient_id"].nunique() == 214
+    assert (images["label"] == "normal").all() and (images["view"] == "PA").all()
+    assert not images["path"].str.endswith("@.png").any()
+    assert [m[:-len("@.png")] for m in images["mask_path"]] == [p[:-len(".jpg")] for p in images["path"]]
+    assert all(Path(m).is_file() for m in images["mask_path"])
+    folder = real_data / "sources" / REAL_SOURCES["openist"] / "Datasets" / "Chest_x-ray"
+    assert len(list(folder.glob("*@.png"))) == 214
 
 
 def test_a_flat_folder_source_explains_the_layout(tmp_path: Path) -> None:

@@ -58,8 +58,9 @@ TASKS: dict[str, Task] = {
 """Task name -> :class:`Task`."""
 
 PEDIATRIC_SOURCES = frozenset({"mooney"})
-"""Sources whose patients are children (Kermany/Mooney: aged 1-5); every other public source is mostly adults. The
-dataset warnings, the model card and the report read it from here."""
+"""Sources whose patients are children (Kermany/Mooney: aged 1-5); every other public source is mostly adults (OpenIST
+is adults only; the cxnet reader leaves out COVID-CXNet's rows under 18). The dataset warnings, the model card and the
+report read it from here."""
 PROTOCOLS = ("patient", "leave-source-out")
 SplitName = Literal["train", "val", "test"]
 Checkpoint = Literal["best", "last"]

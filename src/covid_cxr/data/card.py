@@ -119,10 +119,12 @@ def render_card(df: pd.DataFrame, report: dict) -> str:
     if report["warnings"]:
         parts += ["## Warnings", ""] + [f"- **{w}**" for w in report["warnings"]] + [""]
     parts += ["## Sources", "", _md_table(
-        ["source", "found (files, rows)", "not used", "in manifest", "labels in manifest", "views", "notes"],
+        ["source", "found (files, rows)", "not used", "in manifest", "labels in manifest", "views", "lung masks",
+         "notes"],
         [[name, s["found"], s["not_used_total"], s["in_manifest"],
           ", ".join(f"{k} {v}" for k, v in s["labels_in_manifest"].items()),
-          ", ".join(f"{k} {v}" for k, v in s.get("views_in_manifest", {}).items()), "; ".join(s["notes"])]
+          ", ".join(f"{k} {v}" for k, v in s.get("views_in_manifest", {}).items()), s.get("masks_in_manifest", 0),
+          "; ".join(s["notes"])]
          for name, s in report["sources"].items()]), ""]
     parts += ["## What was left out, and why", "",
               f"{report['not_used_total']} files or metadata rows were not used (each is listed in `dropped.csv`):",

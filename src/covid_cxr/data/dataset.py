@@ -28,13 +28,17 @@ from covid_cxr.paths import DatasetDir, parse_pairs
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["path", "label", "target", "source", "patient_id", "view", "sha256", "width", "height",
-                    "split", "group", "finding", "source_split"]
+                    "split", "group", "finding", "source_split", "mask_path"]
 """``path``: relative to the source's root; ``label``: the source's label mapped onto normal/covid/pneumonia/other;
 ``target``: the task's class ('' when the image is outside the task); ``group``: the split group (patient, joined
-across copies)."""
+across copies); ``mask_path``: the image's lung mask, relative to the source's root like ``path`` ('' when it has
+none; a mask is never an image row of its own)."""
+
+OPTIONAL_COLUMNS = {"mask_path": ""}
+"""Columns a manifest written before they existed lacks, and the value they then take."""
 
 _DTYPES = {"path": str, "patient_id": str, "sha256": str, "view": str, "finding": str, "source_split": str,
-           "target": str, "label": str, "source": str, "split": str}
+           "target": str, "label": str, "source": str, "split": str, "mask_path": str}
 
 
 def source_root_record(root: str | Path, dataset_dir: str | Path, synthetic: bool = False) -> dict:
@@ -77,6 +81,13 @@ class Dataset:
     @property
     def labels(self) -> list[str]:
         return list(self.info.labels)
+
+    def mask_paths(self, rows: pd.DataFrame) -> list[str]:
+        """The lung mask file of each row ('' where the image has none). ``df["mask_path"]`` keeps the manifest's
+        words (relative to the source's root, checked by :func:`read_dataset` to stay inside it), so that a
+        dataset written from ``df`` (a crossval fold) records them as the build did."""
+        return [os.path.normpath(os.path.join(self.roots[s], m)) if m else ""
+                for s, m in zip(rows["source"], rows["mask_path"])]
 
     def rows(self, split: str | tuple[str, ...]) -> pd.DataFrame:
         """Rows of the task's classes in ``split`` (one name or several), re-indexed from 0."""
@@ -168,27 +179,33 @@ def _read_info(d: DatasetDir) -> DatasetInfo:
                        sources=roots, cache=cache, raw=raw)
 
 
-def _inside_roots(d: DatasetDir, df: pd.DataFrame, roots: Mapping[str, Path], relative: bool) -> list[str]:
-    """Each manifest path joined to its source's root, refused unless it stays inside that root: a dataset received
-    from someone else must not make evaluate open ``/etc/passwd`` or ``../../x``. The check is on the path's words
-    (normalised, not resolved), so symlinked image folders inside a source keep working.
+def _inside_roots(d: DatasetDir, df: pd.DataFrame, roots: Mapping[str, Path], relative: bool,
+                  column: str = "path") -> list[str]:
+    """Each manifest path (``column``: ``path``, or ``mask_path`` where '' means none) joined to its source's root,
+    refused unless it stays inside that root: a dataset received from someone else must not make evaluate open
+    ``/etc/passwd`` or ``../../x``. The check is on the path's words (normalised, not resolved), so symlinked image
+    folders inside a source keep working.
 
     Raises:
         DatasetError: an absolute or escaping path, or a source with no recorded root; names the manifest row and
             never opens the file.
     """
+    what = "image" if column == "path" else "mask"
     out = []
-    for i, (source, p) in enumerate(zip(df["source"], df["path"])):
+    for i, (source, p) in enumerate(zip(df["source"], df[column])):
+        if column != "path" and not p:
+            out.append("")
+            continue
         root = roots.get(source)
         if root is None:
             raise DatasetError(f"{d.manifest} row {i + 2}: source {str(source)[:80]!r} has no root folder in "
                                f"{d.info.name}; rebuild the dataset with `covid-cxr data build`")
         if relative and (os.path.isabs(p) or not p):
-            raise DatasetError(f"{d.manifest} row {i + 2}: image path {str(p)[:120]!r} is not relative to the "
+            raise DatasetError(f"{d.manifest} row {i + 2}: {what} path {str(p)[:120]!r} is not relative to the "
                                f"{source} source folder; a dataset built by covid-cxr never holds one: rebuild it")
         full = os.path.normpath(root / p) if relative else os.path.normpath(p)
         if os.path.commonpath([full, str(root)]) != str(root):
-            raise DatasetError(f"{d.manifest} row {i + 2}: image path {str(p)[:120]!r} leads outside the {source} "
+            raise DatasetError(f"{d.manifest} row {i + 2}: {what} path {str(p)[:120]!r} leads outside the {source} "
                                f"source folder {root}; it was not written by covid-cxr data build: rebuild the "
                                "dataset")
         out.append(full)
@@ -212,9 +229,12 @@ def read_dataset(dataset_dir: str | Path | DatasetDir,
         df = pd.read_csv(d.manifest, dtype=_DTYPES, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise DatasetError(f"{d.manifest} is unreadable ({exc}); rebuild it with `covid-cxr data build`") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
     if missing:
         raise DatasetError(f"{d.manifest} lacks columns {missing}; rebuild it with `covid-cxr data build`")
+    for c, value in OPTIONAL_COLUMNS.items():
+        if c not in df.columns:
+            df[c] = value
     overrides = parse_pairs(source_roots)
     unknown = sorted(set(overrides) - set(info.sources))
     if unknown:
@@ -236,7 +256,9 @@ def read_dataset(dataset_dir: str | Path | DatasetDir,
             missing_roots[name] = list(dict.fromkeys(str(c) for c in candidates))
             found = candidates[0]
         roots[name] = Path(os.path.normpath(found.absolute()))
-    df["path"] = _inside_roots(d, df, roots, relative="source_roots" in info.raw)
+    relative = "source_roots" in info.raw
+    df["path"] = _inside_roots(d, df, roots, relative)
+    _inside_roots(d, df, roots, relative, column="mask_path")  # checked; kept as written (see Dataset.mask_paths)
     if missing_roots:
         log.info("source folders not found (images come from the cache where it has them): %s",
                  ", ".join(f"{n}: {' or '.join(t)}" for n, t in missing_roots.items()))

@@ -186,6 +186,7 @@ def _read_and_check(cfg: DataConfig, reads: list, cache_root: Path | None, reuse
     """
     df = pd.concat([r.images for r in reads if not r.images.empty], ignore_index=True)
     df["rel"] = _relative_paths(df, reads)
+    df["mask_path"] = _relative_paths(df, reads, "mask_path")  # a mask is carried, never decoded here
     dropped = [d for r in reads for d in r.dropped]
     swept = sweep_temp_files(cache_root) if cache_root and cache_root.is_dir() else 0
     seen = inspect_all(df["path"].tolist(), cache_root, cfg.dedup, cfg.workers, reuse=reuse, progress=cfg.progress)
@@ -297,6 +298,7 @@ def _report(cfg: DataConfig, classes: list[str], reads, df: pd.DataFrame, droppe
             "in_manifest": int(len(kept)),
             "labels_in_manifest": {k: int(v) for k, v in kept["label"].value_counts().items()},
             "views_in_manifest": {k: int(v) for k, v in kept["view"].value_counts().items()},
+            "masks_in_manifest": int((kept["mask_path"] != "").sum()),
             "not_used": dict(sorted(((k, int(v)) for k, v in reasons.items()), key=lambda kv: -kv[1])),
             "notes": r.notes,
         }
@@ -348,10 +350,12 @@ def _reason_kind(reason: str) -> str:
     return reason
 
 
-def _relative_paths(df: pd.DataFrame, reads) -> pd.Series:
-    """Image paths relative to their source's root (what manifest.csv stores)."""
+def _relative_paths(df: pd.DataFrame, reads, column: str = "path") -> pd.Series:
+    """Image (or mask: ``column`` mask_path, '' for none) paths relative to their source's root (what manifest.csv
+    stores)."""
     roots = {r.source: Path(r.root) for r in reads}
-    return pd.Series([str(Path(p).relative_to(roots[s])) for s, p in zip(df["source"], df["path"])], index=df.index)
+    return pd.Series([str(Path(p).relative_to(roots[s])) if p else "" for s, p in zip(df["source"], df[column])],
+                     index=df.index)
 
 
 def _relative_item(item: str, root: Path | None) -> str:

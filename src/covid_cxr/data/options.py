@@ -17,7 +17,8 @@ class DataConfig(CommandOptions):
     patient and write DATASET_DIR/{manifest.csv, dataset.json, ingest_report.json, dropped.csv, dataset_card.md}."""
 
     sources: tuple[tuple[str, str], ...]
-    """A source folder as NAME=PATH (cohen, mooney, radiography, actualmed, figure1, folder); repeat for each."""
+    """A source folder as NAME=PATH (cohen, mooney, radiography, actualmed, figure1, cxnet, openist, folder); repeat
+    for each."""
     out: str
     """Dataset folder to write."""
     task: Literal["covid-vs-normal", "covid-vs-rest", "covid-pneumonia-normal"] = "covid-vs-normal"

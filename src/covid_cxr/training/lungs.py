@@ -38,14 +38,15 @@ def masked_images(data_dir: str | Path) -> list[dict]:
     """
     from covid_cxr.data.dataset import read_dataset
 
-    df = read_dataset(data_dir).df
-    if "mask_path" not in df.columns or not (df["mask_path"].fillna("") != "").any():
+    dataset = read_dataset(data_dir)
+    df = dataset.df
+    if not (df["mask_path"] != "").any():
         raise DatasetError(f"{data_dir}: no image of this dataset has a lung mask; build it with a source that "
                            "carries masks (--source openist=PATH, a folder source with masks/, or the Radiography "
                            "DB's <Class>/masks/), or see docs/lungs.md for licensed mask sets")
-    rows = df[df["mask_path"].fillna("") != ""]
-    return [{"path": str(r.path), "mask_path": str(r.mask_path), "group": str(r.group), "source": str(r.source)}
-            for r in rows.itertuples()]
+    rows = df[df["mask_path"] != ""]
+    return [{"path": str(r.path), "mask_path": mask, "group": str(r.group), "source": str(r.source)}
+            for r, mask in zip(rows.itertuples(), dataset.mask_paths(rows))]
 
 
 def _decode(items: list[dict], size: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
