@@ -401,7 +401,7 @@ def test_manual_steps():
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"source": "nope"}, r"--source must be one of cohen, mooney, radiography, got 'nope'"),
+    ({"source": "nope"}, r"--source must be one of cohen, mooney, radiography, montgomery, shenzhen, jsrt, got 'nope'"),
     ({"sha256": "abc"}, "64 hexadecimal"),
     ({"url": "ftp://x/y.zip"}, "http"),
     ({"source": "mooney", "url": "https://x/y.zip"}, "cohen only"),
@@ -422,4 +422,23 @@ def test_config_checks(kw, match):
 def test_fetchable_sources_are_the_config_choices():
     import typing
 
-    assert set(typing.get_args(typing.get_type_hints(FetchConfig)["source"])) == set(FETCHABLE)
+    from covid_cxr.data.fetch import MASK_SETS
+
+    choices = set(typing.get_args(typing.get_type_hints(FetchConfig)["source"]))
+    assert choices == set(FETCHABLE) | set(MASK_SETS) and not set(FETCHABLE) & set(MASK_SETS)
+
+
+@pytest.mark.parametrize("name", ["montgomery", "shenzhen", "jsrt"])
+def test_lung_mask_sets_print_their_steps_and_create_nothing(name: str, tmp_path, capsys) -> None:
+    """The lung-mask sets need a person (registration, terms): data fetch prints numbered steps with the folder
+    filled in, ending with the build and lungs train commands, and writes nothing."""
+    import shlex
+
+    from covid_cxr.cli import main
+
+    out = tmp_path / "masks set"
+    assert main(["data", "fetch", "--source", name, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "  1. " in text and "  4. covid-cxr data build --source folder=" in text and "lungs train" in text
+    assert shlex.quote(str(out)) + "/normal/masks/" in text  # the folder, quoted as a shell needs it
+    assert not out.exists() and list(tmp_path.iterdir()) == []

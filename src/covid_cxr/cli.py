@@ -125,6 +125,9 @@ def _print_build(result: dict, cfg) -> None:
 
 
 def _print_fetch(result: dict, cfg) -> None:
+    if "steps" in result:  # a set to get by hand
+        print(printable(result["steps"]))
+        return
     for k, v in result.items():
         if k != "next":
             print(f"{k}: {v}")

@@ -1,4 +1,5 @@
-"""Download public sources: ``covid-cxr data fetch cohen|mooney|radiography --out PATH``.
+"""Download public sources: ``covid-cxr data fetch --source cohen|mooney|radiography --out PATH`` (and print the
+steps for the lung-mask sets montgomery, shenzhen, jsrt, which need a person to register or accept terms).
 
 ``cohen`` is the GitHub archive of ieee8023/covid-chestxray-dataset, fetched over HTTP(S)
 with resume (HTTP Range into ``PATH.zip.part``), size and optional SHA-256 checks, then
@@ -65,7 +66,48 @@ FETCHABLE: dict[str, Fetchable] = {
                              "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database",
                              kaggle="tawsifurrahman/covid19-radiography-database"),
 }
-"""``covid-cxr data fetch NAME`` names and where each source comes from."""
+"""``covid-cxr data fetch --source NAME`` names and where each source comes from."""
+
+
+MASK_SETS: dict[str, str] = {
+    "montgomery": (
+        "Montgomery County chest X-ray set (U.S. National Library of Medicine): 138 frontal films, 80 normal and 58 "
+        "with tuberculosis, each with manual left and right lung masks.\n"
+        "  1. Open https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html (Tuberculosis Chest X-ray Image Data Sets) "
+        "and download the Montgomery County set (MontgomerySet.zip); read its terms and cite Jaeger et al., Quant "
+        "Imaging Med Surg 2014.\n"
+        "  2. Unzip it. The films are CXR_png/<name>.png; the masks ManualMask/leftMask/<name>.png and "
+        "ManualMask/rightMask/<name>.png.\n"
+        "  3. For each film whose ClinicalReadings/<name>.txt says normal, copy it to PATH/normal/<name>.png and save "
+        "the union of its two masks (pixel-wise maximum) as PATH/normal/masks/<name>.png (the tuberculosis films "
+        "go to PATH/other/ the same way).\n"
+        "  4. covid-cxr data build --source folder=PATH ... --out DATASET_DIR, then covid-cxr lungs train --data "
+        "DATASET_DIR --out LUNGS"),
+    "shenzhen": (
+        "Shenzhen chest X-ray set (NLM with Shenzhen No. 3 People's Hospital): 662 frontal films, 326 normal and 336 "
+        "with tuberculosis. Its lung masks were published separately (Stirenko et al., 2018) for most films.\n"
+        "  1. Download the Shenzhen set (ChinaSet_AllFiles.zip) from "
+        "https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html and read its terms.\n"
+        "  2. Download the lung masks for it (search 'Shenzhen chest X-ray lung masks Stirenko'; they are "
+        "distributed as <film name>_mask.png) and check their license.\n"
+        "  3. Films named *_0.png are normal: copy each that has a mask to PATH/normal/<name>.png and its mask to "
+        "PATH/normal/masks/<name>.png (*_1.png, tuberculosis, to PATH/other/).\n"
+        "  4. covid-cxr data build --source folder=PATH ... --out DATASET_DIR, then covid-cxr lungs train --data "
+        "DATASET_DIR --out LUNGS"),
+    "jsrt": (
+        "JSRT database (Japanese Society of Radiological Technology): 247 frontal films, with lung masks from the SCR "
+        "database (van Ginneken et al., Med Image Anal 2006).\n"
+        "  1. Register at http://db.jsrt.or.jp/eng.php and download the 247 images (2048 x 2048, 12-bit raw .IMG "
+        "files: big-endian unsigned 16-bit, no header).\n"
+        "  2. Download the SCR masks (left lung and right lung, per image, as .gif) from the SCR database's page and "
+        "read its terms.\n"
+        "  3. Convert each .IMG to PNG (numpy.fromfile(path, '>u2').reshape(2048, 2048); invert it if the lungs "
+        "look white; scale to 8 bits) into PATH/normal/<name>.png (or PATH/other/ for films with a nodule), and save "
+        "the union of its two lung masks, resized to the image's size, as PATH/normal/masks/<name>.png.\n"
+        "  4. covid-cxr data build --source folder=PATH ... --out DATASET_DIR, then covid-cxr lungs train --data "
+        "DATASET_DIR --out LUNGS"),
+}
+"""Lung-mask sets whose terms need a person (registration, a license to read): ``data fetch`` prints the steps."""
 
 
 def run(cfg: FetchConfig) -> dict:
@@ -81,6 +123,9 @@ def run(cfg: FetchConfig) -> dict:
             (without ``overwrite``), or a Kaggle source cannot be fetched automatically (the
             message then lists the manual steps).
     """
+    if cfg.source in MASK_SETS:  # nothing to download without a person: the steps, with the folder filled in
+        steps = MASK_SETS[cfg.source].replace("PATH", shlex.quote(str(cfg.out)))
+        return {"source": cfg.source, "steps": steps, "next": f"--source folder={shlex.quote(str(cfg.out))}"}
     t0 = time.monotonic()
     out = _check_out(Path(cfg.out), cfg.overwrite)
     src = FETCHABLE[cfg.source]
@@ -137,7 +182,7 @@ def manual_steps(name: str, out: str | None = None) -> str:
             f"KAGGLE_CONFIG_DIR, or set KAGGLE_USERNAME and KAGGLE_KEY.\n"
             f"  4. kaggle datasets download -d {src.kaggle} -p {path} --unzip\n"
             f"  5. {build}\n"
-            f"After steps 2-3, `covid-cxr data fetch {name} --out {path}` does 4 for you.")
+            f"After steps 2-3, `covid-cxr data fetch --source {name} --out {path}` does 4 for you.")
 
 
 def kaggle_credentials() -> str | None:

@@ -75,8 +75,9 @@ class FetchConfig(CommandOptions):
     """``covid-cxr data fetch``: download a public source (Cohen over HTTP with resume; Kaggle sources through the
     kaggle package, or exact manual steps)."""
 
-    source: Literal["cohen", "mooney", "radiography"]
-    """Which source to download."""
+    source: Literal["cohen", "mooney", "radiography", "montgomery", "shenzhen", "jsrt"]
+    """Which source to download; montgomery, shenzhen and jsrt (lung-mask sets for `covid-cxr lungs train`) print
+    the steps to get them by hand."""
     out: str
     """Folder to create (then pass it to `covid-cxr data build --source NAME=PATH`)."""
     url: str | None = None
