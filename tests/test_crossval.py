@@ -236,3 +236,32 @@ def test_a_fold_whose_training_sources_lack_a_class_is_refused_at_planning(two_h
         crossval.run(CrossvalConfig(data=str(ds), out=str(out), prepare_only=True, **OPTIONS))
     assert not (out / "folds").exists() and not (out / "commands.sh").exists()
     assert crossval.plan_folds(read_dataset(ds), ("hospital-a",)) == ["hospital-a"]  # the fold that can train
+
+
+def test_a_fold_that_takes_most_of_a_class_away_is_flagged(two_hospitals, tmp_path):
+    """Issue 19: holding out a source that holds most of a class's images leaves the fold's model few of them to
+    learn from (the Radiography DB holds 87 % of the shared normals). Such a fold is named with the share it
+    removes; balanced sources are not flagged; crossval.json and the summary carry it."""
+    import shutil
+
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(two_hospitals, ds_dir)
+    assert crossval.fold_losses(read_dataset(ds_dir), ["hospital-a", "hospital-b"]) == {}  # 50/50: not "most"
+    df = pd.read_csv(ds_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    normals_a = df.index[(df["source"] == "hospital-a") & (df["target"] == "normal")]
+    df.loc[normals_a[: len(normals_a) - 2], "target"] = ""  # hospital-a keeps 2 of its normal images
+    df.to_csv(ds_dir / "manifest.csv", index=False)
+    ds = read_dataset(ds_dir)
+    n_b = int(((ds.df["source"] == "hospital-b") & (ds.df["target"] == "normal")).sum())
+    flagged = crossval.fold_losses(ds, ["hospital-a", "hospital-b"])
+    assert list(flagged) == ["hospital-b"]
+    assert flagged["hospital-b"] == [f"fold hospital-b: holding hospital-b out removes {n_b / (n_b + 2):.0%} of the "
+                                     f"'normal' images ({n_b} of {n_b + 2}); this fold's model trains on 2 'normal' "
+                                     "images, so its held-out score mostly measures that shortage, not only an "
+                                     "unseen hospital"]
+    text = crossval.format_summary({"pooled": {"auc": 0.5, "ci95": None, "n": 4, "n_positive": 2, "patients": 4,
+                                               "sensitivity_at_95_specificity": 0.0, "in_scope": 1.0,
+                                               "sensitivity_at_fold_thresholds": 0.5,
+                                               "specificity_at_fold_thresholds": 0.5},
+                                    "per_source": {}, "fold_warnings": flagged, "out": "cv"})
+    assert "WARNING: fold hospital-b: holding hospital-b out removes" in text
