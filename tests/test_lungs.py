@@ -200,3 +200,56 @@ def test_lungs_train_on_a_dataset_without_masks_says_where_masks_come_from(tmp_p
 
     with pytest.raises(DatasetError, match="no image of this dataset has a lung mask.*--source openist"):
         masked_images(phantom_dataset)
+
+
+@pytest.fixture(scope="module")
+def phantom_segmenter(tmp_path_factory) -> Path:
+    """lungs.pt: the segmenter trained on 48 phantoms (Dice >= 0.9 held out, see above), saved by the writer."""
+    from covid_cxr.model.checkpoint import new_meta, save_checkpoint
+    from covid_cxr.model.lungs import LUNG_ARCH, LUNG_LABELS, lung_spec
+    from covid_cxr.training.lungs import fit, split_groups
+    from covid_cxr.training.options import LungsTrainConfig
+
+    torch.set_num_threads(1)
+    images, masks = _phantoms(48)
+    x = np.stack([lung_input(g, 64) for g in images])
+    y = np.stack([resize_mask(m, (64, 64)) for m in masks])
+    val = split_groups([str(i) for i in range(48)], 0.25, 0)
+    cfg = LungsTrainConfig(data="unused", out="unused", image_size=64, epochs=12, batch_size=8, width=8, device="cpu")
+    model, _ = fit(x, y, val, cfg, torch.device("cpu"), [m for m, v in zip(masks, val) if v])
+    out = tmp_path_factory.mktemp("segmenter") / "lungs.pt"
+    save_checkpoint(out, model, new_meta(LUNG_ARCH, LUNG_LABELS, "lung", lung_spec(64), {"width": 8}, None)
+                    .replace(val_metrics={"dice": 0.93}))
+    return out
+
+
+def test_a_model_that_carries_the_segmenter_calls_images_without_two_lung_fields_out_of_scope(
+        phantom_dataset, phantom_segmenter, tmp_path) -> None:
+    """train --lungs: the checkpoint carries the segmenter (its tensors and meta.lungs); every prediction says what
+    it found; an image of one lung-shaped field (what a lateral film gives) is out of scope with the reason, whatever
+    the feature gate says, while the phantoms' two fields keep their in-scope verdict. The ONNX export refuses
+    rather than lose the check."""
+    from covid_cxr.deploy.api import load_run
+    from covid_cxr.errors import ExportError
+    from covid_cxr.deploy.export import export_onnx
+    from covid_cxr.model.checkpoint import read_checkpoint
+    from covid_cxr.training.options import TrainConfig
+    from covid_cxr.training.train import run
+
+    out = tmp_path / "run"
+    run(TrainConfig(data=str(phantom_dataset), out=str(out), epochs=1, image_size=32, batch_size=16, weights="none",
+                    progress=False, lungs=str(phantom_segmenter)))
+    ckpt = read_checkpoint(out / "best.pt")
+    assert ckpt.meta.lungs is not None and ckpt.meta.lungs.width == 8 and ckpt.meta.lungs.size == 64
+    assert ckpt.meta.lungs.dice == 0.93 and any(k.startswith("lungs.") for k in ckpt.state_dict)
+    model = load_run(out, device="cpu")
+    images, _ = _phantoms(6, size=64, seed=9)
+    # one lung field filling the frame (a phantom's left half, stretched to the full width): what a lateral film
+    # shows, a single lung-shaped dark field instead of two side by side
+    lateral = np.asarray(Image.fromarray(images[0][:, :32]).resize((64, 64), Image.BILINEAR))
+    preds = model.predict(images + [lateral])
+    assert all(p.lung_fields == "two lung fields" for p in preds[:6]), [p.lung_fields for p in preds]
+    assert preds[-1].in_scope is False and not preds[-1].lung_fields.startswith("two")
+    assert preds[-1].explanation.startswith("out of scope: ")
+    with pytest.raises(ExportError, match="carries a lung segmenter"):
+        export_onnx(out / "best.pt", tmp_path / "model.onnx")

@@ -127,6 +127,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET)
     if out.suffix != ".onnx":
         raise ExportError(f"{out}: the ONNX file name must end in .onnx (its metadata goes to {out.stem}.json)")
     model, meta = load_model(checkpoint)
+    if meta.lungs is not None:  # its lung check would be lost in the graph: say so rather than export less
+        raise ExportError(f"{checkpoint} carries a lung segmenter (trained with --lungs), which the ONNX export does "
+                          "not include yet: its lung-field check would be lost; use the PyTorch backend for this "
+                          "model, or train without --lungs to export")
     spec = meta.preprocess
     outputs = [OUTPUT_LOGITS] + ([OUTPUT_SCOPE] if model.gate is not None else [])
     log.info("exporting %s (%s, %d px, labels %s) to %s with opset %d", checkpoint, meta.arch, spec.size,

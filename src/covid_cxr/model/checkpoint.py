@@ -26,7 +26,7 @@ from covid_cxr.files import atomic_write
 from covid_cxr.imaging.pixels import PreprocessSpec
 from covid_cxr.model.gate import ScopeGateModule
 from covid_cxr.model.meta import Calibration, ModelMeta, TrainingData
-from covid_cxr.model.networks import CxrNet, _torch_load, build_model, unwrap
+from covid_cxr.model.networks import CxrNet, LungNet, _torch_load, build_model, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") 
     model = build_model(meta.labels, arch=meta.arch, weights=None)
     if meta.gate is not None:
         model.gate = ScopeGateModule(meta.gate.feature_dim, meta.gate.n_means)
+    if meta.lungs is not None:
+        model.lungs = LungNet(meta.lungs.width, meta.lungs.size)
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as exc:

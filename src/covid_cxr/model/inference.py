@@ -74,7 +74,12 @@ def forward_pixels(model, pixels: np.ndarray, spec, device, batch_size: int = 32
         model.train(was_training)
     k = model.head.out_features
     cat = (lambda xs, shape: torch.cat(xs).numpy() if xs else np.zeros(shape, dtype=np.float32))
-    return Outputs(logits=cat(logits, (0, k)), scope=cat(scopes, (0,)) if gate is not None else None,
+    lungs = None
+    if getattr(model, "lungs", None) is not None:  # the segmenter reads the same model pixels
+        from covid_cxr.model.lungs import lung_checks, lung_probabilities
+
+        lungs = lung_checks(lung_probabilities(model.lungs, pixels, model.lungs.input_size, device, batch_size))
+    return Outputs(logits=cat(logits, (0, k)), scope=cat(scopes, (0,)) if gate is not None else None, lungs=lungs,
                    features=cat(feats, (0, model.feature_dim)) if features else None,
                    views=cat(views, (0, 112)) if features else None)
 
@@ -127,11 +132,17 @@ class Predictor:
             row = {"probabilities": {lab: float(p) for lab, p in zip(self.labels, probs[i])},
                    "label": self.labels[int(decided[i])],
                    "log_odds": None if log_odds is None else float(log_odds[i]),
-                   "in_scope": None, "scope_score": None}
+                   "in_scope": None, "scope_score": None, "lung_fields": None}
             if out.scope is not None and self.meta.gate is not None:
                 row["scope_score"] = float(out.scope[i])
                 row["in_scope"] = bool(out.scope[i] <= self.meta.gate.threshold)
+            if out.lungs is not None:  # no two plausible lung fields: out of scope, whatever the gate says
+                row["lung_fields"] = out.lungs[i].reason
+                if not out.lungs[i].plausible:
+                    row["in_scope"] = False
             row["explanation"] = self.meta.explain_decision(row["probabilities"], row["label"], row["in_scope"])
+            if out.lungs is not None and not out.lungs[i].plausible:
+                row["explanation"] = f"out of scope: {out.lungs[i].reason}; {row['explanation']}"
             rows.append(row)
         return rows
 
@@ -184,6 +195,8 @@ class Predictor:
         row["threshold"] = self.meta.threshold if self.meta.binary else "argmax"
         row["in_scope"] = None if res is None else res["in_scope"]
         row["scope_score"] = None if res is None else res["scope_score"]
+        if self.meta.lungs is not None:  # a column only for a model that carries a lung segmenter
+            row["lung_fields"] = None if res is None else res["lung_fields"]
         row["error"] = error
         return row
 
@@ -250,7 +263,8 @@ class Predictor:
         return Prediction(source=name, probabilities=res["probabilities"], label=res["label"],
                           threshold=meta.threshold, threshold_text=meta.threshold_text(),
                           positive_class=meta.positive, log_odds=res["log_odds"], in_scope=res["in_scope"],
-                          scope_score=res["scope_score"], explanation=res["explanation"])
+                          scope_score=res["scope_score"], explanation=res["explanation"],
+                          lung_fields=res.get("lung_fields"))
 
     def explain(self, images_or_paths: Any, target: str | int | None = None, out_dir: str | Path | None = None,
                 layer: str | None = None, progress: bool = False) -> list[Explanation]:

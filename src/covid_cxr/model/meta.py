@@ -196,6 +196,35 @@ class ScopeGate:
 
 
 @dataclass(frozen=True)
+class LungUse:
+    """The lung segmenter a classifier carries (its weights are the model's ``lungs.*`` tensors): an image whose
+    model pixels show no two plausible lung fields is out of scope (``covid-cxr train --lungs LUNGS``)."""
+
+    width: int
+    """The segmenter's first-level channels (its architecture)."""
+    size: int
+    """The side of the square it sees (the model pixels are resized to it)."""
+    segmenter_checksum: str = ""
+    """Checksum of the ``lungs.pt`` it came from (provenance)."""
+    dice: float | None = None
+    """Its held-out Dice when it was trained."""
+
+    def __post_init__(self) -> None:
+        where = "the lung segmenter"
+        object.__setattr__(self, "width", _count(where, "width", self.width, 4, 64))
+        object.__setattr__(self, "size", _count(where, "size", self.size, 32, 1024))
+        if self.size % 8:
+            raise CheckpointError(f"{where}: size must be a multiple of 8, got {self.size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LungUse":
+        return cls(**_known(cls, d))
+
+
+@dataclass(frozen=True)
 class TrainingData:
     """What the model was trained on (for model cards, reports and the web page)."""
 
@@ -273,6 +302,8 @@ class ModelMeta:
     calibration: Calibration | None = None
     gate: ScopeGate | None = None
     data: TrainingData | None = None
+    lungs: LungUse | None = None
+    """The lung segmenter the model carries, if any (images without two plausible lung fields are out of scope)."""
     training: dict = field(default_factory=dict)
     """The resolved training options."""
     estimate: dict | None = None
@@ -378,6 +409,7 @@ class ModelMeta:
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "gate": self.gate.to_dict() if self.gate else None,
             "data": self.data.to_dict() if self.data else None,
+            "lungs": self.lungs.to_dict() if self.lungs else None,
             "training": self.training, "estimate": self.estimate, "epoch": self.epoch,
             "val_metrics": self.val_metrics, "versions": self.versions, "created": self.created,
         }
@@ -402,7 +434,8 @@ class ModelMeta:
             raise CheckpointError(f"{where}: malformed model description (no labels)")
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise CheckpointError(f"{where}: labels must be a list of class names, got {str(labels)[:60]!r}")
-        for key, required in (("preprocess", True), ("calibration", False), ("gate", False), ("data", False)):
+        for key, required in (("preprocess", True), ("calibration", False), ("gate", False), ("data", False),
+                              ("lungs", False)):
             value = d.get(key)
             if (required or value) and not isinstance(value, dict):
                 raise CheckpointError(f"{where}: {key} must be an object of named fields, got "
@@ -415,6 +448,7 @@ class ModelMeta:
                 calibration=Calibration.from_dict(d["calibration"]) if d.get("calibration") else None,
                 gate=ScopeGate.from_dict(d["gate"]) if d.get("gate") else None,
                 data=TrainingData.from_dict(d["data"]) if d.get("data") else None,
+                lungs=LungUse.from_dict(d["lungs"]) if d.get("lungs") else None,
                 training=dict(d.get("training") or {}), estimate=d.get("estimate"), epoch=d.get("epoch"),
                 val_metrics=dict(d.get("val_metrics") or {}), versions=dict(d.get("versions") or {}),
                 created=str(d.get("created", "")))

@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 from covid_cxr.errors import CheckpointError, CovidCxrError, WeightsNotFound
+from covid_cxr.imaging.lung_masks import LUNG_INPUT_SIZE
 from covid_cxr.model.gate import ScopeGateModule
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class CxrNet(nn.Module):
         self.net = net
         self.head = nn.Linear(in_features, num_classes)
         self.gate: ScopeGateModule | None = None
+        self.lungs: nn.Module | None = None
+        """The lung segmenter (:class:`covid_cxr.model.lungs.LungNet`) when the model carries one; it reads the
+        model pixels beside the network (:func:`covid_cxr.model.inference.forward_pixels`), never the forward."""
 
     @property
     def feature_dim(self) -> int:
@@ -319,3 +323,37 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+# ----------------------------------------------------------------------------- the lung segmenter's network
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class LungNet(nn.Module):
+    """U-Net with ``width``, 2x, 4x, 8x channels on four levels; one logit per pixel (lung vs not)."""
+
+    def __init__(self, width: int = 16, input_size: int = LUNG_INPUT_SIZE) -> None:
+        super().__init__()
+        self.input_size = input_size
+        """The side of the square it was trained on (its input: :func:`~covid_cxr.imaging.lung_masks.lung_input`)."""
+        w = [width, 2 * width, 4 * width, 8 * width]
+        self.down = nn.ModuleList([_block(1, w[0]), _block(w[0], w[1]), _block(w[1], w[2])])
+        self.bottom = _block(w[2], w[3])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(w[3], w[2], 2, stride=2), nn.ConvTranspose2d(w[2], w[1], 2, stride=2),
+                                 nn.ConvTranspose2d(w[1], w[0], 2, stride=2)])
+        self.merge = nn.ModuleList([_block(2 * w[2], w[2]), _block(2 * w[1], w[1]), _block(2 * w[0], w[0])])
+        self.head = nn.Conv2d(w[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = nn.functional.max_pool2d(x, 2)
+        x = self.bottom(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)[:, 0]

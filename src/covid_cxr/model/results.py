@@ -33,6 +33,8 @@ class Outputs:
     """(N,) out-of-scope distances (None: the model has no gate)."""
     features: np.ndarray | None = None
     """(N, C) penultimate features, when asked for (PyTorch backend only)."""
+    lungs: list | None = None
+    """(N,) :class:`~covid_cxr.imaging.lung_masks.LungCheck` per image when the model carries a lung segmenter."""
     views: np.ndarray | None = None
     """(N, 112) the gate's image views of the network input (:func:`covid_cxr.model.gate.image_views`), with ``features``."""
 
@@ -62,6 +64,9 @@ class Prediction:
     explanation: str = ""
     """The decision in one sentence: the probability against the threshold, and how the threshold was chosen
     (``out of scope: ...`` first when the gate flags the image)."""
+    lung_fields: str | None = None
+    """What the lung segmenter found (``two lung fields``, or why not), for a model that carries one (None
+    otherwise); anything but two plausible fields makes the image out of scope."""
 
     @property
     def probability(self) -> float | None:

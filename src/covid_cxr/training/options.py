@@ -23,6 +23,10 @@ class TrainOptions(CommandOptions):
     """Images per optimisation step (per process under torchrun)."""
     arch: Arch = "densenet121"
     """Network (torchvision): densenet121 (the study's), resnet18, resnet50, efficientnet_b0, convnext_tiny."""
+    lungs: str | None = None
+    """A lung segmenter (lungs.pt from `covid-cxr lungs train`, or its folder) for the model to carry: an image
+    whose model pixels show no two plausible lung fields (a lateral film, a CT slice, a document) is out of scope, in
+    evaluate, predict and serve alike."""
     weights: str = "imagenet"
     """'imagenet' (torchvision's cached ImageNet weights), 'none' (from scratch) or a state-dict file: a torchvision
     network of --arch, a covid-cxr checkpoint, or a torchxrayvision DenseNet-121 (chest-X-ray-pretrained)."""
@@ -183,7 +187,7 @@ class LungsTrainConfig(CommandOptions):
     data: str
     """Dataset folder written by `covid-cxr data build` (images with a mask_path are used, whatever their split)."""
     out: str
-    """Folder to write: lungs.pt, lungs_metrics.json, val_masks.png."""
+    """Folder to write: lungs.pt and lungs_metrics.json."""
     image_size: int = 256
     """Side of the square the segmenter sees (the whole image, resized)."""
     epochs: int = 30

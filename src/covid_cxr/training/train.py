@@ -405,6 +405,16 @@ def finalize(run_dir: RunDir, cfg: TrainConfig, rt: Runtime, train_px: np.ndarra
                                                     None if val_out is None else val_out.views, cfg.gate_quantile)
     model.gate = gate_module.to(rt.device)
     meta = meta.replace(temperature=cal.temperature, threshold_log_odds=threshold_lo, calibration=cal, gate=gate_info)
+    if cfg.lungs:  # the model carries the segmenter: its verdict joins the gate's wherever the model predicts
+        from covid_cxr.model.lungs import load_segmenter
+        from covid_cxr.model.meta import LungUse
+
+        segmenter = load_segmenter(cfg.lungs)
+        model.lungs = segmenter.model.to(rt.device)
+        meta = meta.replace(lungs=LungUse(width=segmenter.model_width, size=segmenter.size,
+                                          segmenter_checksum=segmenter.checksum,
+                                          dice=segmenter.meta.val_metrics.get("dice")))
+        log.info("the model carries the lung segmenter %s (held-out Dice %s)", cfg.lungs, meta.lungs.dice)
     save_checkpoint(run_dir.best, model, meta)
     doc.update(calibration=cal.to_dict(), threshold=meta.threshold, threshold_log_odds=meta.threshold_log_odds,
                threshold_text=meta.threshold_text(), gate=gate_summary)
