@@ -31,8 +31,8 @@ from covid_cxr.files import atomic_write, to_json
 from covid_cxr.imaging.images import sha256_file
 from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.networks import CxrNet
-from covid_cxr.model.onnx_model import (INPUT_NAME, ONNX_META_FORMAT, OUTPUT_LOGITS, OUTPUT_SCOPE, OnnxModel,
-                                        onnx_meta_path)
+from covid_cxr.model.onnx_model import (INPUT_NAME, LUNG_INPUT_NAME, ONNX_META_FORMAT, OUTPUT_LOGITS, OUTPUT_LUNGS,
+                                        OUTPUT_SCOPE, OnnxModel, onnx_meta_path)
 from covid_cxr.paths import locate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,14 @@ class _Graph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, lung_x: torch.Tensor | None = None):
         logits, features = self.model(x, with_features=True)
-        if self.model.gate is None:
-            return logits
-        return logits, self.model.gate(features, x)
+        out = [logits]
+        if self.model.gate is not None:
+            out.append(self.model.gate(features, x))
+        if self.model.lungs is not None:  # the segmenter's P(lung) maps; the verdict is computed from them outside
+            out.append(torch.sigmoid(self.model.lungs(lung_x)))
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 def _export_versions() -> dict[str, str]:
@@ -69,14 +72,24 @@ def _export_versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _to_onnx(graph: _Graph, channels: int, size: int, opset: int, outputs: list[str]):
-    """ModelProto of ``graph`` for (N, C, size, size) float32 input, N dynamic."""
+def _inputs(n: int, channels: int, size: int, lung_size: int | None, random: bool = False) -> tuple:
+    """Example inputs of the graph: the image batch, and the lung batch for a model that carries a segmenter."""
+    g = torch.Generator().manual_seed(0)
+    make = (lambda *shape: torch.randn(*shape, generator=g)) if random else torch.zeros
+    x = (make(n, channels, size, size),)
+    return x + ((make(n, 1, lung_size, lung_size),) if lung_size else ())
+
+
+def _to_onnx(graph: _Graph, channels: int, size: int, opset: int, outputs: list[str], lung_size: int | None = None):
+    """ModelProto of ``graph`` for (N, C, size, size) float32 input (and (N, 1, L, L) lung input), N dynamic."""
     # torch.export specialises a dimension whose example size is 0 or 1, so trace with N=2.
-    example = torch.zeros(2, channels, size, size)
+    example = _inputs(2, channels, size, lung_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
+    names = [INPUT_NAME] + ([LUNG_INPUT_NAME] if lung_size else [])
     try:
-        program = torch.onnx.export(graph, (example,), None, dynamo=True, opset_version=opset,
-                                    input_names=[INPUT_NAME], output_names=outputs, dynamic_shapes=({0: batch},),
+        program = torch.onnx.export(graph, example, None, dynamo=True, opset_version=opset,
+                                    input_names=names, output_names=outputs,
+                                    dynamic_shapes=tuple({0: batch} for _ in names),
                                     external_data=False, optimize=True, verbose=False)
     except Exception as exc:  # torch.export and the ONNX translation raise many types
         raise ExportError(f"torch.onnx.export (dynamo) failed: {type(exc).__name__}: {exc}") from None
@@ -87,16 +100,18 @@ def _to_onnx(graph: _Graph, channels: int, size: int, opset: int, outputs: list[
     return proto
 
 
-def _max_differences(graph: _Graph, data: bytes, channels: int, size: int, outputs: list[str]) -> dict[str, float]:
+def _max_differences(graph: _Graph, data: bytes, channels: int, size: int, outputs: list[str],
+                     lung_size: int | None = None) -> dict[str, float]:
     """Max |ONNX Runtime - PyTorch| of each output on a random batch of 3 (scope: relative)."""
     import onnxruntime as ort
 
-    x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(0))
+    x = _inputs(3, channels, size, lung_size, random=True)
     with torch.inference_mode():
-        expected = graph(x)
+        expected = graph(*x)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    got = session.run(outputs, {INPUT_NAME: x.numpy()})
+    names = [INPUT_NAME] + ([LUNG_INPUT_NAME] if lung_size else [])
+    got = session.run(outputs, {n: t.numpy() for n, t in zip(names, x)})
     diffs = {}
     for name, e, g in zip(outputs, expected, got):
         e = e.numpy()
@@ -127,23 +142,21 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET)
     if out.suffix != ".onnx":
         raise ExportError(f"{out}: the ONNX file name must end in .onnx (its metadata goes to {out.stem}.json)")
     model, meta = load_model(checkpoint)
-    if meta.lungs is not None:  # its lung check would be lost in the graph: say so rather than export less
-        raise ExportError(f"{checkpoint} carries a lung segmenter (trained with --lungs), which the ONNX export does "
-                          "not include yet: its lung-field check would be lost; use the PyTorch backend for this "
-                          "model, or train without --lungs to export")
     spec = meta.preprocess
-    outputs = [OUTPUT_LOGITS] + ([OUTPUT_SCOPE] if model.gate is not None else [])
+    lung_size = meta.lungs.size if meta.lungs else None
+    outputs = ([OUTPUT_LOGITS] + ([OUTPUT_SCOPE] if model.gate is not None else [])
+               + ([OUTPUT_LUNGS] if lung_size else []))
     log.info("exporting %s (%s, %d px, labels %s) to %s with opset %d", checkpoint, meta.arch, spec.size,
              list(meta.labels), out, opset)
     graph = _Graph(model).eval()
-    proto = _to_onnx(graph, spec.channels, spec.size, opset, outputs)
+    proto = _to_onnx(graph, spec.channels, spec.size, opset, outputs, lung_size)
     log.info("checking the graph: onnx.checker, then ONNX Runtime against PyTorch on a random batch")
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from None
     data = proto.SerializeToString()
-    diffs = _max_differences(graph, data, spec.channels, spec.size, outputs)
+    diffs = _max_differences(graph, data, spec.channels, spec.size, outputs, lung_size)
     if not all(d <= VERIFY_ATOL for d in diffs.values()):  # also catches NaN
         raise ExportError(f"ONNX Runtime differs from PyTorch by {diffs} (> {VERIFY_ATOL}); the exported graph is "
                           "wrong, nothing was written")
@@ -158,7 +171,13 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET)
                                  "applied"},
             "outputs": {OUTPUT_LOGITS: "logits (batch, classes); probabilities = softmax(logits / temperature)",
                         **({OUTPUT_SCOPE: "out-of-scope distance (batch,); out of scope when above "
-                                          "meta.gate.threshold"} if model.gate is not None else {})},
+                                          "meta.gate.threshold"} if model.gate is not None else {}),
+                        **({OUTPUT_LUNGS: "P(lung) per pixel (batch, L, L) of the lung input; out of scope unless "
+                                          "covid_cxr.imaging.lung_masks.lung_checks finds two plausible lung fields"}
+                           if lung_size else {})},
+            **({"lung_input": {"name": LUNG_INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, lung_size, lung_size],
+                               "meaning": "covid_cxr.imaging.lung_masks.lung_input(model pixels, L): the whole image "
+                                          "resized to L and standardised"}} if lung_size else {}),
             "opset": opset, "exporter": "torch.onnx.export(dynamo=True)", "max_abs_diff_vs_torch": diffs,
             "versions": _export_versions(),
             "source_checkpoint": {"file": checkpoint.name, "sha256": sha256_file(checkpoint)},

@@ -241,6 +241,9 @@ def quantize_export(onnx_path: str | Path, qd: QuantData, max_auc_drop: float = 
     onnx_path = Path(onnx_path)
     out = int8_path(onnx_path)
     fp32 = OnnxModel(onnx_path, device="cpu")
+    if fp32.meta.lungs is not None:
+        raise ExportError(f"{onnx_path} carries a lung segmenter: int8 quantisation of such a graph is not supported "
+                          "yet; serve the fp32 model.onnx")
     with tempfile.TemporaryDirectory(prefix="covid-cxr-int8-") as tmp:
         trial = Path(tmp) / out.name
         log.info("quantising %s on %d validation images", onnx_path, len(qd.calibration))

@@ -142,6 +142,12 @@ def check_lungs(mask: np.ndarray) -> LungCheck:
     return verdict("two lung fields")
 
 
+def lung_checks(probabilities: np.ndarray) -> list[LungCheck]:
+    """The plausibility verdict of each P(lung) map (thresholded at :data:`MASK_THRESHOLD`, cleaned): what a model
+    that carries the segmenter adds to every prediction, whichever backend computed the maps."""
+    return [check_lungs(clean_mask(p >= MASK_THRESHOLD)) for p in probabilities]
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice overlap of two boolean masks (1.0 when both are empty)."""
     p, t = np.asarray(pred, bool), np.asarray(truth, bool)

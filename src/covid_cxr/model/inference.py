@@ -76,7 +76,8 @@ def forward_pixels(model, pixels: np.ndarray, spec, device, batch_size: int = 32
     cat = (lambda xs, shape: torch.cat(xs).numpy() if xs else np.zeros(shape, dtype=np.float32))
     lungs = None
     if getattr(model, "lungs", None) is not None:  # the segmenter reads the same model pixels
-        from covid_cxr.model.lungs import lung_checks, lung_probabilities
+        from covid_cxr.imaging.lung_masks import lung_checks
+        from covid_cxr.model.lungs import lung_probabilities
 
         lungs = lung_checks(lung_probabilities(model.lungs, pixels, model.lungs.input_size, device, batch_size))
     return Outputs(logits=cat(logits, (0, k)), scope=cat(scopes, (0,)) if gate is not None else None, lungs=lungs,

@@ -49,12 +49,6 @@ def lung_probabilities(net: nn.Module, images, size: int, device, batch_size: in
     return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
 
 
-def lung_checks(probabilities: np.ndarray) -> list[LungCheck]:
-    """The plausibility verdict of each probability map (thresholded, cleaned): what a model that carries the
-    segmenter adds to every prediction, whichever backend computed the maps."""
-    return [check_lungs(clean_mask(p >= MASK_THRESHOLD)) for p in probabilities]
-
-
 @dataclass(frozen=True)
 class LungMask:
     """One image's predicted lung fields, at the image's own size, cleaned, with the plausibility verdict."""

@@ -14,6 +14,7 @@ import numpy as np
 
 from covid_cxr.errors import CheckpointError, CovidCxrError
 from covid_cxr.files import default_workers, read_json
+from covid_cxr.imaging.lung_masks import lung_checks, lung_input
 from covid_cxr.imaging.pixels import finish
 from covid_cxr.limits import MAX_MODEL_JSON_BYTES, MAX_ONNX_BYTES, MAX_ORT_MEMORY_BYTES
 from covid_cxr.machine import cpu_features, int8_cpu_note
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "image"
 OUTPUT_LOGITS = "logits"
 OUTPUT_SCOPE = "scope"
+LUNG_INPUT_NAME = "lung_image"
+"""The second input of a model that carries a lung segmenter: (N, 1, L, L) float32,
+:func:`covid_cxr.imaging.lung_masks.lung_input` of each image's model pixels."""
+OUTPUT_LUNGS = "lungs"
+"""(N, L, L) P(lung) per pixel, for such a model."""
 ONNX_META_FORMAT = 2
 
 
@@ -177,19 +183,34 @@ class OnnxModel:
     def _check_signature(self) -> None:
         spec, k = self.meta.preprocess, len(self.meta.labels)
         inputs = self.session.get_inputs()
-        want = [OUTPUT_LOGITS] + ([OUTPUT_SCOPE] if self.meta.gate else [])
-        if [i.name for i in inputs] != [INPUT_NAME] or self._outputs != want:
-            raise CheckpointError(f"{self.path}: expected input {INPUT_NAME!r} and outputs {want}, found "
+        want = [OUTPUT_LOGITS] + ([OUTPUT_SCOPE] if self.meta.gate else []) + ([OUTPUT_LUNGS] if self.meta.lungs else [])
+        want_in = [INPUT_NAME] + ([LUNG_INPUT_NAME] if self.meta.lungs else [])
+        if [i.name for i in inputs] != want_in or self._outputs != want:
+            raise CheckpointError(f"{self.path}: expected inputs {want_in} and outputs {want}, found "
                                   f"{[i.name for i in inputs]} and {self._outputs}; export again")
+        if self.meta.lungs and list(inputs[1].shape[1:]) != [1, self.meta.lungs.size, self.meta.lungs.size]:
+            raise CheckpointError(f"{self.path}: the lung input is {inputs[1].shape}, but its metadata says "
+                                  f"{self.meta.lungs.size} px; export again")
         shape = list(inputs[0].shape[1:])
         if shape != [spec.channels, spec.size, spec.size] or self.session.get_outputs()[0].shape[-1] != k:
             raise CheckpointError(f"{self.path}: the graph takes {inputs[0].shape}, but its metadata says "
                                   f"{spec.channels}x{spec.size}x{spec.size} images and {k} labels; export again")
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(self, x: np.ndarray, lung_x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits (N, K), scope (N,) or None) for a preprocessed float32 batch (N, C, S, S)."""
+        out = self._run(x, lung_x)
+        return out[0], (out[1] if self.meta.gate else None)
+
+    def _run(self, x: np.ndarray, lung_x: np.ndarray | None = None) -> list[np.ndarray]:
+        """Every output, in :attr:`session_outputs` order. ``lung_x``: the lung input of a model that carries a
+        segmenter (zeros when not given: its lung output is then meaningless and unused)."""
+        feeds = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+        if self.meta.lungs:
+            size = self.meta.lungs.size
+            feeds[LUNG_INPUT_NAME] = (np.zeros((len(x), 1, size, size), np.float32) if lung_x is None
+                                      else np.ascontiguousarray(lung_x, dtype=np.float32))
         try:
-            out = self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+            out = self.session.run(self._outputs, feeds)
         except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types, allocation failures too
             text = str(exc)
             if "Available memory of" in text or "gpu_mem_limit" in text or "Failed to allocate" in text:
@@ -202,18 +223,24 @@ class OnnxModel:
                                   f"({type(exc).__name__}: {text[:200]}); a covid-cxr export runs in well under "
                                   "1 GB per image: this graph was altered or not exported by covid-cxr, export "
                                   "again") from None
-        return out[0], (out[1] if len(out) > 1 else None)
+        return out
 
     def forward_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> Outputs:
-        logits, scopes = [], []
+        logits, scopes, lungs = [], [], []
         for start in range(0, len(pixels), batch_size):
-            lg, sc = self.run(finish(pixels[start:start + batch_size], self.meta.preprocess))
-            logits.append(lg)
-            if sc is not None:
-                scopes.append(sc)
+            part = pixels[start:start + batch_size]
+            lung_x = (np.stack([lung_input(p, self.meta.lungs.size) for p in part])[:, None] if self.meta.lungs
+                      else None)
+            out = dict(zip(self._outputs, self._run(finish(part, self.meta.preprocess), lung_x)))
+            logits.append(out[OUTPUT_LOGITS])
+            if OUTPUT_SCOPE in out:
+                scopes.append(out[OUTPUT_SCOPE])
+            if OUTPUT_LUNGS in out:
+                lungs += lung_checks(out[OUTPUT_LUNGS])
         k = len(self.meta.labels)
         return Outputs(logits=np.concatenate(logits) if logits else np.zeros((0, k), np.float32),
-                       scope=(np.concatenate(scopes) if scopes else np.zeros(0, np.float32)) if self.meta.gate else None)
+                       scope=(np.concatenate(scopes) if scopes else np.zeros(0, np.float32)) if self.meta.gate else None,
+                       lungs=lungs if self.meta.lungs else None)
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r}, providers={self.providers})"
