@@ -258,3 +258,29 @@ def test_a_model_that_carries_the_segmenter_calls_images_without_two_lung_fields
     assert [p.in_scope for p in onnx_preds] == [p.in_scope for p in preds]
     # P(lung) maps agree to float rounding (export's own check: VERIFY_ATOL); a verdict could only differ for a
     # pixel at the threshold, which the comparison above would show
+
+
+def test_the_audit_masks_each_images_predicted_lungs(tiny_run, phantom_dataset, phantom_segmenter) -> None:
+    """audit --lungs: the lungs-masked test hides each image's own predicted lung fields (phantoms: all plausible),
+    not the fixed rectangle, and says which it used; without a segmenter it says it used the rectangle."""
+    from covid_cxr.evaluation import audit
+    from covid_cxr.evaluation.options import AuditConfig
+
+    images, _ = _phantoms(4, size=64, seed=3)
+    stack = np.stack(images)
+    masks = np.zeros_like(stack, dtype=bool)
+    masks[:, 10:50, 8:28] = True
+    v = audit.masked_variants(stack, masks)
+    assert (v["lungs_masked"][masks] == 0).all() and np.array_equal(v["lungs_masked"][~masks], stack[~masks])
+    assert not np.array_equal(v["lungs_masked"], audit.masked_variants(stack)["lungs_masked"])
+
+    result = audit.run(AuditConfig(run=str(tiny_run), data=str(phantom_dataset), bootstrap=0, device="cpu", workers=1,
+                                   lungs=str(phantom_segmenter)))
+    how = result["masks"]["lung_fields"]
+    assert how["method"] == "predicted" and how["segmenter"] == str(phantom_segmenter)
+    assert how["images"] == result["images"] and how["implausible_used_rectangle"] <= how["images"] // 10
+    assert 0.1 < result["masks"]["lung_field_area"] < 0.6
+    assert any("with each image's predicted lung fields masked" in t for t in result["verdicts"])
+    plain = audit.run(AuditConfig(run=str(tiny_run), data=str(phantom_dataset), bootstrap=0, device="cpu", workers=1))
+    assert plain["masks"]["lung_fields"]["method"] == "rectangle"
+    assert any("a fixed rectangle, not each image's lungs" in t for t in plain["verdicts"])

@@ -5,8 +5,9 @@ COVID-19 chest X-ray classifiers often score well by recognising *where an image
 COVID-19 and normal images come from different sources. This audit runs a trained model on
 its dataset's test split and asks four questions:
 
-(a) **Masking.** ROC AUC on the original images, with the central lung field blacked out
-    (:func:`lung_field_mask`) and with only the outer border band kept (:func:`border_mask`),
+(a) **Masking.** ROC AUC on the original images, with each image's predicted lung fields blacked out (a lung
+    segmenter: ``--lungs``, or the model's own; without one the central rectangle :func:`lung_field_mask`) and
+    with only the outer border band kept (:func:`border_mask`),
     each with a 95% patient-bootstrap interval. A model that reads the lungs should fall to
     chance (0.5) on both; an AUC well above 0.5 without the lungs means class information
     outside them (borders, markers, devices, source look).
@@ -86,11 +87,46 @@ def border_mask(size: int, fraction: float = BORDER_FRACTION) -> np.ndarray:
     return keep
 
 
-def masked_variants(images: np.ndarray) -> dict[str, np.ndarray]:
-    """{"original", "lungs_masked", "border_only"} versions of a (N, S, S) uint8 stack of model pixels."""
+def masked_variants(images: np.ndarray, lungs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """{"original", "lungs_masked", "border_only"} versions of a (N, S, S) uint8 stack of model pixels.
+
+    ``lungs``: (N, S, S) bool, each image's own lung fields to hide (predicted); None: the central rectangle
+    :data:`LUNG_FIELD_BOX` for every image."""
     size = images.shape[-1]
-    return {"original": images, "lungs_masked": black_out(images, lung_field_mask(size)),
-            "border_only": black_out(images, ~border_mask(size))}
+    if lungs is None:
+        masked = black_out(images, lung_field_mask(size))
+    else:
+        if lungs.shape != images.shape:
+            raise ValueError(f"lung masks {lungs.shape} do not fit images {images.shape}")
+        masked = np.where(lungs, np.uint8(0), images)
+    return {"original": images, "lungs_masked": masked, "border_only": black_out(images, ~border_mask(size))}
+
+
+def predicted_lungs(d, cfg) -> tuple[np.ndarray | None, dict]:
+    """Each image's predicted lung fields (N, S, S) for the lungs-masked test, and how they were found: by
+    ``--lungs``, else by the segmenter the model carries, else None (the rectangle). An image whose mask is
+    implausible gets the rectangle instead (counted)."""
+    size = d.pixels.shape[-1]
+    rectangle = {"method": "rectangle", "box": dict(zip(("left", "right", "top", "bottom"), LUNG_FIELD_BOX)),
+                 "note": "no lung segmenter: pass --lungs, or train with --lungs, to hide each image's own lungs"}
+    net, origin = None, None
+    if cfg.lungs:
+        from covid_cxr.model.lungs import load_segmenter
+
+        net, origin = load_segmenter(cfg.lungs).model, str(cfg.lungs)
+    elif d.predictor.backend == "torch" and getattr(d.predictor.model, "lungs", None) is not None:
+        net, origin = d.predictor.model.lungs, "the model's own segmenter (train --lungs)"
+    if net is None:
+        return None, rectangle
+    from covid_cxr.model.lungs import lung_masks_of
+
+    found = lung_masks_of(net, list(d.pixels), d.predictor.device if origin.startswith("the model") else "cpu")
+    box = lung_field_mask(size)
+    masks = np.stack([m.mask if m.check.plausible else box for m in found])
+    fallback = sum(not m.check.plausible for m in found)
+    return masks, {"method": "predicted", "segmenter": origin, "images": len(found),
+                   "implausible_used_rectangle": int(fallback),
+                   "mean_area": round(float(masks.mean()), 4)}
 
 
 def black_out(images: np.ndarray, hide: np.ndarray) -> np.ndarray:
@@ -189,7 +225,8 @@ def run(cfg: AuditConfig) -> dict:
     groups, sources = rows["group"].to_numpy(), rows["source"].astype(str).to_numpy()
     positive = meta.positive_index
 
-    variants = masked_variants(d.pixels)
+    lungs, lung_method = predicted_lungs(d, cfg)
+    variants = masked_variants(d.pixels, lungs)
     lps, masking, feats, preds = {}, {}, None, {}
     for name, stack in variants.items():
         log.info("audit: scoring %d %s images (%s)%s", len(stack), cfg.split, name.replace("_", " "),
@@ -212,10 +249,12 @@ def run(cfg: AuditConfig) -> dict:
         "images": int(len(rows)), "patients": int(rows["group"].nunique()),
         "scores": "AUCs are computed on float64 log-odds from the logits, so confident images are never tied",
         "masking": masking,
-        "masks": {"lung_field_box": {"left": LUNG_FIELD_BOX[0], "right": LUNG_FIELD_BOX[1],
+        "masks": {"lung_fields": lung_method,
+                  "lung_field_box": {"left": LUNG_FIELD_BOX[0], "right": LUNG_FIELD_BOX[1],
                                      "top": LUNG_FIELD_BOX[2], "bottom": LUNG_FIELD_BOX[3],
                                      "units": "fraction of the model input side"},
-                  "lung_field_area": float(lung_field_mask(meta.preprocess.size).mean()),
+                  "lung_field_area": (lung_method["mean_area"] if lungs is not None
+                                      else float(lung_field_mask(meta.preprocess.size).mean())),
                   "border_fraction": BORDER_FRACTION, "border_area": float(border_mask(meta.preprocess.size).mean()),
                   "input_size": meta.preprocess.size},
         "source_probe": source_probe(feats, sources, groups, targets, seed=cfg.seed),
@@ -306,8 +345,10 @@ def verdicts(result: dict) -> list[str]:
     orig = m["original"]
     counts = f"{result['images']} images, {result['patients']} patients"
     out.append(f"AUC on the original {result['split']} images is {orig['auc']:.2f}{_ci_text(orig['ci95'], counts)}.")
-    out.append(_masking_verdict("with the central lung field masked", "the image outside the lung fields",
-                                m["lungs_masked"]))
+    how = result["masks"].get("lung_fields", {}).get("method", "rectangle")
+    out.append(_masking_verdict("with each image's predicted lung fields masked" if how == "predicted"
+                                else "with the central lung field masked (a fixed rectangle, not each image's lungs)",
+                                "the image outside the lung fields", m["lungs_masked"]))
     band = f"{result['masks']['border_fraction']:.0%}"
     out.append(_masking_verdict(f"with only the outer {band} border band visible", "the image border",
                                 m["border_only"]))

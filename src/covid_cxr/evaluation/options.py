@@ -57,6 +57,10 @@ class AuditConfig(SplitJob):
     them."""
     seed: int = 0
     """Seed of the bootstrap and the probe."""
+    lungs: str | None = None
+    """A lung segmenter (lungs.pt from `covid-cxr lungs train`): the lungs-masked test hides each image's predicted
+    lung fields. Default: the model's own segmenter when it carries one (train --lungs), else a fixed central
+    rectangle."""
 
 
 @dataclass(frozen=True, kw_only=True)

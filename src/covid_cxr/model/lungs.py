@@ -79,11 +79,17 @@ class LungSegmenter:
 
     def masks(self, images: list[np.ndarray], batch_size: int = 16) -> list[LungMask]:
         """Each image's lung fields at its own size (two largest parts kept, holes filled) and their verdict."""
-        result = []
-        for gray, prob in zip(images, self.probabilities(images, batch_size)):
-            mask = resize_mask(clean_mask(prob >= MASK_THRESHOLD), np.asarray(gray).shape[:2])
-            result.append(LungMask(mask, check_lungs(mask)))
-        return result
+        return lung_masks_of(self.model, images, self.device, batch_size)
+
+
+def lung_masks_of(net: LungNet, images, device, batch_size: int = 16) -> list[LungMask]:
+    """Each image's lung fields, by ``net`` (a segmenter, or the one a classifier carries), at the image's own size
+    (two largest parts kept, holes filled), with their verdict."""
+    result = []
+    for gray, prob in zip(images, lung_probabilities(net, images, net.input_size, device, batch_size)):
+        mask = resize_mask(clean_mask(prob >= MASK_THRESHOLD), np.asarray(gray).shape[:2])
+        result.append(LungMask(mask, check_lungs(mask)))
+    return result
 
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> LungSegmenter:
