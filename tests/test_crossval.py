@@ -265,3 +265,24 @@ def test_a_fold_that_takes_most_of_a_class_away_is_flagged(two_hospitals, tmp_pa
                                                "specificity_at_fold_thresholds": 0.5},
                                     "per_source": {}, "fold_warnings": flagged, "out": "cv"})
     assert "WARNING: fold hospital-b: holding hospital-b out removes" in text
+
+
+@slow
+def test_seeds_give_a_spread_an_interval_covering_both_and_an_ensemble(two_hospitals, tmp_path):
+    """crossval --seeds 2: the first seed is the crossval itself, the second lives in seeds/seed-1 with its own fold
+    models; crossval.json carries each seed's pooled AUC, their SD, an interval at least as wide as the patient
+    interval, and the ensemble of the seeds' log-odds; the summary says it. Two folds x two seeds of 1-epoch models."""
+    out = tmp_path / "cv"
+    doc = crossval.run(CrossvalConfig(data=str(two_hospitals), out=str(out), seeds=2, **OPTIONS))
+    assert (out / "seeds" / "seed-1" / "folds" / "hospital-a" / "run" / "best.pt").is_file()
+    seeds = doc["across_seeds"]
+    second = json.loads((out / "seeds" / "seed-1" / "crossval.json").read_text())
+    assert seeds["pooled_auc"] == [round(doc["pooled"]["auc"], 4), round(second["pooled"]["auc"], 4)]
+    assert seeds["seeds"] == [0, 1] and seeds["seed_sd"] >= 0
+    lo, hi = seeds["ci95_seeds_and_patients"]
+    p_lo, p_hi = doc["pooled"]["ci95"]
+    assert lo <= seeds["mean"] <= hi and hi - lo >= (p_hi - p_lo) * 0.5  # covers at least the mean patient variance
+    assert 0.0 <= seeds["ensemble"]["auc"] <= 1.0
+    on_disk = json.loads((out / "crossval.json").read_text())
+    assert on_disk["across_seeds"] == seeds and on_disk["estimators"]["headline"] == "pooled"
+    assert "2 seeds: pooled AUC" in crossval.format_summary(doc)

@@ -28,7 +28,7 @@ import logging
 import shlex
 import time
 import types
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +308,19 @@ def pool(pred: pd.DataFrame, positive: str, bootstrap: int, seed: int) -> dict:
             "auc_in_scope_only": roc_auc(is_pos[in_scope], lp2[in_scope], 1) if in_scope.any() else None}
 
 
+def estimators(pooled: dict, per_source: dict) -> dict:
+    """The pooled AUC beside the mean of the per-fold AUCs (folds whose held-out source has both classes): pooling
+    mixes the score scales of different fold models, and a fold that lost most of a class weighs in by its size."""
+    judged = {s: r["auc"] for s, r in per_source.items() if r.get("auc") is not None and r["auc"] == r["auc"]}
+    mean = round(float(np.mean(list(judged.values()))), 4) if judged else None
+    return {"pooled": pooled["auc"], "mean_of_folds": mean, "folds_with_both_classes": sorted(judged),
+            "headline": "pooled",
+            "why": "the pooled AUC ranks every held-out image against every other, as a hospital mixing patients "
+                   "would; the mean of per-fold AUCs counts only folds with both classes (a source with one class "
+                   "has no AUC of its own), so the two answer different questions: a large gap means the folds' "
+                   "score scales differ (per-fold calibration matters) or one fold dominates the pool"}
+
+
 def roc_png(pred: pd.DataFrame, positive: str, pooled: dict, path: Path, synthetic: bool) -> dict[str, list[str]]:
     """The pooled ROC curve and one per held-out source with enough images of both classes to judge; returns the
     sources drawn and those left out as too few."""
@@ -372,6 +385,7 @@ def aggregate(cfg: CrossvalConfig, ds: Dataset, folds: list[str], cv: Path) -> d
         "complete": not missing, "missing_folds": missing, "synthetic_sources": synthetic,
         "pooled": pooled, "per_source": per_source, "folds": results,
         "fold_warnings": fold_losses(ds, folds),
+        "estimators": estimators(pooled, per_source),
         "training_options": {f.name: getattr(cfg, f.name) for f in fields(TrainOptions)},
     }
     write_json(cv / "crossval.json", doc)
@@ -384,8 +398,67 @@ def aggregate(cfg: CrossvalConfig, ds: Dataset, folds: list[str], cv: Path) -> d
     return doc
 
 
+def seed_runs(cfg: CrossvalConfig, cv: Path) -> list[tuple[CrossvalConfig, Path]]:
+    """(options, folder) of each seed: the first seed is the crossval itself (so a one-seed crossval extends to
+    more with --resume), seed ``--seed + k`` lives in ``CV/seeds/seed-<n>``."""
+    out = [(cfg, cv)]
+    for k in range(1, cfg.seeds):
+        folder = cv / "seeds" / f"seed-{cfg.seed + k}"
+        out.append((replace(cfg, seed=cfg.seed + k, seeds=1, out=str(folder), final=False), folder))
+    return out
+
+
+def across_seeds(cfg: CrossvalConfig, ds: Dataset, docs: list[dict], cvs: list[Path]) -> dict:
+    """The seed-to-seed spread of the pooled out-of-source AUC, an interval covering seeds and patients (law of total
+    variance: the mean patient-bootstrap variance plus the variance between seeds), and the seed ensemble (each
+    image's log-odds averaged over the seeds, pooled like one crossval)."""
+    aucs = np.array([d["pooled"]["auc"] for d in docs], dtype=float)
+    boot_var = [((d["pooled"]["ci95"][1] - d["pooled"]["ci95"][0]) / (2 * 1.959964)) ** 2
+                for d in docs if d["pooled"].get("ci95")]
+    seed_sd = float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0
+    total_sd = float(np.sqrt((np.mean(boot_var) if boot_var else 0.0) + seed_sd ** 2))
+    preds = [pd.read_csv(c / "predictions.csv", keep_default_na=False, dtype={"path": str, "source": str,
+                                                                             "target": str, "predicted_label": str})
+             for c in cvs]
+    merged = preds[0].copy()
+    key = ["path", "source"]
+    scores = pd.concat([p.set_index(key)["log_odds"].rename(i) for i, p in enumerate(preds)], axis=1)
+    merged["log_odds"] = scores.mean(axis=1).reindex(pd.MultiIndex.from_frame(merged[key])).to_numpy()
+    merged["in_scope"] = merged["in_scope"].astype(str).str.lower().isin(("true", "1"))
+    positive = ds.info.positive or ds.labels[-1]
+    ensemble = pool(merged, positive, cfg.bootstrap, cfg.seed)
+    mean = float(aucs.mean())
+    return {"n": len(docs), "seeds": [cfg.seed + k for k in range(len(docs))],
+            "pooled_auc": [round(float(a), 4) for a in aucs], "mean": round(mean, 4), "seed_sd": round(seed_sd, 4),
+            "min": round(float(aucs.min()), 4), "max": round(float(aucs.max()), 4),
+            "ci95_seeds_and_patients": [round(mean - 1.959964 * total_sd, 4), round(mean + 1.959964 * total_sd, 4)],
+            "ensemble": {"auc": ensemble["auc"], "ci95": ensemble["ci95"],
+                         "sensitivity_at_95_specificity": ensemble["sensitivity_at_95_specificity"]},
+            "note": "headline: the mean over seeds with the interval covering seeds and patients; one seed's pooled "
+                    "AUC alone moves by about the seed SD"}
+
+
 def run(cfg: CrossvalConfig) -> dict:
-    """Run (or resume) every fold, pool their held-out predictions, and with ``--final`` train the final model."""
+    """Run (or resume) every fold of every seed, pool their held-out predictions, and with ``--final`` train the
+    final model."""
+    runs = seed_runs(cfg, Path(cfg.out))
+    docs = []
+    for k, (c, _) in enumerate(runs, 1):
+        if len(runs) > 1:
+            log.info("seed %d/%d (--seed %d)", k, len(runs), c.seed)
+        docs.append(_run_folds(c))
+    doc = docs[0]
+    if len(runs) > 1 and all(d.get("pooled") for d in docs):
+        ds = read_dataset(cfg.data, cfg.source_roots)
+        doc["across_seeds"] = across_seeds(cfg, ds, docs, [c for _, c in runs])
+        write_json(Path(cfg.out) / "crossval.json", {k: v for k, v in doc.items() if k not in ("out", "final")})
+    if cfg.final and doc.get("pooled"):
+        doc["final"] = train_final(cfg, Path(cfg.out))
+    return doc
+
+
+def _run_folds(cfg: CrossvalConfig) -> dict:
+    """One seed's folds: prepare, train (or resume), score, pool."""
     ds = read_dataset(cfg.data, cfg.source_roots)
     if ds.info.positive is None:
         raise DatasetError(f"{ds.dir.root}: crossval needs a task with a positive class")
@@ -417,8 +490,6 @@ def run(cfg: CrossvalConfig) -> dict:
             timed.append(time.monotonic() - start)
     doc = aggregate(cfg, ds, plan_folds(ds, ()), cv)
     doc["out"] = str(cv)
-    if cfg.final:
-        doc["final"] = train_final(cfg, cv)
     return doc
 
 
@@ -462,6 +533,17 @@ def format_summary(doc: dict) -> str:
                      f"{with_ci(r['sensitivity'], r.get('sensitivity_ci95'), 2):<19}"
                      f"{with_ci(r['specificity'], r.get('specificity_ci95'), 2):<19}{r['in_scope']:>8.0%}"
                      + (f"  [{r['caveat']}]" if r.get("caveat") else ""))
+    est = doc.get("estimators") or {}
+    if est.get("mean_of_folds") is not None:
+        lines.append(f"mean of per-fold AUCs {est['mean_of_folds']:.3f} over the {len(est['folds_with_both_classes'])} "
+                     f"folds with both classes (pooled {est['pooled']:.3f}; the headline is the pooled one)")
+    seeds = doc.get("across_seeds")
+    if seeds:
+        lo, hi = seeds["ci95_seeds_and_patients"]
+        ens = seeds["ensemble"]
+        lines.append(f"{seeds['n']} seeds: pooled AUC {', '.join(f'{a:.3f}' for a in seeds['pooled_auc'])}; mean "
+                     f"{seeds['mean']:.3f}, seed SD {seeds['seed_sd']:.3f}; 95% interval covering seeds and patients "
+                     f"{lo:.3f}-{hi:.3f}; seed ensemble (log-odds averaged) AUC {ens['auc']:.3f}")
     lines += [f"WARNING: {w}" for ws in doc.get("fold_warnings", {}).values() for w in ws]
     if doc.get("missing_folds"):
         lines.append(f"not finished: {', '.join(doc['missing_folds'])} (run them, then --resume)")

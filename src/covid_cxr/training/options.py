@@ -169,11 +169,17 @@ class CrossvalConfig(TrainOptions):
     """After the folds, train the final model on every image (CV_DIR/final), its estimate taken from crossval."""
     bootstrap: int = 1000
     """Bootstrap resamples (by patient) for the pooled AUC's 95% interval."""
+    seeds: int = 1
+    """Train every fold with this many seeds (--seed, --seed + 1, ...: initialisation, order, augmentation and the
+    fold's validation split): the summary gives the seed-to-seed spread of the out-of-source AUC beside its patient
+    interval, an interval covering both, and the seed ensemble (the seeds' log-odds averaged)."""
     source_roots: tuple[tuple[str, str], ...] = ()
     """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 1 <= self.seeds <= 20:
+            raise ConfigError("--seeds must be from 1 to 20")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("--val-fraction must be in (0, 1): each fold needs validation images")
         check_positive("bootstrap", self.bootstrap, strict=False)
