@@ -223,6 +223,7 @@ def phantom_segmenter(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # trains a classifier and exports it with the segmenter: 22-36 s on 2 cores
 def test_a_model_that_carries_the_segmenter_calls_images_without_two_lung_fields_out_of_scope(
         phantom_dataset, phantom_segmenter, tmp_path) -> None:
     """train --lungs: the checkpoint carries the segmenter (its tensors and meta.lungs); every prediction says what
