@@ -185,8 +185,10 @@ def test_kill_during_write_phase_keeps_previous_dataset(rebuilt: dict) -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_workers_and_prints_one_line(rebuilt: dict) -> None:
+    # preexec: Ctrl-C's default disposition, as in a terminal's foreground job (a suite run as a background job of a
+    # shell without job control inherits SIGINT ignored, and Python leaves it ignored)
     proc = subprocess.Popen(rebuilt["cmd"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while _records(rebuilt["staging"]) < 100:
         assert proc.poll() is None and time.monotonic() < deadline

@@ -105,7 +105,13 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.slow  # hung once in CI under make test's parallel load (no output at all, both variants; 2 s here)
+def _ctrl_c_reaches_it() -> None:
+    """In the child before exec: Ctrl-C's default disposition, as in a terminal's foreground job. A suite launched as
+    a background job of a shell without job control inherits SIGINT *ignored*, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow  # interrupts a pool sending 32 MB results: ~2 s
 @pytest.mark.parametrize("fresh", [False, True])
 def test_ctrl_c_while_workers_send_large_results_ends_the_command(fresh: bool) -> None:
     """Ctrl-C while workers are in the middle of sending results larger than a pipe holds (32 MB each here; a decode
@@ -131,7 +137,7 @@ def test_ctrl_c_while_workers_send_large_results_ends_the_command(fresh: bool) -
                 sys.exit(130)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_ctrl_c_reaches_it)
     try:
         assert proc.stdout.readline().strip() == "running", proc.stderr.read()[-2000:]
         time.sleep(0.2)  # results are streaming: most of the time a worker is inside a send
