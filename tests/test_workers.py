@@ -88,12 +88,17 @@ def test_workers_die_when_the_command_is_killed(tmp_path: Path, fresh: bool) -> 
             alive = [p for p in pids if _running(p)]
         assert alive == [], f"workers {alive} outlived the killed command"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        _end_group(proc)
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """Kill a test's child and whatever is left of its process group."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _running(pid: int) -> bool:
@@ -157,9 +162,4 @@ def test_ctrl_c_while_workers_send_large_results_ends_the_command(fresh: bool) -
         else:
             raise AssertionError("a worker outlived the interrupted command")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        _end_group(proc)
