@@ -27,18 +27,24 @@ from covid_cxr.paths import DatasetDir, parse_pairs
 
 log = logging.getLogger(__name__)
 
+ACQUISITION_COLUMNS = ("modality", "manufacturer", "photometric", "pixel_spacing")
+"""How an image was acquired, from its DICOM header (Modality, Manufacturer, PhotometricInterpretation, PixelSpacing
+as "row\\col" in mm); '' where the source does not say (every non-DICOM source). Kept for subgroup analysis: evaluate
+and the report break metrics down by them. Never patient data: see :mod:`covid_cxr.data.dicom_source`."""
+
 MANIFEST_COLUMNS = ["path", "label", "target", "source", "patient_id", "view", "sha256", "width", "height",
-                    "split", "group", "finding", "source_split", "mask_path"]
+                    "split", "group", "finding", "source_split", "mask_path", *ACQUISITION_COLUMNS]
 """``path``: relative to the source's root; ``label``: the source's label mapped onto normal/covid/pneumonia/other;
 ``target``: the task's class ('' when the image is outside the task); ``group``: the split group (patient, joined
 across copies); ``mask_path``: the image's lung mask, relative to the source's root like ``path`` ('' when it has
-none; a mask is never an image row of its own)."""
+none; a mask is never an image row of its own); :data:`ACQUISITION_COLUMNS`: how the image was acquired."""
 
-OPTIONAL_COLUMNS = {"mask_path": ""}
+OPTIONAL_COLUMNS = {"mask_path": "", **{c: "" for c in ACQUISITION_COLUMNS}}
 """Columns a manifest written before they existed lacks, and the value they then take."""
 
 _DTYPES = {"path": str, "patient_id": str, "sha256": str, "view": str, "finding": str, "source_split": str,
-           "target": str, "label": str, "source": str, "split": str, "mask_path": str}
+           "target": str, "label": str, "source": str, "split": str, "mask_path": str,
+           **{c: str for c in ACQUISITION_COLUMNS}}
 
 
 def source_root_record(root: str | Path, dataset_dir: str | Path, synthetic: bool = False) -> dict:

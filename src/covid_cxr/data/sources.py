@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
+from covid_cxr.data.dataset import ACQUISITION_COLUMNS
 from covid_cxr.data.source_files import (LINK_HINT, glob_escape, is_inside, is_utf8, links_allowed_into,
                                          read_metadata_csv, require_dir, walk_files)
 from covid_cxr.errors import SourceError
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 LABELS = ("normal", "covid", "pneumonia", "other")
 """Labels a source row can carry in the manifest."""
 
-SOURCE_COLUMNS = ["path", "label", "finding", "source", "patient_id", "view", "source_split", "mask_path"]
-"""``mask_path``: the image's lung mask (a file inside the source, like ``path``), '' when it has none."""
+SOURCE_COLUMNS = ["path", "label", "finding", "source", "patient_id", "view", "source_split", "mask_path",
+                  *ACQUISITION_COLUMNS]
+"""``mask_path``: the image's lung mask (a file inside the source, like ``path``), '' when it has none; the
+acquisition columns (:data:`covid_cxr.data.dataset.ACQUISITION_COLUMNS`) are '' where the source does not say."""
 
 FRONTAL_VIEWS = {"pa", "ap", "ap supine", "ap semi erect", "ap erect", "ap semi-erect", "pa erect"}
 NON_FRONTAL_VIEWS = {"l", "lateral", "ll", "rl", "axial", "coronal", "sagittal"}
@@ -88,7 +91,8 @@ def view_kind(view: str) -> str:
 
 
 def _frame(rows: list[dict], source: str) -> pd.DataFrame:
-    df = pd.DataFrame([{"mask_path": "", **r} for r in rows], columns=SOURCE_COLUMNS)
+    blank = {"mask_path": "", **{c: "" for c in ACQUISITION_COLUMNS}}
+    df = pd.DataFrame([{**blank, **r} for r in rows], columns=SOURCE_COLUMNS)
     df["source"] = source
     return df
 
