@@ -1,5 +1,5 @@
 """Tests for covid_cxr.imaging.images: decoding every image mode to 8-bit grayscale, refusing broken or
-unsafe files (and files that are not PNG/JPEG/DICOM by their first bytes) with a message naming
+unsafe files (and files that are not PNG/JPEG/WebP/DICOM by their first bytes) with a message naming
 them, listing image files; and for the geometry and intensity stages of covid_cxr.imaging.pixels:
 resizing, CLAHE/equalisation, and decoding stacks of files."""
 
@@ -322,21 +322,21 @@ def test_model_pixels_names_bad_file(tmp_path: Path, workers: int, n: int) -> No
 # --------------------------------------------------------------------------- file type by magic bytes
 
 
-@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF", "WEBP", "PPM"])
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF", "PPM"])
 def test_other_formats_named_png_are_refused(tmp_path: Path, fmt: str) -> None:
-    """Only PNG, JPEG and DICOM are decoded; the type comes from the content, never from the name."""
+    """Only PNG, JPEG, WebP and DICOM are decoded; the type comes from the content, never from the name."""
     path = tmp_path / f"scan-{fmt.lower()}.png"
     Image.fromarray(make_gray(3, (48, 40))).save(path, format=fmt)
     assert sniff(path) is None
     with pytest.raises(ImageReadError) as err:
         load_image(path)
     assert err.value.path == str(path) and str(path) in str(err.value)
-    assert "PNG, JPEG or DICOM" in err.value.reason
+    assert "PNG, JPEG, WebP or DICOM" in err.value.reason
 
 
 OTHER_FORMATS = {"EPS": "EpsImagePlugin.EpsImageFile", "TIFF": "TiffImagePlugin.TiffImageFile",
                  "BMP": "BmpImagePlugin.BmpImageFile", "GIF": "GifImagePlugin.GifImageFile",
-                 "WEBP": "WebPImagePlugin.WebPImageFile", "ICO": "IcoImagePlugin.IcoImageFile",
+                 "ICO": "IcoImagePlugin.IcoImageFile",
                  "PPM": "PpmImagePlugin.PpmImageFile", "TGA": "TgaImagePlugin.TgaImageFile"}
 
 
@@ -349,8 +349,6 @@ def test_other_formats_named_png_never_reach_a_pillow_plugin(tmp_path: Path, fmt
 
     from PIL import features
 
-    if fmt == "WEBP" and not features.check("webp"):
-        pytest.skip("this Pillow has no WebP support to write the test file")
     path = tmp_path / f"scan-{fmt.lower()}.png"
     Image.fromarray(make_gray(3, (48, 40))).save(path, format=fmt)
     module, cls = OTHER_FORMATS[fmt].split(".")
@@ -364,7 +362,26 @@ def test_other_formats_named_png_never_reach_a_pillow_plugin(tmp_path: Path, fmt
     monkeypatch.setattr(subprocess, "Popen", refuse)  # Ghostscript (EPS) and any other helper program
     with pytest.raises(ImageReadError) as err:
         load_image(path)
-    assert err.value.path == str(path) and "PNG, JPEG or DICOM" in err.value.reason
+    assert err.value.path == str(path) and "PNG, JPEG, WebP or DICOM" in err.value.reason
+
+
+def test_webp_is_read_by_its_content_whatever_its_name(tmp_path: Path) -> None:
+    """COVID-CXNet holds WebP files, one named .png: lossless WebP decodes to exactly the pixels written; a WebP
+    ending is listed as an image; a RIFF file that is not WebP (a WAV) is refused."""
+    from PIL import features
+
+    if not features.check("webp"):
+        pytest.skip("this Pillow has no WebP support")
+    gray = make_gray(5, (48, 40))
+    for name in ("scan.webp", "scan-named.png"):
+        path = tmp_path / name
+        Image.fromarray(gray).save(path, format="WEBP", lossless=True)
+        assert sniff(path) == "webp" and is_image_file(path)
+        np.testing.assert_array_equal(load_image(path), gray)
+    wav = tmp_path / "sound.webp"
+    wav.write_bytes(b"RIFF" + (36).to_bytes(4, "little") + b"WAVEfmt " + bytes(28))
+    with pytest.raises(ImageReadError, match="PNG, JPEG, WebP or DICOM"):
+        load_image(wav)
 
 
 def test_no_code_opens_images_without_naming_the_formats() -> None:
@@ -456,7 +473,7 @@ def test_list_images_refuses_missing_paths_and_empty_folders(tmp_path: Path) -> 
         list_images([str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(CovidCxrError, match="no PNG, JPEG or DICOM"):
+    with pytest.raises(CovidCxrError, match="no PNG, JPEG, WebP or DICOM"):
         list_images([str(tmp_path / "empty")])
 
 

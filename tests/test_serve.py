@@ -277,7 +277,7 @@ def test_limit_stops_reading_the_stream(tmp_path):
 
 def test_non_images_are_415(client):
     r = post(client, b"hello, this is not an X-ray\n" * 10, name="notes.png", ctype="text/plain")
-    assert r.status_code == 415 and "PNG, JPEG or DICOM" in r.json()["detail"]
+    assert r.status_code == 415 and "PNG, JPEG, WebP or DICOM" in r.json()["detail"]
     assert post(client, b"%PDF-1.7\n" + b"x" * 300, name="scan.pdf").status_code == 415
     r = client.post("/v1/predict", json={"file": "x"})
     assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]

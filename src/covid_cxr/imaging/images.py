@@ -3,9 +3,10 @@ that follows is :mod:`covid_cxr.imaging.pixels`).
 
 Every stage (data build, training, evaluation, prediction, the web app) reads images through
 :func:`load_image`, so one file decodes to the same pixels everywhere. The file type is decided by
-its first bytes, not its name: PNG, JPEG and DICOM only, and Pillow is only ever asked to open PNG
-and JPEG (a TIFF, an EPS or anything else named ``.png`` is refused, never handed to another
-decoder).
+its first bytes, not its name: PNG, JPEG, WebP and DICOM only, and Pillow is only ever asked to open
+the format the bytes show (a TIFF, an EPS or anything else named ``.png`` is refused, never handed to
+another decoder). WebP is read because public collections hold some (COVID-CXNet has a WebP named
+``.png``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from covid_cxr.limits import MAX_DECODED_BYTES, MAX_PIXELS
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg") + DICOM_SUFFIXES
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp") + DICOM_SUFFIXES
 """File endings listed as images in folders (compared case-insensitively); files without an ending are
 listed when they are DICOM (PACS exports often have none)."""
 
@@ -34,22 +35,27 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 DICOM_MAGIC_OFFSET = 128
 """A DICOM Part 10 file has a 128-byte preamble, then ``DICM``."""
 SNIFF_BYTES = DICOM_MAGIC_OFFSET + 4
-ACCEPTED = "PNG, JPEG or DICOM"
+WEBP_MAGIC = (b"RIFF", b"WEBP")
+"""A WebP file: ``RIFF``, a 4-byte size, ``WEBP``."""
+ACCEPTED = "PNG, JPEG, WebP or DICOM"
+_PILLOW_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 def sniff_bytes(head: bytes) -> str | None:
-    """``png``, ``jpeg`` or ``dicom`` from a file's first :data:`SNIFF_BYTES` bytes, or None."""
+    """``png``, ``jpeg``, ``webp`` or ``dicom`` from a file's first :data:`SNIFF_BYTES` bytes, or None."""
     if head.startswith(PNG_MAGIC):
         return "png"
     if head.startswith(JPEG_MAGIC):
         return "jpeg"
+    if head[:4] == WEBP_MAGIC[0] and head[8:12] == WEBP_MAGIC[1]:
+        return "webp"
     if head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
         return "dicom"
     return None
 
 
 def sniff(path: str | Path) -> str | None:
-    """The kind of an image file by its first bytes (None: not PNG, JPEG or Part-10 DICOM, or unreadable)."""
+    """The kind of an image file by its first bytes (None: not PNG, JPEG, WebP or Part-10 DICOM, or unreadable)."""
     try:
         with open(path, "rb") as f:
             return sniff_bytes(f.read(SNIFF_BYTES))
@@ -84,7 +90,7 @@ def list_images(inputs: list[str] | tuple[str, ...]) -> list[Path]:
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
             if not files:
-                raise CovidCxrError(f"folder {p} holds no PNG, JPEG or DICOM files")
+                raise CovidCxrError(f"folder {p} holds no PNG, JPEG, WebP or DICOM files")
             found.extend(files)
         elif p.is_file():
             found.append(p)
@@ -157,11 +163,11 @@ def _kind(path: Path) -> str:
 def load_image(path: str | Path) -> np.ndarray:
     """Decode an image file into an 8-bit grayscale array of shape (H, W).
 
-    Handles grayscale, RGB, RGBA (composited on black), palette and 16-bit PNG, JPEG, and DICOM
+    Handles grayscale, RGB, RGBA (composited on black), palette and 16-bit PNG, JPEG, WebP, and DICOM
     (:func:`covid_cxr.imaging.dicom.load_dicom`), and applies the EXIF orientation.
 
     Raises:
-        ImageReadError: the file is missing, truncated, not PNG/JPEG/DICOM by its content, or its
+        ImageReadError: the file is missing, truncated, not PNG/JPEG/WebP/DICOM by its content, or its
             header claims more than :data:`MAX_PIXELS` pixels or
             :data:`~covid_cxr.limits.MAX_DECODED_BYTES` of decoded pixels (a decompression bomb).
     """
@@ -175,7 +181,7 @@ def load_image(path: str | Path) -> np.ndarray:
         with warnings.catch_warnings():
             # Pillow warns (rather than raises) between MAX_IMAGE_PIXELS and 2x; we enforce our own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=["PNG"] if kind == "png" else ["JPEG"]) as img:
+            with Image.open(path, formats=[_PILLOW_FORMAT[kind]]) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ImageReadError(

@@ -1,6 +1,6 @@
 """``covid-cxr serve``: the model behind an HTTP API and a one-page web app. Research use only.
 
-* ``POST /v1/predict`` - multipart field ``file`` (PNG, JPEG or DICOM) -> probabilities, label,
+* ``POST /v1/predict`` - multipart field ``file`` (PNG, JPEG, WebP or DICOM) -> probabilities, label,
   threshold, model and image details, the disclaimer; ``?heatmap=true`` adds a Grad-CAM overlay.
   With ``--api-key`` (or ``COVID_CXR_API_KEY``) it needs ``Authorization: Bearer KEY`` or ``X-API-Key``.
 * ``GET /healthz`` - the model is loaded; backend, version, limits and the model's provenance.

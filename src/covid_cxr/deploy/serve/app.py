@@ -256,7 +256,7 @@ def create_app(run: str | Path | ServeConfig, **options) -> FastAPI:
               summary="classify one chest X-ray", responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
               dependencies=security)
     async def predict(request: Request, heatmap: bool = False) -> dict:
-        """Upload one image as multipart field ``file``: PNG, JPEG or DICOM, at most the server's limit.
+        """Upload one image as multipart field ``file``: PNG, JPEG, WebP or DICOM, at most the server's limit.
 
         ``heatmap=true`` adds a Grad-CAM overlay (PNG, base64), computed with the PyTorch checkpoint.
         """

@@ -207,7 +207,7 @@ async def receive_upload(headers: Mapping[str, str], body: AsyncIterator[bytes],
 
     Raises:
         UploadError: 413 (too large; raised as soon as the limit is passed, before the rest of the
-            body is read), 415 (not multipart, or not a PNG/JPEG/DICOM file), 400 (malformed
+            body is read), 415 (not multipart, or not a PNG/JPEG/WebP/DICOM file), 400 (malformed
             multipart), 408 (stalled or too slow; see above) or 422 (no ``file`` field, several, or an
             empty one). A client that disconnects raises the body iterator's own error (Starlette's
             ``ClientDisconnect``).
