@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from orthanc import fresh_orthanc, orthanc  # noqa: F401  (fixtures: a real PACS, tests/orthanc.py)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REAL_DATA = REPO.parent / "shared" / "data" / "cxr"

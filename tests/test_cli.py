@@ -33,7 +33,9 @@ def expected_flag(cls: type, f: dataclasses.Field) -> str:
     """The flag the CLI must generate for a config field."""
     tp, _ = C.unwrap_optional(C.field_types(cls)[f.name])
     name = f.name
-    if typing.get_origin(tp) is tuple and name.endswith("s"):
+    if typing.get_origin(tp) is tuple and name.endswith("ies"):
+        name = name[:-3] + "y"  # --modality for modalities
+    elif typing.get_origin(tp) is tuple and name.endswith("s"):
         name = name[:-1]  # repeated fields take one value per flag: --source, --source-root, --fold
     if tp is bool and f.default is True:
         return "--no-" + name.replace("_", "-")

@@ -49,16 +49,18 @@ def _pair(value: str) -> tuple[str, str]:
 
 
 def _source(value: str) -> tuple[str, str]:
-    from covid_cxr.data.sources import READERS
+    from covid_cxr.data.sources import SOURCE_NAMES
 
     name, path = _pair(value)
-    if name not in READERS:
-        raise argparse.ArgumentTypeError(f"unknown source {name!r}; use one of {', '.join(READERS)}")
+    if name not in SOURCE_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown source {name!r}; use one of {', '.join(SOURCE_NAMES)}")
     return name, path
 
 
 def _flag(name: str, repeated: bool) -> str:
-    if repeated and name.endswith("s"):
+    if repeated and name.endswith("ies"):
+        name = name[:-3] + "y"  # --modality for modalities
+    elif repeated and name.endswith("s"):
         name = name[:-1]
     return "--" + name.replace("_", "-")
 
@@ -107,7 +109,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, provided: set[str]) 
                 kw["type"] = _source if f.name == "sources" else _pair
                 kw["metavar"] = "NAME=PATH"
             else:
-                kw["metavar"] = SPECIAL_METAVARS.get(f.name, f.name.removesuffix("s").upper())
+                kw["metavar"] = SPECIAL_METAVARS.get(f.name, flag[2:].replace("-", "_").upper())
         else:
             kw["type"] = tp if tp in (int, float) else str
             kw["metavar"] = SPECIAL_METAVARS.get(f.name, f.name.upper())

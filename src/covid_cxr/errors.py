@@ -84,3 +84,8 @@ class UploadError(CovidCxrError):
         self.status = status
         self.message = message
         super().__init__(message)
+
+
+class PacsError(CovidCxrError):
+    """A PACS (DICOMweb or DIMSE) refused, failed or answered something unusable; the message never carries
+    credentials or patient data."""

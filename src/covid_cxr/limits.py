@@ -109,3 +109,11 @@ def codestream_size(frame: bytes) -> tuple[int, int, int] | None:
     if frame[:4] == _J2K_SOC_SIZ or frame[:12] == _JP2_SIGNATURE:
         return _j2k_size(frame)
     return None
+
+MAX_QIDO_BYTES = 64 * 2**20
+"""Largest DICOMweb search (QIDO-RS) or store (STOW-RS) answer read, in bytes: a page of a few hundred results is
+well under 1 MiB."""
+
+MAX_DICOM_INSTANCE_BYTES = 512 * 2**20
+"""Largest DICOM instance retrieved from a PACS or accepted by the C-STORE listener, in bytes (a chest radiograph
+is 5-60 MB uncompressed)."""

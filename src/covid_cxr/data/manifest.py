@@ -23,7 +23,8 @@ from covid_cxr.data.dedup import FingerprintTable, cluster, find_near_duplicates
 from covid_cxr.data.ingest import Job, inspect_all, inspect_file, sweep_temp_files
 from covid_cxr.data.options import DataConfig
 from covid_cxr.data.publish import Staging
-from covid_cxr.data.sources import PATIENT_METADATA_PRIORITY, read_source
+from covid_cxr.data.dicom_source import describe, read_dicom_source
+from covid_cxr.data.sources import DICOM_SOURCES, PATIENT_METADATA_PRIORITY, read_source
 from covid_cxr.data.splits import (SPLITS, UNUSED, assign_groups, cap_source_share,  # noqa: F401
                                    check_patient_disjoint, split_by_patient, split_leave_source_out)
 from covid_cxr.errors import DatasetError
@@ -150,7 +151,8 @@ def confounder_warnings(df: pd.DataFrame, classes: list[str], margin: float = 0.
 
 
 def _read_sources(cfg: DataConfig) -> list:
-    reads = [read_source(name, path, cfg.allow_links_to) for name, path in cfg.sources]
+    reads = [read_dicom_source(name, path, cfg) if name in DICOM_SOURCES else read_source(name, path, cfg.allow_links_to)
+             for name, path in cfg.sources]
     names = [r.source for r in reads]
     if len(set(names)) != len(names):
         raise DatasetError(f"two sources would both be called {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
@@ -291,7 +293,7 @@ def _report(cfg: DataConfig, classes: list[str], reads, df: pd.DataFrame, droppe
         reasons = Counter(d["reason"] for d in dropped if d["source"] == r.source)
         kept = df[df["source"] == r.source]
         by_source[r.source] = {
-            "path": str(Path(path).resolve()),
+            "path": describe(path) if r.source in DICOM_SOURCES else str(Path(path).resolve()),
             "found": int(len(r.images) + len(r.dropped)),
             "images_read": int(len(r.images)),
             "not_used_total": int(sum(reasons.values())),
@@ -378,7 +380,9 @@ def _write(cfg: DataConfig, staging: Staging, df: pd.DataFrame, dropped: list[di
                     "covid_cxr_version": __version__, "splits": report["splits"],
                     "cache": {"path": "cache", "absolute": str(final.cache), "short_side": BASE_SHORT_SIDE}
                     if cfg.cache else None}
-    write_yaml(d.build_config, cfg.to_dict())
+    options = cfg.to_dict()
+    options["sources"] = [[n, describe(p) if n in DICOM_SOURCES else p] for n, p in cfg.sources]  # no credentials
+    write_yaml(d.build_config, options)
     atomic_write(d.duplicates, duplicates.to_csv(index=False))
     rows = [{**r, "item": _relative_item(r["item"], roots.get(r["source"]))} for r in dropped]
     atomic_write(d.dropped, pd.DataFrame(rows, columns=["source", "item", "reason"]).to_csv(index=False))

@@ -17,8 +17,9 @@ class DataConfig(CommandOptions):
     patient and write DATASET_DIR/{manifest.csv, dataset.json, ingest_report.json, dropped.csv, dataset_card.md}."""
 
     sources: tuple[tuple[str, str], ...]
-    """A source folder as NAME=PATH (cohen, mooney, radiography, actualmed, figure1, cxnet, openist, folder); repeat
-    for each."""
+    """A source folder as NAME=PATH (cohen, mooney, radiography, actualmed, figure1, cxnet, openist, folder), a
+    hospital's exported DICOM files as dicom=DIR (or dicom=path/to/DICOMDIR), or a PACS as dicomweb=URL (its
+    DICOMweb root, e.g. http://pacs:8042/dicom-web; credentials in COVID_CXR_DICOMWEB_AUTH); repeat for each."""
     out: str
     """Dataset folder to write."""
     task: Literal["covid-vs-normal", "covid-vs-rest", "covid-pneumonia-normal"] = "covid-vs-normal"
@@ -48,10 +49,44 @@ class DataConfig(CommandOptions):
     """Write the preprocessed image cache (DATASET_DIR/cache), so training never decodes originals again."""
     workers: int = field(default_factory=lambda: default_workers(limit=1024))
     """Processes decoding, hashing, fingerprinting and caching images (default: every usable CPU)."""
+    labels: str | None = None
+    """dicom and dicomweb sources: a CSV of the hospital's labels, one row per study, keyed by StudyInstanceUID or
+    AccessionNumber, with a label column (covid, normal, pneumonia, other)."""
+    label_key: Literal["auto", "StudyInstanceUID", "AccessionNumber"] = "auto"
+    """The labels file's key column (auto: StudyInstanceUID if present, else AccessionNumber)."""
+    label_column: str = "label"
+    """The labels file's label column."""
+    allow_unmatched_labels: bool = False
+    """Build even when label rows match no instance (they are then counted in the report, not an error)."""
+    dicom_store: str | None = None
+    """dicom and dicomweb sources: where the kept instances and the secret key of the patient pseudonyms are kept
+    (default: OUT.dicom beside the dataset folder); it holds patient data: keep it where the PACS export may be."""
+    modalities: tuple[str, ...] = ("CR", "DX")
+    """dicomweb: the modalities searched for; repeat for each."""
+    study_date: str | None = None
+    """dicomweb: a study date range YYYYMMDD-YYYYMMDD (either end may be left open, e.g. 20200301-)."""
+    study_description: str | None = None
+    """dicomweb: only studies whose description matches (DICOM wildcards * and ?), e.g. '*CHEST*'."""
+    max_instances: int | None = None
+    """dicomweb: retrieve at most this many instances (a trial run)."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        dicom = [n for n, _ in self.sources if n in ("dicom", "dicomweb")]
+        if dicom and not self.labels:
+            raise ConfigError(f"--source {dicom[0]}=... needs --labels labels.csv (StudyInstanceUID or "
+                              "AccessionNumber, and a label column): a hospital's images carry no labels")
+        if self.labels and not dicom:
+            raise ConfigError("--labels applies to dicom and dicomweb sources only")
+        if self.study_date is not None and not re.fullmatch(r"(\d{8})?-?(\d{8})?", self.study_date):
+            raise ConfigError(f"--study-date must be YYYYMMDD, YYYYMMDD-YYYYMMDD or an open range such as "
+                              f"20200301-, got {shown(self.study_date)}")
+        for m in self.modalities:
+            if not re.fullmatch(r"[A-Z]{2}", m):
+                raise ConfigError(f"--modality must be a DICOM modality code such as CR or DX, got {shown(m)}")
+        if self.max_instances is not None:
+            check_positive("max_instances", self.max_instances)
         if (self.protocol == "leave-source-out") != (self.test_source is not None):
             raise ConfigError("--test-source goes with --protocol leave-source-out (and that protocol needs it)")
         if not 0.0 < self.max_source_share <= 1.0:

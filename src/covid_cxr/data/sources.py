@@ -560,7 +560,13 @@ READERS: dict[str, Callable[[str | Path], SourceRead]] = {
     "openist": read_openist,
     "folder": read_folder,
 }
-"""``--source NAME=PATH`` names and their readers."""
+"""``--source NAME=PATH`` names and their readers (public collections and plain folders)."""
+
+DICOM_SOURCES = ("dicom", "dicomweb")
+"""A hospital's own images: ``dicom=DIR`` (exported files or a DICOMDIR) and ``dicomweb=URL`` (a PACS), read with
+``--labels`` by :mod:`covid_cxr.data.dicom_source`."""
+SOURCE_NAMES = (*READERS, *DICOM_SOURCES)
+"""Every ``--source`` name."""
 
 PATIENT_METADATA_PRIORITY = ("cohen", "figure1", "actualmed", "cxnet", "mooney", "openist", "radiography")
 """When one image appears in several sources, the copy from the first source here is kept:
@@ -575,7 +581,9 @@ def read_source(name: str, root: str | Path, links_to: Sequence[str | Path] = ()
     try:
         reader = READERS[name]
     except KeyError:
-        raise SourceError(f"unknown source {name!r}; use one of: {', '.join(READERS)}") from None
+        raise SourceError(f"unknown source {name!r}; use one of: {', '.join(SOURCE_NAMES)}"
+                          + (" (DICOM sources are read by covid_cxr.data.dicom_source, with labels)"
+                             if name in DICOM_SOURCES else "")) from None
     with links_allowed_into(links_to):
         result = reader(root)
     log.info("%s: %d images kept, %d items not used", result.source, len(result.images), len(result.dropped))

@@ -403,6 +403,25 @@ def _check_frame(path: Path, ds: Dataset, g: _Geometry) -> None:
                                    "copy or export the file again")
 
 
+def read_dicom_header(path: str | Path) -> Dataset:
+    """The header of a DICOM file, its pixel data not read (deferred), within the same bounds as :func:`load_dicom`.
+
+    Raises:
+        ImageReadError: missing, not DICOM, or an unreadable header.
+    """
+    return _read_header(Path(path))
+
+
+def chest_radiograph_problem(path: str | Path, ds: Dataset) -> str | None:
+    """Why the header ``ds`` is not a frontal chest radiograph covid-cxr reads (no pixel data, another modality or
+    body part, a lateral view), or None: the checks :func:`load_dicom` makes before decoding."""
+    try:
+        _check_is_chest_radiograph(Path(path), ds)
+    except ImageReadError as exc:
+        return exc.reason
+    return None
+
+
 def load_dicom(path: str | Path) -> np.ndarray:
     """Decode the first frame of a DICOM chest radiograph into an 8-bit grayscale (H, W) array.
 
