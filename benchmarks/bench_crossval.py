@@ -40,10 +40,16 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr"
 SOURCES = {"cohen": "cohen-covid-chestxray-dataset", "actualmed": "actualmed-covid-chestxray-dataset",
            "figure1": "figure1-covid-chestxray-dataset", "radiography": "covid19-radiography-database",
-           "mooney": "chest-xray-pneumonia"}
+           "mooney": "chest-xray-pneumonia", "cxnet": "covid-cxnet", "openist": "openist-chest-xray"}
+"""The seven collections in ../shared (``--sources five`` keeps the first five, the earlier tables' setting)."""
+FIVE = ("cohen", "actualmed", "figure1", "radiography", "mooney")
+
+TODAY = "today"
+"""The configuration that trains with today's defaults (not pinned to v0.1's)."""
 
 CONFIGS: dict[str, dict] = {
     "baseline": {},
+    TODAY: {},
     "equalize": {"intensity": "equalize"},
     "clahe": {"intensity": "clahe"},
     "acquisition": {"acquisition_augment": True},
@@ -62,20 +68,20 @@ V01 = {"intensity": "none", "acquisition_augment": False, "mixup": 0.0, "balance
 augmentation became the default by this benchmark's measurements)."""
 
 
-def build_dataset(data_root: Path, out: Path) -> Path:
+def build_dataset(data_root: Path, out: Path, names: tuple[str, ...]) -> Path:
     from covid_cxr.data import manifest
     from covid_cxr.data.options import DataConfig
 
     if (out / "manifest.csv").is_file():
         return out
-    manifest.build(DataConfig(sources=tuple((n, str(data_root / "sources" / f)) for n, f in SOURCES.items()),
+    manifest.build(DataConfig(sources=tuple((n, str(data_root / "sources" / SOURCES[n])) for n in names),
                               out=str(out), progress=False))
     return out
 
 
-def train_options(args, extra: dict) -> dict:
+def train_options(args, name: str, extra: dict) -> dict:
     base = {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size, "weights": "none",
-            "patience": args.patience, "seed": args.seed, "progress": False, **V01}
+            "patience": args.patience, "seed": args.seed, "progress": False, **({} if name == TODAY else V01)}
     base.update(extra)
     return base
 
@@ -100,12 +106,13 @@ def internal_run(dataset: Path, out: Path, options: dict) -> dict:
     return {"auc": m["metrics"]["roc_auc"], "ci95": m["ci95"].get("roc_auc"), "seconds": round(seconds, 1)}
 
 
-def crossval_run(dataset: Path, out: Path, options: dict) -> dict:
+def crossval_run(dataset: Path, out: Path, options: dict, seeds: int = 1) -> dict:
     from covid_cxr.training import crossval
     from covid_cxr.training.options import CrossvalConfig
 
     t0 = time.perf_counter()
-    doc = crossval.run(CrossvalConfig(data=str(dataset), out=str(out), resume=True, bootstrap=1000, **options))
+    doc = crossval.run(CrossvalConfig(data=str(dataset), out=str(out), resume=True, bootstrap=1000, seeds=seeds,
+                                      **options))
     doc["bench_seconds"] = round(time.perf_counter() - t0, 1)
     return doc
 
@@ -155,7 +162,21 @@ def table(results: dict) -> str:
         for s in r["per_source"].values():
             cells.append(f"AUC {fmt(s['auc'], 2)}, sens {fmt(s['sensitivity'], 2)}, spec {fmt(s['specificity'], 2)}")
         per_source.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + per_source)
+    seeds = ["", "Across seeds (the headline: mean over seeds, interval covering seeds and patients) and estimators:", "",
+             "| configuration | pooled AUC per seed | mean | seed SD | 95% interval (seeds + patients) | seed ensemble "
+             "AUC (95% CI) | mean of per-fold AUCs (folds with both classes) |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        a, e = r.get("across_seeds"), r.get("estimators") or {}
+        folds = f"{fmt(e.get('mean_of_folds'))} ({', '.join(e.get('folds_with_both_classes') or [])})"
+        if not a:
+            seeds.append(f"| {name} | {fmt(r['pooled']['auc'])} | - | - | - | - | {folds} |")
+            continue
+        ens = a["ensemble"]
+        seeds.append(f"| {name} | {', '.join(fmt(v) for v in a['pooled_auc'])} | {fmt(a['mean'])} | "
+                     f"{fmt(a['seed_sd'])} | {fmt(a['ci95_seeds_and_patients'][0])}-"
+                     f"{fmt(a['ci95_seeds_and_patients'][1])} | {fmt(ens['auc'])} ({fmt((ens['ci95'] or [None])[0])}-"
+                     f"{fmt((ens['ci95'] or [None, None])[1])}) | {folds} |")
+    return "\n".join(lines + per_source + seeds)
 
 
 def main() -> int:
@@ -168,6 +189,11 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per fold (crossval --seeds): the seed spread is "
+                    "reported beside the patient-bootstrap CI")
+    ap.add_argument("--sources", choices=("seven", "five"), default="seven",
+                    help="the seven collections in ../shared, or the five of the earlier tables")
+    ap.add_argument("--no-internal", action="store_true", help="skip the internal-split run (out-of-source only)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     root = Path(args.data_root)
@@ -176,19 +202,24 @@ def main() -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dataset = build_dataset(root, out / "dataset")
-    tag = f"s{args.image_size}-e{args.epochs}-seed{args.seed}"
+    names = tuple(SOURCES) if args.sources == "seven" else FIVE
+    dataset = build_dataset(root, out / f"dataset-{args.sources}", names)
+    tag = f"{args.sources}-s{args.image_size}-e{args.epochs}-seed{args.seed}" + (
+        f"x{args.seeds}" if args.seeds > 1 else "")
     results_file = out / f"results-{tag}.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for name in args.configs:
         extra = CONFIGS[name]
-        options = train_options(args, extra)
+        options = train_options(args, name, extra)
         t0 = time.perf_counter()
-        cv = crossval_run(dataset, out / f"cv-{tag}-{name}", options)
-        internal = internal_run(dataset, out / f"internal-{tag}-{name}", options)
+        cv = crossval_run(dataset, out / f"cv-{tag}-{name}", options, args.seeds)
+        internal = ({"auc": None, "ci95": None, "seconds": 0.0} if args.no_internal else
+                    internal_run(dataset, out / f"internal-{tag}-{name}", options))
         seconds = sum((f.get("seconds") or 0) for f in cv["folds"].values()) + internal["seconds"]
-        results[name] = {"options": extra, "pooled": cv["pooled"], "per_source": cv["per_source"],
-                         "internal": internal, "seconds": seconds, "wall_seconds": round(time.perf_counter() - t0)}
+        results[name] = {"options": extra if name != TODAY else {"(today's defaults)": True}, "pooled": cv["pooled"],
+                         "per_source": cv["per_source"], "internal": internal, "seconds": seconds,
+                         "wall_seconds": round(time.perf_counter() - t0),
+                         "estimators": cv.get("estimators"), "across_seeds": cv.get("across_seeds")}
         base_pred = out / f"cv-{tag}-baseline" / "predictions.csv"
         if name != "baseline" and base_pred.is_file():
             results[name]["vs_baseline"] = paired_difference(pd.read_csv(base_pred),
@@ -196,9 +227,11 @@ def main() -> int:
         results_file.write_text(json.dumps(results, indent=2))
         print(f"{name}: pooled out-of-source AUC {fmt(cv['pooled']['auc'])}, internal {fmt(internal['auc'])}",
               flush=True)
-    md = (f"Out-of-source crossval on ../shared/data/cxr (5 sources, covid-vs-normal, near-duplicates removed), "
-          f"DenseNet-121 unless stated, from scratch, {args.image_size} px, up to {args.epochs} epochs (patience "
-          f"{args.patience}), seed {args.seed}. Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+    md = (f"Out-of-source crossval on ../shared/data/cxr ({len(names)} sources: {', '.join(names)}; covid-vs-normal, "
+          f"near-duplicates removed), DenseNet-121 unless stated, from scratch, {args.image_size} px, up to "
+          f"{args.epochs} epochs (patience {args.patience}), seed {args.seed}"
+          + (f" to {args.seed + args.seeds - 1} ({args.seeds} seeds per fold)" if args.seeds > 1 else "")
+          + f". Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
           f"{platform.python_version()}.\n\n" + table(results))
     (out / f"results-{tag}.md").write_text(md + "\n")
     print(md)

@@ -286,3 +286,31 @@ def test_seeds_give_a_spread_an_interval_covering_both_and_an_ensemble(two_hospi
     on_disk = json.loads((out / "crossval.json").read_text())
     assert on_disk["across_seeds"] == seeds and on_disk["estimators"]["headline"] == "pooled"
     assert "2 seeds: pooled AUC" in crossval.format_summary(doc)
+
+
+def test_per_fold_recalibration_removes_a_scale_shift_between_fold_models() -> None:
+    """Two fold models that rank their own held-out images perfectly, but one scores everything 6 log-odds higher
+    (and chose its validation threshold 6 higher): pooling their raw scores mixes the scales and costs AUC; moving
+    each fold's own threshold to 0 (no held-out label used) restores the ranking, and leaves decisions unchanged."""
+    from sklearn.metrics import roc_auc_score
+
+    from covid_cxr.training.crossval import estimators, fold_recalibrated
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for fold, shift in (("a", 0.0), ("b", 6.0)):
+        for target, centre in (("covid", 1.5), ("normal", -1.5)):
+            for v in centre + rng.uniform(-1, 1, 40):
+                rows.append({"fold": fold, "target": target, "log_odds": v + shift})
+    pred = pd.DataFrame(rows)
+    thresholds = {"a": 1 / (1 + np.exp(-0.0)), "b": 1 / (1 + np.exp(-6.0))}
+    results = {f: {"threshold": t} for f, t in thresholds.items()}
+    y = (pred["target"] == "covid").to_numpy()
+    raw = roc_auc_score(y, pred["log_odds"])
+    aligned = fold_recalibrated(pred, results)
+    assert raw < 0.85 and roc_auc_score(y, aligned["log_odds"]) == 1.0
+    for f, t in thresholds.items():  # the same decisions at each fold's threshold
+        g, h = pred[pred["fold"] == f], aligned[aligned["fold"] == f]
+        assert ((g["log_odds"] >= np.log(t / (1 - t))) == (h["log_odds"] >= 0)).all()
+    est = estimators({"auc": raw}, {}, {"auc": 1.0, "ci95": [1.0, 1.0]})
+    assert est["pooled_fold_recalibrated"] == 1.0 and est["headline"] == "pooled"
