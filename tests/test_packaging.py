@@ -59,7 +59,8 @@ def test_the_base_install_is_onnx_inference_and_the_rest_are_extras():
             "safetensors"} <= extras["train"]
     assert {"pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle"} <= extras["dicom"]
     assert {"fastapi", "uvicorn", "python-multipart"} <= extras["serve"]
-    assert project["optional-dependencies"]["all"] == ["covid-cxr[train,dicom,serve,track]"]
+    assert {"highdicom", "pynetdicom"} <= extras["pacs"]
+    assert project["optional-dependencies"]["all"] == ["covid-cxr[train,dicom,pacs,serve,track]"]
     assert "pytest" in extras["test"]
     assert "'.[all,test]'" in (REPO / "Makefile").read_text()
 

@@ -21,9 +21,10 @@ from covid_cxr import DISCLAIMER, __version__
 from covid_cxr import config as C
 from covid_cxr.data.options import DataConfig, FetchConfig
 from covid_cxr.demo import DemoConfig
-from covid_cxr.deploy.options import ExplainConfig, ExportConfig, LungsPredictConfig, PredictConfig, ServeConfig
+from covid_cxr.deploy.options import (ExplainConfig, ExportConfig, ListenConfig, LungsPredictConfig, PredictConfig,
+                                      ServeConfig)
 from covid_cxr.errors import CovidCxrError
-from covid_cxr.evaluation.options import AuditConfig, EvalConfig, ReportConfig
+from covid_cxr.evaluation.options import AuditConfig, CalibrateConfig, EvalConfig, ReportConfig
 from covid_cxr.files import describe_os_error, printable
 from covid_cxr.training.options import CrossvalConfig, LungsTrainConfig, TrainConfig
 
@@ -38,7 +39,8 @@ NO_FLAG_HELP = "Turns off (on by default): "
 
 SPECIAL_METAVARS = {"weights": "imagenet|none|FILE", "device": "auto|cpu|cuda|cuda:N", "run": "RUN_DIR",
                     "data": "DATASET_DIR", "inputs": "IMAGE_OR_FOLDER", "crossval": "CV_DIR",
-                    "estimate_from": "CV_DIR", "allow_links_to": "DIR"}
+                    "estimate_from": "CV_DIR", "allow_links_to": "DIR", "stow": "DICOMWEB_URL",
+                    "send_to": "AET@HOST:PORT", "dicom_out": "DIR", "dicom_store": "DIR", "labels": "LABELS_CSV"}
 
 
 def _pair(value: str) -> tuple[str, str]:
@@ -209,6 +211,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("explain", ExplainConfig, "covid_cxr.deploy.explain:run", _print_explain, "Grad-CAM overlays"),
     Command("audit", AuditConfig, "covid_cxr.evaluation.audit:run", _print_audit, "shortcut audit"),
     Command("report", ReportConfig, "covid_cxr.evaluation.report:run", _print_report, "one self-contained HTML report"),
+    Command("calibrate", CalibrateConfig, "covid_cxr.evaluation.recalibrate:run",
+            _print_with("covid_cxr.evaluation.recalibrate"),
+            "refit temperature and threshold on a hospital's own images into a new run folder"),
     Command("export", ExportConfig, "covid_cxr.deploy.export:run", _print_with("covid_cxr.deploy.export"),
             "export the model: ONNX, safetensors or a Hugging Face-style folder with a model card"),
     Command("lungs train", LungsTrainConfig, "covid_cxr.training.lungs:run", _print_with("covid_cxr.training.lungs"),
@@ -216,6 +221,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("lungs predict", LungsPredictConfig, "covid_cxr.deploy.lungs:run", _print_with("covid_cxr.deploy.lungs"),
             "lung-field masks and overlays, with a plausibility verdict"),
     Command("serve", ServeConfig, "covid_cxr.deploy.serve:run", _print_nothing, "web app and HTTP API"),
+    Command("dicom listen", ListenConfig, "covid_cxr.deploy.listener:run", _print_with("covid_cxr.deploy.listener"),
+            "C-STORE receiver: predict each received radiograph, send the SR and SC back to the PACS"),
     Command("demo", DemoConfig, "covid_cxr.demo:run", _print_nothing, "offline end-to-end demo on synthetic phantoms"),
 )
 

@@ -62,7 +62,9 @@ PEDIATRIC_SOURCES = frozenset({"mooney"})
 is adults only; the cxnet reader leaves out COVID-CXNet's rows under 18). The dataset warnings, the model card and the
 report read it from here."""
 PROTOCOLS = ("patient", "leave-source-out")
-SplitName = Literal["train", "val", "test"]
+SplitName = Literal["train", "val", "test", "all"]
+"""A manifest split; ``all`` is every image of the task's classes whatever its split (a hospital's own dataset is
+measured as a whole: ``covid-cxr evaluate --split all``)."""
 Checkpoint = Literal["best", "last"]
 Backend = Literal["torch", "onnx"]
 Arch = Literal["densenet121", "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny"]

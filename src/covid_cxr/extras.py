@@ -11,7 +11,7 @@ EXTRA_OF = {
     "scipy": "train", "imagehash": "train", "onnx": "train", "onnxscript": "train", "safetensors": "train",
     "pydicom": "dicom", "pylibjpeg": "dicom", "libjpeg": "dicom", "openjpeg": "dicom", "rle": "dicom",
     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve", "starlette": "serve",
-    "pydantic": "serve", "tensorboard": "track",
+    "pydantic": "serve", "tensorboard": "track", "highdicom": "pacs", "pynetdicom": "pacs",
 }
 """Top-level import name -> the extra of pyproject.toml that installs it."""
 

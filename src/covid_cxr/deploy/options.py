@@ -9,7 +9,47 @@ from pathlib import Path
 from typing import Literal
 
 from covid_cxr.config import Backend, Checkpoint, CommandOptions, check_device_option, check_positive
+from covid_cxr.dicomweb import split_credentials
 from covid_cxr.errors import ConfigError
+
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+"""A DICOM Application Entity title: 1-16 printable ASCII characters, no backslash, not only spaces."""
+_AE_ADDRESS = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
+
+
+def check_ae_title(flag: str, title: str) -> None:
+    """Refuse a value that is no AE title (:data:`_AE_TITLE`)."""
+    if not _AE_TITLE.fullmatch(title or "") or not title.strip():
+        raise ConfigError(f"{flag} {str(title)[:40]!r} is not an AE title: give 1 to 16 printable ASCII characters "
+                          "without a backslash, e.g. COVIDCXR")
+
+
+def ae_address(flag: str, text: str) -> tuple[str, str, int]:
+    """(AE title, host, port) of ``AET@HOST:PORT``.
+
+    Raises:
+        ConfigError: another form, or an invalid title or port.
+    """
+    m = _AE_ADDRESS.fullmatch(text or "")
+    if not m:
+        raise ConfigError(f"{flag} {str(text)[:80]!r}: give the destination as AET@HOST:PORT, e.g. "
+                          "PACS@pacs.example.org:104")
+    check_ae_title(flag, m["aet"])
+    port = int(m["port"])
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{flag} {text!r}: the port must be between 1 and 65535")
+    return m["aet"], m["host"].strip("[]"), port
+
+
+def check_dicomweb_url(flag: str, url: str) -> None:
+    """Refuse a value that is no http(s) DICOMweb root (the message never shows credentials in it)."""
+    try:
+        shown, _ = split_credentials(str(url).strip())
+    except ValueError:
+        shown = "the URL"
+    if not re.match(r"^https?://[^/]", shown):
+        raise ConfigError(f"{flag} {shown[:80]!r}: give a DICOMweb root starting with http:// or https://, e.g. "
+                          "http://pacs.example.org:8042/dicom-web")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,10 +81,25 @@ class PredictConfig(CommandOptions):
     """Folder for Grad-CAM overlays of every readable image (computed with the PyTorch checkpoint)."""
     progress: bool = True
     """Show a progress bar for many files."""
+    dicom_out: str | None = None
+    """Folder for DICOM results to file in a PACS: per DICOM input, a Comprehensive SR (probabilities, decision,
+    threshold, in-scope flag, model identity) and a Secondary Capture of the Grad-CAM overlay with "RESEARCH USE
+    ONLY" burned in, both in the input's study, identifying the patient only by name and ID (docs/pacs-results.md).
+    Other inputs are counted as having no DICOM result."""
+    stow: str | None = field(default=None, repr=False)
+    """With --dicom-out: send the DICOM results with STOW-RS to this DICOMweb root (e.g.
+    http://pacs:8042/dicom-web); credentials from COVID_CXR_DICOMWEB_AUTH (user:password or 'Bearer TOKEN')."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError("predict needs at least one image file or folder")
+        if self.stow is not None and self.dicom_out is None:
+            raise ConfigError("--stow sends the DICOM results: give --dicom-out DIR too (they are written there "
+                              "first)")
+        if self.dicom_out is not None and Path(self.dicom_out).exists() and not Path(self.dicom_out).is_dir():
+            raise ConfigError(f"--dicom-out {self.dicom_out} is a file; give a folder for the DICOM results")
+        if self.stow is not None:
+            check_dicomweb_url("--stow", self.stow)
         check_positive("batch_size", self.batch_size)
         check_device_option(self.device)
         if self.out is not None and Path(self.out).is_dir():
@@ -225,3 +280,67 @@ class LungsPredictConfig(CommandOptions):
 
     def __post_init__(self) -> None:
         check_device_option(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListenConfig(CommandOptions):
+    """``covid-cxr dicom listen``: a DICOM C-STORE receiver (storage SCP) for CR and DX chest radiographs. Each
+    received frontal radiograph is predicted and its Comprehensive SR and Grad-CAM Secondary Capture (as written by
+    predict --dicom-out) are sent back to the PACS and/or written to a folder (research use only)."""
+
+    run: str
+    """Run folder, checkpoint file, or (with --backend onnx) an .onnx file."""
+    port: int = 11112
+    """TCP port to receive on (0: any free port, logged)."""
+    ae_title: str = "COVIDCXR"
+    """This receiver's AE title (the PACS sends to it; it calls the destination with it)."""
+    host: str = "127.0.0.1"
+    """Address to bind. DIMSE here has no TLS: bind other addresses only on a trusted hospital network."""
+    send_to: str | None = None
+    """Send the results with C-STORE to this storage SCP, as AET@HOST:PORT (e.g. PACS@pacs.example.org:104)."""
+    stow: str | None = field(default=None, repr=False)
+    """Send the results with STOW-RS to this DICOMweb root (e.g. http://pacs:8042/dicom-web); credentials from
+    COVID_CXR_DICOMWEB_AUTH."""
+    dicom_out: str | None = None
+    """Also keep the results in this folder (without it they are deleted once sent)."""
+    callers: tuple[str, ...] = ()
+    """Accept associations only from this calling AE title (repeat for several); default: from any."""
+    queue_size: int = 4
+    """Received instances waiting for the prediction worker (spooled to disk); when it is full, a C-STORE is
+    answered 0xA700 (out of resources) and the sender retries later."""
+    max_instances: int = 0
+    """Stop after this many received instances have been processed (0: run until SIGINT or SIGTERM)."""
+    checkpoint: Checkpoint = "best"
+    """Which checkpoint of the run."""
+    device: str = "auto"
+    """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
+    backend: Backend = "torch"
+    """torch (the checkpoint; the SC shows Grad-CAM) or onnx (RUN/model.onnx; the SC has no heatmap)."""
+
+    def __post_init__(self) -> None:
+        if not str(self.run):
+            raise ConfigError("dicom listen needs --run (a run folder, checkpoint or .onnx file)")
+        if not 0 <= int(self.port) <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        if not self.host:
+            raise ConfigError("--host must not be empty (e.g. 127.0.0.1)")
+        check_ae_title("--ae-title", self.ae_title)
+        for caller in self.callers:
+            check_ae_title("--caller", caller)
+        if self.send_to is not None:
+            ae_address("--send-to", self.send_to)
+        if self.stow is not None:
+            check_dicomweb_url("--stow", self.stow)
+        if self.send_to is None and self.stow is None and self.dicom_out is None:
+            raise ConfigError("dicom listen needs somewhere to put the results: --send-to AET@HOST:PORT (C-STORE), "
+                              "--stow URL (STOW-RS) and/or --dicom-out DIR")
+        if self.dicom_out is not None and Path(self.dicom_out).exists() and not Path(self.dicom_out).is_dir():
+            raise ConfigError(f"--dicom-out {self.dicom_out} is a file; give a folder for the DICOM results")
+        check_positive("queue_size", self.queue_size)
+        check_positive("max_instances", self.max_instances, strict=False)
+        check_device_option(self.device)
+
+    @property
+    def destination(self) -> tuple[str, str, int] | None:
+        """(AE title, host, port) of --send-to, or None."""
+        return None if self.send_to is None else ae_address("--send-to", self.send_to)

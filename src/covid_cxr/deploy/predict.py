@@ -3,6 +3,8 @@
 One path for both backends, the Python API's: :func:`covid_cxr.deploy.api.load_run` (a run folder, checkpoint,
 ONNX file or ``export --format hf`` folder) then :meth:`~covid_cxr.model.inference.Predictor.predict_files`
 (decode with ``images.load_image``, the pixel pipeline, the model, ``ModelMeta``'s decision rule and gate).
+With ``--dicom-out`` each DICOM input also gets a Structured Report and a Secondary Capture for the PACS
+(:mod:`covid_cxr.deploy.dicom_results`), sent with STOW-RS by ``--stow``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 from covid_cxr import DISCLAIMER
 from covid_cxr.deploy.api import load_run
 from covid_cxr.deploy.options import PredictConfig
+from covid_cxr.errors import PacsError
 from covid_cxr.files import atomic_write, to_json
 from covid_cxr.imaging.images import list_images
 from covid_cxr.model.meta import format_probability
@@ -115,9 +118,12 @@ def run(cfg: PredictConfig) -> dict:
         for r in rows:
             r["heatmap_png"] = by_path.get(r["path"], "")
     meta = predictor.meta
+    dicom = dicom_results(predictor, rows, cfg) if cfg.dicom_out else None
     fmt = output_format(cfg, sys.stdout.isatty())
     if fmt == "table":
         text = format_table(rows, meta)
+        if dicom:  # the table is what a person reads: the DICOM results are part of it
+            text += dicom["summary"] + "\n"
     elif fmt == "json":
         text = to_json({"disclaimer": DISCLAIMER, "model": str(predictor.source), "backend": cfg.backend,
                         "labels": list(meta.labels), "positive_class": meta.positive,
@@ -129,7 +135,28 @@ def run(cfg: PredictConfig) -> dict:
         text = _csv(rows)
     if cfg.out:
         atomic_write(Path(cfg.out), text)
+    summary = summary_line(rows, meta.labels) + (f"\n{dicom['summary']}" if dicom else "")
     return {"images": len(rows), "unreadable": sum(1 for r in rows if r["error"]),
             "out_of_scope": sum(1 for r in rows if r.get("in_scope") is False), "out": cfg.out,
-            "text": None if cfg.out else text, "format": fmt, "summary": summary_line(rows, meta.labels)}
+            "text": None if cfg.out else text, "format": fmt, "summary": summary,
+            "dicom": None if dicom is None else {k: v for k, v in dicom.items() if k != "files"}}
+
+
+def dicom_results(predictor, rows: list[dict], cfg: PredictConfig) -> dict:
+    """Write the SR and SC of every DICOM input to ``cfg.dicom_out`` (each row gets a ``dicom_result`` column) and,
+    with ``cfg.stow``, send them with STOW-RS. Returns the counts and a ``summary`` line (no patient data).
+
+    Raises:
+        PacsError: the PACS refused them or cannot be reached (the files stay in ``cfg.dicom_out``).
+    """
+    from covid_cxr.deploy.dicom_results import describe, stow, write_results
+
+    counts = write_results(predictor, rows, Path(cfg.dicom_out))
+    if cfg.stow:
+        try:
+            counts["stored"] = stow(counts["files"], cfg.stow)
+        except PacsError as exc:
+            raise PacsError(f"{exc}; the DICOM results are in {cfg.dicom_out}") from None
+    counts["summary"] = describe(counts)
+    return counts
 

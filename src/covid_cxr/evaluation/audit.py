@@ -344,7 +344,8 @@ def verdicts(result: dict) -> list[str]:
     m = result["masking"]
     orig = m["original"]
     counts = f"{result['images']} images, {result['patients']} patients"
-    out.append(f"AUC on the original {result['split']} images is {orig['auc']:.2f}{_ci_text(orig['ci95'], counts)}.")
+    which = "images of every split" if result["split"] == "all" else f"{result['split']} images"
+    out.append(f"AUC on the original {which} is {orig['auc']:.2f}{_ci_text(orig['ci95'], counts)}.")
     how = result["masks"].get("lung_fields", {}).get("method", "rectangle")
     out.append(_masking_verdict("with each image's predicted lung fields masked" if how == "predicted"
                                 else "with the central lung field masked (a fixed rectangle, not each image's lungs)",

@@ -1,7 +1,9 @@
 """``covid-cxr evaluate``: metrics, the study's classification report and pictures for one split.
 
 Writes ``RUN_DIR/eval-<split>/``: classification_report.txt, metrics.json, predictions.csv,
-confusion_matrix.png, roc.png, reliability.png, class_distribution.png, samples.png.
+confusion_matrix.png, roc.png, reliability.png, class_distribution.png, samples.png. ``--split all`` scores every
+image of the model's classes whatever its split (``RUN_DIR/eval-all/``); on a dataset the run was not trained on,
+metrics.json gains a ``local_validation`` section (:mod:`covid_cxr.evaluation.local`).
 All rankings use float64 log-odds from the logits (never saturated float32 probabilities).
 """
 
@@ -16,13 +18,16 @@ import pandas as pd
 from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.data.card import class_distribution_png, samples_png
 from covid_cxr.evaluation.calibration import ECE_BINS, expected_calibration_error, reliability_diagram_png
-from covid_cxr.evaluation.metrics import (MIN_PER_CLASS, bootstrap_ci, breakdown, confusion, headline_metrics,
-                                          per_class_report, with_ci)
+from covid_cxr.evaluation.local import format_local, local_validation, locality
+from covid_cxr.evaluation.metrics import (MIN_PER_CLASS, bootstrap_ci, breakdown, confusion, format_breakdown,
+                                          headline_metrics, per_class_report)
 from covid_cxr.evaluation.options import EvalConfig
 from covid_cxr.evaluation.plots import confusion_matrix_png, roc_png
-from covid_cxr.evaluation.split import SplitData, load_split
+from covid_cxr.evaluation.split import ALL, SplitData, load_split
 from covid_cxr.files import atomic_write, write_json
+from covid_cxr.model.inference import Predictor
 from covid_cxr.model.meta import ModelMeta
+from covid_cxr.model.results import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -50,39 +55,58 @@ def _sample_grid(rows: pd.DataFrame, pixels: np.ndarray, labels: list[str], seed
     return grid
 
 
-def format_breakdown(kind: str, rows: dict) -> list[str]:
-    """Terminal lines of a breakdown: each number with its CI, and the caveat of a subgroup too small to judge."""
-    lines = []
-    for name, b in rows.items():
-        line = (f"  {kind} {name:<20} n={b['n']:<5} positives={b.get('n_positive')!s:<5} "
-                f"AUC {with_ci(b.get('roc_auc'), b.get('roc_auc_ci95'))}")
-        if "sensitivity" in b:
-            line += (f"  sensitivity {with_ci(b['sensitivity'], b['sensitivity_ci95'])}"
-                     f"  specificity {with_ci(b['specificity'], b['specificity_ci95'])}")
-        lines.append(line + (f"  [{b['caveat']}]" if b.get("caveat") else ""))
-    return lines
+def in_scope_of(predictor: Predictor, out: Outputs) -> np.ndarray | None:
+    """Per image, whether it is inside the model's scope, as predict decides it (the out-of-scope gate, and the lung
+    segmenter's two-lung-fields check when the model carries one); None when the model has neither."""
+    if out.scope is None and out.lungs is None:
+        return None
+    return np.array([r["in_scope"] is not False for r in predictor.results(out)], dtype=bool)
 
 
 def run(cfg: EvalConfig) -> dict:
-    """Evaluate a run's checkpoint on a manifest split and write the reports; returns metrics.json's content."""
+    """Evaluate a run's checkpoint on a manifest split and write the reports; returns metrics.json's content.
+
+    On a dataset the run was not trained on (:func:`~covid_cxr.evaluation.local.locality`) the result carries a
+    ``local_validation`` section; otherwise that key is None.
+    """
     d = load_split(cfg.run, cfg.split, cfg.data, cfg.checkpoint, cfg.device, cfg.workers, cfg.source_roots)
     meta = d.predictor.meta
-    log.info("evaluating %s on %d %s images", d.predictor.source.name, len(d.pixels), cfg.split)
+    log.info("evaluating %s on %d images (%s)", d.predictor.source.name, len(d.pixels),
+             "every split" if cfg.split == ALL else f"{cfg.split} split")
     out = d.predictor.outputs(d.pixels, cfg.batch_size)
     lp = meta.log_probs(out.logits)
     pred = meta.decide(lp)
+    in_scope = in_scope_of(d.predictor, out)
     if cfg.bootstrap:
         log.info("confidence intervals: %d bootstrap resamples of %d patients", cfg.bootstrap, d.rows["group"].nunique())
-    result = metrics_document(cfg, d, lp, pred, out.scope)
+    result = metrics_document(cfg, d, lp, pred, in_scope)
+    where = locality(d)
+    result["local_validation"] = None
+    if where["local"]:
+        log.info("local validation: %s", where["why"])
+        result["protocol"]["internal_split_warning"] = None  # not the training sources: no internal split
+        result["local_validation"] = local_validation(d, result, lp, pred, in_scope, where, cfg.bootstrap, cfg.seed)
+    elif cfg.split == ALL:
+        result["protocol"]["internal_split_warning"] = (
+            f"every split of a dataset the model was trained on ({where['why']}) includes the images it learned from: "
+            "these numbers are optimistic; use --split test, or --data with a dataset of other sources")
     folder = d.run.eval_dir(cfg.split)
     folder.mkdir(parents=True, exist_ok=True)
     log.info("writing metrics, predictions and pictures to %s", folder)
-    _write_outputs(folder, result, d, lp, pred, out.scope, cfg)
+    _write_outputs(folder, result, d, lp, pred, out.scope, in_scope, cfg)
     result["output_dir"] = str(folder)
     return result
 
 
-def metrics_document(cfg: EvalConfig, d: SplitData, lp: np.ndarray, pred: np.ndarray, scope) -> dict:
+def _rows_not_scored(d: SplitData) -> int:
+    """Manifest rows of the evaluated split(s) whose target is not one of the model's classes (counted, not hidden)."""
+    df = d.dataset.df
+    in_split = df["split"].isin(set(df["split"]) if d.split == ALL else {d.split})
+    return int((in_split & ~df["target"].isin(d.predictor.meta.labels)).sum())
+
+
+def metrics_document(cfg: EvalConfig, d: SplitData, lp: np.ndarray, pred: np.ndarray,
+                     in_scope: np.ndarray | None) -> dict:
     """metrics.json: the protocol, headline metrics with CIs, per-class report, calibration, breakdowns."""
     meta: ModelMeta = d.predictor.meta
     labels, targets, rows = list(meta.labels), d.targets, d.rows
@@ -101,6 +125,7 @@ def metrics_document(cfg: EvalConfig, d: SplitData, lp: np.ndarray, pred: np.nda
             "split_protocol": d.dataset.info.protocol,
             "sources": sorted(rows["source"].unique().tolist()), "synthetic_sources": synthetic,
             "images": int(len(rows)), "patients": int(rows["group"].nunique()),
+            "rows_not_scored": _rows_not_scored(d),
             "images_per_class": {lab: int((targets == i).sum()) for i, lab in enumerate(labels)},
             "images_per_source": {k: int(v) for k, v in rows["source"].value_counts().items()},
             "confidence_intervals": f"95% percentile bootstrap, {cfg.bootstrap} resamples of patients (not images)"
@@ -128,8 +153,8 @@ def metrics_document(cfg: EvalConfig, d: SplitData, lp: np.ndarray, pred: np.nda
         "by_view": breakdown(rows["view"].to_numpy(), targets, lp, pred, meta, groups, cfg.bootstrap, cfg.seed),
         "subgroups": f"per source and per view: Wilson 95% intervals for proportions, patient bootstrap for AUC; "
                      f"flagged 'too few to judge' below {MIN_PER_CLASS} images of a class",
-        "scope": None if scope is None else {"in_scope": int((scope <= meta.gate.threshold).sum()),
-                                             "out_of_scope": int((scope > meta.gate.threshold).sum())},
+        "scope": None if in_scope is None else {"in_scope": int(in_scope.sum()),
+                                                "out_of_scope": int((~in_scope).sum())},
         "estimate": meta.estimate,
         "study_baseline": STUDY_BASELINE,
         "covid_cxr_version": __version__,
@@ -137,7 +162,7 @@ def metrics_document(cfg: EvalConfig, d: SplitData, lp: np.ndarray, pred: np.nda
     return doc
 
 
-def _write_outputs(out: Path, result: dict, d: SplitData, lp, pred, scope, cfg: EvalConfig) -> None:
+def _write_outputs(out: Path, result: dict, d: SplitData, lp, pred, scope, in_scope, cfg: EvalConfig) -> None:
     meta: ModelMeta = d.predictor.meta
     labels, targets, rows = list(meta.labels), d.targets, d.rows
     synthetic = bool(result["protocol"]["synthetic_sources"])
@@ -152,10 +177,12 @@ def _write_outputs(out: Path, result: dict, d: SplitData, lp, pred, scope, cfg: 
     preds["predicted_label"] = [labels[i] for i in pred]
     if scope is not None:
         preds["scope_score"] = scope
-        preds["in_scope"] = scope <= meta.gate.threshold
+    if in_scope is not None:
+        preds["in_scope"] = in_scope
     atomic_write(out / "predictions.csv", preds.to_csv(index=False))
     p = result["protocol"]
-    title = (f"{cfg.split} split, {p['images']} images, {p['patients']} patients; {meta.threshold_text()}"
+    which = "all images" if cfg.split == ALL else f"{cfg.split} split"
+    title = (f"{which}, {p['images']} images, {p['patients']} patients; {meta.threshold_text()}"
              + (" - SYNTHETIC DATA" if synthetic else ""))
     confusion_matrix_png(np.asarray(result["confusion_matrix"]), labels, out / "confusion_matrix.png", title)
     m, ci = result["metrics"], result["ci95"].get("roc_auc")
@@ -165,7 +192,7 @@ def _write_outputs(out: Path, result: dict, d: SplitData, lp, pred, scope, cfg: 
         point = (1 - m["specificity"], m["sensitivity"], f"operating point ({meta.threshold_text()})")
     roc_png(targets, lp, labels, meta.positive_index, out / "roc.png", title, auc_text, point, synthetic)
     reliability_diagram_png(probs, targets, out / "reliability.png",
-                            f"{cfg.split} split, temperature {meta.temperature:.3g}",
+                            f"{which}, temperature {meta.temperature:.3g}",
                             mode="positive" if meta.binary and meta.positive_index == 1 else "top_label")
     ds_rows = d.dataset.df[d.dataset.df["target"].isin(labels)]
     class_distribution_png(ds_rows, labels, out / "class_distribution.png")
@@ -192,7 +219,8 @@ def format_summary(result: dict) -> str:
     if p.get("synthetic_sources"):
         lines.append(f"SYNTHETIC DATA ({', '.join(p['synthetic_sources'])}): these numbers show that the pipeline "
                      "works, not that anything detects COVID-19")
-    lines += [f"evaluation of {result['checkpoint']} on the {p['split']} split: {p['images']} images, "
+    which = "every split" if p["split"] == ALL else f"the {p['split']} split"
+    lines += [f"evaluation of {result['checkpoint']} on {which} of {p['dataset']}: {p['images']} images, "
               f"{p['patients']} patients, sources {', '.join(p['sources'])}",
               f"operating point: {result['threshold_text']}", result["classification_report"].rstrip()]
     lines += [fmt(k) for k in names if k in m]
@@ -211,6 +239,8 @@ def format_summary(result: dict) -> str:
         lines.append(f"out-of-scope gate: {s['out_of_scope']} of {s['in_scope'] + s['out_of_scope']} images flagged")
     if p.get("internal_split_warning"):
         lines.append(f"note: {p['internal_split_warning']}")
+    if result.get("local_validation"):
+        lines += format_local(result["local_validation"])
     lines += [f"reports in {result.get('output_dir', '')}", DISCLAIMER]
     return "\n".join(line for line in lines if line)
 

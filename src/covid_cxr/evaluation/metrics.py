@@ -223,3 +223,16 @@ def with_ci(value: float | None, ci: list[float] | None, digits: int = 3) -> str
         return "n/a"
     text = f"{value:.{digits}f}"
     return text + (f" ({ci[0]:.{min(digits, 2)}f}-{ci[1]:.{min(digits, 2)}f})" if ci else "")
+
+
+def format_breakdown(kind: str, rows: dict) -> list[str]:
+    """Terminal lines of a breakdown: each number with its CI, and the caveat of a subgroup too small to judge."""
+    lines = []
+    for name, b in rows.items():
+        line = (f"  {kind} {name:<20} n={b['n']:<5} positives={b.get('n_positive')!s:<5} "
+                f"AUC {with_ci(b.get('roc_auc'), b.get('roc_auc_ci95'))}")
+        if "sensitivity" in b:
+            line += (f"  sensitivity {with_ci(b['sensitivity'], b['sensitivity_ci95'])}"
+                     f"  specificity {with_ci(b['specificity'], b['specificity_ci95'])}")
+        lines.append(line + (f"  [{b['caveat']}]" if b.get("caveat") else ""))
+    return lines

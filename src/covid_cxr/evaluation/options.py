@@ -1,4 +1,4 @@
-"""The options of ``covid-cxr evaluate``, ``audit`` and ``report`` (see :mod:`covid_cxr.config`)."""
+"""The options of ``covid-cxr evaluate``, ``audit``, ``report`` and ``calibrate`` (see :mod:`covid_cxr.config`)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,21 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from covid_cxr.config import Checkpoint, CommandOptions, SplitName, check_device_option, check_positive
+from covid_cxr.errors import ConfigError
 from covid_cxr.files import default_workers
 
 
 @dataclass(frozen=True, kw_only=True)
-class SplitJob(CommandOptions):
-    """What ``evaluate`` and ``audit`` share: one checkpoint of a run scored on one split of its dataset."""
+class ModelOnData(CommandOptions):
+    """What ``evaluate``, ``audit`` and ``calibrate`` share: one checkpoint of a run applied to one split of a
+    dataset."""
 
     run: str
     """Run folder written by `covid-cxr train`."""
     data: str | None = None
     """Dataset folder; default: the one the run was trained on."""
     split: SplitName = "test"
-    """Which manifest split."""
+    """Which manifest split (all: every image of the model's classes, whatever its split)."""
     checkpoint: Checkpoint = "best"
     """Which checkpoint of the run."""
     batch_size: int = 32
@@ -29,22 +31,32 @@ class SplitJob(CommandOptions):
     """Where to run: auto (CUDA if available), cpu, cuda or cuda:N."""
     source_roots: tuple[tuple[str, str], ...] = ()
     """Where a source's images are now, as NAME=PATH, when the dataset's recorded folder moved."""
-    bootstrap: int = 1000
-    """Bootstrap resamples (by patient) for 95% confidence intervals; 0 disables them."""
-    seed: int = 0
-    """Seed of the bootstrap."""
 
     def __post_init__(self) -> None:
-        check_positive("bootstrap", self.bootstrap, strict=False)
         check_positive("batch_size", self.batch_size)
         check_positive("workers", self.workers)
         check_device_option(self.device)
 
 
 @dataclass(frozen=True, kw_only=True)
+class SplitJob(ModelOnData):
+    """What ``evaluate`` and ``audit`` share: one checkpoint of a run scored on one split, with bootstrap CIs."""
+
+    bootstrap: int = 1000
+    """Bootstrap resamples (by patient) for 95% confidence intervals; 0 disables them."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("bootstrap", self.bootstrap, strict=False)
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig(SplitJob):
     """``covid-cxr evaluate``: metrics with patient-bootstrap CIs, the study's classification report and pictures
-    for one manifest split; writes RUN_DIR/eval-<split>/."""
+    for one manifest split; writes RUN_DIR/eval-<split>/. On a dataset the model was not trained on (a hospital's
+    own, --data DATASET_DIR --split all) it adds a local validation section (docs/local-validation.md)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,8 +83,9 @@ class ReportConfig(CommandOptions):
 
     run: str
     """Run folder."""
-    split: Literal["val", "test"] = "test"
-    """Split the metrics come from."""
+    split: Literal["val", "test", "all"] = "test"
+    """Split the metrics come from (all: every image of the dataset, for a hospital's own dataset given with
+    --data)."""
     audit: bool = True
     """Run the shortcut audit if it is missing."""
     data: str | None = None
@@ -86,3 +99,27 @@ class ReportConfig(CommandOptions):
 
     def __post_init__(self) -> None:
         check_device_option(self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateConfig(ModelOnData):
+    """``covid-cxr calibrate``: refit a run's temperature and decision threshold on a hospital's own images (the
+    functions training uses on its validation split) and write them into a NEW run folder; the run given is never
+    changed. Metrics measured afterwards on the same images are optimistic (docs/local-validation.md)."""
+
+    data: str = field()  # no default (a bare annotation would inherit the base class's None)
+    """Dataset folder of the images to calibrate on (a hospital's own, with both classes)."""
+    split: SplitName = "all"
+    """Which manifest split of it (all: every image of the model's classes, whatever its split)."""
+    out: str
+    """The new run folder to write (must not exist yet; never inside --run)."""
+    threshold_rule: Literal["sensitivity", "youden"] | None = None
+    """How to choose the threshold: sensitivity (the highest reaching --target-sensitivity) or youden; default: the
+    model's own rule."""
+    target_sensitivity: float | None = None
+    """Sensitivity the threshold must reach on these images; default: the model's own target."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_sensitivity is not None and not 0.0 < self.target_sensitivity <= 1.0:
+            raise ConfigError(f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}")

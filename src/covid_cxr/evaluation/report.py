@@ -7,8 +7,6 @@ it learned the disease. Synthetic data get a banner on every screen of the page.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import logging
@@ -21,8 +19,16 @@ from covid_cxr.config import UNLEARNED_OPTIONS
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.evaluation.calibration import ECE_BINS
 from covid_cxr.evaluation.evaluate import STUDY_BASELINE
+from covid_cxr.evaluation.local import expected_text, local_section
 from covid_cxr.evaluation.metrics import with_ci
 from covid_cxr.evaluation.options import AuditConfig, EvalConfig, ReportConfig
+from covid_cxr.evaluation.page import METRIC_NAMES
+from covid_cxr.evaluation.page import breakdown_table as _breakdown
+from covid_cxr.evaluation.page import esc as _esc
+from covid_cxr.evaluation.page import fmt as _fmt
+from covid_cxr.evaluation.page import img as _img
+from covid_cxr.evaluation.page import table as _table
+from covid_cxr.evaluation.recalibrate import RECALIBRATION_PNG
 from covid_cxr.files import atomic_write, read_json
 from covid_cxr.model.inference import Predictor, load_predictor
 from covid_cxr.model.meta import ModelMeta, TrainingData
@@ -49,59 +55,42 @@ img{max-width:100%;border:1px solid #e3e6ee;border-radius:4px}.grid{display:flex
 .muted{color:#666;font-size:13px}
 """
 
-METRIC_NAMES = {"accuracy": "Accuracy", "roc_auc": "Area under the ROC curve",
-                "sensitivity": "Sensitivity (share of COVID-19 images called COVID-19)",
-                "specificity": "Specificity (share of other images called not COVID-19)",
-                "ppv": "Positive predictive value (share of COVID-19 calls that are right)",
-                "npv": "Negative predictive value (share of other calls that are right)"}
-
-
-def _img(path: Path | bytes, alt: str) -> str:
-    data = path if isinstance(path, bytes) else Path(path).read_bytes()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return "n/a" if v != v else f"{v:.3f}"
-    return str(v)
-
-
-def _esc(v) -> str:
-    return html.escape(str(v))
-
-
 # ----------------------------------------------------------------------------- inputs
+
+def _of_other_data(dataset: str | None, cfg: ReportConfig) -> bool:
+    """An evaluation or audit was written for another dataset than ``--data`` asks for (it is then made again)."""
+    return bool(cfg.data) and dataset != str(Path(cfg.data).resolve())
+
 
 def _ensure_eval(run: RunDir, cfg: ReportConfig) -> dict:
     path = run.eval_dir(cfg.split) / "metrics.json"
-    if not path.is_file():
-        from covid_cxr.evaluation import evaluate
-
+    if path.is_file():
+        doc = read_json(path, "evaluation")
+        if not _of_other_data(doc.get("protocol", {}).get("dataset"), cfg):
+            return doc
+        log.info("%s is of another dataset than --data; running evaluate again", path)
+    else:
         log.info("no %s; running evaluate first", path)
-        evaluate.run(EvalConfig(run=str(run.root), split=cfg.split, data=cfg.data, device=cfg.device,
-                                source_roots=cfg.source_roots))
+    from covid_cxr.evaluation import evaluate
+
+    evaluate.run(EvalConfig(run=str(run.root), split=cfg.split, data=cfg.data, device=cfg.device,
+                            source_roots=cfg.source_roots))
     return read_json(path, "evaluation")
 
 
 def _ensure_audit(run: RunDir, cfg: ReportConfig) -> dict | None:
     path = run.audit_dir(cfg.split) / "audit.json"
-    if not path.is_file():
-        if not cfg.audit:
-            return None
-        from covid_cxr.evaluation import audit
+    if path.is_file():
+        doc = read_json(path, "audit")
+        if not _of_other_data(doc.get("dataset"), cfg):
+            return doc
+    if not cfg.audit:
+        return None
+    from covid_cxr.evaluation import audit
 
-        log.info("no %s; running the audit first", path)
-        audit.run(AuditConfig(run=str(run.root), split=cfg.split, data=cfg.data, device=cfg.device,
-                              source_roots=cfg.source_roots))
+    log.info("no audit of this dataset in %s; running the audit first", path.parent)
+    audit.run(AuditConfig(run=str(run.root), split=cfg.split, data=cfg.data, device=cfg.device,
+                          source_roots=cfg.source_roots))
     return read_json(path, "audit")
 
 
@@ -162,6 +151,9 @@ def _comparison(differences: list[str] | None) -> str:
 def _estimate_section(m: dict, cv: dict | None, meta: ModelMeta, run_options: dict | None = None) -> str:
     internal = m["metrics"].get("roc_auc")
     ci = m["ci95"].get("roc_auc")
+    if m.get("local_validation"):
+        return ("<p>This page measures the model on a dataset it was not trained on: see <b>Local validation</b> "
+                f"above.</p><div class='estimate'>{_esc(expected_text(m, cv)['text'])}</div>")
     internal_text = (f"On its own test split (images from the same sources as its training data) the model scores "
                      f"an area under the ROC curve of <b>{_fmt(internal)}</b>"
                      + (f" (95% CI {_fmt(ci[0])}–{_fmt(ci[1])})" if ci else "") + ".")
@@ -199,7 +191,9 @@ def _metrics_section(m: dict) -> str:
                            "validation split", "youden": "the threshold maximising sensitivity + specificity on "
                                                          "validation", "argmax": "the most probable class"}
     split_desc = p.get("split_protocol", {}).get("description", "")
-    return (f"<p>Protocol: the <b>{_esc(p['split'])}</b> split, {p['images']} images from {p['patients']} patients; "
+    which = "<b>every split</b> (all images of the model's classes)" if p["split"] == "all" else \
+        f"the <b>{_esc(p['split'])}</b> split"
+    return (f"<p>Protocol: {which}, {p['images']} images from {p['patients']} patients; "
             f"sources {_esc(', '.join(p['sources']))}. {_esc(split_desc)}. Confidence intervals: "
             f"{_esc(p['confidence_intervals'])}.</p>"
             f"<p>Decision rule: <b>{_esc(m['threshold_text'])}</b>, chosen as {_esc(rule.get(op.get('rule'), op.get('rule')))}. "
@@ -208,15 +202,6 @@ def _metrics_section(m: dict) -> str:
             f"legend) on this split {_fmt(cal.get('ece'))}.</p>"
             + _table(["measure", "at the decision rule", "95% confidence interval (patients resampled)",
                       f"at P({m.get('positive_class')}) ≥ 0.5"], rows))
-
-
-def _breakdown(title: str, d: dict, positive: str | None) -> str:
-    rows = [[k, v["n"], v.get("n_positive"), with_ci(v.get("accuracy"), v.get("accuracy_ci95")),
-             with_ci(v.get("roc_auc"), v.get("roc_auc_ci95")), with_ci(v.get("sensitivity"), v.get("sensitivity_ci95")),
-             with_ci(v.get("specificity"), v.get("specificity_ci95")), v.get("caveat") or ""] for k, v in d.items()]
-    return f"<h3>{_esc(title)}</h3>" + _table([title.split()[-1], "images", f"{positive} images", "accuracy (95% CI)",
-                                               "area under ROC (95% CI)", "sensitivity (95% CI)",
-                                               "specificity (95% CI)", "note"], rows)
 
 
 def _audit_section(run: RunDir, split: str, a: dict | None) -> str:
@@ -299,14 +284,23 @@ def _model_card(meta: ModelMeta, m: dict, cv: dict | None, confounders: list[str
     pooled = (cv or {}).get("pooled", {})
     est = (f"area under the ROC curve {_fmt(pooled.get('auc'))} on sources held out of training (crossval)"
            if cv else "not measured (no crossval)")
+    measured = (f"{_fmt(m['metrics'].get('roc_auc'))} area under the ROC curve on {_esc(m['protocol']['dataset'])} "
+                "(local validation: a dataset it was not trained on)" if m.get("local_validation") else
+                f"internal test split {_fmt(m['metrics'].get('roc_auc'))} area under the ROC curve")
+    rec = meta.recalibration or {}
+    old, new = rec.get("old") or {}, rec.get("new") or {}
+    recalibrated = (f"<p><b>Recalibrated</b> on {rec.get('images')} images of {_esc(rec.get('dataset'))} "
+                    f"({_esc(rec.get('date'))}): temperature {_fmt(old.get('temperature'))} → "
+                    f"{_fmt(new.get('temperature'))}, threshold {_esc(old.get('threshold_text'))} → "
+                    f"{_esc(new.get('threshold_text'))}; {_esc(rec.get('note'))}.</p>" if rec else "")
     return (f"<p><b>Model:</b> {_esc(meta.arch)} (torchvision), classes {_esc(', '.join(meta.labels))}, positive class "
             f"{_esc(meta.positive)}; decision rule {_esc(meta.threshold_text())}; checkpoint "
             f"<code>{_esc(m['checkpoint'])}</code>; covid-cxr {__version__}; created {_esc(meta.created)}.</p>"
             f"<p><b>Preprocessing:</b> {_esc(meta.preprocess.describe())}.</p>"
             f"<p><b>Training data:</b> {data.n_train if data else '?'} training and {data.n_val if data else '?'} "
             f"validation images from {_esc(sources)}.{synthetic}</p>"
-            f"<p><b>Performance:</b> internal test split {_fmt(m['metrics'].get('roc_auc'))} area under the ROC curve; "
-            f"on an unseen hospital: {_esc(est)}.</p>"
+            f"<p><b>Performance:</b> {measured}; "
+            f"on an unseen hospital: {_esc(est)}.</p>{recalibrated}"
             "<p><b>Intended use:</b> research on chest X-ray classification methods, teaching, and studying dataset "
             "bias in public COVID-19 collections.</p>"
             "<p><b>Out of scope:</b> diagnosis, triage, screening or any decision about a patient; images unlike the "
@@ -322,6 +316,7 @@ def _run_warnings(m: dict, meta: ModelMeta, synthetic: list[str]) -> list[str]:
         out.append(f"The images of {', '.join(synthetic)} are SYNTHETIC phantoms, not patients: every number on this "
                    "page shows that the pipeline runs, not that anything detects COVID-19.")
     out += list(m.get("calibration", {}).get("warnings", []))
+    out += list((m.get("local_validation") or {}).get("warnings", []))
     if m["protocol"].get("internal_split_warning"):
         out.append(m["protocol"]["internal_split_warning"][0].upper() + m["protocol"]["internal_split_warning"][1:] + ".")
     return out
@@ -356,20 +351,23 @@ def run(cfg: ReportConfig) -> Path:
     grid = "".join(f"<figure>{_img(png, kind)}<figcaption>{_esc(kind)} · {_esc(cap)}</figcaption></figure>"
                    for kind, png, cap in examples) or "<p class='muted'>No examples.</p>"
     pics = "".join(f"<div>{_img(ev / f, f)}</div>" for f in ("roc.png", "confusion_matrix.png") if (ev / f).is_file())
-    calib = "".join(f"<div>{_img(p, p.name)}</div>" for p in (rd.calibration_png, ev / "reliability.png") if p.is_file())
+    calib = "".join(f"<div>{_img(p, p.name)}</div>" for p in (rd.calibration_png, rd.root / RECALIBRATION_PNG,
+                                                              ev / "reliability.png") if p.is_file())
     warnings_ = "".join(f"<div class='warn'>{_esc(w)}</div>" for w in _run_warnings(m, meta, synthetic))
     banner = (f"<div class='synthetic'>SYNTHETIC DATA ({_esc(', '.join(synthetic))}): not patients. These results show "
               "the pipeline works; they say nothing about detecting COVID-19.</div>" if synthetic else "")
     study_note = ("<p class='warn'>The study's numbers come from real radiographs; ours here come from synthetic "
                   "phantoms and cannot be compared with them.</p>" if synthetic else
                   "<p class='muted'>The study did not state whether its split kept patients apart; ours does.</p>")
+    which = "every split" if cfg.split == "all" else f"split {_esc(cfg.split)}"
     doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>covid-cxr report: {_esc(rd.root.name)}</title>
 <style>{CSS}</style></head><body>
 <div class="banner">Research use only — not a diagnostic device.</div>{banner}
 <h1>covid-cxr report: {_esc(rd.root.name)}</h1>
-<p class="muted">{_esc(m['protocol']['dataset'])} · split {_esc(cfg.split)} · covid-cxr {__version__}</p>
+<p class="muted">{_esc(m['protocol']['dataset'])} · {which} · covid-cxr {__version__}</p>
 <h2>Warnings</h2>{warnings_ or "<p>None.</p>"}
+{local_section(m, cv, meta.positive)}
 <h2>How it should do on a new hospital</h2>{_estimate_section(m, cv, meta, rd.training_options())}
 <h2>The study and this model</h2>{study_note}
 <div class="side"><div><h3>Original study</h3><pre>{_esc(STUDY_BASELINE['classification_report'])}</pre>

@@ -17,6 +17,9 @@ from covid_cxr.errors import DatasetError
 from covid_cxr.model.inference import Predictor, load_predictor
 from covid_cxr.paths import RunDir
 
+ALL = "all"
+"""The ``--split`` that takes every image of the task's classes, whatever its manifest split."""
+
 
 @dataclass
 class SplitData:
@@ -36,7 +39,9 @@ def load_split(run: str | Path, split: str, data: str | None = None, checkpoint:
                workers: int | None = None, source_roots=None, progress: bool = False) -> SplitData:
     """Load a run's checkpoint and the model pixels of one split of its dataset (or of ``data``).
 
-    Every image is loaded; an unreadable one stops with its name.
+    ``split`` ``all`` takes every image whose target is one of the model's classes, whatever its split (``unused``
+    included): a hospital's own dataset is measured as a whole. Every image is loaded; an unreadable one stops with
+    its name.
 
     Raises:
         RunError, CheckpointError: no usable checkpoint. DatasetError: no dataset, labels that differ from the
@@ -48,8 +53,9 @@ def load_split(run: str | Path, split: str, data: str | None = None, checkpoint:
     if tuple(ds.labels) != tuple(predictor.meta.labels):
         raise DatasetError(f"{ds.dir.root} has labels {ds.labels} but the model predicts {list(predictor.meta.labels)}; "
                            "pass --data with a dataset of the same task")
-    rows = ds.rows(split)
+    rows = ds.rows(tuple(sorted(set(ds.df["split"]))) if split == ALL else split)
     if rows.empty:
-        raise DatasetError(f"{ds.dir.manifest} has no {split!r} images of the task")
+        which = "" if split == ALL else f"{split!r} "
+        raise DatasetError(f"{ds.dir.manifest} has no {which}images of the classes {', '.join(ds.labels)}")
     pixels = ds.pixels(rows, predictor.meta.preprocess, workers=workers, progress=progress)
     return SplitData(predictor, run_dir, ds, split, rows, pixels, ds.targets(rows))

@@ -308,6 +308,10 @@ class ModelMeta:
     """The resolved training options."""
     estimate: dict | None = None
     """Where this model's performance estimate comes from when it has no test split (crossval)."""
+    recalibration: dict | None = None
+    """Set by ``covid-cxr calibrate``: the temperature and threshold were refitted on a hospital's own images
+    (dataset, images, patients, old and new temperature and threshold, date, and that metrics on those images are
+    now optimistic); None for a model as training calibrated it."""
     epoch: int | None = None
     val_metrics: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
@@ -359,13 +363,17 @@ class ModelMeta:
             return "the class with the largest probability is the decision"
         rule = cal.threshold_rule if cal else "default 0.5"
         separated = bool(cal) and cal.separated
+        where = "on validation"
+        if self.recalibration:  # covid-cxr calibrate: refitted on a hospital's own images
+            where = "on local data (covid-cxr calibrate)"
         if rule == "sensitivity" and cal.target_sensitivity is not None:
-            text = f"set to catch {100 * cal.target_sensitivity:g} % of {self.positive} cases on validation"
+            text = f"set to catch {100 * cal.target_sensitivity:g} % of {self.positive} cases {where}"
         elif rule == "youden":
-            text = "set on validation to balance sensitivity and specificity (Youden's J)"
+            text = f"set {where} to balance sensitivity and specificity (Youden's J)"
         else:
             return "the default 0.5: no threshold was chosen on validation"
-        return text + (" (validation separated the classes, so it lies midway between them)" if separated else "")
+        return text + (f" ({where.removeprefix('on ').split(' (')[0]} separated the classes, so it lies midway "
+                       "between them)" if separated else "")
 
     def explain_decision(self, probabilities: dict[str, float], label: str, in_scope: bool | None = None) -> str:
         """The decision in one sentence, e.g. ``covid: P(covid) 0.33 is above the decision threshold 0.237, which
@@ -410,7 +418,8 @@ class ModelMeta:
             "gate": self.gate.to_dict() if self.gate else None,
             "data": self.data.to_dict() if self.data else None,
             "lungs": self.lungs.to_dict() if self.lungs else None,
-            "training": self.training, "estimate": self.estimate, "epoch": self.epoch,
+            "training": self.training, "estimate": self.estimate, "recalibration": self.recalibration,
+            "epoch": self.epoch,
             "val_metrics": self.val_metrics, "versions": self.versions, "created": self.created,
         }
 
@@ -435,7 +444,7 @@ class ModelMeta:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise CheckpointError(f"{where}: labels must be a list of class names, got {str(labels)[:60]!r}")
         for key, required in (("preprocess", True), ("calibration", False), ("gate", False), ("data", False),
-                              ("lungs", False)):
+                              ("lungs", False), ("recalibration", False)):
             value = d.get(key)
             if (required or value) and not isinstance(value, dict):
                 raise CheckpointError(f"{where}: {key} must be an object of named fields, got "
@@ -449,7 +458,8 @@ class ModelMeta:
                 gate=ScopeGate.from_dict(d["gate"]) if d.get("gate") else None,
                 data=TrainingData.from_dict(d["data"]) if d.get("data") else None,
                 lungs=LungUse.from_dict(d["lungs"]) if d.get("lungs") else None,
-                training=dict(d.get("training") or {}), estimate=d.get("estimate"), epoch=d.get("epoch"),
+                training=dict(d.get("training") or {}), estimate=d.get("estimate"),
+                recalibration=d.get("recalibration") or None, epoch=d.get("epoch"),
                 val_metrics=dict(d.get("val_metrics") or {}), versions=dict(d.get("versions") or {}),
                 created=str(d.get("created", "")))
         except CheckpointError as exc:  # a field's own check: say which file it is in
