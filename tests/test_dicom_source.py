@@ -273,3 +273,12 @@ def test_dicomdir_lists_the_files_to_read(hospital, tmp_path):
         (tmp_path / "bad").mkdir()
         (tmp_path / "bad" / "DICOMDIR").write_bytes(b"garbage")
         read_dicom(tmp_path / "bad" / "DICOMDIR", read_labels(labels_csv), tmp_path / "store")
+
+
+def test_pacs_errors_name_no_uid(orthanc):
+    """An error on a retrieve names the PACS and the HTTP answer, never the study, series or instance UIDs."""
+    client = DicomWeb(orthanc.dicomweb)
+    uid = "1.2.826.0.1.3680043.8.498.12345678901234567890"
+    with pytest.raises(PacsError) as e:
+        client.search(f"studies/{uid}/series/{uid}/instances/{uid}/metadata-not-there")
+    assert uid not in str(e.value) and "<uid>" in str(e.value)

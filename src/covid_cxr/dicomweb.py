@@ -39,6 +39,7 @@ AUTH_ENV = "COVID_CXR_DICOMWEB_AUTH"
 PAGE = 500
 """Results asked for per QIDO-RS request."""
 _CHUNK = 1 << 20
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 _HEAD = 64 << 10
 """How far into a multipart answer its part headers may reach."""
 
@@ -96,11 +97,11 @@ class DicomWeb:
         if content_type:
             headers["Content-Type"] = content_type
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
-        shown = url.split("?")[0]
+        shown = _UID.sub("<uid>", url.split("?")[0])  # study/series/instance UIDs never reach a message
         try:
             return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            body = exc.read(2000).decode("utf-8", "replace").strip()
+            body = _UID.sub("<uid>", exc.read(2000).decode("utf-8", "replace").strip())
             exc.close()
             hint = {401: f"; set {AUTH_ENV} to user:password or 'Bearer TOKEN'", 403: "; the account may not read "
                     "this PACS", 404: "; check the URL's DICOMweb root (e.g. .../dicom-web)"}.get(exc.code, "")

@@ -383,7 +383,8 @@ def read_dicomweb(url: str, labels: LabelTable, store: Path, search: DicomSearch
             client.retrieve_instance(study, series, sop, dest, max_bytes=MAX_DICOM_INSTANCE_BYTES)
             fetched += 1
         except PacsError as exc:
-            out.drop(dest.stem, f"not retrieved: {str(exc).split(': ', 1)[-1][:120]}")
+            answer = re.search(r"HTTP \d{3}[^(;]*", str(exc))
+            out.drop(dest.stem, f"not retrieved: {answer.group(0).strip() if answer else 'the PACS failed'}")
     out.notes.append(f"{len(todo)} instance(s) found in the PACS for labelled studies: {fetched} retrieved, "
                      f"{reused} already in the DICOM store")
     matched = _rows_from_files(out, wanted, labels, key, store, instances, place=False)
