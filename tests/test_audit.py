@@ -228,3 +228,28 @@ def test_audit_of_a_model_that_reads_the_lungs(learned_phantom_run):
     assert (out / "masked_examples.png").read_bytes()[:8] == PNG_MAGIC
     assert not any("above chance (0.5)" in v for v in result["verdicts"])
     assert any("Source probe skipped" in v for v in result["verdicts"])
+
+
+def test_gradcam_share_inside_the_lungs_is_measured_per_class(tiny_run):
+    """The share of Grad-CAM mass inside the lungs: 1 for a region covering the whole image, 0 for an empty one,
+    the region's own area under an even heatmap; per true class with a CI that contains its mean."""
+    from covid_cxr.evaluation.split import load_split
+
+    d = load_split(str(tiny_run), "test", None, "best", "cpu")
+    n, size = d.pixels.shape[0], d.pixels.shape[-1]
+    method = {"method": "predicted", "segmenter": "test"}
+    full = audit.gradcam_in_lungs(d, np.ones((n, size, size), bool), method, 50, 0)
+    none = audit.gradcam_in_lungs(d, np.zeros((n, size, size), bool), method, 50, 0)
+    half = np.zeros((n, size, size), bool)
+    half[:, :, : size // 2] = True
+    left = audit.gradcam_in_lungs(d, half, method, 50, 0)
+    for lab, r in full["per_class"].items():
+        if r["mean"] is None:
+            continue
+        assert r["mean"] == pytest.approx(1.0) and none["per_class"][lab]["mean"] == pytest.approx(0.0)
+        assert r["area"] == 1.0 and left["per_class"][lab]["area"] == 0.5
+        lo, hi = left["per_class"][lab]["ci95"]
+        assert 0.0 <= lo <= left["per_class"][lab]["mean"] <= hi <= 1.0
+    assert full["region"] == "predicted lungs" and full["target"] == "covid"
+    rect = audit.gradcam_in_lungs(d, None, {"method": "rectangle"}, 0, 0)
+    assert rect["region"] == "lung-field rectangle"

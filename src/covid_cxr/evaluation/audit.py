@@ -36,7 +36,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from covid_cxr import DISCLAIMER, __version__
-from covid_cxr.evaluation.metrics import auc_with_ci, breakdown, with_ci
+from covid_cxr.evaluation.metrics import auc_with_ci, breakdown, patient_resamples, with_ci
 from covid_cxr.evaluation.options import AuditConfig
 from covid_cxr.evaluation.split import load_split
 from covid_cxr.figures import save_figure
@@ -127,6 +127,49 @@ def predicted_lungs(d, cfg) -> tuple[np.ndarray | None, dict]:
     return masks, {"method": "predicted", "segmenter": origin, "images": len(found),
                    "implausible_used_rectangle": int(fallback),
                    "mean_area": round(float(masks.mean()), 4)}
+
+
+def gradcam_in_lungs(d, lungs: np.ndarray | None, lung_method: dict, bootstrap: int, seed: int) -> dict | None:
+    """The share of each image's Grad-CAM mass (of the positive class) that falls inside its lung fields (the
+    predicted ones, else the fixed rectangle), per true class, with a patient-bootstrap 95% CI; beside it the
+    share a heatmap spread evenly over the image would give (the region's area). None for the ONNX backend or a
+    model without a positive class (Grad-CAM needs the PyTorch checkpoint)."""
+    meta = d.predictor.meta
+    if d.predictor.backend != "torch" or meta.positive_index is None:
+        return None
+    import torch
+
+    from covid_cxr.imaging.pixels import finish
+    from covid_cxr.model.gradcam import grad_cam
+
+    size = d.pixels.shape[-1]
+    region = lungs if lungs is not None else np.broadcast_to(lung_field_mask(size), d.pixels.shape)
+    shares = np.full(len(d.pixels), np.nan)
+    log.info("audit: Grad-CAM of %d images (share of the heatmap inside the %s)", len(d.pixels),
+             "predicted lungs" if lungs is not None else "lung-field rectangle")
+    for i, px in enumerate(d.pixels):
+        x = torch.from_numpy(finish(px, meta.preprocess))[None].to(d.predictor.device)
+        h = grad_cam(d.predictor.model, x, meta.positive_index)
+        total = float(h.sum(dtype=np.float64))
+        if total > 0:
+            shares[i] = float((h * region[i]).sum(dtype=np.float64) / total)
+    groups = d.rows["group"].to_numpy()
+    per_class = {}
+    for k, lab in enumerate(meta.labels):
+        idx = np.flatnonzero((d.targets == k) & np.isfinite(shares))
+        if not len(idx):
+            per_class[lab] = {"n": 0, "mean": None, "ci95": None}
+            continue
+        means = [float(shares[idx][r].mean()) for r in patient_resamples(groups[idx], bootstrap, seed)]
+        per_class[lab] = {"n": int(len(idx)), "mean": round(float(shares[idx].mean()), 4),
+                          "ci95": [round(float(np.quantile(means, 0.025)), 4), round(float(np.quantile(means, 0.975)),
+                                                                                   4)] if means else None,
+                          "area": round(float(region[idx].mean()), 4)}
+    return {"target": meta.positive, "region": "predicted lungs" if lungs is not None else "lung-field rectangle",
+            "segmenter": lung_method.get("segmenter"), "per_class": per_class,
+            "no_heatmap": int(np.isnan(shares).sum()),
+            "note": f"share of the Grad-CAM mass of P({meta.positive}) inside each image's lung fields, mean per true "
+                    "class with a patient-bootstrap 95% CI; 'area' is what a heatmap spread evenly would give"}
 
 
 def black_out(images: np.ndarray, hide: np.ndarray) -> np.ndarray:
@@ -257,6 +300,7 @@ def run(cfg: AuditConfig) -> dict:
                                       else float(lung_field_mask(meta.preprocess.size).mean())),
                   "border_fraction": BORDER_FRACTION, "border_area": float(border_mask(meta.preprocess.size).mean()),
                   "input_size": meta.preprocess.size},
+        "gradcam_in_lungs": gradcam_in_lungs(d, lungs, lung_method, cfg.bootstrap, cfg.seed),
         "source_probe": source_probe(feats, sources, groups, targets, seed=cfg.seed),
         "per_source": per_source_metrics(sources, targets, lps["original"], preds["original"], meta, groups,
                                          cfg.bootstrap, cfg.seed),
@@ -350,6 +394,14 @@ def verdicts(result: dict) -> list[str]:
     out.append(_masking_verdict("with each image's predicted lung fields masked" if how == "predicted"
                                 else "with the central lung field masked (a fixed rectangle, not each image's lungs)",
                                 "the image outside the lung fields", m["lungs_masked"]))
+    cam = result.get("gradcam_in_lungs")
+    if cam:
+        parts = [f"{lab} {with_ci(r['mean'], r['ci95'], 2)} (even spread: {r['area']:.2f}, {r['n']} images)"
+                 for lab, r in cam["per_class"].items() if r["mean"] is not None]
+        if parts:
+            out.append(f"Share of the Grad-CAM mass of P({cam['target']}) inside the {cam['region']}, by true class: "
+                       + "; ".join(parts) + ". Above the even spread, the heatmap concentrates on the lungs; at or "
+                       "below it, the model's evidence lies as much outside them.")
     band = f"{result['masks']['border_fraction']:.0%}"
     out.append(_masking_verdict(f"with only the outer {band} border band visible", "the image border",
                                 m["border_only"]))
