@@ -42,7 +42,7 @@ def _hospital(root: Path, *, accession_prefix: str = "ACC-9") -> tuple[list[dict
                   label=label, seed=i, manufacturer=("ACME Radiography" if i % 2 else "Fabrikam DR"),
                   modality=("DX" if i % 3 else "CR"), size=(128, 128))
         uids = make_cxr_dicom(folder / "IM0001", **kw)
-        phi += phi_strings(kw)
+        phi += phi_strings(kw) + [uids.study_uid, uids.series_uid, uids.sop_uid]
         if i == 0:  # a second frontal image in the same study, and a lateral
             make_cxr_dicom(folder / "IM0002", study_uid=uids.study_uid, **{**kw, "seed": 40})
             make_lateral(folder / "IM0003", study_uid=uids.study_uid, **kw)
@@ -164,7 +164,8 @@ def test_data_build_from_a_dicom_export_writes_no_patient_data(hospital, tmp_pat
     report = build(DataConfig(sources=(("dicom", str(export)),), out=str(out), labels=str(labels_csv),
                               test_per_class=1, workers=1, progress=False))
     man = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
-    assert len(man) == len(PATIENTS) + 1 and report["sources"]["dicom"]["in_manifest"] == len(man)
+    assert list(report["sources"]) == ["dicom-export"]  # named after the export folder
+    assert len(man) == len(PATIENTS) + 1 and report["sources"]["dicom-export"]["in_manifest"] == len(man)
     assert man["path"].str.fullmatch(r"instance-[0-9a-f]{16}\.dcm").all()
     assert (man["modality"] != "").all() and (man["pixel_spacing"] != "").all()
     assert not (out / KEY_FILE).exists() and (tmp_path / "local.dicom" / KEY_FILE).is_file()
@@ -224,16 +225,18 @@ def test_data_build_from_orthanc_over_dicomweb(orthanc, hospital, tmp_path, caps
     store = tmp_path / "pacs-ds.dicom" / INSTANCES
     # the unlabelled study was never retrieved; the lateral was (same study as a labelled frontal) and dropped
     assert len(list(store.glob("*.dcm"))) == len(PATIENTS) + 2
-    notes = report["sources"]["dicomweb"]["notes"]
+    (name,) = report["sources"]
+    assert name == "dicomweb-127.0.0.1"  # named after the host (the port and credentials left out)
+    notes = report["sources"][name]["notes"]
     assert any(f"{len(PATIENTS) + 2} retrieved, 0 already" in n for n in notes), notes
-    assert report["sources"]["dicomweb"]["path"] == orthanc.dicomweb
+    assert report["sources"][name]["path"] == orthanc.dicomweb
     captured = capsys.readouterr()
     logs = captured.out + captured.err + caplog.text
     assert _grep_tree(out, phi + ["pw-not-needed"]) == []
     assert [s for s in phi + ["pw-not-needed"] if s.lower() in logs.lower()] == []
     # resumed: a second build retrieves nothing again, and the pseudonyms match the folder build's
     report2 = build(cfg)
-    assert any(f"0 retrieved, {len(PATIENTS) + 2} already" in n for n in report2["sources"]["dicomweb"]["notes"])
+    assert any(f"0 retrieved, {len(PATIENTS) + 2} already" in n for n in report2["sources"][name]["notes"])
     folder = read_dicom(export, read_labels(labels_csv), tmp_path / "pacs-ds.dicom")
     assert sorted(folder.images["patient_id"]) == sorted(man["patient_id"])
 
@@ -282,3 +285,182 @@ def test_pacs_errors_name_no_uid(orthanc):
     with pytest.raises(PacsError) as e:
         client.search(f"studies/{uid}/series/{uid}/instances/{uid}/metadata-not-there")
     assert uid not in str(e.value) and "<uid>" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- what a PACS may answer
+
+class _FakePacs:
+    """A DICOMweb server on 127.0.0.1 whose answers a test sets (``routes``: path -> (status, headers, body)); it
+    records each request's path and headers."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        fake = self
+        self.routes: dict[str, tuple[int, dict, bytes]] = {}
+        self.requests: list[tuple[str, dict]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                fake.requests.append((self.path, dict(self.headers)))
+                status, headers, body = fake.routes.get(self.path.split("?")[0], (404, {}, b""))
+                if callable(body):
+                    body = body(self.path)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_pacs():
+    pacs = _FakePacs()
+    yield pacs
+    pacs.close()
+
+
+def test_credentials_with_reserved_characters_are_taken_out_whole():
+    for password in ("pa/ss", "s3cr3t#x", "q?w", "a@b"):
+        url, creds = split_credentials(f"http://user:{password}@127.0.0.1:1/dicom-web")
+        assert (url, creds) == ("http://127.0.0.1:1/dicom-web", f"user:{password}")
+        with pytest.raises(PacsError) as e:
+            DicomWeb(f"http://user:{password}@127.0.0.1:1/dicom-web", timeout=2).search("studies")
+        assert password not in str(e.value) and "127.0.0.1" in str(e.value)  # the host is not a UID
+
+
+def test_credentials_never_follow_a_redirect(fake_pacs):
+    other = _FakePacs()
+    try:
+        other.routes["/elsewhere/studies"] = (200, {"Content-Type": "application/dicom+json"}, b"[]")
+        fake_pacs.routes["/dicom-web/studies"] = (302, {"Location": f"{other.url}/elsewhere/studies"}, b"")
+        DicomWeb(fake_pacs.url + "/dicom-web", auth="reader:pw").search("studies")
+        assert "Authorization" in fake_pacs.requests[0][1]
+        assert other.requests and all("Authorization" not in h for _, h in other.requests)
+    finally:
+        other.close()
+
+
+def test_search_pages_until_an_empty_page_and_stops_on_a_server_that_ignores_offset(fake_pacs):
+    import json as _json
+    import urllib.parse
+
+    studies = [{"0020000D": {"vr": "UI", "Value": [f"1.2.3.{i}"]}} for i in range(7)]
+
+    def capped(path):  # a server capping pages at 3, whatever limit asks for
+        q = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+        off = int(q["offset"][0])
+        return _json.dumps(studies[off:off + 3]).encode()
+
+    fake_pacs.routes["/dw/studies"] = (200, {"Content-Type": "application/dicom+json"}, capped)
+    assert DicomWeb(fake_pacs.url + "/dw").search("studies") == studies
+    fake_pacs.routes["/dw/studies"] = (200, {}, _json.dumps(studies[:3]).encode())  # offset ignored: same page
+    assert DicomWeb(fake_pacs.url + "/dw").search("studies") == studies[:3]
+
+
+def test_a_retrieve_keeps_only_a_dicom_file(fake_pacs, tmp_path, hospital):
+    export, _, _ = hospital
+    dicom = next(export.rglob("IM0001")).read_bytes()
+    client = DicomWeb(fake_pacs.url + "/dw")
+    path = "/dw/studies/1.2.3/series/1.2.4/instances/1.2.5"
+    fake_pacs.routes[path] = (200, {"Content-Type": "application/dicom"}, dicom)  # bare, not multipart
+    dest = tmp_path / "a.dcm"
+    assert client.retrieve_instance("1.2.3", "1.2.4", "1.2.5", dest, max_bytes=10**8) == len(dicom)
+    assert dest.read_bytes() == dicom
+    for body in (b"<html>error</html>", b"", dicom[:100]):
+        fake_pacs.routes[path] = (200, {"Content-Type": "application/dicom"}, body)
+        bad = tmp_path / f"bad{len(body)}.dcm"
+        with pytest.raises(PacsError, match="not a DICOM file"):
+            client.retrieve_instance("1.2.3", "1.2.4", "1.2.5", bad, max_bytes=10**8)
+        assert list(tmp_path.glob(f"bad{len(body)}*")) == []  # nothing kept: the next run retrieves it again
+    fake_pacs.routes[path] = (200, {"Content-Type": "application/dicom"}, dicom)
+    with pytest.raises(PacsError, match="larger than 1000 bytes"):
+        client.retrieve_instance("1.2.3", "1.2.4", "1.2.5", tmp_path / "big.dcm", max_bytes=1000)
+
+
+@pytest.mark.parametrize("ctype, header_end", [
+    ('multipart/related; type="application/dicom"; boundary="b;x y"', b"\r\n\r\n"),
+    ("multipart/related; type=application/dicom; boundary = plain", b"\r\n\r\n"),
+    ("multipart/related; boundary=lf-only", b"\n\n"),
+])
+def test_multipart_answers_in_their_variants(tmp_path, ctype, header_end):
+    from covid_cxr.dicomweb import _boundary
+
+    boundary = _boundary(ctype)
+    assert boundary in ("b;x y", "plain", "lf-only")
+    nl = header_end[: len(header_end) // 2]
+    payload = b"\x00" * 128 + b"DICM" + os.urandom(150_000)
+    body = (b"preamble" + nl + b"--" + boundary.encode() + nl + b"Content-Type: application/dicom" + header_end
+            + payload + nl + b"--" + boundary.encode() + b"--" + nl)
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.write_bytes(body)
+    _extract_single_part(raw, out, boundary, "1.2.3")
+    assert out.read_bytes() == payload
+    big = os.urandom(100_000)  # two parts, each larger than the 64 KiB looked at first: refused, not joined
+    two = (b"--" + boundary.encode() + nl + b"Content-Type: application/dicom" + header_end + big + nl + b"--"
+           + boundary.encode() + nl + b"Content-Type: application/dicom" + header_end + big + nl + b"--"
+           + boundary.encode() + b"--" + nl)
+    raw.write_bytes(two)
+    with pytest.raises(PacsError, match="several parts"):
+        _extract_single_part(raw, out, boundary, "1.2.3")
+
+
+def test_study_date_ranges_are_checked():
+    from covid_cxr.data.options import check_date_range
+
+    for ok in ("20200301", "20200301-20210331", "20200301-", "-20210331"):
+        check_date_range(ok)
+    for bad in ("2020030120210331", "-", "20201399", "20210301-20200301", "2020-03-01"):
+        with pytest.raises(ConfigError, match="--study-date"):
+            check_date_range(bad)
+
+
+def test_unmatched_labels_say_what_would_have_matched(hospital, tmp_path):
+    export, labels_csv, _ = hospital
+    rows = list(csv.DictReader(open(labels_csv)))
+    rows[0]["AccessionNumber"] = rows[0]["AccessionNumber"].lower()  # a spreadsheet that changed the case
+    with pytest.raises(SourceError, match="1 would match ignoring upper/lower case"):
+        read_dicom(export, read_labels(_labels_csv(tmp_path / "l.csv", rows)), tmp_path / "store")
+
+
+def test_dicomdir_counts_listed_files_that_are_missing(hospital, tmp_path):
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    export, labels_csv, phi = hospital
+    fs = FileSet()
+    for f in sorted(export.rglob("IM*")):
+        fs.add(pydicom.dcmread(f))
+    media = tmp_path / "cd"
+    fs.write(media)
+    listed = sorted(p for p in media.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    listed[0].unlink()
+    read = read_dicom(media / "DICOMDIR", read_labels(labels_csv), tmp_path / "store", allow_unmatched=True)
+    assert sum(d["reason"] == "listed in the DICOMDIR but missing" for d in read.dropped) == 1
+    assert all(d["item"].startswith(("file-", "instance-")) for d in read.dropped)
+
+
+def test_a_trial_retrieve_with_max_instances_is_not_an_error(orthanc, hospital, tmp_path):
+    export, labels_csv, _ = hospital
+    orthanc.clear()
+    for f in sorted(export.rglob("IM*")):
+        orthanc.upload(f)
+    from covid_cxr.data.dicom_source import DicomSearch, read_dicomweb
+
+    read = read_dicomweb(orthanc.dicomweb, read_labels(labels_csv), tmp_path / "store",
+                         DicomSearch(max_instances=2, progress=False))
+    assert len(list((tmp_path / "store" / INSTANCES).glob("*.dcm"))) == 2
+    assert any("a partial retrieve" in n for n in read.notes)

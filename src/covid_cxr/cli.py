@@ -81,7 +81,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, provided: set[str]) 
         origin = typing.get_origin(tp)
         help_text = docs.get(f.name, "")
         if f.default is not dataclasses.MISSING and f.default is not None and f.default != ():
-            shown = f.default if not isinstance(f.default, bool) else ("on" if f.default else "off")
+            shown = (("on" if f.default else "off") if isinstance(f.default, bool) else
+                     " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default)
             help_text += f" (default: {shown})"
         elif f.default_factory is not dataclasses.MISSING:
             help_text += " (default: the usable CPUs)"

@@ -40,22 +40,26 @@ PAGE = 500
 """Results asked for per QIDO-RS request."""
 _CHUNK = 1 << 20
 _UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+_warned: dict[str, bool] = {}
+_MAX_PAGES = 100_000
 _HEAD = 64 << 10
 """How far into a multipart answer its part headers may reach."""
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:
-    """(the URL without ``user:password@``, those credentials or None). Only the first is ever printed."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None:
+    """(the URL without ``user:password@``, those credentials or None). Only the first is ever printed.
+
+    The credentials end at the LAST ``@`` of the URL, so a password holding ``/``, ``#``, ``?`` or ``@`` (which
+    :func:`urllib.parse.urlsplit` would read as the start of the path) is still taken out whole; a DICOMweb path
+    has no ``@``.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url, None
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    creds = urllib.parse.unquote(parts.username) + (
-        ":" + urllib.parse.unquote(parts.password) if parts.password is not None else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), creds
+    creds, _, tail = rest.rpartition("@")
+    user, colon, password = creds.partition(":")
+    clean = urllib.parse.unquote(user) + (":" + urllib.parse.unquote(password) if colon else "")
+    return f"{scheme}://{tail}", clean
 
 
 def _auth_header(auth: str | None) -> dict[str, str]:
@@ -67,8 +71,13 @@ def _auth_header(auth: str | None) -> dict[str, str]:
 
 
 def _boundary(content_type: str) -> str | None:
-    m = re.search(r'boundary="?([^";]+)"?', content_type or "", re.I)
-    return m.group(1).strip() if m else None
+    """The ``boundary`` parameter of a Content-Type (quoted or not, spaces allowed), parsed as RFC 2045 says."""
+    from email.message import Message
+
+    msg = Message()
+    msg["content-type"] = content_type or ""
+    value = msg.get_param("boundary")
+    return str(value).strip() or None if value else None
 
 
 @dataclass(frozen=True)
@@ -90,23 +99,32 @@ class DicomWeb:
 
     # ------------------------------------------------------------------ HTTP
 
+    def shown(self, path: str = "") -> str:
+        """How a request is named in messages: the service URL and the path with every UID replaced by <uid>
+        (study, series and instance UIDs never reach a message; the host's address is kept)."""
+        return self.url + ("/" + _UID.sub("<uid>", path.split("?")[0].lstrip("/")) if path else "")
+
     def _open(self, path: str, *, accept: str, data: bytes | None = None, content_type: str | None = None,
               method: str | None = None):
         url = f"{self.url}/{path.lstrip('/')}"
-        headers = {"User-Agent": f"covid-cxr/{__version__}", "Accept": accept, **_auth_header(self.auth)}
+        req = urllib.request.Request(url, data=data, method=method,
+                                     headers={"User-Agent": f"covid-cxr/{__version__}", "Accept": accept})
         if content_type:
-            headers["Content-Type"] = content_type
-        req = urllib.request.Request(url, data=data, headers=headers, method=method)
-        shown = _UID.sub("<uid>", url.split("?")[0])  # study/series/instance UIDs never reach a message
+            req.add_header("Content-Type", content_type)
+        for k, v in _auth_header(self.auth).items():
+            req.add_unredirected_header(k, v)  # never forwarded to the host a redirect points at
+        if self.auth and self.url.startswith("http://") and not _warned.get(self.url):
+            _warned[self.url] = True
+            log.warning("%s: credentials are sent over plain http (unencrypted); use https where the PACS offers it",
+                        self.url)
+        shown = self.shown(path)
         try:
             return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            body = _UID.sub("<uid>", exc.read(2000).decode("utf-8", "replace").strip())
-            exc.close()
+            exc.close()  # its body may echo the request's patient data: never shown
             hint = {401: f"; set {AUTH_ENV} to user:password or 'Bearer TOKEN'", 403: "; the account may not read "
                     "this PACS", 404: "; check the URL's DICOMweb root (e.g. .../dicom-web)"}.get(exc.code, "")
-            raise PacsError(f"{shown}: the PACS answered HTTP {exc.code} {exc.reason}{hint}"
-                            + (f" ({body[:300]})" if body else "")) from None
+            raise PacsError(f"{shown}: the PACS answered HTTP {exc.code} {exc.reason}{hint}") from None
         except (urllib.error.URLError, OSError, HTTPException) as exc:
             raise PacsError(f"cannot reach the PACS at {shown}: {getattr(exc, 'reason', exc)}; check the URL and "
                             "that the server runs") from None
@@ -115,28 +133,38 @@ class DicomWeb:
 
     def search(self, path: str, params: dict[str, str] | None = None, *, max_results: int | None = None
                ) -> list[dict]:
-        """QIDO-RS ``GET {url}/{path}?params``, every page; each result is a DICOM JSON object (tag -> value)."""
+        """QIDO-RS ``GET {url}/{path}?params``, every page (until an empty page: a server may cap a page below
+        :data:`PAGE`); each result is a DICOM JSON object (tag -> value). A server that ignores ``offset`` (the
+        same page again) ends the search instead of looping."""
         found: list[dict] = []
+        seen: set[str] = set()
         offset = 0
-        while True:
+        for _ in range(_MAX_PAGES):
             query = {**(params or {}), "limit": str(PAGE), "offset": str(offset)}
-            with self._open(f"{path}?{urllib.parse.urlencode(query)}", accept="application/dicom+json") as resp:
-                raw = resp.read(MAX_QIDO_BYTES + 1)
+            try:
+                with self._open(f"{path}?{urllib.parse.urlencode(query)}", accept="application/dicom+json") as resp:
+                    raw = resp.read(MAX_QIDO_BYTES + 1)
+            except (OSError, HTTPException):
+                raise PacsError(f"{self.shown(path)}: the connection broke during a search; run again") from None
             if len(raw) > MAX_QIDO_BYTES:
-                raise PacsError(f"{self.url}/{path}: a search answer larger than {MAX_QIDO_BYTES} bytes; narrow the "
+                raise PacsError(f"{self.shown(path)}: a search answer larger than {MAX_QIDO_BYTES} bytes; narrow the "
                                 "search (a date range, a study description)")
             try:
                 page = json.loads(raw) if raw.strip() else []
             except ValueError:
-                raise PacsError(f"{self.url}/{path}: the answer is not DICOM JSON") from None
+                raise PacsError(f"{self.shown(path)}: the answer is not DICOM JSON") from None
             if not isinstance(page, list) or not all(isinstance(r, dict) for r in page):
-                raise PacsError(f"{self.url}/{path}: the answer is not a list of DICOM JSON objects")
-            found += page
+                raise PacsError(f"{self.shown(path)}: the answer is not a list of DICOM JSON objects")
+            keys = [json.dumps(r, sort_keys=True) for r in page]
+            fresh = [r for r, k in zip(page, keys) if k not in seen]
+            if not fresh:
+                return found
+            seen.update(keys)
+            found += fresh
             if max_results is not None and len(found) >= max_results:
                 return found[:max_results]
-            if len(page) < PAGE:
-                return found
             offset += len(page)
+        raise PacsError(f"{self.shown(path)}: more than {_MAX_PAGES} pages of results; narrow the search")
 
     # ------------------------------------------------------------------ WADO-RS
 
@@ -148,29 +176,34 @@ class DicomWeb:
         """
         for uid in (study, series, instance):
             if not re.fullmatch(r"[0-9.]{1,64}", uid):
-                raise PacsError(f"the PACS listed a malformed UID {uid[:80]!r}; it cannot be retrieved")
+                raise PacsError("the PACS listed a malformed UID; that instance cannot be retrieved")
         part = dest.with_name(dest.name + ".part")
         raw = dest.with_name(dest.name + ".download")
         path = f"studies/{study}/series/{series}/instances/{instance}"
-        with self._open(path, accept='multipart/related; type="application/dicom"; transfer-syntax=*') as resp:
-            ctype = resp.headers.get("Content-Type", "")
-            size = 0
-            with open(raw, "wb") as f:
-                while chunk := resp.read(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes + _HEAD:
-                        f.close()
-                        raw.unlink()
-                        raise PacsError(f"instance {_short(instance)} is larger than {max_bytes} bytes; refused")
-                    f.write(chunk)
         try:
+            with self._open(path, accept='multipart/related; type="application/dicom"; transfer-syntax=*') as resp:
+                ctype = resp.headers.get("Content-Type", "")
+                size = 0
+                with open(raw, "wb") as f:
+                    while chunk := resp.read(_CHUNK):
+                        size += len(chunk)
+                        if size > max_bytes + _HEAD:
+                            raise PacsError(f"an instance larger than {max_bytes} bytes; refused")
+                        f.write(chunk)
             if ctype.lower().startswith("multipart/"):
                 _extract_single_part(raw, part, _boundary(ctype), instance)
             else:
                 os.replace(raw, part)
+            if part.stat().st_size > max_bytes:
+                raise PacsError(f"an instance larger than {max_bytes} bytes; refused")
+            _check_dicom(part)
+            os.replace(part, dest)
+        except (OSError, HTTPException) as exc:
+            raise PacsError(f"{self.shown(path)}: the connection broke during the retrieve "
+                            f"({type(exc).__name__}); run again to resume") from None
         finally:
             raw.unlink(missing_ok=True)
-        os.replace(part, dest)
+            part.unlink(missing_ok=True)
         return dest.stat().st_size
 
     # ------------------------------------------------------------------ STOW-RS
@@ -200,7 +233,7 @@ class DicomWeb:
         stored = len(_seq(answer, "00081199")) if answer else len(files)
         if failed:
             raise PacsError(f"the PACS refused {failed} of {len(files)} instance(s) sent with STOW-RS to "
-                            f"{self.url}/{path}")
+                            f"{self.shown(path)}")
         return {"stored": stored, "failed": failed}
 
 
@@ -210,33 +243,66 @@ def _seq(answer: dict, tag: str) -> list:
 
 
 def _short(uid: str) -> str:
-    return uid if len(uid) <= 24 else f"...{uid[-16:]}"
+    return "<uid>"  # kept as a function: every message names an instance this way
+
+
+def _check_dicom(path: Path) -> None:
+    """A retrieved instance is a DICOM Part-10 file (``DICM`` at byte 128): an empty part, an HTML error page
+    answered with 200, or a body cut short is never kept (the next run retrieves it again)."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise PacsError("the PACS answered something that is not a DICOM file (empty, cut short or an error "
+                        "page); run again to retry it")
+
+
+def _delimiters(f, delim: bytes, start: int, most: int = 3) -> list[int]:
+    """Positions (from ``start``) of ``delim`` in the open file ``f``, scanned in chunks (at most ``most``)."""
+    found, pos, carry = [], start, b""
+    f.seek(start)
+    while len(found) < most:
+        chunk = f.read(_CHUNK)
+        if not chunk:
+            break
+        buf = carry + chunk
+        base = pos - len(carry)
+        i = buf.find(delim)
+        while i >= 0 and len(found) < most:
+            if base + i not in found:
+                found.append(base + i)
+            i = buf.find(delim, i + 1)
+        carry = buf[-(len(delim) - 1):] if len(delim) > 1 else b""
+        pos += len(chunk)
+    return found
 
 
 def _extract_single_part(raw: Path, out: Path, boundary: str | None, instance: str) -> None:
-    """Copy the body of the first part of the multipart file ``raw`` into ``out`` (chunked)."""
+    """Copy the body of the only part of the multipart file ``raw`` into ``out`` (chunked; CRLF or LF line ends).
+    Exactly one part is expected: an instance-level retrieve returns one instance."""
     if not boundary:
         raise PacsError(f"instance {_short(instance)}: a multipart answer without a boundary")
     delim = b"--" + boundary.encode("latin-1")
-    size = raw.stat().st_size
     with open(raw, "rb") as f:
         head = f.read(_HEAD)
         first = head.find(delim)
-        body_at = head.find(b"\r\n\r\n", first) if first >= 0 else -1
-        if first < 0 or body_at < 0:
+        if first < 0:
             raise PacsError(f"instance {_short(instance)}: malformed multipart answer (no part header)")
-        start = body_at + 4
-        tail_at = max(start, size - _HEAD)
-        f.seek(tail_at)
-        tail = f.read()
-        end_rel = tail.rfind(b"\r\n" + delim)
-        if end_rel < 0:
+        ends = [(head.find(sep, first), len(sep)) for sep in (b"\r\n\r\n", b"\n\n")]
+        ends = [(i, n) for i, n in ends if i >= 0]
+        if not ends:
+            raise PacsError(f"instance {_short(instance)}: malformed multipart answer (no part header)")
+        at, n = min(ends)
+        start = at + n
+        later = _delimiters(f, delim, start)
+        if not later:
             raise PacsError(f"instance {_short(instance)}: malformed or truncated multipart answer (no closing "
                             "boundary); run again to retry it")
-        end = tail_at + end_rel
-        inner = head.find(b"\r\n" + delim, start)
-        if tail.count(b"\r\n" + delim) > 1 or inner not in (-1, end):
+        f.seek(later[0] + len(delim))
+        if f.read(2) != b"--":
             raise PacsError(f"instance {_short(instance)}: the PACS returned several parts for one instance")
+        end = later[0]
+        f.seek(end - 2)
+        end -= {b"\r\n": 2}.get(f.read(2), 0) or (1 if _byte_before(f, end) == b"\n" else 0)
         f.seek(start)
         remaining = end - start
         with open(out, "wb") as o:
@@ -246,6 +312,11 @@ def _extract_single_part(raw: Path, out: Path, boundary: str | None, instance: s
                     break
                 o.write(chunk)
                 remaining -= len(chunk)
+
+
+def _byte_before(f, pos: int) -> bytes:
+    f.seek(pos - 1)
+    return f.read(1)
 
 
 def dicom_json_value(obj: dict, tag: str, default: str = "") -> str:

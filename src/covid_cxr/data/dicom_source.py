@@ -36,7 +36,9 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,11 +47,12 @@ import pandas as pd
 
 from covid_cxr.data.source_files import require_dir, walk_files
 from covid_cxr.data.sources import LABELS, SourceRead, _frame
-from covid_cxr.dicomweb import DicomWeb, dicom_json_value
+from covid_cxr.dicomweb import DicomWeb, dicom_json_value, split_credentials
 from covid_cxr.errors import ImageReadError, PacsError, SourceError
 from covid_cxr.files import printable
 from covid_cxr.imaging.dicom import chest_radiograph_problem, read_dicom_header
 from covid_cxr.limits import MAX_DICOM_INSTANCE_BYTES
+from covid_cxr.paths import plain_name
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +148,7 @@ def read_labels(path: str | Path, key: LabelKey = "auto", column: str = "label")
     empty_keys: list[int] = []
     conflicts: list[int] = []
     for i, (k, v) in enumerate(zip(df[cols[key]], df[cols[column]]), start=2):  # row 1 is the header
-        k = k.strip()
+        k = _key(k)
         word = " ".join(str(v).split()).lower()
         if not k:
             empty_keys.append(i)
@@ -234,13 +237,44 @@ def _value(ds, name: str) -> str:
     return " ".join(str(v).split())[:64]
 
 
+@contextmanager
+def _quiet_pydicom():
+    """pydicom warns (and logs) with the offending value: a UID, a name, a path. Those never reach a terminal or a
+    log here; the file's problem is counted under its pseudonym instead."""
+    import pydicom
+
+    logger = logging.getLogger("pydicom")
+    level, mode = logger.level, pydicom.config.settings.reading_validation_mode
+    logger.setLevel(logging.CRITICAL)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+        pydicom.config.settings.reading_validation_mode = mode
+
+
+def _key(value) -> str:
+    """A label key as compared on both sides (the labels file, the DICOM header or QIDO answer): surrounding and
+    repeated spaces ignored."""
+    return " ".join(str(value or "").split())
+
+
 def _rows_from_files(out: SourceRead, files: list[Path], labels: LabelTable, key: bytes, store: Path,
-                     root: Path, place: bool) -> set[str]:
-    """One row per kept instance (placed into the store when ``place``); returns the label keys of every instance
-    read (kept or not)."""
+                     root: Path, place: bool) -> tuple[set[str], set[str]]:
+    """One row per kept instance (placed into the store when ``place``); returns (the label keys matched by any
+    instance read, kept or not; every key read, for the hints of :func:`_check_matched`)."""
+    with _quiet_pydicom():
+        return _rows_from_files_quietly(out, files, labels, key, store, root, place)
+
+
+def _rows_from_files_quietly(out: SourceRead, files: list[Path], labels: LabelTable, key: bytes, store: Path,
+                             root: Path, place: bool) -> tuple[set[str], set[str]]:
     instances = store / INSTANCES
     instances.mkdir(parents=True, exist_ok=True)
-    rows, matched, seen = [], set(), set()
+    rows, matched, seen, keys_read = [], set(), set(), set()
     named = _Pseudonymous(out, key, root)
     for f in files:
         if f.name == "DICOMDIR" or f.name == KEY_FILE or f.name.endswith((".part", ".download")):
@@ -260,7 +294,8 @@ def _rows_from_files(out: SourceRead, files: list[Path], labels: LabelTable, key
             out.drop(name, "the same SOP Instance UID appears twice (kept once)")
             continue
         seen.add(sop)
-        k = " ".join(str(ds.get(labels.key) or "").split())
+        k = _key(ds.get(labels.key))
+        keys_read.add(k)
         if k in labels.labels:
             matched.add(k)
         problem = chest_radiograph_problem(f, ds)
@@ -276,7 +311,12 @@ def _rows_from_files(out: SourceRead, files: list[Path], labels: LabelTable, key
             continue
         dest = instances / f"{name}.dcm"
         if place:
-            _place(f, dest)
+            try:
+                _place(f, dest)
+            except OSError as exc:  # its message would carry the export's path (patient names): name the store
+                raise SourceError(f"cannot write {dest.name} into the DICOM store {store}: "
+                                  f"{exc.strerror or type(exc).__name__}; free space there or pass --dicom-store "
+                                  "on another disk") from None
         pid = str(ds.get("PatientID") or "").strip()
         patient = (pseudonym(key, "patient", pid) if pid else
                    pseudonym(key, "study", str(ds.get("StudyInstanceUID") or sop)))
@@ -289,23 +329,40 @@ def _rows_from_files(out: SourceRead, files: list[Path], labels: LabelTable, key
         out.notes.append(f"{sum(r['patient_id'].startswith('study-') for r in rows)} instance(s) have no PatientID: "
                          "each of their studies counts as its own patient")
     out.images = _frame(rows, out.source)
-    return matched
+    return matched, keys_read
 
 
 def _reason(problem: str) -> str:
-    """A radiograph check's reason without the values that could identify a study (kept: the kind of problem)."""
-    for prefix in ("DICOM file", "Modality", "Body Part Examined", "View Position"):
-        if problem.startswith(prefix):
-            return problem.split(":")[0].split(";")[0]
-    return problem
+    """A radiograph check's reason as a kind, without the header's own value (a free-text Body Part Examined could
+    hold anything)."""
+    kinds = (("no pixel data", "DICOM file without pixel data (a report, a presentation state)"),
+             ("Modality", "Modality is not a radiograph (CR, DX)"), ("floating-point", "floating-point pixel data"),
+             ("Body Part Examined", "Body Part Examined names another part than the chest"),
+             ("lateral", "lateral view"))
+    return next((kind for marker, kind in kinds if marker in problem), "not a frontal chest radiograph")
 
 
-def _check_matched(out: SourceRead, labels: LabelTable, matched: set[str], allow_unmatched: bool) -> None:
-    missing = sorted(labels.rows[k] for k in labels.labels if k not in matched)
+def _check_matched(out: SourceRead, labels: LabelTable, matched: tuple[set[str], set[str]], allow_unmatched: bool,
+                   partial: bool = False) -> None:
+    """Label rows whose key matched no instance: an error (with counts, row numbers and what would have matched
+    ignoring case or leading zeros), a note with ``allow_unmatched``, and a note on a partial (trial) retrieve."""
+    matched, read = matched
+    missing = [k for k in labels.labels if k not in matched]
     if not missing:
         return
+    rows = sorted(labels.rows[k] for k in missing)
     text = (f"{len(missing)} of {len(labels)} label row(s) in {labels.path} match no instance of source "
-            f"{out.source} by {labels.key} (rows {_rows(missing)}; {len(matched)} matched)")
+            f"{out.source} by {labels.key} (rows {_rows(rows)}; {len(matched)} matched)")
+    folded = {k.casefold(): k for k in read}
+    stripped = {k.casefold().lstrip("0"): k for k in read}
+    near_case = sum(k.casefold() in folded for k in missing)
+    near_zero = sum(k.casefold() not in folded and k.casefold().lstrip("0") in stripped for k in missing)
+    if near_case or near_zero:
+        text += (f"; {near_case} would match ignoring upper/lower case and {near_zero} ignoring leading zeros: "
+                 "check how the key column was exported (a spreadsheet drops leading zeros)")
+    if partial:
+        out.notes.append(text + " (a partial retrieve, --max-instances: not checked)")
+        return
     if not allow_unmatched:
         reasons = Counter(d["reason"] for d in out.dropped)
         why = "; ".join(f"{n} {r}" for r, n in reasons.most_common(4))
@@ -314,15 +371,28 @@ def _check_matched(out: SourceRead, labels: LabelTable, matched: set[str], allow
     out.notes.append(text + " (--allow-unmatched-labels)")
 
 
+def source_name(kind: str, location: str) -> str:
+    """A DICOM source's name: ``dicom-<folder>`` or ``dicomweb-<host>`` (two PACS or exports can go into one
+    dataset, and a model trained at one hospital is told apart from another's data). The folder you pass is named
+    in the dataset: give the export root a neutral name."""
+    if kind == "dicomweb":
+        tail = split_credentials(location)[0].partition("://")[2].split("/")[0]
+        return plain_name(f"dicomweb-{tail.rsplit(':', 1)[0] if tail.count(':') == 1 else tail}")
+    path = Path(location)
+    return plain_name(f"dicom-{(path.parent if path.name.upper() == 'DICOMDIR' else path).resolve().name}")
+
+
 def read_dicom(root: str | Path, labels: LabelTable, store: Path, *, allow_unmatched: bool = False,
-               name: str = "dicom") -> SourceRead:
+               name: str | None = None) -> SourceRead:
     """A folder of exported DICOM files (searched recursively) or a DICOMDIR file: each kept instance is linked
     into ``store`` (see the module docstring)."""
     root = Path(root).expanduser()
+    name = name or source_name("dicom", str(root))
     out = SourceRead(name, pd.DataFrame(), root=(store / INSTANCES).resolve())
     key = patient_key(store)
     if root.is_file() and root.name.upper() == "DICOMDIR":
-        files = _dicomdir_files(root, out, key)
+        with _quiet_pydicom():
+            files = _dicomdir_files(root, out, key)
         base = root.parent.resolve()
     else:
         base = require_dir(root, name)
@@ -334,32 +404,41 @@ def read_dicom(root: str | Path, labels: LabelTable, store: Path, *, allow_unmat
 
 
 def _dicomdir_files(path: Path, out: SourceRead, key: bytes) -> list[Path]:
-    from pydicom.fileset import FileSet
+    """The files a DICOMDIR lists (its records' Referenced File IDs), each checked: a listed file that is missing
+    or would lie outside the DICOMDIR's folder is counted (under a pseudonym), never read."""
+    import pydicom
 
     try:
-        fs = FileSet(str(path))
+        index = pydicom.dcmread(path)
+        records = list(index.DirectoryRecordSequence)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a malformed DICOMDIR
         raise SourceError(f"DICOMDIR {path} cannot be read ({type(exc).__name__}); pass the folder that holds the "
                           "exported files instead") from None
     files, base = [], path.parent.resolve()
-    for inst in fs:
-        p = Path(inst.path)
-        if not p.is_file():
-            out.drop(pseudonym(key, "file", os.path.relpath(p, base)), "listed in the DICOMDIR but missing")
-        elif not p.resolve().is_relative_to(base):
-            out.drop(pseudonym(key, "file", str(p)), "listed in the DICOMDIR outside its folder (refused)")
+    for rec in records:
+        ref = rec.get("ReferencedFileID")
+        if not ref:
+            continue
+        parts = [str(p) for p in (ref if isinstance(ref, (list, pydicom.multival.MultiValue)) else [ref])]
+        item = pseudonym(key, "file", "/".join(parts))
+        p = base.joinpath(*parts)
+        if any(part in ("", ".", "..") for part in parts) or not p.resolve().is_relative_to(base):
+            out.drop(item, "listed in the DICOMDIR outside its folder (refused)")
+        elif not p.is_file():
+            out.drop(item, "listed in the DICOMDIR but missing")
         else:
             files.append(p)
     return files
 
 
 def read_dicomweb(url: str, labels: LabelTable, store: Path, search: DicomSearch, *,
-                  allow_unmatched: bool = False, name: str = "dicomweb") -> SourceRead:
+                  allow_unmatched: bool = False, name: str | None = None) -> SourceRead:
     """Search a PACS (QIDO-RS: studies with the modalities, dates and description asked for, then their series of
     those modalities and their instances), retrieve the instances of labelled studies into ``store`` (WADO-RS,
     streamed; instances already in the store are not fetched again) and read them as :func:`read_dicom` does.
     Studies without a label are never retrieved (counted)."""
     client = DicomWeb(url)
+    name = name or source_name("dicomweb", url)
     key = patient_key(store)
     instances = store / INSTANCES
     instances.mkdir(parents=True, exist_ok=True)
@@ -367,7 +446,8 @@ def read_dicomweb(url: str, labels: LabelTable, store: Path, search: DicomSearch
     todo, not_labelled = _search(client, labels, search)
     for _ in range(not_labelled):
         out.drop("study", f"no label: its {labels.key} is not in the labels file (not retrieved)")
-    if search.max_instances is not None:
+    partial = search.max_instances is not None and len(todo) > search.max_instances
+    if partial:
         todo = todo[:search.max_instances]
     from tqdm.auto import tqdm
 
@@ -375,20 +455,21 @@ def read_dicomweb(url: str, labels: LabelTable, store: Path, search: DicomSearch
     wanted: list[Path] = []
     for study, series, sop in tqdm(todo, desc=f"{name}: retrieve", unit="instance", disable=not search.progress):
         dest = instances / f"{pseudonym(key, 'instance', sop)}.dcm"
-        wanted.append(dest)
         if dest.is_file():
             reused += 1
+            wanted.append(dest)
             continue
         try:
             client.retrieve_instance(study, series, sop, dest, max_bytes=MAX_DICOM_INSTANCE_BYTES)
             fetched += 1
+            wanted.append(dest)
         except PacsError as exc:
             answer = re.search(r"HTTP \d{3}[^(;]*", str(exc))
             out.drop(dest.stem, f"not retrieved: {answer.group(0).strip() if answer else 'the PACS failed'}")
     out.notes.append(f"{len(todo)} instance(s) found in the PACS for labelled studies: {fetched} retrieved, "
                      f"{reused} already in the DICOM store")
     matched = _rows_from_files(out, wanted, labels, key, store, instances, place=False)
-    _check_matched(out, labels, matched, allow_unmatched)
+    _check_matched(out, labels, matched, allow_unmatched, partial=partial)
     return out
 
 
@@ -405,7 +486,7 @@ def _search(client: DicomWeb, labels: LabelTable, search: DicomSearch) -> tuple[
             params["StudyDescription"] = search.study_description
         for st in client.search("studies", params):
             uid = dicom_json_value(st, "0020000D")
-            k = uid if labels.key == "StudyInstanceUID" else " ".join(dicom_json_value(st, "00080050").split())
+            k = _key(uid if labels.key == "StudyInstanceUID" else dicom_json_value(st, "00080050"))
             if uid:
                 studies[uid] = studies.get(uid, False) or k in labels.labels
     todo = []
@@ -433,8 +514,11 @@ def read_dicom_source(name: str, path: str, cfg) -> SourceRead:
     return read_dicom(path, labels, store, allow_unmatched=cfg.allow_unmatched_labels)
 
 
+def is_dicom_source(name: str) -> bool:
+    """A source read by this module (``dicom-...``, ``dicomweb-...``)."""
+    return name.split("-", 1)[0] in ("dicom", "dicomweb")
+
+
 def describe(url_or_dir: str) -> str:
     """How a DICOM source is named in the dataset report (a DICOMweb URL without its credentials)."""
-    from covid_cxr.dicomweb import split_credentials
-
     return printable(split_credentials(url_or_dir)[0] if re.match(r"^https?://", url_or_dir) else url_or_dir)

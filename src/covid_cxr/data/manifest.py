@@ -289,11 +289,11 @@ def _protocol(cfg: DataConfig) -> dict:
 def _report(cfg: DataConfig, classes: list[str], reads, df: pd.DataFrame, dropped: list[dict],
             conflict_notes: list[str], cap_notes: list[str]) -> dict:
     by_source = {}
-    for (_, path), r in zip(cfg.sources, reads):
+    for (kind, path), r in zip(cfg.sources, reads):
         reasons = Counter(d["reason"] for d in dropped if d["source"] == r.source)
         kept = df[df["source"] == r.source]
         by_source[r.source] = {
-            "path": describe(path) if r.source in DICOM_SOURCES else str(Path(path).resolve()),
+            "path": describe(path) if kind in DICOM_SOURCES else str(Path(path).resolve()),
             "found": int(len(r.images) + len(r.dropped)),
             "images_read": int(len(r.images)),
             "not_used_total": int(sum(reasons.values())),

@@ -11,6 +11,24 @@ from covid_cxr.errors import ConfigError
 from covid_cxr.files import default_workers
 
 
+def check_date_range(text: str) -> None:
+    """``--study-date``: YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD, each a real date, in order."""
+    import datetime
+
+    m = re.fullmatch(r"(\d{8})?(-)?(\d{8})?", text)
+    ok = bool(m) and bool(m.group(1) or m.group(3)) and (m.group(2) is not None or m.group(3) is None)
+    dates = [g for g in (m.group(1), m.group(3)) if g] if m else []
+    try:
+        parsed = [datetime.datetime.strptime(d, "%Y%m%d") for d in dates]
+    except ValueError:
+        ok = False
+    else:
+        ok = ok and parsed == sorted(parsed)
+    if not ok:
+        raise ConfigError(f"--study-date must be YYYYMMDD, YYYYMMDD-YYYYMMDD (real dates, first before last) or an "
+                          f"open range such as 20200301- or -20210331, got {shown(text)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig(CommandOptions):
     """``covid-cxr data build``: read the public sources, check and hash every image, remove copies, split by
@@ -79,9 +97,8 @@ class DataConfig(CommandOptions):
                               "AccessionNumber, and a label column): a hospital's images carry no labels")
         if self.labels and not dicom:
             raise ConfigError("--labels applies to dicom and dicomweb sources only")
-        if self.study_date is not None and not re.fullmatch(r"(\d{8})?-?(\d{8})?", self.study_date):
-            raise ConfigError(f"--study-date must be YYYYMMDD, YYYYMMDD-YYYYMMDD or an open range such as "
-                              f"20200301-, got {shown(self.study_date)}")
+        if self.study_date is not None:
+            check_date_range(self.study_date)
         for m in self.modalities:
             if not re.fullmatch(r"[A-Z]{2}", m):
                 raise ConfigError(f"--modality must be a DICOM modality code such as CR or DX, got {shown(m)}")
@@ -93,7 +110,8 @@ class DataConfig(CommandOptions):
             raise ConfigError("--max-source-share must be in (0, 1]")
         if not self.sources:
             raise ConfigError("no sources given; pass at least one --source NAME=PATH")
-        names = [n for n, _ in self.sources if n != "folder"]  # several folder sources are fine
+        # several folder and DICOM sources are fine: each is named after its folder or host
+        names = [n for n, _ in self.sources if n not in ("folder", "dicom", "dicomweb")]
         if len(set(names)) != len(names) or len(set(self.sources)) != len(self.sources):
             raise ConfigError(f"a source is given twice: {[n for n, _ in self.sources]}")
         if self.test_per_class < 1:
