@@ -1,6 +1,7 @@
 """calibrate: temperature and threshold refitted on a hospital's own images into a NEW run folder; the run given is
-never changed, the new checkpoint records what was done, stale derived files are not carried over, and too little or
-mismatched data is refused."""
+never changed, the new checkpoint records what was done, stale derived files are not carried over, and too little,
+mismatched or training data is refused; evaluating the new run warns of optimism on the images it was refitted on,
+and only on those."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from covid_cxr.data.dataset import read_dataset
 from covid_cxr.errors import CalibrationError, DatasetError, RunError
 from covid_cxr.evaluation import evaluate, recalibrate
 from covid_cxr.evaluation.calibration import expected_calibration_error
+from covid_cxr.evaluation.local import RECALIBRATED_NOTE, recalibrated_on
 from covid_cxr.evaluation.metrics import MIN_PER_CLASS
 from covid_cxr.evaluation.options import CalibrateConfig, EvalConfig
 from covid_cxr.model.checkpoint import load_model, read_checkpoint, save_checkpoint
@@ -174,3 +176,74 @@ def test_the_new_folder_must_be_new_and_outside_the_run(run_copy, local_data, tm
     assert snapshot(run_copy) == before
     assert main(["calibrate", "--run", str(run_copy), "--data", str(local_data), "--out", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_training_data_is_refused(run_copy, phantom_dataset, tmp_path, capsys):
+    """The run's own dataset (any split), and a copy of it in another folder (its sources are the training sources),
+    are not a hospital's images: a refit there would pass for a local one."""
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom_dataset, copy)
+    for data, split, why in ((phantom_dataset, "all", "the dataset the model was trained on"),
+                             (phantom_dataset, "test", "the dataset the model was trained on"),
+                             (copy, "val", "synthetic-phantoms of this dataset are among the model's training "
+                                           "sources")):
+        new = tmp_path / f"new-{split}"
+        with pytest.raises(CalibrationError, match="refusing to calibrate") as caught:
+            recalibrate.run(CalibrateConfig(run=str(run_copy), data=str(data), split=split, out=str(new),
+                                            device="cpu", workers=1))
+        assert why in str(caught.value) and "--allow-training-data" in str(caught.value)
+        assert not new.exists()
+    assert main(["calibrate", "--run", str(run_copy), "--data", str(phantom_dataset), "--out", str(tmp_path / "cli"),
+                 "--device", "cpu", "--workers", "1"]) == 2
+    assert "refusing to calibrate" in capsys.readouterr().err and not (tmp_path / "cli").exists()
+
+
+def test_allow_training_data_refits_on_them_and_says_so(run_copy, phantom_dataset, tmp_path):
+    new = tmp_path / "new"
+    result = recalibrate.run(CalibrateConfig(run=str(run_copy), data=str(phantom_dataset), split="test", out=str(new),
+                                             device="cpu", workers=1, allow_training_data=True))
+    rec = result["recalibration"]
+    assert rec["local"] is False and "the dataset the model was trained on" in rec["why"]
+
+
+def test_calibrating_on_val_then_evaluating_test_gives_no_false_warning(run_copy, phantom_dataset, tmp_path):
+    """The honest flow: refit on one part of the hospital's images, measure on another. Only the images refitted on
+    make the numbers optimistic: none of the test split, some of 'all'."""
+
+    def bigger_val(df):  # the hospital set most of its patients aside for calibration
+        df.loc[df["split"] == "train", "split"] = "val"
+        return df
+
+    local_data = make_local_dataset(phantom_dataset, tmp_path / "local", bigger_val)
+    new = tmp_path / "new"
+    result = recalibrate.run(CalibrateConfig(run=str(run_copy), data=str(local_data), split="val", out=str(new),
+                                             device="cpu", workers=1))
+    rec = result["recalibration"]
+    assert rec["split"] == "val" and rec["local"] is True and len(rec["image_fingerprints"]) == rec["images"]
+    test = evaluate.run(EvalConfig(run=str(new), data=str(local_data), split="test", bootstrap=0, device="cpu"))
+    lv = test["local_validation"]
+    assert lv["recalibrated_on_these_images"] is False
+    assert not [w for w in lv["warnings"] if "refitted on" in w] and lv["warnings"]  # the synthetic-data one remains
+    assert "refitted on" not in evaluate.format_summary(test)
+    every = evaluate.run(EvalConfig(run=str(new), data=str(local_data), split="all", bootstrap=0, device="cpu"))
+    lv = every["local_validation"]
+    assert lv["recalibrated_on_these_images"] is True
+    (warning,) = [w for w in lv["warnings"] if "refitted on" in w]
+    assert warning.startswith(f"{rec['images']} of these {every['protocol']['images']} images are among those")
+
+
+def test_a_record_without_fingerprints_compares_dataset_and_split():
+    """A checkpoint recalibrated before fingerprints were recorded: the same folder and split (or 'all' on either
+    side) counts as the same images, another split or folder does not."""
+    import pandas as pd
+
+    rows = pd.DataFrame({"sha256": ["a" * 64, "b" * 64]})
+    where = {"dataset": "/data/local"}
+    for rec_split, split, expected in (("val", "val", None), ("val", "test", 0), ("all", "test", None),
+                                       ("val", "all", None), ("test", "val", 0)):
+        assert recalibrated_on({"dataset": "/data/local", "split": rec_split}, where, split, rows) == expected
+    assert recalibrated_on({"dataset": "/data/other", "split": "all"}, where, "all", rows) == 0
+    assert recalibrated_on(None, where, "all", rows) == 0
+    with_prints = {"dataset": "/elsewhere", "split": "all", "image_fingerprints": ["a" * 16]}
+    assert recalibrated_on(with_prints, where, "test", rows) == 1  # a copy in another folder is caught
+    assert RECALIBRATED_NOTE.startswith("the model's temperature and threshold were refitted")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +259,7 @@ def test_stow_options_are_checked(extra, needle, tmp_path, capsys):
     assert needle in err and "hunter2" not in err
 
 
-def test_a_failed_stow_is_one_error_that_keeps_the_files(tiny_run, tmp_path, capsys):
+def test_a_failed_stow_is_one_error_that_keeps_the_files_and_the_predictions(tiny_run, tmp_path, capsys):
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
@@ -266,12 +267,14 @@ def test_a_failed_stow_is_one_error_that_keeps_the_files(tiny_run, tmp_path, cap
         port = s.getsockname()[1]
     src = tmp_path / "x.dcm"
     _source(src)
-    out = tmp_path / "dicom"
+    out, csv = tmp_path / "dicom", tmp_path / "preds.csv"
     assert main(["predict", str(src), "--run", str(tiny_run), "--dicom-out", str(out), "--stow",
-                 f"http://127.0.0.1:{port}/dicom-web", "--format", "csv", "--no-progress"]) == 2
+                 f"http://127.0.0.1:{port}/dicom-web", "--out", str(csv), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "cannot reach the PACS" in err and f"the DICOM results are in {out}" in err
+    assert "cannot reach the PACS" in err and f"the DICOM results are in {out} and the predictions in {csv}" in err
     assert len(list(out.glob("*.dcm"))) == 2
+    rows = pd.read_csv(csv)  # written before the send: a PACS that is down costs no predictions
+    assert rows["path"].tolist() == [str(src)] and rows["dicom_result"][0].startswith("sr-")
 
 
 def test_listen_options_are_checked():
@@ -318,3 +321,55 @@ def test_predict_stows_the_results_into_the_source_study_in_orthanc(tiny_run, fr
     sr = hd.sr.srread(tmp_path / f"stored-{by_class[pydicom.uid.ComprehensiveSRStorage]}.dcm")
     assert _sr_items(sr)["P(covid) item"].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID \
         == uids.sop_uid
+
+
+# ----------------------------------------------------------------------------- nothing of the source on the terminal
+
+BARE_NAME = "ZEBEDIAH QUUXWORTHY"
+"""A Patient's Name without a '^' (as many PACS store it): highdicom warns about such a name, quoting it."""
+_ANY_UID = r"\b\d+(?:\.\d+){4,}\b"
+"""Anything that looks like a UID (five or more dotted components)."""
+
+
+def leading_zero_uids() -> dict[str, str]:
+    """Study, series and SOP Instance UIDs with a component that starts with a zero (invalid, and common): pydicom
+    warns about such a UID, quoting it."""
+    tail = pydicom.uid.generate_uid()[len("1.2.826.0.1.3680043.8.498."):]
+    return {f"{kind}_uid": f"1.2.840.0123.{n}.{tail}" for n, kind in enumerate(("study", "series", "sop"), 5)}
+
+
+def assert_quiet_about(text: str, name: str, uids: dict[str, str]) -> None:
+    """``text`` (a subprocess's stdout and stderr) names neither the patient nor any UID."""
+    for part in {name, *name.split()}:
+        assert part not in text, f"the patient's name ({part!r}) is on the terminal:\n{text[-3000:]}"
+    for uid in uids.values():
+        assert uid not in text, f"a source UID is on the terminal:\n{text[-3000:]}"
+    assert not re.search(_ANY_UID, text), f"a UID is on the terminal:\n{text[-3000:]}"
+
+
+def test_predict_prints_no_name_and_no_uid_of_an_odd_source(tiny_run, tmp_path):
+    """A caret-less name and UIDs with leading zeros make highdicom and pydicom warn, quoting them; a warning goes to
+    stderr past any log setting, so this runs predict in a subprocess and reads what it printed."""
+    import os
+    import subprocess
+    import sys
+
+    from covid_cxr.deploy.dicom_results import quiet_pydicom
+
+    src = tmp_path / "in" / "odd.dcm"
+    uids = leading_zero_uids()
+    with quiet_pydicom():  # writing it: pydicom warns here too
+        _source(src, patient_name=BARE_NAME, label="covid", **uids)
+    out, csv = tmp_path / "dicom", tmp_path / "preds.csv"
+    env = {**os.environ, "COVID_CXR_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    done = subprocess.run([sys.executable, "-m", "covid_cxr.cli", "predict", str(src), "--run", str(tiny_run),
+                           "--dicom-out", str(out), "--out", str(csv), "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DICOM results: 1 SR + 1 SC" in done.stderr
+    assert_quiet_about(done.stdout + done.stderr, BARE_NAME, uids)
+    (sr_path,), (sc_path,) = _outputs(out)
+    for path in (sr_path, sc_path):  # the outputs still identify the patient and the study as the source does
+        with quiet_pydicom():
+            ds = pydicom.dcmread(path)
+            assert str(ds.PatientName) == BARE_NAME and ds.StudyInstanceUID == uids["study_uid"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from covid_cxr.data.dicom_source import (INSTANCES, KEY_FILE, LabelTable, patient_key, pseudonym, read_dicom,
+from covid_cxr.data.dicom_source import (INSTANCES, KEY_FILE, patient_key, pseudonym, read_dicom,
                                          read_labels, store_for)
 from covid_cxr.data.manifest import build
 from covid_cxr.data.options import DataConfig
@@ -25,8 +25,8 @@ from dicom_factory import make_cxr_dicom, make_lateral, phi_strings
 
 PATIENTS = [  # (patient id, name, label): distinctive strings, so a grep for them cannot match by chance
     ("MRN-778812", "QUIXOTE^ALONSO", "covid"), ("MRN-661403", "ZAMBRANO^BEATRIZ", "covid"),
-    ("MRN-559027", "WOJCIK^CASIMIR", "covid"), ("MRN-448216", "OYELARAN^DAPO", "normal"),
-    ("MRN-337590", "VILLANUEVA^ESTRELLA", "normal"), ("MRN-226781", "KRISTIANSEN^FRODE", "normal"),
+    ("MRN-559027", "WOJCIK^CASIMIR", "covid"), ("MRN-448216", "OYELARAN^DAPOLOLA", "normal"),
+    ("MRN-337590", "VILLANUEVA^ESTRELLA", "normal"), ("MRN-226781", "KRISTIANSEN^FRODEMAR", "normal"),
 ]
 
 
@@ -47,8 +47,8 @@ def _hospital(root: Path, *, accession_prefix: str = "ACC-9") -> tuple[list[dict
             make_cxr_dicom(folder / "IM0002", study_uid=uids.study_uid, **{**kw, "seed": 40})
             make_lateral(folder / "IM0003", study_uid=uids.study_uid, **kw)
         labels.append({"AccessionNumber": acc, "label": label})
-    unlabelled = dict(patient_id="MRN-990001", patient_name="UNLABELLED^UMA", accession="ACC-UNLAB-1", label="normal")
-    make_cxr_dicom(root / "UNLABELLED_UMA" / "IM0001", **unlabelled)
+    unlabelled = dict(patient_id="MRN-990001", patient_name="UNLABELLED^UMAYAHLIN", accession="ACC-UNLAB-1", label="normal")
+    make_cxr_dicom(root / "UNLABELLED_UMAYAHLIN" / "IM0001", **unlabelled)
     phi += phi_strings(unlabelled)
     (root / "QUIXOTE_ALONSO" / "notes.txt").write_text("not a DICOM file\n")
     return labels, sorted(set(phi))
@@ -267,7 +267,7 @@ def test_dicomdir_lists_the_files_to_read(hospital, tmp_path):
         fs.add(pydicom.dcmread(f))
     media = tmp_path / "cd"
     fs.write(media)
-    (media / "stray.dcm").write_bytes((export / "UNLABELLED_UMA" / "IM0001").read_bytes())  # not in the index
+    (media / "stray.dcm").write_bytes((export / "UNLABELLED_UMAYAHLIN" / "IM0001").read_bytes())  # not in the index
     read = read_dicom(media / "DICOMDIR", read_labels(labels_csv), tmp_path / "store")
     assert len(read.images) == len(PATIENTS) + 1
     assert sum(r["reason"].startswith("no label") for r in read.dropped) == 1  # the indexed unlabelled study only

@@ -1,24 +1,28 @@
 """covid-cxr dicom listen: a C-STORE receiver that predicts each received radiograph and sends the SR and SC back;
-a bounded queue (0xA700 when full), no crash and no result for a lateral view, a clean stop on SIGTERM."""
+a bounded queue (0xA700 when full), no crash and no result for a lateral view, a clean stop on SIGTERM, no instance
+acknowledged and lost while it stops, and nothing of a header in its log or on its terminal."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydicom
 import pytest
 from dicom_factory import make_cxr_dicom, make_lateral, phi_strings
-from test_dicom_results import assert_identifies_only_by_name_and_id
+from test_dicom_results import BARE_NAME, assert_identifies_only_by_name_and_id, assert_quiet_about, \
+    leading_zero_uids
 
-from covid_cxr.deploy.listener import OUT_OF_RESOURCES, Listener
+from covid_cxr.deploy.listener import OUT_OF_RESOURCES, UNREADABLE, Listener, reason_kind
 from covid_cxr.deploy.options import ListenConfig
 
 PATIENT = dict(patient_id="PIDL-50923", patient_name="NGUYỄN^THỊ-LAN", birth_date="19471102",
@@ -96,7 +100,8 @@ def test_a_full_queue_answers_out_of_resources_and_a_lateral_view_gets_no_result
     assert not spool.exists()
     assert len(list(out.glob("sr-*.dcm"))) == 2 and len(list(out.glob("sc-*.dcm"))) == 2
     text = caplog.text
-    assert re.search(r"instance #1 from TESTSCU: no result: View Position is 'LL', a lateral view", text)
+    assert re.search(r"instance #1 from TESTSCU: no result: a lateral view$", text, re.MULTILINE)
+    assert "View Position" not in text  # the kind of reason, never a header value
     assert "refused with 0xA700 (out of resources)" in text
     for phi in phi_strings(PATIENT):
         assert phi not in text
@@ -150,7 +155,7 @@ def test_orthanc_sends_a_study_and_gets_the_results_back_by_c_store(predictor, f
                     .ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
             assert source.SOPInstanceUID in refs
     assert {pydicom.dcmread(tmp_path / f"{i}.dcm").Modality for i in new} == {"SR", "OT"}
-    assert "no result: View Position is 'LL'" in caplog.text
+    assert "no result: a lateral view" in caplog.text
     for phi in phi_strings(PATIENT):
         assert phi not in caplog.text
     assert not listener.out.exists()  # without --dicom-out the sent results are not kept
@@ -168,37 +173,160 @@ def test_results_can_go_back_by_stow_rs(predictor, fresh_orthanc, tmp_path):
     assert classes == sorted([pydicom.uid.ComprehensiveSRStorage, pydicom.uid.SecondaryCaptureImageStorage])
 
 
-def test_the_command_receives_and_stops_cleanly_on_sigterm(tiny_run, tmp_path):
+def test_the_reason_in_the_log_is_a_kind_never_a_header_value():
+    for error, kind in (("View Position is 'LL', a lateral view; covid-cxr reads frontal chest radiographs",
+                         "a lateral view"),
+                        ("Modality 'MR' is not a radiograph: covid-cxr reads chest radiographs", "not a radiograph"),
+                        ("DICOM file (SECRET^STUDY) has no pixel data, so it is not an image", "not a radiograph"),
+                        ("Body Part Examined is 'HAND OF QUILLFEATHER': covid-cxr reads chest radiographs",
+                         "not a chest image"),
+                        ("not a DICOM file (no 'DICM' marker at byte 128 ...)", "not a DICOM file"),
+                        ("unreadable DICOM header: ValueError: bad value 'QUILLFEATHER^ARMAND'", UNREADABLE)):
+        assert reason_kind(error) == kind
+        assert "'" not in kind and "QUILLFEATHER" not in kind
+
+
+def _fake_store(received: Path, caller: str = "TESTSCU"):
+    """What pynetdicom hands a C-STORE handler: the association's caller and the received file."""
+    return SimpleNamespace(assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title=caller)), dataset_path=received)
+
+
+def test_an_instance_arriving_while_the_listener_stops_is_refused_never_acknowledged(predictor, tmp_path, caplog):
+    """A handler that passed its first check, then spooled its instance while close() sent the worker its last item,
+    answers 0xA700 (the sender keeps it and retries), never SUCCESS: nothing would process it, and the spool is
+    removed. The handler is held between the two steps, so the order is forced, not hoped for."""
     frontal, _ = _study(tmp_path)
+    listener = Listener(ListenConfig(run="unused", port=0, dicom_out=str(tmp_path / "out")), predictor).start()
+    spooled, go = threading.Event(), threading.Event()
+    spool = listener._spool
+
+    def held(event, dest):
+        refused = spool(event, dest)
+        spooled.set()
+        assert go.wait(30)
+        return refused
+
+    listener._spool = held
+    received = tmp_path / "received.dcm"
+    shutil.copy(frontal, received)
+    statuses = []
+    handler = threading.Thread(target=lambda: statuses.append(listener._on_store(_fake_store(received))))
+    handler.start()
+    try:
+        assert spooled.wait(30)  # in the spool, not yet queued
+        listener.close()  # stopped, the sentinel sent, the worker done, the spool removed
+    finally:
+        go.set()
+        handler.join(30)
+    assert statuses == [OUT_OF_RESOURCES]
+    assert listener.queue.empty()  # nothing behind the sentinel
+    counts = listener.summary()
+    assert counts["received"] == 0 and counts["refused"] == 1 and counts["processed"] == 0
+    assert not listener.spool.exists()
+    assert "refused with 0xA700: the listener is stopping" in caplog.text
+
+
+def test_an_interrupted_close_still_removes_the_spool_and_the_results(predictor):
+    from pydicom import config
+
+    modes = config.settings.reading_validation_mode, config.settings.writing_validation_mode
+    listener = Listener(ListenConfig(run="unused", port=0, stow="http://127.0.0.1:9/dicom-web"), predictor).start()
+    assert config.settings.reading_validation_mode == config.IGNORE  # while it listens
+    worker = listener._worker
+
+    class Interrupted:
+        def join(self):
+            raise KeyboardInterrupt  # a second Ctrl-C while it finishes
+
+    listener._worker = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        listener.close()
+    listener.queue.put(None)
+    worker.join(30)
+    assert not listener.spool.exists() and not listener.out.exists()
+    assert (config.settings.reading_validation_mode, config.settings.writing_validation_mode) == modes
+
+
+class _Drain:
+    """Reads a pipe to its end in a thread: a pipe nobody reads fills (64 KiB) and blocks the process writing it, and a
+    bare readline() can wait for ever."""
+
+    def __init__(self, pipe):
+        self.lines: list[str] = []
+        self._done = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match | None:
+        """The first match of ``pattern`` in a line, waiting at most ``timeout`` seconds (None: not seen, or the
+        pipe closed)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    m = re.search(pattern, line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if self._done or left <= 0:
+                    return None
+                self._changed.wait(left)
+
+    def text(self, timeout: float = 30) -> str:
+        """Everything read, once the pipe is closed (the process has ended)."""
+        self._thread.join(timeout)
+        with self._changed:
+            return "".join(self.lines)
+
+
+def test_the_command_receives_and_stops_cleanly_on_sigterm(tiny_run, tmp_path):
+    """The listener as a command, sent an instance whose Patient's Name has no '^' and whose UIDs have leading zeros
+    (pydicom and highdicom warn about both, quoting them): it makes the results, stops on SIGTERM, and its terminal
+    shows neither the name nor a UID."""
+    from covid_cxr.deploy.dicom_results import quiet_pydicom
+
+    source = tmp_path / "odd.dcm"
+    uids = leading_zero_uids()
+    patient = {**PATIENT, "patient_name": BARE_NAME}
+    with quiet_pydicom():
+        make_cxr_dicom(source, **patient, **uids, size=(96, 80), label="covid")
     out = tmp_path / "results"
-    env = {**os.environ, "COVID_CXR_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "COVID_CXR_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     proc = subprocess.Popen([sys.executable, "-m", "covid_cxr.cli", "dicom", "listen", "--run", str(tiny_run),
                              "--port", "0", "--dicom-out", str(out), "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stdout, stderr = _Drain(proc.stdout), _Drain(proc.stderr)
     try:
-        port = None
-        deadline = time.monotonic() + 60
-        lines = []
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            m = re.search(r"listening as COVIDCXR on 127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
-            assert line or proc.poll() is None, "".join(lines)
-        assert port, "".join(lines)
-        assert _statuses(port, [frontal]) == [0]
+        m = stderr.wait_for(r"listening as COVIDCXR on 127\.0\.0\.1:(\d+)", timeout=60)
+        assert m, "".join(stderr.lines)[-3000:]
+        with quiet_pydicom():  # the sending side reads it too
+            assert _statuses(int(m.group(1)), [source]) == [0]
         deadline = time.monotonic() + 30
         while len(list(out.glob("*.dcm"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "received 1 instance(s): 1 with results," in stdout and "not a diagnostic device" in stdout
-    assert "stopping" in stderr and "Traceback" not in stderr
+    printed, logged = stdout.text(), stderr.text()
+    assert proc.returncode == 0, logged[-3000:]
+    assert "received 1 instance(s): 1 with results," in printed and "not a diagnostic device" in printed
+    assert "stopping" in logged and "Traceback" not in logged
     assert len(list(out.glob("sr-*.dcm"))) == 1 and len(list(out.glob("sc-*.dcm"))) == 1
-    for phi in phi_strings(PATIENT):
-        assert phi not in stdout + "".join(lines) + stderr
+    assert_quiet_about(printed + logged, BARE_NAME, uids)
+    for phi in phi_strings(patient):
+        assert phi not in printed + logged

@@ -111,7 +111,19 @@ def test_the_local_section_has_every_part_with_its_interval(local_eval, local_da
     assert at_local["available"] and at_local["target_sensitivity"] == 0.95
     assert at_local["sensitivity"] >= 0.95 and "optimistic" in at_local["note"]
     assert at_local["tp"] + at_local["fn"] == p["images_per_class"]["covid"]
-    assert at_local["threshold_text"] != at_model["threshold_text"] or at_local["threshold"] == at_model["threshold"]
+    # the two thresholds differ here, and their texts tell them apart, each rounding to its own threshold
+    assert at_local["threshold"] != at_model["threshold"]
+    assert at_local["threshold_text"] != at_model["threshold_text"]
+    for op in (at_model, at_local):
+        shown = op["threshold_text"].split(">= ")[1]
+        assert abs(float(shown) - op["threshold"]) <= 0.5 * 10 ** -len(shown.split(".")[1]) + 1e-12
+    # the local threshold is the highest reaching the target: the scores in predictions.csv give its sensitivity,
+    # and leaving out the lowest-scored covid image it still catches misses the target
+    scored = pd.read_csv(Path(local_eval["output_dir"]) / "predictions.csv")
+    pos = scored.loc[scored["target"] == "covid", "log_odds"].to_numpy()
+    caught = pos >= at_local["threshold_log_odds"]
+    assert caught.mean() == pytest.approx(at_local["sensitivity"]) and caught.sum() == at_local["tp"]
+    assert (pos > pos[caught].min()).mean() < 0.95
     # calibration: the one ECE, the same number evaluate reports
     assert lv["calibration"]["ece"] == local_eval["calibration"]["ece"] and lv["calibration"]["n_bins"] == 15
     # subgroups: acquisition columns with CIs and the one "too few to judge" rule
@@ -178,17 +190,31 @@ def test_the_local_auc_is_placed_against_the_expected_range(local, ci, verdict):
 def test_the_models_own_estimate_is_compared_and_the_report_shows_the_section(run_copy, local_data, local_eval,
                                                                               tmp_path):
     """A model carrying an out-of-source estimate gets the verdict in metrics.json and in report.html; the report of
-    --data LOCAL --split all has the section, the research-use line and the caveats, and no 'internal' wording."""
+    --data LOCAL --split all has the section, the research-use line and the caveats, and no 'internal' wording.
+
+    The estimates are set around this model's local AUC and its interval (the same images, bootstrap and seed as
+    local_eval, so the same interval): a little wider than the interval gives 'inside'; one that starts just below
+    the AUC gives 'overlapping', which a comparison of the point AUC alone would call 'inside'."""
+    auc, (lo, hi) = local_eval["metrics"]["roc_auc"], local_eval["ci95"]["roc_auc"]
+    assert 0.05 < lo < auc - 0.005 and auc < hi < 0.95  # room on both sides: neither estimate is [0, 1]
     run = tmp_path / "run"
     shutil.copytree(run_copy, run, ignore=FRESH)
     model, meta = load_model(run / "best.pt")
-    save_checkpoint(run / "best.pt", model, meta.replace(estimate={"source": "crossval", "pooled_auc": 0.5,
-                                                                   "ci95": [0.0, 1.0], "crossval": "../cv"}))
-    lv = evaluate.run(EvalConfig(run=str(run), data=str(local_data), split="all", bootstrap=100,
-                                 device="cpu"))["local_validation"]
+    verdicts = {}
+    for name, ci in (("overlapping", [auc - 0.005, hi + 0.05]), ("inside", [lo - 0.01, hi + 0.01])):
+        assert ci[0] <= auc <= ci[1]
+        save_checkpoint(run / "best.pt", model, meta.replace(estimate={"source": "crossval", "pooled_auc": auc,
+                                                                       "ci95": ci, "crossval": "../cv"}))
+        result = evaluate.run(EvalConfig(run=str(run), data=str(local_data), split="all", bootstrap=200,
+                                         device="cpu"))
+        assert result["ci95"]["roc_auc"] == pytest.approx([lo, hi], abs=1e-9)
+        verdicts[name] = result["local_validation"]["expected"]
+        assert verdicts[name]["ci95"] == ci and f"{ci[0]:.3f}-{ci[1]:.3f}" in verdicts[name]["text"]
+    assert verdicts["overlapping"]["verdict"] == "overlapping" and "overlaps" in verdicts["overlapping"]["text"]
+    lv = result["local_validation"]
     page = report.run(ReportConfig(run=str(run), data=str(local_data), split="all", audit=False,
                                    device="cpu")).read_text()  # reuses that evaluation: the same dataset
-    assert lv["expected"]["verdict"] == "inside" and "lies inside" in lv["expected"]["text"]  # [0, 1] holds any CI
+    assert lv["expected"]["verdict"] == "inside" and "lies inside" in lv["expected"]["text"]
     start = page.index("<h2>Local validation</h2>")
     part = page[start:page.index("<h2>", start + 1)]
     assert "lies inside" in part and "optimistic" in part and "by manufacturer" in part and "by modality" in part
@@ -220,6 +246,11 @@ def test_report_evaluates_again_when_its_evaluation_is_of_another_dataset(run_co
     with pytest.raises(Evaluated):
         report._ensure_eval(RunDir(run_copy), other)
     assert [c.data for c in calls] == [str(tmp_path / "other")] and calls[0].split == "all"
+    # without --data the report is of the run's own dataset: eval-all of the hospital's is not reused for it
+    own = ReportConfig(run=str(run_copy), split="all", device="cpu")
+    with pytest.raises(Evaluated):
+        report._ensure_eval(RunDir(run_copy), own)
+    assert len(calls) == 2 and calls[1].data is None and calls[1].split == "all"
 
 
 def test_an_unreadable_unused_image_stops_evaluate_all(run_copy, phantom_dataset, tmp_path):

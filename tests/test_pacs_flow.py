@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pydicom
-import pytest
 from dicom_factory import make_cxr_dicom, phi_strings
 
 from covid_cxr.cli import main

@@ -51,6 +51,7 @@ from covid_cxr.dicomweb import DicomWeb, dicom_json_value, split_credentials
 from covid_cxr.errors import ImageReadError, PacsError, SourceError
 from covid_cxr.files import printable
 from covid_cxr.imaging.dicom import chest_radiograph_problem, read_dicom_header
+from covid_cxr.imaging.dicom_quiet import quiet_pydicom
 from covid_cxr.limits import MAX_DICOM_INSTANCE_BYTES
 from covid_cxr.paths import plain_name
 
@@ -239,21 +240,11 @@ def _value(ds, name: str) -> str:
 
 @contextmanager
 def _quiet_pydicom():
-    """pydicom warns (and logs) with the offending value: a UID, a name, a path. Those never reach a terminal or a
-    log here; the file's problem is counted under its pseudonym instead."""
-    import pydicom
-
-    logger = logging.getLogger("pydicom")
-    level, mode = logger.level, pydicom.config.settings.reading_validation_mode
-    logger.setLevel(logging.CRITICAL)
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-        pydicom.config.settings.reading_validation_mode = mode
+    """:func:`covid_cxr.imaging.dicom_quiet.quiet_pydicom`, and pydicom's other warnings ignored while headers are
+    read (a DICOMDIR's quote the paths of the files it lists)."""
+    with quiet_pydicom(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+        yield
 
 
 def _key(value) -> str:

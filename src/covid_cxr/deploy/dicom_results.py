@@ -16,14 +16,19 @@ Privacy: the outputs identify the patient exactly as the source does where DICOM
 Name, Patient ID, Study Instance UID, Study ID) and copy nothing else. :func:`read_source` reads only those
 elements and the references (:data:`SOURCE_TAGS`); highdicom gets a dataset holding just them
 (:func:`_evidence`), so nothing else of the source can reach an output. File names are the new SOP Instance UIDs.
+Nor does anything of the source reach the terminal or the log: pydicom's and highdicom's complaints about a value
+quote it (a UID with a leading zero, a Patient's Name without a '^'), so they are kept quiet while a source is read
+and its results are built (:func:`quiet_dicom`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,6 +38,7 @@ import numpy as np
 from covid_cxr import __version__
 from covid_cxr.errors import ImageReadError
 from covid_cxr.files import atomic_write
+from covid_cxr.imaging.dicom_quiet import quiet_pydicom
 from covid_cxr.imaging.images import sha256_file, sniff
 from covid_cxr.model.meta import ModelMeta, format_probability
 
@@ -62,6 +68,8 @@ STOW_BATCH = 16
 """Instances per STOW-RS request."""
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+"""What a result accepts as a UID: digits and dots (a component with a leading zero, invalid but common, included:
+refusing it would leave the study without a result)."""
 _ORIENTATION = frozenset("ARPLHFOSJ") | {a + b for a in "ARPLHF" for b in "ARPLHF"}
 
 
@@ -93,6 +101,19 @@ def label_code(meta: ModelMeta, label: str) -> str:
     value = label.upper()
     return value if re.fullmatch(r"[A-Z0-9_.-]{1,14}", value) and value != "OUT-OF-SCOPE" else \
         f"CLASS-{meta.labels.index(label)}"
+
+
+# ----------------------------------------------------------------------------- keeping header values off the terminal
+
+@contextlib.contextmanager
+def quiet_dicom():
+    """:func:`quiet_pydicom`, and highdicom's UserWarnings ignored: ``check_person_name`` warns with the whole
+    Patient's Name when it has no '^' (``"JOHN DOE"``, ``"ANONYMOUS"``), and a warning reaches stderr whatever the
+    log level. Only UserWarnings raised inside pydicom and highdicom are ignored, and only while inside (the warnings
+    filters are restored on leaving; like any ``catch_warnings``, not meant for two threads at once)."""
+    with quiet_pydicom(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(highdicom|pydicom)(\.|$)")
+        yield
 
 
 # ----------------------------------------------------------------------------- what is read from a source
@@ -130,12 +151,14 @@ def read_source(path: str | Path) -> Source:
     if sniff(path) != "dicom" and path.suffix.lower() not in (".dcm", ".dicom"):
         raise ImageReadError(path, NOT_DICOM)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SOURCE_TAGS),
-                             force=sniff(path) != "dicom")
-        values = {k: ds.get(k) for k in SOURCE_TAGS}
-        meta = getattr(ds, "file_meta", None)
-        sop_class = values["SOPClassUID"] or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
-        sop_uid = values["SOPInstanceUID"] or (meta.get("MediaStorageSOPInstanceUID") if meta is not None else None)
+        with quiet_dicom():  # the values are read as they are; pydicom's complaints would quote them
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SOURCE_TAGS),
+                                 force=sniff(path) != "dicom")
+            values = {k: ds.get(k) for k in SOURCE_TAGS}
+            meta = getattr(ds, "file_meta", None)
+            sop_class = values["SOPClassUID"] or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+            sop_uid = values["SOPInstanceUID"] or (meta.get("MediaStorageSOPInstanceUID") if meta is not None
+                                                   else None)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
         raise ImageReadError(path, f"unreadable DICOM header ({type(exc).__name__})") from None
     uids = {"SOP Class UID": sop_class, "SOP Instance UID": sop_uid, "Series Instance UID":
@@ -340,11 +363,12 @@ def build_sr(identity: ModelIdentity, outcome: Outcome, src: Source, series_uid:
     """The Comprehensive SR of one result (``overlay``: the SC it refers to, or None)."""
     import highdicom as hd
 
-    evidence = [_evidence(src)] + ([overlay] if overlay is not None else [])
-    sr = hd.sr.ComprehensiveSR(evidence=evidence, content=_sr_content(identity, outcome, src, overlay),
-                               series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sr"],
-                               sop_instance_uid=sop_uid, instance_number=instance_number,
-                               manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False)
+    with quiet_dicom():  # highdicom warns with the whole name when it has no '^'
+        evidence = [_evidence(src)] + ([overlay] if overlay is not None else [])
+        sr = hd.sr.ComprehensiveSR(evidence=evidence, content=_sr_content(identity, outcome, src, overlay),
+                                   series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sr"],
+                                   sop_instance_uid=sop_uid, instance_number=instance_number,
+                                   manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False)
     sr.SeriesDescription = SERIES_DESCRIPTIONS["sr"]
     sr.ManufacturerModelName = identity.meta.arch[:64]
     sr.SoftwareVersions = __version__
@@ -422,13 +446,14 @@ def build_sc(identity: ModelIdentity, outcome: Outcome, src: Source, pixels: np.
     study."""
     import highdicom as hd
 
-    ident = _identification(src)
-    sc = hd.sc.SCImage(pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
-                       coordinate_system="PATIENT", study_instance_uid=src.study_instance_uid,
-                       series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sc"], sop_instance_uid=sop_uid,
-                       instance_number=instance_number, manufacturer=MANUFACTURER, patient_id=src.patient_id,
-                       patient_name=ident.PatientName, study_id=src.study_id,
-                       patient_orientation=src.orientation or ("L", "F"))
+    with quiet_dicom():  # highdicom warns with the whole name when it has no '^'
+        ident = _identification(src)
+        sc = hd.sc.SCImage(pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+                           coordinate_system="PATIENT", study_instance_uid=src.study_instance_uid,
+                           series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sc"],
+                           sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=MANUFACTURER,
+                           patient_id=src.patient_id, patient_name=ident.PatientName, study_id=src.study_id,
+                           patient_orientation=src.orientation or ("L", "F"))
     if src.charset:
         sc.SpecificCharacterSet = src.charset
     # Orientation as the source states it; unknown stays empty (type 2) rather than guessed.
@@ -503,6 +528,10 @@ class ResultWriter:
 
     def write(self, path: str | Path, row: dict) -> Written:
         """The SR and SC of one ``predict`` row (its ``path`` is the source file)."""
+        with quiet_dicom():  # the source's values are copied and written: pydicom would quote an odd one
+            return self._write(path, row)
+
+    def _write(self, path: str | Path, row: dict) -> Written:
         if row.get("error"):
             kind = sniff(path)
             return Written(reason=NOT_DICOM if kind in ("png", "jpeg") else "unreadable (see its error)")
@@ -538,8 +567,8 @@ class ResultWriter:
                                                  "(--backend torch)"
         try:
             e = self.predictor.explain([Path(path)])[0]
-        except ImageReadError as exc:
-            return load_image(path), None, None, f"SC without heatmap: {exc.reason}"
+        except ImageReadError:  # its reason may quote the header: the note goes to the log and predict's summary
+            return load_image(path), None, None, "SC without heatmap: Grad-CAM could not read the image"
         return e.image, e.heatmap, e.target, ""
 
 
@@ -593,4 +622,4 @@ def write_results(predictor, rows: list[dict], folder: str | Path) -> dict:
 
 
 __all__ = ["CODING_SCHEME", "CONCEPTS", "INTENDED_USE", "ModelIdentity", "Outcome", "ResultWriter", "Source",
-           "build_sc", "build_sr", "describe", "read_source", "stow", "write_results"]
+           "build_sc", "build_sr", "describe", "quiet_dicom", "quiet_pydicom", "read_source", "stow", "write_results"]

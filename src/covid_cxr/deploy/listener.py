@@ -11,19 +11,24 @@ results back to the PACS (research use only; see docs/pacs-results.md).
 * **The worker** predicts (the ``predict`` path: :meth:`~covid_cxr.model.inference.Predictor.predict_files`), writes
   the SR and SC (:class:`~covid_cxr.deploy.dicom_results.ResultWriter`) and sends them with C-STORE
   (``--send-to``) and/or STOW-RS (``--stow``). An instance without a result (a lateral view, an unreadable file)
-  gets a log line, and the listener goes on. Log lines name an instance by its arrival number and the sender's AE
-  title, never by anything in its header.
+  gets a log line naming the kind of reason (:func:`reason_kind`), and the listener goes on. Log lines name an
+  instance by its arrival number and the sender's AE title, never by anything in its header; pydicom's and
+  highdicom's own complaints, which quote header values, are kept quiet
+  (:func:`~covid_cxr.imaging.dicom_quiet.quiet_pydicom`).
 * **Stopping**: SIGINT or SIGTERM (or ``--max-instances`` processed) stops accepting associations, finishes the
-  instances already acknowledged (their senders were told they were stored), and removes the spool folder. A second
-  Ctrl-C while it finishes abandons them.
+  instances already acknowledged (their senders were told they were stored), and removes the spool folder. An
+  instance still arriving then is refused (0xA700), never acknowledged and dropped. A second Ctrl-C while it
+  finishes abandons them; the spool (patient data) is removed all the same, and at exit if ``close`` never ran.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
 import queue
+import re
 import shutil
 import signal
 import tempfile
@@ -32,7 +37,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from covid_cxr import DISCLAIMER
-from covid_cxr.deploy.dicom_results import ResultWriter, stow
+from covid_cxr.deploy.dicom_results import NOT_DICOM, ResultWriter, stow
+from covid_cxr.imaging.dicom_quiet import quiet_pydicom
 from covid_cxr.deploy.options import ListenConfig
 from covid_cxr.errors import PacsError
 from covid_cxr.limits import MAX_DICOM_INSTANCE_BYTES
@@ -51,11 +57,57 @@ RESULT_STORAGE = ("1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR Storage
                   "1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture Image Storage
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-"""C-STORE status "Refused: Out of Resources": the queue is full (or the listener is stopping); retry later."""
+"""C-STORE status "Refused: Out of Resources": the queue is full, or the listener is stopping; retry later."""
 _WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
 """C-STORE warnings (coercion, elements discarded): the instance was stored."""
 _QUIET = ("pynetdicom", "highdicom")
 """Libraries whose INFO lines name UIDs and dataset details: only their warnings reach the log."""
+REASON_KINDS = (("a lateral view", "a lateral view"), ("not a radiograph", "not a radiograph"),
+                ("has no pixel data", "not a radiograph"), ("Body Part Examined", "not a chest image"),
+                (NOT_DICOM, NOT_DICOM))
+"""(words in a reader's error, the kind of reason the log names): the error itself may quote the header (View
+Position 'LL', Body Part Examined 'PORT CHEST', a malformed value)."""
+UNREADABLE = "unreadable or unsupported image"
+"""The kind of reason of any other error."""
+_UID_TEXT = re.compile(r"\b\d+(?:\.\d+){4,}\b")
+"""What looks like a UID (five or more dotted numbers; an IPv4 address has four)."""
+
+
+def reason_kind(error: str) -> str:
+    """What kind of reason an instance has no result, in words that hold no header value: ``a lateral view``,
+    ``not a radiograph``, ``not a chest image``, ``not a DICOM file`` or :data:`UNREADABLE`."""
+    for words, kind in REASON_KINDS:
+        if words in error:
+            return kind
+    return UNREADABLE
+
+
+class _RedactUids(logging.Filter):
+    """Writes ``<UID>`` for whatever looks like a UID in a record's message (pynetdicom warns ``Non-conformant
+    'Affected SOP Instance UID' value '1.2.840.0123...'`` about what a sender sent)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _UID_TEXT.sub("<UID>", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+@contextlib.contextmanager
+def _pynetdicom_redacted():
+    """:class:`_RedactUids` on every pynetdicom logger while inside (pynetdicom logs under its module names, and a
+    logger's filter sees only its own records)."""
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n == "pynetdicom" or n.startswith("pynetdicom.")]
+    loggers = [logging.getLogger(n) for n in names]
+    redact = _RedactUids()
+    for logger in loggers:
+        logger.addFilter(redact)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(redact)
 
 
 def transfer_syntaxes() -> list[str]:
@@ -129,6 +181,9 @@ class Listener:
         self.spool = Path(tempfile.mkdtemp(prefix="covid-cxr-spool-"))
         self._own_out = cfg.dicom_out is None
         self.out = Path(tempfile.mkdtemp(prefix="covid-cxr-results-")) if self._own_out else Path(cfg.dicom_out)
+        # The spool holds received instances, patient data: removed by close(), else at exit (a crash, a second
+        # Ctrl-C); only SIGKILL or a power cut leaves it in the temporary folder.
+        atexit.register(self._remove_temporary)
         self.writer = ResultWriter(predictor, self.out)
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
         self.stopped = threading.Event()
@@ -138,6 +193,7 @@ class Listener:
         self._server = None
         self._worker: threading.Thread | None = None
         self._chunked: bool | None = None
+        self._quiet = contextlib.ExitStack()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> "Listener":
@@ -148,6 +204,10 @@ class Listener:
         for name in _QUIET:
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.WARNING)
+        # For as long as it listens: pynetdicom's threads decode what arrives too, and pydicom and pynetdicom would
+        # quote a UID they find odd.
+        self._quiet.enter_context(quiet_pydicom())
+        self._quiet.enter_context(_pynetdicom_redacted())
         self._chunked = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True  # received data sets go to disk as they arrive, not into memory
         ae = AE(ae_title=self.cfg.ae_title)
@@ -183,20 +243,29 @@ class Listener:
 
     def close(self) -> None:
         """Stop accepting, finish the instances already acknowledged, remove the spool (and, without --dicom-out,
-        the results, which were sent)."""
-        self.stopped.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-        if self._worker is not None:
-            self.queue.put(None)  # after every acknowledged instance: they are finished first
-            self._worker.join()
-            self._worker = None
-        if self._chunked is not None:
-            from pynetdicom import _config
+        the results, which were sent). Interrupted (a second Ctrl-C), it still removes them."""
+        with self._lock:  # a handler enqueues under this lock: none can put an instance after the sentinel
+            self.stopped.set()
+        try:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server = None
+            if self._worker is not None:
+                self.queue.put(None)  # after every acknowledged instance: they are finished first
+                self._worker.join()
+                self._worker = None
+        finally:
+            if self._chunked is not None:
+                from pynetdicom import _config
 
-            _config.STORE_RECV_CHUNKED_DATASET = self._chunked
-            self._chunked = None
+                _config.STORE_RECV_CHUNKED_DATASET = self._chunked
+                self._chunked = None
+            self._quiet.close()
+            self._remove_temporary()
+            atexit.unregister(self._remove_temporary)
+
+    def _remove_temporary(self) -> None:
+        """Remove the spool (patient data) and, without --dicom-out, the results folder."""
         shutil.rmtree(self.spool, ignore_errors=True)
         if self._own_out:
             shutil.rmtree(self.out, ignore_errors=True)
@@ -221,8 +290,12 @@ class Listener:
         try:
             refused = self._spool(event, spooled)
             if refused is None:
-                self.queue.put_nowait((number, spooled, caller))
-                return SUCCESS
+                with self._lock:  # close() sets stopped under it, then sends the sentinel
+                    if self.stopped.is_set():
+                        refused = "the listener is stopping; the sender may retry later"
+                    else:
+                        self.queue.put_nowait((number, spooled, caller))
+                        return SUCCESS
             log.warning("instance #%d from %s refused with 0xA700: %s", number, caller, refused)
         except queue.Full:
             log.warning("instance #%d from %s refused with 0xA700 (out of resources): %d instances are waiting for "
@@ -278,7 +351,7 @@ class Listener:
         row = self.predictor.predict_files([path], skip_unreadable=True)[0]
         done = self.writer.write(path, row)
         if done.reason:
-            why = row["error"] or done.reason
+            why = reason_kind(row["error"]) if row["error"] else done.reason  # ResultWriter's reasons quote nothing
             log.warning("instance #%d from %s: no result: %s", number, caller, why)
             with self._lock:
                 self.counts["no_result"] += 1

@@ -272,7 +272,8 @@ class LungsPredictConfig(CommandOptions):
     inputs: tuple[str, ...]
     """Image files and/or folders (searched recursively)."""
     lungs: str
-    """The segmenter: lungs.pt from `covid-cxr lungs train`, or its folder."""
+    """The segmenter: lungs.pt from `covid-cxr lungs train`, or its folder, or a torchxrayvision ChestX-Det PSPNet
+    state dict (docs/lungs.md)."""
     out: str
     """Folder for <name>_mask.png, <name>_overlay.png and lungs.csv."""
     device: str = "auto"

@@ -21,6 +21,7 @@ from covid_cxr.deploy.api import load_run
 from covid_cxr.deploy.options import PredictConfig
 from covid_cxr.errors import PacsError
 from covid_cxr.files import atomic_write, to_json
+from covid_cxr.imaging.dicom_quiet import quiet_pydicom
 from covid_cxr.imaging.images import list_images
 from covid_cxr.model.meta import format_probability
 
@@ -104,37 +105,35 @@ def format_table(rows: list[dict], meta) -> str:
 
 
 def run(cfg: PredictConfig) -> dict:
-    """Predict every image in ``cfg.inputs``; write CSV/JSON to ``cfg.out`` or return it as text."""
+    """Predict every image in ``cfg.inputs``; write CSV/JSON to ``cfg.out`` or return it as text.
+
+    Raises:
+        PacsError: ``--stow`` failed; the predictions were written to ``cfg.out`` first and the DICOM results stay in
+            ``cfg.dicom_out``.
+    """
     predictor = load_run(cfg.run, cfg.backend, cfg.device, cfg.checkpoint)
     paths = list_images(cfg.inputs)
-    rows = predictor.predict_files(paths, cfg.batch_size, cfg.skip_unreadable,
-                                   progress=cfg.progress and len(paths) > cfg.batch_size)
-    if cfg.heatmaps:
-        from covid_cxr.deploy.explain import explain_images
+    with quiet_pydicom():  # pydicom's complaints about a DICOM input's header quote its values (UIDs, names)
+        rows = predictor.predict_files(paths, cfg.batch_size, cfg.skip_unreadable,
+                                       progress=cfg.progress and len(paths) > cfg.batch_size)
+        if cfg.heatmaps:
+            from covid_cxr.deploy.explain import explain_images
 
-        readable = [Path(r["path"]) for r in rows if not r["error"]]
-        by_path = {r["path"]: r["heatmap_png"] for r in explain_images(predictor, readable, Path(cfg.heatmaps),
-                                                                       progress=cfg.progress)}
-        for r in rows:
-            r["heatmap_png"] = by_path.get(r["path"], "")
+            readable = [Path(r["path"]) for r in rows if not r["error"]]
+            by_path = {r["path"]: r["heatmap_png"] for r in explain_images(predictor, readable, Path(cfg.heatmaps),
+                                                                           progress=cfg.progress)}
+            for r in rows:
+                r["heatmap_png"] = by_path.get(r["path"], "")
+        dicom = write_dicom_results(predictor, rows, cfg) if cfg.dicom_out else None
     meta = predictor.meta
-    dicom = dicom_results(predictor, rows, cfg) if cfg.dicom_out else None
     fmt = output_format(cfg, sys.stdout.isatty())
-    if fmt == "table":
-        text = format_table(rows, meta)
-        if dicom:  # the table is what a person reads: the DICOM results are part of it
-            text += dicom["summary"] + "\n"
-    elif fmt == "json":
-        text = to_json({"disclaimer": DISCLAIMER, "model": str(predictor.source), "backend": cfg.backend,
-                        "labels": list(meta.labels), "positive_class": meta.positive,
-                        "threshold": meta.threshold, "threshold_text": meta.threshold_text(),
-                        "threshold_reason": meta.threshold_reason(),
-                        "out_of_scope_gate": meta.gate.to_dict() if meta.gate else None,
-                        "predictions": [{**r, "explanation": explanation(r, meta)} for r in rows]})
-    else:
-        text = _csv(rows)
-    if cfg.out:
+    text = _text(rows, predictor, cfg, fmt, dicom)
+    if cfg.out:  # before sending: a PACS that is down must not cost the predictions
         atomic_write(Path(cfg.out), text)
+    if dicom is not None and cfg.stow:
+        send_dicom_results(dicom, cfg)
+        if fmt == "table" and not cfg.out:  # the table a person reads says what was sent
+            text = _text(rows, predictor, cfg, fmt, dicom)
     summary = summary_line(rows, meta.labels) + (f"\n{dicom['summary']}" if dicom else "")
     return {"images": len(rows), "unreadable": sum(1 for r in rows if r["error"]),
             "out_of_scope": sum(1 for r in rows if r.get("in_scope") is False), "out": cfg.out,
@@ -142,21 +141,48 @@ def run(cfg: PredictConfig) -> dict:
             "dicom": None if dicom is None else {k: v for k, v in dicom.items() if k != "files"}}
 
 
-def dicom_results(predictor, rows: list[dict], cfg: PredictConfig) -> dict:
-    """Write the SR and SC of every DICOM input to ``cfg.dicom_out`` (each row gets a ``dicom_result`` column) and,
-    with ``cfg.stow``, send them with STOW-RS. Returns the counts and a ``summary`` line (no patient data).
+def _text(rows: list[dict], predictor, cfg: PredictConfig, fmt: str, dicom: dict | None) -> str:
+    """The predictions as ``fmt`` (table, json or csv)."""
+    meta = predictor.meta
+    if fmt == "table":
+        text = format_table(rows, meta)
+        if dicom:  # the table is what a person reads: the DICOM results are part of it
+            text += dicom["summary"] + "\n"
+        return text
+    if fmt == "json":
+        return to_json({"disclaimer": DISCLAIMER, "model": str(predictor.source), "backend": cfg.backend,
+                        "labels": list(meta.labels), "positive_class": meta.positive,
+                        "threshold": meta.threshold, "threshold_text": meta.threshold_text(),
+                        "threshold_reason": meta.threshold_reason(),
+                        "out_of_scope_gate": meta.gate.to_dict() if meta.gate else None,
+                        "predictions": [{**r, "explanation": explanation(r, meta)} for r in rows]})
+    return _csv(rows)
+
+
+def write_dicom_results(predictor, rows: list[dict], cfg: PredictConfig) -> dict:
+    """Write the SR and SC of every DICOM input to ``cfg.dicom_out`` (each row gets a ``dicom_result`` column).
+    Returns the counts and a ``summary`` line (no patient data); :func:`send_dicom_results` sends them."""
+    from covid_cxr.deploy.dicom_results import describe, write_results
+
+    counts = write_results(predictor, rows, Path(cfg.dicom_out))
+    counts["summary"] = describe(counts)
+    return counts
+
+
+def send_dicom_results(counts: dict, cfg: PredictConfig) -> None:
+    """Send the files of :func:`write_dicom_results` with STOW-RS to ``cfg.stow`` (``counts`` gains ``stored`` and
+    a new ``summary``).
 
     Raises:
         PacsError: the PACS refused them or cannot be reached (the files stay in ``cfg.dicom_out``).
     """
-    from covid_cxr.deploy.dicom_results import describe, stow, write_results
+    from covid_cxr.deploy.dicom_results import describe, stow
 
-    counts = write_results(predictor, rows, Path(cfg.dicom_out))
-    if cfg.stow:
-        try:
-            counts["stored"] = stow(counts["files"], cfg.stow)
-        except PacsError as exc:
-            raise PacsError(f"{exc}; the DICOM results are in {cfg.dicom_out}") from None
+    try:
+        counts["stored"] = stow(counts["files"], cfg.stow)
+    except PacsError as exc:
+        kept = f"; the DICOM results are in {cfg.dicom_out}"
+        if cfg.out:
+            kept += f" and the predictions in {cfg.out}"
+        raise PacsError(f"{exc}{kept}") from None
     counts["summary"] = describe(counts)
-    return counts
-

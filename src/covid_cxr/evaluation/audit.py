@@ -113,7 +113,8 @@ def predicted_lungs(d, cfg) -> tuple[np.ndarray | None, dict]:
     if cfg.lungs:
         from covid_cxr.model.lungs import load_segmenter
 
-        net, origin = load_segmenter(cfg.lungs).model, str(cfg.lungs)
+        seg = load_segmenter(cfg.lungs)
+        net, origin = seg.model, getattr(seg, "description", None) or str(cfg.lungs)
     elif d.predictor.backend == "torch" and getattr(d.predictor.model, "lungs", None) is not None:
         net, origin = d.predictor.model.lungs, "the model's own segmenter (train --lungs)"
     if net is None:

@@ -28,7 +28,7 @@ from covid_cxr.evaluation.calibration import ECE_BINS, THRESHOLD_RULES, choose_t
 from covid_cxr.evaluation.metrics import (MIN_PER_CLASS, bootstrap_ci, breakdown, format_breakdown, headline_metrics,
                                           wilson_ci, with_ci)
 from covid_cxr.evaluation.page import METRIC_NAMES, breakdown_table, esc, fmt, table
-from covid_cxr.evaluation.split import SplitData
+from covid_cxr.evaluation.split import ALL, SplitData
 from covid_cxr.model.meta import ModelMeta, format_probability
 
 ACQUISITION_SUBGROUPS = ("modality", "manufacturer", "photometric")
@@ -42,6 +42,13 @@ OPTIMISM_NOTE = ("this threshold was chosen on these same images, so its sensiti
 RECALIBRATED_NOTE = ("the model's temperature and threshold were refitted on these same images (covid-cxr calibrate): "
                      "its sensitivity, specificity and calibration error here are optimistic; measure it on other "
                      "images of this hospital (a later period) for an honest number")
+RECALIBRATED_SOME_NOTE = ("{overlap} of these {images} images are among those the model's temperature and threshold "
+                          "were refitted on (covid-cxr calibrate): its sensitivity, specificity and calibration error "
+                          "here are optimistic; measure it on images it was not refitted on for an honest number")
+FINGERPRINT_DIGITS = 16
+"""``covid-cxr calibrate`` records the first 16 hex digits of the sha256 of each image it fitted on
+(``ModelMeta.recalibration["image_fingerprints"]``): enough to tell which evaluated images were among them (a chance
+match is 1 in 2**64), in a quarter of the room."""
 VERDICTS = ("inside", "overlapping", "below", "above", "not measurable")
 
 
@@ -83,6 +90,27 @@ def locality(d: SplitData) -> dict:
     return {**out, "local": True,
             "why": f"{folder}, and none of its sources ({', '.join(sources)}) is among the model's training "
                    f"sources ({', '.join(training_sources)})"}
+
+
+def recalibrated_on(rec: dict | None, where: dict, split: str, rows) -> int | None:
+    """How many of the evaluated ``rows`` the model's temperature and threshold were refitted on (``covid-cxr
+    calibrate``'s record ``rec``); None: some or all of them, the record cannot tell which.
+
+    By the images' sha256 when the record has their fingerprints, so a copy of the data in another folder counts and
+    ``calibrate --split val`` then ``evaluate --split test`` of one dataset does not. An older record (no
+    fingerprints) has only the dataset and the split: the same folder and split, or ``all`` on either side, is
+    taken as the same images.
+    """
+    if not rec:
+        return 0
+    fingerprints = rec.get("image_fingerprints")
+    if fingerprints is not None and "sha256" in rows:
+        recorded = set(fingerprints)
+        return int(sum(str(h)[:FINGERPRINT_DIGITS] in recorded for h in rows["sha256"] if h))
+    if rec.get("dataset") != where["dataset"]:
+        return 0
+    same = rec.get("split") in (None, ALL, split) or split == ALL
+    return None if same else 0
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -235,9 +263,13 @@ def local_validation(d: SplitData, doc: dict, lp: np.ndarray, pred: np.ndarray, 
                                                                         at_local["threshold"])
     subgroups, not_recorded = _subgroups(d, doc, lp, pred, in_scope, n_resamples, seed)
     cal = meta.calibration
-    rec = meta.recalibration or {}
-    recalibrated_here = bool(rec) and rec.get("dataset") == where["dataset"]
-    warnings_ = [RECALIBRATED_NOTE] if recalibrated_here else []
+    overlap = recalibrated_on(meta.recalibration, where, d.split, d.rows)
+    recalibrated_here = overlap != 0
+    warnings_ = []
+    if recalibrated_here:
+        some = overlap is not None and overlap < len(d.rows)
+        warnings_.append(RECALIBRATED_SOME_NOTE.format(overlap=overlap, images=len(d.rows)) if some else
+                         RECALIBRATED_NOTE)
     if p.get("synthetic_sources"):
         warnings_.append(f"SYNTHETIC DATA ({', '.join(p['synthetic_sources'])}): these numbers show that the "
                          "pipeline works, not how the model does on patients")
@@ -305,9 +337,9 @@ def format_local(lv: dict) -> list[str]:
                      + (f", 95% CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%" if ci else "") + ")")
     else:
         lines.append("  out of scope: the model has no out-of-scope gate")
-    for kind, table in lv["subgroups"].items():
+    for kind, rows in lv["subgroups"].items():
         if kind not in ("source", "view"):  # evaluate's summary prints those two for every split
-            lines += format_breakdown(kind, table)
+            lines += format_breakdown(kind, rows)
     if lv["not_recorded"]:
         lines.append(f"  not recorded for these images (no subgroups): {', '.join(lv['not_recorded'])}")
     lines.append(f"  protocol: {p['confidence_intervals']}; subgroups: {p['subgroup_intervals']}")

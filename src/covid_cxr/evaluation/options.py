@@ -70,7 +70,8 @@ class AuditConfig(SplitJob):
     seed: int = 0
     """Seed of the bootstrap and the probe."""
     lungs: str | None = None
-    """A lung segmenter (lungs.pt from `covid-cxr lungs train`): the lungs-masked test hides each image's predicted
+    """A lung segmenter (lungs.pt from `covid-cxr lungs train`, or a torchxrayvision ChestX-Det PSPNet state dict: see
+    docs/lungs.md): the lungs-masked test hides each image's predicted
     lung fields. Default: the model's own segmenter when it carries one (train --lungs), else a fixed central
     rectangle."""
 
@@ -118,6 +119,9 @@ class CalibrateConfig(ModelOnData):
     model's own rule."""
     target_sensitivity: float | None = None
     """Sensitivity the threshold must reach on these images; default: the model's own target."""
+    allow_training_data: bool = False
+    """Calibrate on the model's own training data anyway (its dataset folder or a dataset sharing a training source);
+    refused otherwise: training already fitted the temperature and threshold on its validation split."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

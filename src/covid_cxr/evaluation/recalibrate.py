@@ -3,12 +3,15 @@ them into a NEW run folder (the run given is never changed). See docs/local-vali
 
 The fit is training's own (:func:`covid_cxr.evaluation.calibration.calibrate`: temperature by NLL, then the
 threshold by the model's rule, its target sensitivity by default), on the images of ``--data`` instead of the
-validation split. The new folder holds:
+validation split. ``--data`` must be images the model was not trained on, by the rule local validation uses
+(:func:`covid_cxr.evaluation.local.locality`: not the training dataset's folder, no training source): training
+already fitted both on its validation split, and a refit on the training data passes for a local one. Only
+``--allow-training-data`` lets it through (and the record says so). The new folder holds:
 
 * ``best.pt``: the same weights (gate and lung segmenter included) with the new temperature, threshold and
   :class:`~covid_cxr.model.meta.Calibration`, and ``ModelMeta.recalibration`` recording what was done (dataset,
-  images, patients, old and new values, date, and that metrics on those images are now optimistic); written by the
-  one checkpoint writer (self-describing, checksummed);
+  split, images, patients, a fingerprint of each image, old and new values, date, and that metrics on those images
+  are now optimistic); written by the one checkpoint writer (self-describing, checksummed);
 * ``calibration.json`` (the new fit) and ``recalibration.png`` (reliability on these images before and after);
 * ``config.yaml`` (the training options, dataset paths re-pointed from the new folder), ``metrics.jsonl`` and
   ``learning_curves.png`` (the training history: the weights are unchanged).
@@ -32,6 +35,7 @@ from covid_cxr import DISCLAIMER, __version__
 from covid_cxr.errors import CalibrationError, OutputError, RunError
 from covid_cxr.evaluation.calibration import (THRESHOLD_RULES, calibrate, expected_calibration_error,
                                               reliability_diagram_png)
+from covid_cxr.evaluation.local import FINGERPRINT_DIGITS, locality
 from covid_cxr.evaluation.metrics import MIN_PER_CLASS, headline_metrics
 from covid_cxr.evaluation.options import CalibrateConfig
 from covid_cxr.evaluation.split import ALL, SplitData, load_split
@@ -62,6 +66,22 @@ def _check_out(out: Path, run: RunDir) -> None:
     if out.exists() or out.is_symlink():
         raise RunError(f"--out {out} already exists; calibrate writes a new run folder and never overwrites one: "
                        "choose a new name")
+
+
+def _check_local(d: SplitData, allowed: bool) -> dict:
+    """:func:`~covid_cxr.evaluation.local.locality` of the data; refuses the model's training data unless
+    ``allowed`` (--allow-training-data)."""
+    where = locality(d)
+    if where["local"]:
+        return where
+    if not allowed:
+        raise CalibrationError(
+            f"refusing to calibrate on {d.dataset.dir.root}: {where['why']}. calibrate refits the temperature and "
+            "threshold on a hospital's own images; training already fitted them on its validation split, and a refit "
+            "on its own data would later pass for a local one. Pass --data with images the model was not trained on "
+            "(docs/local-validation.md), or --allow-training-data to refit on these anyway")
+    log.warning("calibrating on the model's training data (--allow-training-data): %s", where["why"])
+    return where
 
 
 def _rule(cfg: CalibrateConfig, meta: ModelMeta) -> tuple[str, float]:
@@ -127,13 +147,15 @@ def run(cfg: CalibrateConfig) -> dict:
 
     Raises:
         RunError: ``--out`` exists or lies inside ``--run``. DatasetError: the dataset's classes are not the model's,
-            or it is empty. CalibrationError: fewer than :data:`MIN_PER_CLASS` images of a class, or no target
-            sensitivity. ImageReadError: an unreadable image (never skipped).
+            or it is empty. CalibrationError: the model's training data (without --allow-training-data), fewer than
+            :data:`MIN_PER_CLASS` images of a class, or no target sensitivity. ImageReadError: an unreadable image
+            (never skipped).
     """
     run_dir, _ = locate_checkpoint(cfg.run, cfg.checkpoint)
     out = Path(cfg.out)
     _check_out(out, run_dir)
     d = load_split(cfg.run, cfg.split, cfg.data, cfg.checkpoint, cfg.device, cfg.workers, cfg.source_roots)
+    where = _check_local(d, bool(cfg.allow_training_data))
     meta = d.predictor.meta
     counts = _check_counts(d)
     rule, target = _rule(cfg, meta)
@@ -147,6 +169,8 @@ def run(cfg: CalibrateConfig) -> dict:
         "dataset": str(d.dataset.dir.root.resolve()), "split": cfg.split,
         "sources": sorted(set(d.rows["source"])), "images": int(len(targets)),
         "patients": int(d.rows["group"].nunique()), "images_per_class": counts,
+        "local": where["local"], "why": where["why"],
+        "image_fingerprints": sorted({str(h)[:FINGERPRINT_DIGITS] for h in d.rows["sha256"] if h}),
         "from_run": str(run_dir.root.resolve()), "from_checkpoint": d.predictor.source.name,
         "from_sha256": sha256_file(d.predictor.source),
         "old": _values(meta, logits, targets), "new": _values(fitted, logits, targets),
@@ -216,6 +240,8 @@ def format_summary(result: dict) -> str:
                                                        if new.get("target_sensitivity") else "") + ")"),
              f"  on these images: ECE {rate(old['ece'])} -> {rate(new['ece'])}, sensitivity {rate(old['sensitivity'])} "
              f"-> {rate(new['sensitivity'])}, specificity {rate(old['specificity'])} -> {rate(new['specificity'])}"]
+    if r.get("local") is False:
+        lines.append(f"WARNING: calibrated on the model's training data (--allow-training-data): {r['why']}")
     lines += [f"WARNING: {w}" for w in result["warnings"]]
     lines.append(f"note: {r['note']}")
     lines.append(f"wrote {result['out']} (best.pt, calibration.json, {RECALIBRATION_PNG}); the run given was not "

@@ -57,18 +57,27 @@ img{max-width:100%;border:1px solid #e3e6ee;border-radius:4px}.grid{display:flex
 
 # ----------------------------------------------------------------------------- inputs
 
-def _of_other_data(dataset: str | None, cfg: ReportConfig) -> bool:
-    """An evaluation or audit was written for another dataset than ``--data`` asks for (it is then made again)."""
-    return bool(cfg.data) and dataset != str(Path(cfg.data).resolve())
+def _of_other_data(dataset: str | None, cfg: ReportConfig, run: RunDir) -> bool:
+    """An evaluation or audit was written for another dataset than the one asked for (it is then made again):
+    ``--data``, else the run's own (an ``eval-all`` of a hospital's dataset is not the report of the training data)."""
+    if cfg.data:
+        wanted = Path(cfg.data)
+    else:
+        try:
+            wanted = run.dataset().root
+        except CovidCxrError:  # the run's dataset is not here: evaluate could not run again; report what there is
+            return False
+    return dataset != str(wanted.resolve())
 
 
 def _ensure_eval(run: RunDir, cfg: ReportConfig) -> dict:
     path = run.eval_dir(cfg.split) / "metrics.json"
     if path.is_file():
         doc = read_json(path, "evaluation")
-        if not _of_other_data(doc.get("protocol", {}).get("dataset"), cfg):
+        if not _of_other_data(doc.get("protocol", {}).get("dataset"), cfg, run):
             return doc
-        log.info("%s is of another dataset than --data; running evaluate again", path)
+        log.info("%s is of another dataset than %s; running evaluate again", path,
+                 "--data" if cfg.data else "the run's own")
     else:
         log.info("no %s; running evaluate first", path)
     from covid_cxr.evaluation import evaluate
@@ -82,7 +91,7 @@ def _ensure_audit(run: RunDir, cfg: ReportConfig) -> dict | None:
     path = run.audit_dir(cfg.split) / "audit.json"
     if path.is_file():
         doc = read_json(path, "audit")
-        if not _of_other_data(doc.get("dataset"), cfg):
+        if not _of_other_data(doc.get("dataset"), cfg, run):
             return doc
     if not cfg.audit:
         return None

@@ -24,7 +24,8 @@ class TrainOptions(CommandOptions):
     arch: Arch = "densenet121"
     """Network (torchvision): densenet121 (the study's), resnet18, resnet50, efficientnet_b0, convnext_tiny."""
     lungs: str | None = None
-    """A lung segmenter (lungs.pt from `covid-cxr lungs train`, or its folder) for the model to carry: an image
+    """A lung segmenter (lungs.pt from `covid-cxr lungs train`, or its folder; torchxrayvision's PSPNet is for audit
+    and lungs predict only, too large to carry) for the model to carry: an image
     whose model pixels show no two plausible lung fields (a lateral film, a CT slice, a document) is out of scope, in
     evaluate, predict and serve alike."""
     weights: str = "imagenet"

@@ -186,6 +186,10 @@ def run(cfg: TrainConfig) -> dict:
         RunError: --out is in use by another process, or holds a run (without --resume).
         OutputError: the disk filled up or the folder is not writable; the run can be continued with --resume.
     """
+    if cfg.lungs:  # a segmenter the model cannot carry is refused now, not after the training it would finish
+        from covid_cxr.model.lungs import load_segmenter
+
+        load_segmenter(cfg.lungs).model_width
     rt = setup_runtime(cfg.device)
     run_dir = RunDir(Path(cfg.out))
     lock = RunLock(run_dir.lock) if rt.is_main else None
