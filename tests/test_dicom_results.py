@@ -347,6 +347,7 @@ def assert_quiet_about(text: str, name: str, uids: dict[str, str]) -> None:
     assert not re.search(_ANY_UID, text), f"a UID is on the terminal:\n{text[-3000:]}"
 
 
+@pytest.mark.slow  # a subprocess or a 512 px PSPNet or a full report: ~7-14 s; make test-slow runs it
 def test_predict_prints_no_name_and_no_uid_of_an_odd_source(tiny_run, tmp_path):
     """A caret-less name and UIDs with leading zeros make highdicom and pydicom warn, quoting them; a warning goes to
     stderr past any log setting, so this runs predict in a subprocess and reads what it printed."""

@@ -291,6 +291,7 @@ class _Drain:
             return "".join(self.lines)
 
 
+@pytest.mark.slow  # a subprocess or a 512 px PSPNet or a full report: ~7-14 s; make test-slow runs it
 def test_the_command_receives_and_stops_cleanly_on_sigterm(tiny_run, tmp_path):
     """The listener as a command, sent an instance whose Patient's Name has no '^' and whose UIDs have leading zeros
     (pydicom and highdicom warn about both, quoting them): it makes the results, stops on SIGTERM, and its terminal

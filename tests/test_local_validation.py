@@ -187,6 +187,7 @@ def test_the_local_auc_is_placed_against_the_expected_range(local, ci, verdict):
     assert none["available"] is False and "Nothing to compare with" in none["text"]
 
 
+@pytest.mark.slow  # a subprocess or a 512 px PSPNet or a full report: ~7-14 s; make test-slow runs it
 def test_the_models_own_estimate_is_compared_and_the_report_shows_the_section(run_copy, local_data, local_eval,
                                                                               tmp_path):
     """A model carrying an out-of-source estimate gets the verdict in metrics.json and in report.html; the report of

@@ -92,6 +92,7 @@ def published_file(tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- loading and using the file
 
+@pytest.mark.slow  # a subprocess or a 512 px PSPNet or a full report: ~7-14 s; make test-slow runs it
 def test_lungs_predict_with_a_chestx_det_state_dict_finds_its_lung_classes(published_file, tmp_path) -> None:
     """The whole CLI path at 512 px: the mask is where the Left and Right Lung classes fire, back at the image's own
     size, and the plausibility check passes it."""
@@ -109,6 +110,7 @@ def test_lungs_predict_with_a_chestx_det_state_dict_finds_its_lung_classes(publi
     assert row["reason"] == "two lung fields"
 
 
+@pytest.mark.slow  # a subprocess or a 512 px PSPNet or a full report: ~7-14 s; make test-slow runs it
 def test_audit_hides_the_lung_fields_the_chestx_det_classes_find(published_file) -> None:
     """audit --lungs FILE: the model pixels (224 px, upsampled to the network's 512) get their own lung fields."""
     from types import SimpleNamespace
