@@ -256,17 +256,22 @@ def test_dicomweb_search_filters_and_errors(orthanc, hospital, tmp_path):
         DicomWeb(orthanc.url + "/not-dicom-web").search("studies")
 
 
-def test_dicomdir_lists_the_files_to_read(hospital, tmp_path):
-    """A DICOMDIR (a CD or USB export) is read through its index: the files it lists, nothing else."""
+def _cd_export(export: Path, media: Path) -> Path:
+    """The export's files written as a DICOM File-set (a CD or USB export with its DICOMDIR) into ``media``."""
     import pydicom
     from pydicom.fileset import FileSet
 
-    export, labels_csv, phi = hospital
     fs = FileSet()
     for f in sorted(export.rglob("IM*")):
         fs.add(pydicom.dcmread(f))
-    media = tmp_path / "cd"
     fs.write(media)
+    return media
+
+
+def test_dicomdir_lists_the_files_to_read(hospital, tmp_path):
+    """A DICOMDIR (a CD or USB export) is read through its index: the files it lists, nothing else."""
+    export, labels_csv, phi = hospital
+    media = _cd_export(export, tmp_path / "cd")
     (media / "stray.dcm").write_bytes((export / "UNLABELLED_UMAYAHLIN" / "IM0001").read_bytes())  # not in the index
     read = read_dicom(media / "DICOMDIR", read_labels(labels_csv), tmp_path / "store")
     assert len(read.images) == len(PATIENTS) + 1
@@ -437,15 +442,8 @@ def test_unmatched_labels_say_what_would_have_matched(hospital, tmp_path):
 
 
 def test_dicomdir_counts_listed_files_that_are_missing(hospital, tmp_path):
-    import pydicom
-    from pydicom.fileset import FileSet
-
     export, labels_csv, phi = hospital
-    fs = FileSet()
-    for f in sorted(export.rglob("IM*")):
-        fs.add(pydicom.dcmread(f))
-    media = tmp_path / "cd"
-    fs.write(media)
+    media = _cd_export(export, tmp_path / "cd")
     listed = sorted(p for p in media.rglob("*") if p.is_file() and p.name != "DICOMDIR")
     listed[0].unlink()
     read = read_dicom(media / "DICOMDIR", read_labels(labels_csv), tmp_path / "store", allow_unmatched=True)
