@@ -59,8 +59,14 @@ CONFIGS: dict[str, dict] = {
     "resnet18": {"arch": "resnet18"},
     "clahe+acquisition": {"intensity": "clahe", "acquisition_augment": True},
     "clahe+acquisition+mixup": {"intensity": "clahe", "acquisition_augment": True, "mixup": 0.4},
+    "acquisition+mixup": {"acquisition_augment": True, "mixup": 0.4},
+    "crop": {"lung_view": "crop"},
+    "mask": {"lung_view": "mask"},
+    "today+crop": {"lung_view": "crop"},
+    "today+mask": {"lung_view": "mask"},
 }
-"""Name -> training options that differ from v0.1's defaults (the baseline)."""
+"""Name -> training options that differ from v0.1's defaults (the baseline); a name that starts with ``today``
+differs from today's defaults instead. A lung view (``--lung-view``) trains with the segmenter given by ``--lungs``."""
 
 V01 = {"intensity": "none", "acquisition_augment": False, "mixup": 0.0, "balance": "loss", "adversarial": 0.0,
        "arch": "densenet121"}
@@ -81,8 +87,13 @@ def build_dataset(data_root: Path, out: Path, names: tuple[str, ...]) -> Path:
 
 def train_options(args, name: str, extra: dict) -> dict:
     base = {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size, "weights": "none",
-            "patience": args.patience, "seed": args.seed, "progress": False, **({} if name == TODAY else V01)}
+            "patience": args.patience, "seed": args.seed, "progress": False,
+            **({} if name.startswith(TODAY) else V01)}
     base.update(extra)
+    if extra.get("lung_view", "none") != "none":
+        if not args.lungs:
+            raise SystemExit(f"{name} needs --lungs LUNGS (a segmenter: benchmarks/bench_lungs.py trains one)")
+        base["lungs"] = str(args.lungs)
     return base
 
 
@@ -194,6 +205,7 @@ def main() -> int:
     ap.add_argument("--sources", choices=("seven", "five"), default="seven",
                     help="the seven collections in ../shared, or the five of the earlier tables")
     ap.add_argument("--no-internal", action="store_true", help="skip the internal-split run (out-of-source only)")
+    ap.add_argument("--lungs", help="the lung segmenter for the lung-view configurations (lungs.pt)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     root = Path(args.data_root)
@@ -216,7 +228,8 @@ def main() -> int:
         internal = ({"auc": None, "ci95": None, "seconds": 0.0} if args.no_internal else
                     internal_run(dataset, out / f"internal-{tag}-{name}", options))
         seconds = sum((f.get("seconds") or 0) for f in cv["folds"].values()) + internal["seconds"]
-        results[name] = {"options": extra if name != TODAY else {"(today's defaults)": True}, "pooled": cv["pooled"],
+        shown = {**({"(today's defaults)": True} if name.startswith(TODAY) else {}), **extra}
+        results[name] = {"options": shown, "pooled": cv["pooled"],
                          "per_source": cv["per_source"], "internal": internal, "seconds": seconds,
                          "wall_seconds": round(time.perf_counter() - t0),
                          "estimators": cv.get("estimators"), "across_seeds": cv.get("across_seeds")}

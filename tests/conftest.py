@@ -182,3 +182,30 @@ def is_stopped(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
     except OSError:
         return False
+
+
+@pytest.fixture(scope="session")
+def phantom_segmenter(tmp_path_factory) -> Path:
+    """lungs.pt: the segmenter trained on 48 phantoms (Dice >= 0.9 held out, see tests/test_lungs.py), saved by the writer."""
+    import torch
+
+    from covid_cxr.imaging.lung_masks import lung_input, resize_mask
+    from covid_cxr.imaging.phantoms import make_phantom_with_masks
+    from covid_cxr.model.checkpoint import new_meta, save_checkpoint
+    from covid_cxr.model.lungs import LUNG_ARCH, LUNG_LABELS, lung_spec
+    from covid_cxr.training.lungs import fit, split_groups
+    from covid_cxr.training.options import LungsTrainConfig
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    pairs = [make_phantom_with_masks(("normal", "covid")[i % 2], 128, rng) for i in range(48)]
+    images, masks = [p["image"] for p in pairs], [p["lung_mask"] for p in pairs]
+    x = np.stack([lung_input(g, 64) for g in images])
+    y = np.stack([resize_mask(m, (64, 64)) for m in masks])
+    val = split_groups([str(i) for i in range(48)], 0.25, 0)
+    cfg = LungsTrainConfig(data="unused", out="unused", image_size=64, epochs=12, batch_size=8, width=8, device="cpu")
+    model, _ = fit(x, y, val, cfg, torch.device("cpu"), [m for m, v in zip(masks, val) if v])
+    out = tmp_path_factory.mktemp("segmenter") / "lungs.pt"
+    save_checkpoint(out, model, new_meta(LUNG_ARCH, LUNG_LABELS, "lung", lung_spec(64), {"width": 8}, None)
+                    .replace(val_metrics={"dice": 0.93}))
+    return out

@@ -202,27 +202,6 @@ def test_lungs_train_on_a_dataset_without_masks_says_where_masks_come_from(tmp_p
         masked_images(phantom_dataset)
 
 
-@pytest.fixture(scope="module")
-def phantom_segmenter(tmp_path_factory) -> Path:
-    """lungs.pt: the segmenter trained on 48 phantoms (Dice >= 0.9 held out, see above), saved by the writer."""
-    from covid_cxr.model.checkpoint import new_meta, save_checkpoint
-    from covid_cxr.model.lungs import LUNG_ARCH, LUNG_LABELS, lung_spec
-    from covid_cxr.training.lungs import fit, split_groups
-    from covid_cxr.training.options import LungsTrainConfig
-
-    torch.set_num_threads(1)
-    images, masks = _phantoms(48)
-    x = np.stack([lung_input(g, 64) for g in images])
-    y = np.stack([resize_mask(m, (64, 64)) for m in masks])
-    val = split_groups([str(i) for i in range(48)], 0.25, 0)
-    cfg = LungsTrainConfig(data="unused", out="unused", image_size=64, epochs=12, batch_size=8, width=8, device="cpu")
-    model, _ = fit(x, y, val, cfg, torch.device("cpu"), [m for m, v in zip(masks, val) if v])
-    out = tmp_path_factory.mktemp("segmenter") / "lungs.pt"
-    save_checkpoint(out, model, new_meta(LUNG_ARCH, LUNG_LABELS, "lung", lung_spec(64), {"width": 8}, None)
-                    .replace(val_metrics={"dice": 0.93}))
-    return out
-
-
 @pytest.mark.slow  # trains a classifier and exports it with the segmenter: 22-36 s on 2 cores
 def test_a_model_that_carries_the_segmenter_calls_images_without_two_lung_fields_out_of_scope(
         phantom_dataset, phantom_segmenter, tmp_path) -> None:

@@ -117,23 +117,34 @@ class Dataset:
                 return ImageCache(cand, int(c.get("short_side", 256)))
         return None
 
-    def pixels(self, rows: pd.DataFrame, spec, workers: int | None = None, progress: bool = False) -> np.ndarray:
+    def pixels(self, rows: pd.DataFrame, spec, workers: int | None = None, progress: bool = False,
+               lungs=None) -> np.ndarray:
         """Model pixels (N, size, size) uint8 of manifest rows: from the cache where it holds them (when its
-        short side matches the spec), else decoded from the files (and added to the cache).
+        short side matches the spec), else decoded from the files (and added to the cache). ``lungs``: the model's
+        segmenter (a :class:`~covid_cxr.imaging.pixels.LungMasker`), required when the spec has a lung view.
 
         Raises:
             DatasetError: an image must be decoded and its source folder is not where the dataset says
                 (naming ``--source-root``), or a file changed since the build.
             ImageReadError: an image file cannot be decoded (named); nothing is skipped.
         """
-        from covid_cxr.imaging.pixels import model_pixels
+        return self.pixels_and_lungs(rows, spec, workers, progress, lungs)[0]
+
+    def pixels_and_lungs(self, rows: pd.DataFrame, spec, workers: int | None = None, progress: bool = False,
+                         lungs=None) -> tuple[np.ndarray, list | None]:
+        """:meth:`pixels` and, with a lung view, each image's lung verdict; the lung masks are kept in the dataset's
+        cache (one set per segmenter), so each image is segmented once."""
+        from covid_cxr.imaging.cache import MaskCache
+        from covid_cxr.imaging.pixels import pixels_and_lungs
 
         cache = self.cache()
         if cache is not None and cache.short_side != spec.base_short_side:
             cache = None
+        masks = (MaskCache(cache.root, lungs.key, lungs.size) if cache is not None and lungs is not None
+                 and spec.needs_lungs and lungs.key else None)
         try:
-            return model_pixels(rows["path"].tolist(), spec, rows["sha256"].tolist(), cache=cache, workers=workers,
-                                progress=progress)
+            return pixels_and_lungs(rows["path"].tolist(), spec, rows["sha256"].tolist(), cache=cache,
+                                    workers=workers, progress=progress, lungs=lungs, masks=masks)
         except ImageReadError as exc:
             for name, tried in self.missing_roots.items():
                 if exc.path.startswith(str(self.roots[name])):

@@ -125,9 +125,13 @@ def predicted_lungs(d, cfg) -> tuple[np.ndarray | None, dict]:
     box = lung_field_mask(size)
     masks = np.stack([m.mask if m.check.plausible else box for m in found])
     fallback = sum(not m.check.plausible for m in found)
-    return masks, {"method": "predicted", "segmenter": origin, "images": len(found),
-                   "implausible_used_rectangle": int(fallback),
-                   "mean_area": round(float(masks.mean()), 4)}
+    method = {"method": "predicted", "segmenter": origin, "images": len(found),
+              "implausible_used_rectangle": int(fallback), "mean_area": round(float(masks.mean()), 4)}
+    view = d.predictor.meta.preprocess.lung_view
+    if view != "none":
+        method["lung_view"] = (f"the model sees the {view!r} lung view (the lung fields' box): these masks were "
+                               "found on that view, so the border outside them is the crop's margin")
+    return masks, method
 
 
 def gradcam_in_lungs(d, lungs: np.ndarray | None, lung_method: dict, bootstrap: int, seed: int) -> dict | None:
@@ -275,7 +279,7 @@ def run(cfg: AuditConfig) -> dict:
     for name, stack in variants.items():
         log.info("audit: scoring %d %s images (%s)%s", len(stack), cfg.split, name.replace("_", " "),
                  f", {cfg.bootstrap} bootstrap resamples" if cfg.bootstrap else "")
-        out = d.predictor.outputs(stack, cfg.batch_size, features=name == "original")
+        out = d.predictor.outputs(stack, cfg.batch_size, features=name == "original", lungs=d.lungs)
         feats = out.features if out.features is not None else feats
         lps[name] = meta.log_probs(out.logits)
         preds[name] = meta.decide(lps[name])

@@ -73,7 +73,7 @@ def run(cfg: EvalConfig) -> dict:
     meta = d.predictor.meta
     log.info("evaluating %s on %d images (%s)", d.predictor.source.name, len(d.pixels),
              "every split" if cfg.split == ALL else f"{cfg.split} split")
-    out = d.predictor.outputs(d.pixels, cfg.batch_size)
+    out = d.predictor.outputs(d.pixels, cfg.batch_size, lungs=d.lungs)
     lp = meta.log_probs(out.logits)
     pred = meta.decide(lp)
     in_scope = in_scope_of(d.predictor, out)

@@ -161,7 +161,7 @@ def run(cfg: CalibrateConfig) -> dict:
     rule, target = _rule(cfg, meta)
     log.info("calibrating %s on %d images of %s (%s)", d.predictor.source, len(d.pixels), d.dataset.dir.root,
              ", ".join(f"{k} {v}" for k, v in counts.items()))
-    logits = d.predictor.outputs(d.pixels, cfg.batch_size).logits
+    logits = d.predictor.outputs(d.pixels, cfg.batch_size, lungs=d.lungs).logits
     targets = d.targets
     cal, threshold_lo, plot = calibrate(logits, targets, meta.positive_index if meta.binary else None, rule, target)
     fitted = meta.replace(temperature=cal.temperature, threshold_log_odds=threshold_lo, calibration=cal)

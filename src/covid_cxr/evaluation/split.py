@@ -33,6 +33,9 @@ class SplitData:
     rows: pd.DataFrame
     pixels: np.ndarray
     targets: np.ndarray
+    lungs: list | None = None
+    """With a lung-view model, each image's lung verdict (its pixels are the lung view): pass it to
+    ``predictor.outputs``."""
 
 
 def load_split(run: str | Path, split: str, data: str | None = None, checkpoint: str = "best", device: str = "auto",
@@ -57,5 +60,6 @@ def load_split(run: str | Path, split: str, data: str | None = None, checkpoint:
     if rows.empty:
         which = "" if split == ALL else f"{split!r} "
         raise DatasetError(f"{ds.dir.manifest} has no {which}images of the classes {', '.join(ds.labels)}")
-    pixels = ds.pixels(rows, predictor.meta.preprocess, workers=workers, progress=progress)
-    return SplitData(predictor, run_dir, ds, split, rows, pixels, ds.targets(rows))
+    pixels, lungs = ds.pixels_and_lungs(rows, predictor.meta.preprocess, workers=workers, progress=progress,
+                                        lungs=predictor.lung_masker())
+    return SplitData(predictor, run_dir, ds, split, rows, pixels, ds.targets(rows), lungs)

@@ -224,3 +224,30 @@ class ImageCache:
         path = self.entry_path(sha256)
         self._write_meta()
         atomic_write(path, _encode_entry(np.ascontiguousarray(image)))
+
+
+class MaskCache:
+    """Lung masks of a dataset's images, keyed by file sha256, one set per segmenter (its checksum): a dataset's
+    images are segmented once for every run that uses that segmenter (``train --lung-view``, crossval folds).
+
+    Masks are stored bit-packed (8 KB at 256 px) in the :class:`ImageCache` entry format (checked the same way)."""
+
+    def __init__(self, root: str | Path, segmenter_key: str, size: int):
+        if not re.fullmatch(r"[0-9a-f]{8,64}", segmenter_key or ""):
+            raise ValueError(f"a segmenter key is a hex checksum, got {str(segmenter_key)[:40]!r}")
+        if size % 8:
+            raise ValueError(f"mask size must be a multiple of 8, got {size}")
+        self.size = int(size)
+        self._store = ImageCache(Path(root) / "lungs" / segmenter_key[:16], self.size)
+
+    def get(self, sha256: str) -> np.ndarray | None:
+        packed = self._store.get(sha256)
+        if packed is None or packed.shape != (self.size, self.size // 8):
+            return None
+        return np.unpackbits(packed, axis=1).astype(bool)
+
+    def put(self, sha256: str, mask: np.ndarray) -> None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (self.size, self.size):
+            raise ValueError(f"expected a {self.size}x{self.size} mask, got {mask.shape}")
+        self._store.put(sha256, np.packbits(mask, axis=1))

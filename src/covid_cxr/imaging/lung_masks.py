@@ -160,3 +160,60 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     p, t = np.asarray(pred, bool), np.asarray(truth, bool)
     union = np.logical_or(p, t).sum()
     return 1.0 if union == 0 else float(np.logical_and(p, t).sum() / union)
+
+
+# ----------------------------------------------------------------------------- the lung view (train --lung-view)
+
+LUNG_VIEWS = ("none", "crop", "mask")
+"""What a classifier that carries a segmenter sees (``train --lung-view``): ``none``, the whole image; ``crop``, the
+lung fields' bounding box widened by :data:`LUNG_MARGIN`; ``mask``, that crop with everything outside the (slightly
+widened, :data:`MASK_GROWTH`) lung fields set to black. Text markers, borders, collimation and burned-in labels
+outside the lungs then cannot decide."""
+LUNG_MARGIN = 0.08
+"""The crop's margin on each side, as a fraction of the lung fields' box height (top, bottom) and width (sides):
+a segmenter's edge may miss the periphery, where COVID-19 opacities often lie."""
+MASK_GROWTH = 0.02
+"""``mask`` view: the lung fields are grown by this fraction of the mask side before the rest is blacked out."""
+
+
+def lung_box(mask: np.ndarray, margin: float = LUNG_MARGIN) -> tuple[float, float, float, float]:
+    """The bounding box of ``mask``'s lung pixels widened by ``margin``: (top, bottom, left, right) as fractions of
+    the mask's height and width, clipped to [0, 1] (the whole frame for an empty mask)."""
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return 0.0, 1.0, 0.0, 1.0
+    top, bottom, left, right = rows[0] / h, (rows[-1] + 1) / h, cols[0] / w, (cols[-1] + 1) / w
+    dy, dx = margin * (bottom - top), margin * (right - left)
+    return max(0.0, top - dy), min(1.0, bottom + dy), max(0.0, left - dx), min(1.0, right + dx)
+
+
+def view_lungs(image: np.ndarray, mask: np.ndarray, view: str, margin: float = LUNG_MARGIN) -> tuple[np.ndarray,
+                                                                                                     LungCheck]:
+    """The lung view of a stage-1 image (:func:`covid_cxr.imaging.pixels.shrink_short_side`), before the
+    classifier's resize, and the verdict on its lung fields.
+
+    ``mask``: the image's cleaned lung mask at the segmenter's square (:func:`clean_mask` of its thresholded P(lung)
+    of :func:`lung_input`), which covers the whole image. An implausible mask gives the whole image back (the image is
+    out of scope whatever the classifier says: no crop is trusted). One pure function for training, prediction,
+    both backends and Grad-CAM, so that each sees the same pixels.
+    """
+    if view not in LUNG_VIEWS:
+        raise ValueError(f"lung view must be one of {LUNG_VIEWS}, got {view!r}")
+    mask = np.asarray(mask, dtype=bool)
+    check = check_lungs(mask)
+    if view == "none" or not check.plausible:
+        return image, check
+    h, w = image.shape[:2]
+    top, bottom, left, right = lung_box(mask, margin)
+    y0, y1 = int(np.floor(top * h)), max(int(np.ceil(bottom * h)), int(np.floor(top * h)) + 1)
+    x0, x1 = int(np.floor(left * w)), max(int(np.ceil(right * w)), int(np.floor(left * w)) + 1)
+    crop = image[y0:y1, x0:x1]
+    if view == "mask":
+        from scipy import ndimage
+
+        grow = max(1, round(MASK_GROWTH * mask.shape[0]))
+        inside = resize_mask(ndimage.binary_dilation(mask, iterations=grow), (h, w))[y0:y1, x0:x1]
+        crop = np.where(inside, crop, np.zeros((), crop.dtype))
+    return np.ascontiguousarray(crop), check

@@ -34,6 +34,7 @@ from PIL import Image
 from covid_cxr.errors import DatasetError
 from covid_cxr.files import default_workers
 from covid_cxr.imaging.images import load_image, sha256_file
+from covid_cxr.imaging.lung_masks import LUNG_MARGIN, LUNG_VIEWS, LungCheck, view_lungs
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,12 @@ class PreprocessSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     channels: int = 3
     """The grayscale image is repeated on this many channels (ImageNet-pretrained stems take 3)."""
+    lung_view: str = "none"
+    """Between stages 1 and 2, one of :data:`~covid_cxr.imaging.lung_masks.LUNG_VIEWS`: ``crop`` keeps the lung
+    fields' box, ``mask`` also blacks out what lies outside them (:func:`~covid_cxr.imaging.lung_masks.view_lungs`;
+    the lung mask comes from the segmenter the model carries)."""
+    lung_margin: float = LUNG_MARGIN
+    """The crop's margin around the lung fields, a fraction of their box (lung views only)."""
 
     def __post_init__(self) -> None:
         # a spec may come from a file someone else wrote: every field is checked by type and range
@@ -99,6 +106,11 @@ class PreprocessSpec:
             raise ValueError(f"clahe_clip must be a finite number, got {str(self.clahe_clip)[:40]!r}")
         if self.intensity not in INTENSITY_MODES:
             raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
+        if self.lung_view not in LUNG_VIEWS:
+            raise ValueError(f"lung_view must be one of {LUNG_VIEWS}, got {str(self.lung_view)[:40]!r}")
+        if not (isinstance(self.lung_margin, numbers.Real) and not isinstance(self.lung_margin, bool)
+                and 0.0 <= self.lung_margin <= 0.5):
+            raise ValueError(f"lung_margin must be a number from 0 to 0.5, got {str(self.lung_margin)[:40]!r}")
         if self.base_short_side < self.size:
             raise ValueError(f"base_short_side {self.base_short_side} is below the input size {self.size}")
         if not self.clahe_clip > 0 or self.clahe_tiles < 1:
@@ -117,6 +129,11 @@ class PreprocessSpec:
                    std=std)
 
     @property
+    def needs_lungs(self) -> bool:
+        """Whether stage 2 needs each image's lung mask (a lung view)."""
+        return self.lung_view != "none"
+
+    @property
     def scale(self) -> str:
         """The name of the input standardisation (``imagenet``, ``xrv``) or ``custom``."""
         return next((k for k, (m, s) in INPUT_SCALES.items() if tuple(self.mean) == m and tuple(self.std) == s),
@@ -127,7 +144,8 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
-        known = {"size", "base_short_side", "intensity", "clahe_clip", "clahe_tiles", "mean", "std", "channels"}
+        known = {"size", "base_short_side", "intensity", "clahe_clip", "clahe_tiles", "mean", "std", "channels",
+                 "lung_view", "lung_margin"}
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         return cls(**values)
 
@@ -135,8 +153,11 @@ class PreprocessSpec:
         """One line for reports and model cards."""
         stage3 = {"none": "no intensity standardisation", "equalize": "global histogram equalisation",
                   "clahe": f"CLAHE (clip {self.clahe_clip:g}, {self.clahe_tiles}x{self.clahe_tiles} tiles)"}
-        return (f"decode to 8-bit grayscale; shorter side to at most {self.base_short_side} px; whole image "
-                f"squashed to {self.size}x{self.size} (no crop, no padding); {stage3[self.intensity]}; "
+        view = {"none": "whole image",
+                "crop": f"cropped to the lung fields' box (margin {self.lung_margin:g}) and",
+                "mask": f"cropped to the lung fields' box (margin {self.lung_margin:g}), black outside the lungs, and"}
+        return (f"decode to 8-bit grayscale; shorter side to at most {self.base_short_side} px; {view[self.lung_view]} "
+                f"squashed to {self.size}x{self.size} (no padding); {stage3[self.intensity]}; "
                 + {"imagenet": f"scaled to [0, 1] and standardised with ImageNet mean/std on {self.channels} channels",
                    "xrv": f"scaled to torchxrayvision's [-1024, 1024] range on {self.channels} channels"}.get(
                     self.scale, f"scaled to [0, 1] and standardised with mean {list(self.mean)}, std {list(self.std)} "
@@ -175,9 +196,28 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
 
 
-def geometry(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Stages 1-2: the (size, size) uint8 model pixels of a decoded image."""
-    return resize_square(shrink_short_side(np.ascontiguousarray(image), spec.base_short_side), spec.size)
+def geometry(image: np.ndarray, spec: PreprocessSpec, lung_mask: np.ndarray | None = None) -> np.ndarray:
+    """Stages 1-2: the (size, size) uint8 model pixels of a decoded image.
+
+    With a lung view, ``lung_mask`` is the cleaned mask of the stage-1 image (:class:`LungMasker`)."""
+    return stage2(shrink_short_side(np.ascontiguousarray(image), spec.base_short_side), spec, lung_mask)[0]
+
+
+def stage2(stage1: np.ndarray, spec: PreprocessSpec, lung_mask: np.ndarray | None = None
+           ) -> tuple[np.ndarray, LungCheck | None]:
+    """Stage 2 of a stage-1 image: the lung view (if the spec has one) and the resize to the model's square; with the
+    lung mask's verdict (None without a mask).
+
+    Raises:
+        ValueError: a lung view without a lung mask.
+    """
+    if spec.needs_lungs and lung_mask is None:
+        raise ValueError(f"the {spec.lung_view!r} lung view needs each image's lung mask: load the model's "
+                         "segmenter (covid_cxr.model.inference.Predictor.pixels does)")
+    check = None
+    if lung_mask is not None:
+        stage1, check = view_lungs(stage1, lung_mask, spec.lung_view, spec.lung_margin)
+    return resize_square(stage1, spec.size), check
 
 
 # ----------------------------------------------------------------------------- stage 3: intensity
@@ -326,9 +366,35 @@ def decode_many(items: Sequence[tuple[str, str | None]], short_side: int, worker
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+class LungMasker(Protocol):
+    """What a lung view needs: the segmenter a model carries (:meth:`covid_cxr.model.inference.Predictor.lung_masker`,
+    either backend)."""
+
+    size: int
+    """The side of the square masks."""
+    key: str
+    """Identifies the segmenter (its checksum): cached masks are kept per key."""
+
+    def masks(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, size, size) bool: the cleaned lung mask of each stage-1 image."""
+        ...
+
+
+class MaskStore(Protocol):
+    """Where computed lung masks are kept between runs (:class:`covid_cxr.imaging.cache.MaskCache`)."""
+
+    def get(self, sha256: str) -> np.ndarray | None: ...
+
+    def put(self, sha256: str, mask: np.ndarray) -> None: ...
+
+
+LUNG_BATCH = 32
+"""Stage-1 images segmented at a time for a lung view."""
+
+
 def model_pixels(paths: Sequence[str | Path], spec: PreprocessSpec, sha256s: Sequence[str] | None = None,
                  cache: PixelCache | None = None, workers: int | None = None, progress: bool = False,
-                 fill: bool = True) -> np.ndarray:
+                 fill: bool = True, lungs: LungMasker | None = None, masks: MaskStore | None = None) -> np.ndarray:
     """Model pixels (stages 1-2) of many image files: (N, size, size) uint8 in the order of ``paths``.
 
     With a cache, images it holds are only resized (stage 2); the others are decoded, and stored
@@ -343,11 +409,22 @@ def model_pixels(paths: Sequence[str | Path], spec: PreprocessSpec, sha256s: Seq
         workers: decoding processes (default: usable cores, at most 8).
         progress: show progress bars.
         fill: store images decoded here in the cache.
+        lungs: the segmenter, required when ``spec`` has a lung view (see :func:`pixels_and_lungs`).
+        masks: where lung masks are kept by sha256 (needs ``sha256s``), so a dataset's images are segmented once.
 
     Raises:
         ImageReadError: a file that had to be decoded cannot be (it is named); nothing is skipped.
         DatasetError: with a cache and ``fill``, a decoded file does not match its sha256.
     """
+    return pixels_and_lungs(paths, spec, sha256s, cache, workers, progress, fill, lungs, masks)[0]
+
+
+def pixels_and_lungs(paths: Sequence[str | Path], spec: PreprocessSpec, sha256s: Sequence[str] | None = None,
+                     cache: PixelCache | None = None, workers: int | None = None, progress: bool = False,
+                     fill: bool = True, lungs: LungMasker | None = None, masks: MaskStore | None = None
+                     ) -> tuple[np.ndarray, list[LungCheck] | None]:
+    """:func:`model_pixels` and, for a spec with a lung view, each image's lung verdict (None otherwise): an image
+    without two plausible lung fields keeps its whole frame and is out of scope."""
     from tqdm.auto import tqdm
 
     n = len(paths)
@@ -357,6 +434,37 @@ def model_pixels(paths: Sequence[str | Path], spec: PreprocessSpec, sha256s: Seq
             raise ValueError("a cache needs one sha256 per path")
         if cache.short_side != spec.base_short_side:
             raise ValueError(f"the cache holds short side {cache.short_side}, the spec needs {spec.base_short_side}")
+    if spec.needs_lungs and lungs is None:
+        raise ValueError(f"the {spec.lung_view!r} lung view needs the model's lung segmenter")
+    if masks is not None and sha256s is None:
+        raise ValueError("a lung-mask store needs one sha256 per path")
+    checks: list[LungCheck | None] | None = [None] * n if spec.needs_lungs else None
+    pending: list[tuple[list[int], str, np.ndarray]] = []
+
+    def place(indices: list[int], key: str, image: np.ndarray) -> None:
+        if checks is None:
+            out[indices] = resize_square(image, spec.size)
+            return
+        pending.append((indices, key, image))
+        if len(pending) >= LUNG_BATCH:
+            flush()
+
+    def flush() -> None:
+        found = [masks.get(key) if masks is not None else None for _, key, _ in pending]
+        todo = [j for j, m in enumerate(found) if m is None]
+        if todo:
+            computed = lungs.masks([pending[j][2] for j in todo])
+            for j, m in zip(todo, computed):
+                found[j] = m
+                if masks is not None:
+                    masks.put(pending[j][1], m)
+        for (indices, _, image), mask in zip(pending, found):
+            pixels, check = stage2(image, spec, mask)
+            out[indices] = pixels
+            for i in indices:
+                checks[i] = check
+        pending.clear()
+
     todo: dict[str, list[int]] = {}
     first_path: dict[str, str] = {}
     hits = 0
@@ -370,7 +478,7 @@ def model_pixels(paths: Sequence[str | Path], spec: PreprocessSpec, sha256s: Seq
             todo[key] = [i]
             first_path[key] = str(path)
             continue
-        out[i] = resize_square(image, spec.size)
+        place([i], key, image)
         hits += 1
     keys = list(todo)
     verify = cache is not None and fill
@@ -380,8 +488,10 @@ def model_pixels(paths: Sequence[str | Path], spec: PreprocessSpec, sha256s: Seq
                                      disable=not progress or not items)):
         if verify:
             cache.put(key, image)
-        out[todo[key]] = resize_square(image, spec.size)
+        place(todo[key], key, image)
+    if pending:
+        flush()
     if cache is not None:
         log.info("model pixels at %d px: %d images from the cache, %d decoded%s", spec.size, hits, len(items),
                  " and stored" if verify and items else "")
-    return out
+    return out, checks

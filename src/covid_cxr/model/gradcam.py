@@ -181,7 +181,18 @@ def explain_array(model: CxrNet, meta: ModelMeta, image: np.ndarray, target: str
     """
     check_aspect(image, path)
     device = next(model.parameters()).device
-    x = torch.from_numpy(preprocess(image, meta.preprocess)).unsqueeze(0).to(device)
+    spec = meta.preprocess
+    if spec.needs_lungs:  # the lung view the model sees; the heatmap is shown on the same view of the image
+        from covid_cxr.imaging.lung_masks import view_lungs
+        from covid_cxr.imaging.pixels import finish, shrink_short_side, stage2
+        from covid_cxr.model.lungs import TorchLungMasker
+
+        stage1 = shrink_short_side(np.ascontiguousarray(image), spec.base_short_side)
+        mask = TorchLungMasker(model.lungs, device).masks([stage1])[0]
+        x = torch.from_numpy(finish(stage2(stage1, spec, mask)[0], spec)).unsqueeze(0).to(device)
+        image = view_lungs(image, mask, spec.lung_view, spec.lung_margin)[0]
+    else:
+        x = torch.from_numpy(preprocess(image, spec)).unsqueeze(0).to(device)
     first = resolve_target(meta, target, 0 if meta.positive_index is None and target is None else None)
     cam, logits, used = _cam(model, x, first, layer)
     lp = meta.log_probs(logits.cpu().numpy())

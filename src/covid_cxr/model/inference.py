@@ -20,7 +20,7 @@ import numpy as np
 
 from covid_cxr.errors import CheckpointError, CovidCxrError, ImageReadError
 from covid_cxr.imaging.images import load_image
-from covid_cxr.imaging.pixels import finish, geometry
+from covid_cxr.imaging.pixels import finish, geometry, shrink_short_side, stage2
 from covid_cxr.model import formats
 from covid_cxr.model.meta import ModelMeta
 from covid_cxr.model.onnx_model import OnnxModel
@@ -30,7 +30,7 @@ from covid_cxr.paths import RunDir, locate_checkpoint
 log = logging.getLogger(__name__)
 
 def forward_pixels(model, pixels: np.ndarray, spec, device, batch_size: int = 32, features: bool = False,
-                   dtype=None) -> Outputs:
+                   dtype=None, lungs: list | None = None) -> Outputs:
     """The PyTorch forward loop: (N, S, S) uint8 model pixels -> :class:`Outputs` in input order.
 
     Args:
@@ -41,6 +41,9 @@ def forward_pixels(model, pixels: np.ndarray, spec, device, batch_size: int = 32
         batch_size: images per forward pass.
         features: also return the penultimate features.
         dtype: autocast dtype on CUDA (None: full precision).
+        lungs: with a lung view (``spec.lung_view``), each image's lung verdict, found when its pixels were made
+            (:func:`~covid_cxr.imaging.pixels.pixels_and_lungs`): the model pixels are then a crop, not the image
+            (None while training: logits only).
     """
     import torch
 
@@ -74,8 +77,10 @@ def forward_pixels(model, pixels: np.ndarray, spec, device, batch_size: int = 32
         model.train(was_training)
     k = model.head.out_features
     cat = (lambda xs, shape: torch.cat(xs).numpy() if xs else np.zeros(shape, dtype=np.float32))
-    lungs = None
-    if getattr(model, "lungs", None) is not None:  # the segmenter reads the same model pixels
+    if spec.needs_lungs:
+        if lungs is not None and len(lungs) != len(pixels):
+            raise ValueError(f"{len(lungs)} lung verdicts for {len(pixels)} images")
+    elif getattr(model, "lungs", None) is not None:  # the segmenter reads the same model pixels
         from covid_cxr.imaging.lung_masks import lung_checks
         from covid_cxr.model.lungs import lung_probabilities
 
@@ -99,6 +104,10 @@ class Predictor:
 
     def __init__(self, meta: ModelMeta, backend: str, source: Path, run: RunDir | None, model: Any = None,
                  onnx: OnnxModel | None = None, device: Any = "cpu"):
+        if meta.preprocess.needs_lungs and meta.lungs is None:
+            raise CheckpointError(f"{source}: its preprocessing has the {meta.preprocess.lung_view!r} lung view but "
+                                  "the model carries no lung segmenter to find the lungs (a training checkpoint such "
+                                  "as last.pt gets it only when training finishes): use best.pt or the export")
         self.meta = meta
         self.backend = backend
         self.source = Path(source)
@@ -113,13 +122,40 @@ class Predictor:
     def labels(self) -> tuple[str, ...]:
         return self.meta.labels
 
-    def outputs(self, pixels: np.ndarray, batch_size: int = 32, features: bool = False) -> Outputs:
-        """Logits (and scope, and optionally features) for (N, S, S) uint8 model pixels."""
+    def outputs(self, pixels: np.ndarray, batch_size: int = 32, features: bool = False,
+                lungs: list | None = None) -> Outputs:
+        """Logits (and scope, and optionally features) for (N, S, S) uint8 model pixels; ``lungs``: their lung
+        verdicts, required for a lung-view model (:meth:`pixels` gives both)."""
+        if self.meta.preprocess.needs_lungs and lungs is None:
+            raise ValueError("the model pixels of a lung-view model come with each image's lung verdict "
+                             "(Predictor.pixels, Dataset.pixels_and_lungs)")
         if self.backend == "onnx":
             if features:
                 raise CovidCxrError("features need the PyTorch backend (--backend torch)")
-            return self.onnx.forward_pixels(pixels, batch_size)
-        return forward_pixels(self.model, pixels, self.meta.preprocess, self.device, batch_size, features)
+            return self.onnx.forward_pixels(pixels, batch_size, lungs=lungs)
+        return forward_pixels(self.model, pixels, self.meta.preprocess, self.device, batch_size, features,
+                              lungs=lungs)
+
+    def lung_masker(self):
+        """The segmenter the model carries as a :class:`~covid_cxr.imaging.pixels.LungMasker` (either backend), or
+        None."""
+        if self.meta.lungs is None:
+            return None
+        if self.backend == "onnx":
+            return self.onnx.lung_masker()
+        from covid_cxr.model.lungs import TorchLungMasker
+
+        return TorchLungMasker(self.model.lungs, self.device, self.meta.lungs.segmenter_checksum)
+
+    def pixels(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list | None]:
+        """Model pixels of decoded (H, W) uint8 images, and with a lung view their lung verdicts."""
+        spec = self.meta.preprocess
+        if not spec.needs_lungs:
+            return np.stack([geometry(img, spec) for img in images]), None
+        stage1 = [shrink_short_side(np.ascontiguousarray(img), spec.base_short_side) for img in images]
+        masks = self.lung_masker().masks(stage1)
+        done = [stage2(img, spec, m) for img, m in zip(stage1, masks)]
+        return np.stack([px for px, _ in done]), [check for _, check in done]
 
     def results(self, out: Outputs) -> list[dict]:
         """One result per image: ``probabilities``, ``label``, ``log_odds`` (two classes), ``in_scope``,
@@ -151,8 +187,8 @@ class Predictor:
         """Results for decoded (H, W) uint8 images."""
         if not len(images):
             return []
-        pixels = np.stack([geometry(img, self.meta.preprocess) for img in images])
-        return self.results(self.outputs(pixels, batch_size))
+        pixels, lungs = self.pixels(images)
+        return self.results(self.outputs(pixels, batch_size, lungs=lungs))
 
     def predict_files(self, paths: Sequence[str | Path], batch_size: int = 16, skip_unreadable: bool = False,
                       progress: bool = False) -> list[dict]:

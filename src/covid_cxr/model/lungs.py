@@ -183,3 +183,17 @@ def _chestx_det_segmenter(path: Path, state: dict[str, torch.Tensor], device: st
                      training={"source": source, "sha256": digest, "classes": list(LUNG_TARGETS)}, versions=versions())
     return LungSegmenter(model, meta, device, digest,
                          f"{source} (sha256 {digest[:12]}, {' + '.join(LUNG_TARGETS)} at {PSPNET_SIZE} px)")
+
+
+class TorchLungMasker:
+    """A PyTorch segmenter as a :class:`~covid_cxr.imaging.pixels.LungMasker`: the cleaned lung mask of each stage-1
+    image, at the segmenter's square (what a lung view crops by)."""
+
+    def __init__(self, net: LungNet, device, key: str = "") -> None:
+        self.net, self.device, self.key = net, torch.device(device), key
+        self.size = int(net.input_size)
+
+    def masks(self, images) -> np.ndarray:
+        probs = lung_probabilities(self.net, list(images), self.size, self.device)
+        return np.stack([clean_mask(p >= MASK_THRESHOLD) for p in probs]) if len(probs) else np.zeros(
+            (0, self.size, self.size), bool)

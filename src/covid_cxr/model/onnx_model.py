@@ -14,7 +14,7 @@ import numpy as np
 
 from covid_cxr.errors import CheckpointError, CovidCxrError
 from covid_cxr.files import default_workers, read_json
-from covid_cxr.imaging.lung_masks import lung_checks, lung_input
+from covid_cxr.imaging.lung_masks import MASK_THRESHOLD, clean_mask, lung_checks, lung_input
 from covid_cxr.imaging.pixels import finish
 from covid_cxr.limits import MAX_MODEL_JSON_BYTES, MAX_ONNX_BYTES, MAX_ORT_MEMORY_BYTES
 from covid_cxr.machine import cpu_features, int8_cpu_note
@@ -225,22 +225,55 @@ class OnnxModel:
                                   "again") from None
         return out
 
-    def forward_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> Outputs:
-        logits, scopes, lungs = [], [], []
+    def lung_masks(self, images) -> np.ndarray:
+        """(N, L, L) bool: the cleaned lung mask of each stage-1 image by the segmenter in the graph (its lung
+        branch alone is fed: the image input gets one blank image)."""
+        size, spec = self.meta.lungs.size, self.meta.preprocess
+        if not len(images):
+            return np.zeros((0, size, size), bool)
+        lung_x = np.stack([lung_input(img, size) for img in images])[:, None]
+        blank = np.zeros((1, spec.channels, spec.size, spec.size), np.float32)
+        probs = dict(zip(self._outputs, self._run(blank, lung_x)))[OUTPUT_LUNGS]
+        return np.stack([clean_mask(p >= MASK_THRESHOLD) for p in probs])
+
+    def lung_masker(self) -> "_OnnxLungMasker":
+        """The graph's segmenter as a :class:`~covid_cxr.imaging.pixels.LungMasker`."""
+        if not self.meta.lungs:
+            raise CovidCxrError(f"{self.path.name} carries no lung segmenter")
+        return _OnnxLungMasker(self)
+
+    def forward_pixels(self, pixels: np.ndarray, batch_size: int = 32, lungs: list | None = None) -> Outputs:
+        """Logits (and scope, and lung verdicts) for (N, S, S) uint8 model pixels; ``lungs``: for a lung-view model,
+        the verdicts found when the pixels were made (the pixels are a crop, so the lungs are not looked for
+        again)."""
+        view = self.meta.preprocess.needs_lungs
+        if view and lungs is not None and len(lungs) != len(pixels):
+            raise ValueError(f"{len(lungs)} lung verdicts for {len(pixels)} images")
+        given, lungs, logits, scopes = lungs, [], [], []
         for start in range(0, len(pixels), batch_size):
             part = pixels[start:start + batch_size]
-            lung_x = (np.stack([lung_input(p, self.meta.lungs.size) for p in part])[:, None] if self.meta.lungs
-                      else None)
+            lung_x = (np.stack([lung_input(p, self.meta.lungs.size) for p in part])[:, None]
+                      if self.meta.lungs and not view else None)
             out = dict(zip(self._outputs, self._run(finish(part, self.meta.preprocess), lung_x)))
             logits.append(out[OUTPUT_LOGITS])
             if OUTPUT_SCOPE in out:
                 scopes.append(out[OUTPUT_SCOPE])
-            if OUTPUT_LUNGS in out:
+            if OUTPUT_LUNGS in out and not view:
                 lungs += lung_checks(out[OUTPUT_LUNGS])
         k = len(self.meta.labels)
         return Outputs(logits=np.concatenate(logits) if logits else np.zeros((0, k), np.float32),
                        scope=(np.concatenate(scopes) if scopes else np.zeros(0, np.float32)) if self.meta.gate else None,
-                       lungs=lungs if self.meta.lungs else None)
+                       lungs=(given if view else lungs) if self.meta.lungs else None)
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r}, providers={self.providers})"
+
+
+class _OnnxLungMasker:
+    """An exported model's segmenter as a :class:`~covid_cxr.imaging.pixels.LungMasker`."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model, self.size, self.key = model, model.meta.lungs.size, model.meta.lungs.segmenter_checksum
+
+    def masks(self, images) -> np.ndarray:
+        return self.model.lung_masks(list(images))

@@ -188,7 +188,7 @@ def score_fold(folder: Path, source: str, cfg: CrossvalConfig) -> dict:
     run = RunDir(folder / "run")
     d = load_split(run.root, "test", str(folder / "dataset"), "best", cfg.device)
     meta = d.predictor.meta
-    out = d.predictor.outputs(d.pixels, cfg.batch_size)
+    out = d.predictor.outputs(d.pixels, cfg.batch_size, lungs=d.lungs)
     lp = meta.log_probs(out.logits)
     pred = meta.decide(lp)
     labels = list(meta.labels)

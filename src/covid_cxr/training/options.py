@@ -28,6 +28,11 @@ class TrainOptions(CommandOptions):
     and lungs predict only, too large to carry) for the model to carry: an image
     whose model pixels show no two plausible lung fields (a lateral film, a CT slice, a document) is out of scope, in
     evaluate, predict and serve alike."""
+    lung_view: Literal["none", "crop", "mask"] = "none"
+    """With --lungs, what the classifier sees: 'none' (the whole image), 'crop' (the lung fields' box with a margin,
+    cut before the resize to --image-size) or 'mask' (that crop, black outside the lungs); stored in the model, so
+    evaluate, predict, serve, Grad-CAM and the ONNX export see the same pixels. An image without two plausible lung
+    fields keeps its whole frame and is out of scope."""
     weights: str = "imagenet"
     """'imagenet' (torchvision's cached ImageNet weights), 'none' (from scratch) or a state-dict file: a torchvision
     network of --arch, a covid-cxr checkpoint, or a torchxrayvision DenseNet-121 (chest-X-ray-pretrained)."""
@@ -102,6 +107,9 @@ class TrainOptions(CommandOptions):
             raise ConfigError(f"--log {', '.join(unknown)} is not supported; use {' or '.join(EXPERIMENT_LOGS)}")
         if not 32 <= self.image_size <= 1024:
             raise ConfigError("--image-size must be between 32 and 1024")
+        if self.lung_view != "none" and not self.lungs:
+            raise ConfigError(f"--lung-view {self.lung_view} needs --lungs LUNGS (the segmenter that finds the lung "
+                              "fields: `covid-cxr lungs train`)")
         check_positive("batch_size", self.batch_size)
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise ConfigError(f"--weights {shown(self.weights)}: not 'imagenet', 'none' or an existing file")

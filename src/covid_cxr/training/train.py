@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +219,7 @@ def _run(cfg: TrainConfig, rt: Runtime, run_dir: RunDir) -> dict:
     seed_everything(cfg.seed)
     ds = read_dataset(cfg.data, cfg.source_roots)
     labels, positive = ds.labels, ds.info.positive
-    spec = PreprocessSpec.for_size(cfg.image_size, cfg.intensity, input_scale(cfg))
+    spec = replace(PreprocessSpec.for_size(cfg.image_size, cfg.intensity, input_scale(cfg)), lung_view=cfg.lung_view)
     options = _training_options(cfg, run_dir)
     train_rows = ds.rows(("train", "test", "unused")) if cfg.all_images else ds.rows("train")
     val_rows = ds.rows("val")
@@ -235,8 +236,14 @@ def _run(cfg: TrainConfig, rt: Runtime, run_dir: RunDir) -> dict:
                                     "positive": positive, "preprocess": spec.to_dict()})
     t0 = time.perf_counter()
     progress = cfg.progress and rt.is_main
-    train_px = ds.pixels(train_rows, spec, progress=progress)
-    val_px = ds.pixels(val_rows, spec, progress=progress)
+    masker = None
+    if spec.needs_lungs:  # the lung view: each image segmented once (masks kept in the dataset's cache)
+        from covid_cxr.model.lungs import TorchLungMasker, load_segmenter
+
+        segmenter = load_segmenter(cfg.lungs, rt.device)
+        masker = TorchLungMasker(segmenter.model, rt.device, segmenter.checksum)
+    train_px = ds.pixels(train_rows, spec, progress=progress, lungs=masker)
+    val_px = ds.pixels(val_rows, spec, progress=progress, lungs=masker)
     train_y, val_y = ds.targets(train_rows), ds.targets(val_rows)
     log.info("loaded %d train and %d val images at %d px in %.1f s", len(train_px), len(val_px), cfg.image_size,
              time.perf_counter() - t0)
