@@ -170,3 +170,19 @@ def test_training_evaluation_prediction_and_onnx_see_the_same_lung_view(phantom_
     # Grad-CAM explains the view the model saw, shown on the same view of the image
     e = torch_pred.explain(images[:1])[0]
     assert e.heatmap.shape == e.image.shape and e.image.shape[0] < images[0].shape[0]
+
+
+def test_a_lung_view_needs_a_segmenter_at_training_and_at_prediction(tiny_run) -> None:
+    from dataclasses import replace
+
+    from covid_cxr.errors import CheckpointError, ConfigError
+    from covid_cxr.model.inference import Predictor, load_predictor
+    from covid_cxr.training.options import TrainConfig
+
+    with pytest.raises(ConfigError, match="--lung-view crop needs --lungs"):
+        TrainConfig(data="d", out="o", lung_view="crop")
+    plain = load_predictor(tiny_run, "torch", "cpu")
+    assert plain.lung_masker() is None and plain.pixels([_phantom()[0]])[1] is None
+    meta = plain.meta.replace(preprocess=replace(plain.meta.preprocess, lung_view="crop"))
+    with pytest.raises(CheckpointError, match="carries no lung segmenter.*use best.pt"):
+        Predictor(meta, "torch", tiny_run / "last.pt", None, model=plain.model)
