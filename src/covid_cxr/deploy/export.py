@@ -81,15 +81,17 @@ def _inputs(n: int, channels: int, size: int, lung_size: int | None, random: boo
 
 
 def _to_onnx(graph: _Graph, channels: int, size: int, opset: int, outputs: list[str], lung_size: int | None = None):
-    """ModelProto of ``graph`` for (N, C, size, size) float32 input (and (N, 1, L, L) lung input), N dynamic."""
+    """ModelProto of ``graph`` for (N, C, size, size) float32 input (and (M, 1, L, L) lung input), N and M
+    dynamic."""
     # torch.export specialises a dimension whose example size is 0 or 1, so trace with N=2.
     example = _inputs(2, channels, size, lung_size)
-    batch = torch.export.Dim("batch", min=1, max=65536)
     names = [INPUT_NAME] + ([LUNG_INPUT_NAME] if lung_size else [])
+    # each input its own batch size: a lung view feeds the lung branch alone first (one blank image beside it), and
+    # an int8 graph would otherwise fix both to one size
+    dims = tuple({0: torch.export.Dim(name.replace("image", "batch"), min=1, max=65536)} for name in names)
     try:
         program = torch.onnx.export(graph, example, None, dynamo=True, opset_version=opset,
-                                    input_names=names, output_names=outputs,
-                                    dynamic_shapes=tuple({0: batch} for _ in names),
+                                    input_names=names, output_names=outputs, dynamic_shapes=dims,
                                     external_data=False, optimize=True, verbose=False)
     except Exception as exc:  # torch.export and the ONNX translation raise many types
         raise ExportError(f"torch.onnx.export (dynamo) failed: {type(exc).__name__}: {exc}") from None
@@ -222,8 +224,13 @@ def run(cfg: ExportConfig) -> dict:
         from covid_cxr.model.checkpoint import read_checkpoint
 
         # the dataset is read first: a moved dataset fails before anything is written
-        qdata = quantize.load_data(run_dir, read_checkpoint(ckpt).meta, cfg.data, cfg.source_roots,
-                                   cfg.calibration_images)
+        meta = read_checkpoint(ckpt).meta
+        masker = None
+        if meta.preprocess.needs_lungs:  # the lung view's masks, by the segmenter the model carries
+            from covid_cxr.model.inference import load_predictor
+
+            masker = load_predictor(ckpt, "torch", "cpu").lung_masker()
+        qdata = quantize.load_data(run_dir, meta, cfg.data, cfg.source_roots, cfg.calibration_images, lungs=masker)
         out = cfg.out or run_dir.onnx
         summary = current_onnx(ckpt, out, cfg.opset)
         if summary is None:

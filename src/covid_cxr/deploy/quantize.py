@@ -46,7 +46,7 @@ from covid_cxr.files import atomic_write, read_json, to_json
 from covid_cxr.imaging.pixels import finish
 from covid_cxr.machine import cpu_features, describe_cpu, has_int8_dot_product
 from covid_cxr.model.meta import ModelMeta
-from covid_cxr.model.onnx_model import OUTPUT_LOGITS, OUTPUT_SCOPE, OnnxModel, onnx_meta_path
+from covid_cxr.model.onnx_model import OUTPUT_LOGITS, OUTPUT_LUNGS, OUTPUT_SCOPE, OnnxModel, onnx_meta_path
 from covid_cxr.paths import RunDir
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,14 @@ class QuantData:
     targets: np.ndarray
     dataset: str
     validation_total: int
+    test_lungs: list | None = None
+    """With a lung-view model, the test images' lung verdicts (their pixels are the lung view)."""
 
 
 def load_data(run: RunDir, meta: ModelMeta, data: str | None = None, source_roots=(),
-              calibration_images: int = 256, workers: int | None = None) -> QuantData:
+              calibration_images: int = 256, workers: int | None = None, lungs=None) -> QuantData:
     """The validation (calibration, up to ``calibration_images`` spread evenly) and test pixels of the run's dataset.
+    ``lungs``: the model's segmenter (:class:`~covid_cxr.imaging.pixels.LungMasker`), for a lung-view model.
 
     Raises:
         DatasetError: no dataset, other labels, an empty split, or images not where the dataset says (the message
@@ -101,19 +104,19 @@ def load_data(run: RunDir, meta: ModelMeta, data: str | None = None, source_root
                 raise DatasetError(f"{ds.dir.manifest} has no {name!r} images of the task")
         n = min(calibration_images, len(val))
         picked = val.iloc[np.unique(np.linspace(0, len(val) - 1, n).round().astype(int))]
-        calib = ds.pixels(picked, meta.preprocess, workers=workers)
-        test_px = ds.pixels(test, meta.preprocess, workers=workers)
+        calib = ds.pixels(picked, meta.preprocess, workers=workers, lungs=lungs)
+        test_px, test_lungs = ds.pixels_and_lungs(test, meta.preprocess, workers=workers, lungs=lungs)
     except DatasetError as exc:
         raise DatasetError(f"--quantize int8 calibrates on the validation images and checks on the test images of "
                            f"the run's dataset: {exc}") from None
-    return QuantData(calib, test_px, ds.targets(test), str(ds.dir.root), len(val))
+    return QuantData(calib, test_px, ds.targets(test), str(ds.dir.root), len(val), test_lungs)
 
 
 class _PixelReader:
     """Calibration batches: model pixels through :func:`covid_cxr.imaging.pixels.finish`, as inference feeds them."""
 
-    def __init__(self, pixels: np.ndarray, spec, input_name: str):
-        self.pixels, self.spec, self.input_name = pixels, spec, input_name
+    def __init__(self, pixels: np.ndarray, spec, input_name: str, lung_input: tuple[str, int] | None = None):
+        self.pixels, self.spec, self.input_name, self.lung_input = pixels, spec, input_name, lung_input
         self.start = 0
 
     def get_next(self) -> dict | None:
@@ -121,7 +124,11 @@ class _PixelReader:
             return None
         batch = self.pixels[self.start:self.start + CALIBRATION_BATCH]
         self.start += CALIBRATION_BATCH
-        return {self.input_name: np.ascontiguousarray(finish(batch, self.spec), dtype=np.float32)}
+        feeds = {self.input_name: np.ascontiguousarray(finish(batch, self.spec), dtype=np.float32)}
+        if self.lung_input:  # the segmenter's nodes stay float32 (lung_only_nodes): blank lung images suffice
+            name, size = self.lung_input
+            feeds[name] = np.zeros((len(batch), 1, size, size), np.float32)
+        return feeds
 
     def rewind(self) -> None:
         self.start = 0
@@ -129,6 +136,16 @@ class _PixelReader:
 
 def gate_only_nodes(model) -> list[str]:
     """Names of the nodes that feed ``scope`` but not ``logits`` (the gate's own arithmetic)."""
+    return _only_nodes(model, OUTPUT_SCOPE)
+
+
+def lung_only_nodes(model) -> list[str]:
+    """Names of the nodes that feed ``lungs`` but not ``logits`` (the segmenter a model carries): they stay float32,
+    so the int8 graph finds the same lung fields, and crops the same lung view, as the fp32 one."""
+    return _only_nodes(model, OUTPUT_LUNGS)
+
+
+def _only_nodes(model, output: str) -> list[str]:
     producer = {out: node for node in model.graph.node for out in node.output}
 
     def ancestors(tensor: str) -> set[str]:
@@ -143,10 +160,10 @@ def gate_only_nodes(model) -> list[str]:
         return seen
 
     outputs = [o.name for o in model.graph.output]
-    if OUTPUT_SCOPE not in outputs:
+    if output not in outputs:
         return []
     logits = ancestors(OUTPUT_LOGITS)
-    return sorted(ancestors(OUTPUT_SCOPE) - logits)
+    return sorted(ancestors(output) - logits)
 
 
 class _AxisNoise(logging.Filter):
@@ -186,9 +203,14 @@ def quantize_model(fp32: Path, out: Path, pixels: np.ndarray, spec, keep_gate_fp
             # ONNX's own shape inference suffices for a CNN; the symbolic one fails on the gate's Unsqueeze nodes
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
             model = onnx.load(str(pre))
-            exclude = gate_only_nodes(model) if keep_gate_fp32 else []
+            exclude = (gate_only_nodes(model) if keep_gate_fp32 else []) + lung_only_nodes(model)
             input_name = model.graph.input[0].name
-            quantize_static(str(pre), str(out), Reader(pixels, spec, input_name), quant_format=QuantFormat.QDQ,
+            lung_input = None
+            if len(model.graph.input) > 1:  # a model that carries a segmenter: (N, 1, L, L)
+                lung = model.graph.input[1]
+                lung_input = (lung.name, int(lung.type.tensor_type.shape.dim[2].dim_value))
+            quantize_static(str(pre), str(out), Reader(pixels, spec, input_name, lung_input),
+                            quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
         except Exception as exc:  # onnxruntime.quantization raises many types
@@ -202,7 +224,8 @@ def quantize_model(fp32: Path, out: Path, pixels: np.ndarray, spec, keep_gate_fp
 
 def _compare(fp32: OnnxModel, int8: OnnxModel, qd: QuantData) -> dict[str, Any]:
     meta = fp32.meta
-    a, b = fp32.forward_pixels(qd.test, CALIBRATION_BATCH), int8.forward_pixels(qd.test, CALIBRATION_BATCH)
+    a = fp32.forward_pixels(qd.test, CALIBRATION_BATCH, lungs=qd.test_lungs)
+    b = int8.forward_pixels(qd.test, CALIBRATION_BATCH, lungs=qd.test_lungs)
     lp_a, lp_b = meta.log_probs(a.logits), meta.log_probs(b.logits)
     auc_a, auc_b = roc_auc(qd.targets, lp_a, meta.positive_index), roc_auc(qd.targets, lp_b, meta.positive_index)
     block: dict[str, Any] = {
@@ -214,6 +237,8 @@ def _compare(fp32: OnnxModel, int8: OnnxModel, qd: QuantData) -> dict[str, Any]:
         t = meta.gate.threshold
         block["in_scope_agree"] = float(np.mean((a.scope <= t) == (b.scope <= t)))
         block["max_scope_relative_difference"] = float(np.max(np.abs(a.scope - b.scope) / np.maximum(1.0, np.abs(a.scope))))
+    if a.lungs is not None and b.lungs is not None:
+        block["lung_fields_agree"] = float(np.mean([x == y for x, y in zip(a.lungs, b.lungs)]))
     return block
 
 
@@ -241,9 +266,6 @@ def quantize_export(onnx_path: str | Path, qd: QuantData, max_auc_drop: float = 
     onnx_path = Path(onnx_path)
     out = int8_path(onnx_path)
     fp32 = OnnxModel(onnx_path, device="cpu")
-    if fp32.meta.lungs is not None:
-        raise ExportError(f"{onnx_path} carries a lung segmenter: int8 quantisation of such a graph is not supported "
-                          "yet; serve the fp32 model.onnx")
     with tempfile.TemporaryDirectory(prefix="covid-cxr-int8-") as tmp:
         trial = Path(tmp) / out.name
         log.info("quantising %s on %d validation images", onnx_path, len(qd.calibration))
