@@ -49,7 +49,7 @@ def main() -> int:
     _, checks = ds.pixels_and_lungs(rows, spec, lungs=masker)
     seconds = time.perf_counter() - t0
     cache = ds.cache()
-    store = MaskCache(cache.root, masker.key, masker.size) if cache is not None else None
+    store = MaskCache(cache.root, masker.key, masker.size, spec.base_short_side) if cache is not None else None
     kept = []
     for sha, check in zip(rows["sha256"], checks):
         mask = store.get(sha) if store is not None else None

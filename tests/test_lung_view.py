@@ -104,7 +104,7 @@ def test_pixels_of_files_equal_the_pure_function_and_masks_are_segmented_once(tm
     shas = [sha256_file(p) for p in paths]
     masker = _TrueMasks(truths)
     cache = ImageCache(tmp_path / "cache", 64)
-    store = MaskCache(tmp_path / "cache", masker.key, masker.size)
+    store = MaskCache(tmp_path / "cache", masker.key, masker.size, 64)
     px, checks = pixels_and_lungs(paths, spec, shas, cache=cache, workers=1, lungs=masker, masks=store)
     assert masker.calls == 5 and all(c.plausible for c in checks)
     expected = [stage2(shrink_short_side(load_image(p), 64), spec, masker.masks([shrink_short_side(load_image(p),
@@ -196,5 +196,39 @@ def test_a_lung_view_needs_a_segmenter_at_training_and_at_prediction(tiny_run) -
     plain = load_predictor(tiny_run, "torch", "cpu")
     assert plain.lung_masker() is None and plain.pixels([_phantom()[0]])[1] is None
     meta = plain.meta.replace(preprocess=replace(plain.meta.preprocess, lung_view="crop"))
-    with pytest.raises(CheckpointError, match="carries no lung segmenter.*use best.pt"):
+    # a lung-view model is written as meta format 3, which covid-cxr versions without lung views refuse ("upgrade")
+    # instead of feeding it whole images; a model without one keeps format 2
+    from covid_cxr.model.meta import META_FORMAT, ModelMeta
+
+    assert plain.meta.to_dict()["format"] == 2 and meta.to_dict()["format"] == META_FORMAT == 3
+    assert ModelMeta.from_dict(meta.to_dict()).preprocess.lung_view == "crop"
+    with pytest.raises(CheckpointError, match="newer covid-cxr"):
+        ModelMeta.from_dict({**meta.to_dict(), "format": META_FORMAT + 1})
+    with pytest.raises(CheckpointError, match="carries no lung segmenter.*--resume"):
         Predictor(meta, "torch", tiny_run / "last.pt", None, model=plain.model)
+
+
+def test_masks_that_cannot_be_kept_are_computed_again_not_an_error(tmp_path: Path, caplog, monkeypatch) -> None:
+    """A dataset cache on a read-only disk (atomic_write's OutputError, as root cannot be denied a write here)."""
+    from covid_cxr.errors import OutputError
+    from covid_cxr.imaging import cache as cache_module
+    from covid_cxr.imaging.cache import MaskCache
+
+    def read_only(path, data):
+        import errno
+
+        raise OutputError(errno.EROFS, "Read-only file system", str(path), f"cannot write {path}: read-only")
+
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "atomic_write", read_only)
+        store = MaskCache(tmp_path / "ro", "ab" * 8, 16)
+        store.put("0" * 64, np.ones((16, 16), bool))  # no error: logged once
+        store.put("1" * 64, np.ones((16, 16), bool))
+        assert store.get("0" * 64) is None
+    assert sum("cannot be kept" in r.getMessage() for r in caplog.records) == 1
+    ok = MaskCache(tmp_path / "cache", "ab" * 8, 16)
+    mask = np.random.default_rng(0).random((16, 16)) > 0.5
+    ok.put("2" * 64, mask)
+    assert np.array_equal(ok.get("2" * 64), mask)
+    with pytest.raises(ValueError, match="hex checksum"):
+        MaskCache(tmp_path, "../../etc", 16)

@@ -140,8 +140,8 @@ class Dataset:
         cache = self.cache()
         if cache is not None and cache.short_side != spec.base_short_side:
             cache = None
-        masks = (MaskCache(cache.root, lungs.key, lungs.size) if cache is not None and lungs is not None
-                 and spec.needs_lungs and lungs.key else None)
+        masks = (MaskCache(cache.root, lungs.key, lungs.size, spec.base_short_side)
+                 if cache is not None and lungs is not None and spec.needs_lungs and lungs.key else None)
         try:
             return pixels_and_lungs(rows["path"].tolist(), spec, rows["sha256"].tolist(), cache=cache,
                                     workers=workers, progress=progress, lungs=lungs, masks=masks)

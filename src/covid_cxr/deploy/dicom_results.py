@@ -465,8 +465,10 @@ def build_sc(identity: ModelIdentity, outcome: Outcome, src: Source, pixels: np.
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = SERIES_DESCRIPTIONS["sc"]
     sc.ImageComments = f"covid-cxr: {INTENDED_USE}"
-    sc.DerivationDescription = ("Grad-CAM overlay of the source image" if heatmap else
-                                "the source image without a heatmap (ONNX backend)") + \
+    view = identity.meta.preprocess.lung_view
+    shown = "the source image" if view == "none" else f"the model's {view} lung view of the source image"
+    sc.DerivationDescription = (f"Grad-CAM overlay of {shown}" if heatmap else
+                                f"{shown} without a heatmap (ONNX backend)") + \
         "; decision and intended use burned in; resized for display, not for measurement"
     from pydicom.dataset import Dataset
 

@@ -76,7 +76,10 @@ def hf_config(meta: ModelMeta, weights_sha256: str, source: dict, onnx: bool) ->
         "library_name": "covid-cxr", "covid_cxr_format": HF_FORMAT, "covid_cxr_version": __version__,
         "model_type": "covid-cxr-classifier", "arch": meta.arch,
         "architecture": f"torchvision {meta.arch} without its last layer (state-dict keys net.*), a linear head "
-                        "(head.*) and, when fitted, the out-of-scope gate (gate.*)",
+                        "(head.*), when fitted the out-of-scope gate (gate.*) and, when carried, the lung segmenter "
+                        "(lungs.*)" + ("; with a lung view the segmenter first finds the lung fields' box, which "
+                                       "the preprocessing crops before the resize (preprocessing.lung_view)"
+                                       if spec.needs_lungs else ""),
         "num_labels": len(meta.labels), "labels": list(meta.labels),
         "id2label": {str(i): lab for i, lab in enumerate(meta.labels)},
         "label2id": {lab: i for i, lab in enumerate(meta.labels)},

@@ -237,8 +237,12 @@ def _compare(fp32: OnnxModel, int8: OnnxModel, qd: QuantData) -> dict[str, Any]:
         t = meta.gate.threshold
         block["in_scope_agree"] = float(np.mean((a.scope <= t) == (b.scope <= t)))
         block["max_scope_relative_difference"] = float(np.max(np.abs(a.scope - b.scope) / np.maximum(1.0, np.abs(a.scope))))
-    if a.lungs is not None and b.lungs is not None:
-        block["lung_fields_agree"] = float(np.mean([x == y for x, y in zip(a.lungs, b.lungs)]))
+    if meta.lungs is not None:  # the int8 graph's own segmenter, fed the same images as the fp32 graph's
+        from covid_cxr.imaging.lung_masks import check_lungs
+
+        ma, mb = fp32.lung_masks(list(qd.test)), int8.lung_masks(list(qd.test))
+        block["lung_masks_identical"] = float(np.mean([np.array_equal(x, y) for x, y in zip(ma, mb)]))
+        block["lung_fields_agree"] = float(np.mean([check_lungs(x) == check_lungs(y) for x, y in zip(ma, mb)]))
     return block
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 
-from covid_cxr.errors import CacheError
+from covid_cxr.errors import CacheError, OutputError
 from covid_cxr.files import atomic_write
 from covid_cxr.imaging.pixels import PreprocessSpec, shrink_short_side
 
@@ -232,13 +232,15 @@ class MaskCache:
 
     Masks are stored bit-packed (8 KB at 256 px) in the :class:`ImageCache` entry format (checked the same way)."""
 
-    def __init__(self, root: str | Path, segmenter_key: str, size: int):
+    def __init__(self, root: str | Path, segmenter_key: str, size: int, short_side: int = 256):
         if not re.fullmatch(r"[0-9a-f]{8,64}", segmenter_key or ""):
             raise ValueError(f"a segmenter key is a hex checksum, got {str(segmenter_key)[:40]!r}")
         if size % 8:
             raise ValueError(f"mask size must be a multiple of 8, got {size}")
         self.size = int(size)
-        self._store = ImageCache(Path(root) / "lungs" / segmenter_key[:16], self.size)
+        # one set per segmenter and stage-1 short side (the segmenter reads the stage-1 image)
+        self._store = ImageCache(Path(root) / "lungs" / f"{segmenter_key[:16]}-s{int(short_side)}", self.size)
+        self._unwritable = False
 
     def get(self, sha256: str) -> np.ndarray | None:
         packed = self._store.get(sha256)
@@ -250,4 +252,11 @@ class MaskCache:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (self.size, self.size):
             raise ValueError(f"expected a {self.size}x{self.size} mask, got {mask.shape}")
-        self._store.put(sha256, np.packbits(mask, axis=1))
+        if self._unwritable:
+            return
+        try:
+            self._store.put(sha256, np.packbits(mask, axis=1))
+        except (OutputError, OSError) as exc:  # a read-only cache: the masks are recomputed next time, that is all
+            self._unwritable = True
+            log.warning("lung masks cannot be kept in %s (%s): they will be computed again on the next run",
+                        self._store.root, exc)

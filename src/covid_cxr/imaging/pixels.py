@@ -435,7 +435,8 @@ def pixels_and_lungs(paths: Sequence[str | Path], spec: PreprocessSpec, sha256s:
         if cache.short_side != spec.base_short_side:
             raise ValueError(f"the cache holds short side {cache.short_side}, the spec needs {spec.base_short_side}")
     if spec.needs_lungs and lungs is None:
-        raise ValueError(f"the {spec.lung_view!r} lung view needs the model's lung segmenter")
+        raise ValueError(f"the {spec.lung_view!r} lung view needs the model's lung segmenter: pass "
+                         "lungs=predictor.lung_masker() (covid_cxr.model.inference.Predictor)")
     if masks is not None and sha256s is None:
         raise ValueError("a lung-mask store needs one sha256 per path")
     checks: list[LungCheck | None] | None = [None] * n if spec.needs_lungs else None

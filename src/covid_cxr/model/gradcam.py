@@ -209,8 +209,8 @@ def heatmap_for_image(model: CxrNet, meta: ModelMeta, image: np.ndarray, target:
                       layer: str | None = None) -> np.ndarray:
     """Grad-CAM of a decoded image at its display resolution (the image itself when it is small enough).
 
-    Preprocessing squashes the whole image to the model's square input (no crop or padding), so the
-    low-resolution map is stretched straight back onto the image.
+    Preprocessing squashes the whole image (or, for a model with a lung view, the lung fields' box) to the model's
+    square input (no padding), so the low-resolution map is stretched straight back onto that image (or box).
     """
     return explain_array(model, meta, image, target, layer)["heatmap"]
 

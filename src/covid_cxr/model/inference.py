@@ -106,8 +106,9 @@ class Predictor:
                  onnx: OnnxModel | None = None, device: Any = "cpu"):
         if meta.preprocess.needs_lungs and meta.lungs is None:
             raise CheckpointError(f"{source}: its preprocessing has the {meta.preprocess.lung_view!r} lung view but "
-                                  "the model carries no lung segmenter to find the lungs (a training checkpoint such "
-                                  "as last.pt gets it only when training finishes): use best.pt or the export")
+                                  "the model carries no lung segmenter to find the lungs: a training checkpoint gets "
+                                  "it only when training finishes; finish the run (covid-cxr train ... --resume) and "
+                                  "use its best.pt or its export")
         self.meta = meta
         self.backend = backend
         self.source = Path(source)

@@ -27,8 +27,11 @@ from covid_cxr.config import PEDIATRIC_SOURCES
 from covid_cxr.errors import CheckpointError
 from covid_cxr.imaging.pixels import PreprocessSpec
 
-META_FORMAT = 2
-"""Version of the serialised meta (1 was covid-cxr 0.1's untyped checkpoint keys)."""
+META_FORMAT = 3
+"""Version of the serialised meta (1 was covid-cxr 0.1's untyped checkpoint keys; 3 adds the lung view)."""
+META_FORMAT_WHOLE_IMAGE = 2
+"""The format written for a model without a lung view: covid-cxr versions that know no lung view read it as it
+is, and refuse a lung-view model (format 3) instead of feeding it whole images."""
 
 
 # ----------------------------------------------------------------------------- scores
@@ -411,7 +414,7 @@ class ModelMeta:
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "format": META_FORMAT, "arch": self.arch, "labels": list(self.labels), "positive": self.positive,
+            "format": META_FORMAT if self.preprocess.needs_lungs else META_FORMAT_WHOLE_IMAGE, "arch": self.arch, "labels": list(self.labels), "positive": self.positive,
             "preprocess": self.preprocess.to_dict(), "threshold_log_odds": self.threshold_log_odds,
             "threshold": self.threshold, "temperature": self.temperature,
             "calibration": self.calibration.to_dict() if self.calibration else None,

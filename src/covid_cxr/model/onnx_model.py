@@ -15,7 +15,7 @@ import numpy as np
 from covid_cxr.errors import CheckpointError, CovidCxrError
 from covid_cxr.files import default_workers, read_json
 from covid_cxr.imaging.lung_masks import MASK_THRESHOLD, clean_mask, lung_checks, lung_input
-from covid_cxr.imaging.pixels import finish
+from covid_cxr.imaging.pixels import LUNG_BATCH, finish
 from covid_cxr.limits import MAX_MODEL_JSON_BYTES, MAX_ONNX_BYTES, MAX_ORT_MEMORY_BYTES
 from covid_cxr.machine import cpu_features, int8_cpu_note
 from covid_cxr.model.meta import ModelMeta
@@ -205,10 +205,12 @@ class OnnxModel:
         """Every output, in :attr:`session_outputs` order. ``lung_x``: the lung input of a model that carries a
         segmenter (zeros when not given: its lung output is then meaningless and unused)."""
         feeds = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
-        if self.meta.lungs:
-            size = self.meta.lungs.size
-            feeds[LUNG_INPUT_NAME] = (np.zeros((len(x), 1, size, size), np.float32) if lung_x is None
+        if self.meta.lungs:  # without lung_x the lung branch is unused: one blank image (each input of a lung-view
+            size = self.meta.lungs.size  # export has its own batch size; older exports get one per image)
+            blank = 1 if self.meta.preprocess.needs_lungs else len(x)
+            feeds[LUNG_INPUT_NAME] = (np.zeros((blank, 1, size, size), np.float32) if lung_x is None
                                       else np.ascontiguousarray(lung_x, dtype=np.float32))
+        n = max(len(x), 0 if lung_x is None else len(lung_x))
         try:
             out = self.session.run(self._outputs, feeds)
         except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types, allocation failures too
@@ -217,9 +219,9 @@ class OnnxModel:
                 raise CheckpointError(
                     f"{self.path.name} asked for more memory than ONNX Runtime may use here "
                     f"({MAX_ORT_MEMORY_BYTES / 2**30:.0f} GiB, covid_cxr.limits.MAX_ORT_MEMORY_BYTES) on a batch of "
-                    f"{len(x)}: a covid-cxr export at 224 px needs about 1 GiB for 32 images; use a smaller batch "
+                    f"{n}: a covid-cxr export at 224 px needs about 1 GiB for 32 images; use a smaller batch "
                     "(--batch-size), or this graph was altered or not exported by covid-cxr: export again") from None
-            raise CheckpointError(f"ONNX Runtime failed running {self.path.name} on a batch of {len(x)} "
+            raise CheckpointError(f"ONNX Runtime failed running {self.path.name} on a batch of {n} "
                                   f"({type(exc).__name__}: {text[:200]}); a covid-cxr export runs in well under "
                                   "1 GB per image: this graph was altered or not exported by covid-cxr, export "
                                   "again") from None
@@ -229,12 +231,13 @@ class OnnxModel:
         """(N, L, L) bool: the cleaned lung mask of each stage-1 image by the segmenter in the graph (its lung
         branch alone is fed: the image input gets one blank image)."""
         size, spec = self.meta.lungs.size, self.meta.preprocess
-        if not len(images):
-            return np.zeros((0, size, size), bool)
-        lung_x = np.stack([lung_input(img, size) for img in images])[:, None]
         blank = np.zeros((1, spec.channels, spec.size, spec.size), np.float32)
-        probs = dict(zip(self._outputs, self._run(blank, lung_x)))[OUTPUT_LUNGS]
-        return np.stack([clean_mask(p >= MASK_THRESHOLD) for p in probs])
+        out = []
+        for start in range(0, len(images), LUNG_BATCH):
+            lung_x = np.stack([lung_input(img, size) for img in images[start:start + LUNG_BATCH]])[:, None]
+            probs = dict(zip(self._outputs, self._run(blank, lung_x)))[OUTPUT_LUNGS]
+            out += [clean_mask(p >= MASK_THRESHOLD) for p in probs]
+        return np.stack(out) if out else np.zeros((0, size, size), bool)
 
     def lung_masker(self) -> "_OnnxLungMasker":
         """The graph's segmenter as a :class:`~covid_cxr.imaging.pixels.LungMasker`."""

@@ -172,6 +172,7 @@ class ManifestDataset(Dataset):
         source_roots: ``{source: folder}`` for sources whose images moved.
         spec: a model's :class:`~covid_cxr.imaging.pixels.PreprocessSpec` (``predictor.meta.preprocess``): exactly the
             pixels that model sees (overrides ``image_size`` and ``intensity``).
+        lungs: for a model with a lung view (``spec.lung_view``), its segmenter: ``predictor.lung_masker()``.
 
     Attributes:
         labels: class names in index order. rows: the manifest rows (a DataFrame). spec: the PreprocessSpec.
@@ -179,14 +180,14 @@ class ManifestDataset(Dataset):
 
     def __init__(self, dataset_dir: str | Path, split: str, image_size: int = 224, augment: bool = False,
                  intensity: str = "none", seed: int = 0, source_roots: dict | None = None,
-                 spec: PreprocessSpec | None = None):
+                 spec: PreprocessSpec | None = None, lungs=None):
         from covid_cxr.data.dataset import read_dataset
 
         ds = read_dataset(dataset_dir, source_roots)
         self.labels = ds.labels
         self.rows = ds.rows(split)
         self.spec = spec if spec is not None else PreprocessSpec.for_size(image_size, intensity)
-        self._inner = StackDataset(ds.pixels(self.rows, self.spec), ds.targets(self.rows), self.spec,
+        self._inner = StackDataset(ds.pixels(self.rows, self.spec, lungs=lungs), ds.targets(self.rows), self.spec,
                                    AugmentSpec() if augment else None, seed)
 
     def set_epoch(self, epoch: int) -> None:
