@@ -232,3 +232,20 @@ def test_masks_that_cannot_be_kept_are_computed_again_not_an_error(tmp_path: Pat
     assert np.array_equal(ok.get("2" * 64), mask)
     with pytest.raises(ValueError, match="hex checksum"):
         MaskCache(tmp_path, "../../etc", 16)
+
+
+def test_the_model_card_says_what_a_carried_segmenter_turns_away(tiny_run) -> None:
+    from dataclasses import replace
+
+    from covid_cxr.deploy.modelcard import model_card
+    from covid_cxr.model.inference import load_predictor
+    from covid_cxr.model.meta import LungUse
+
+    meta = load_predictor(tiny_run, "torch", "cpu").meta
+    assert "Lung fields" not in model_card(meta, None, "not evaluated", "m", False)
+    lungs = meta.replace(lungs=LungUse(width=8, size=64, dice=0.977))
+    card = model_card(lungs, None, "not evaluated", "m", False)
+    assert "Dice 0.977" in card and "out of scope" in card and "lung view" not in card
+    view = lungs.replace(preprocess=replace(meta.preprocess, lung_view="mask"))
+    card = model_card(view, None, "not evaluated", "m", False)
+    assert "sees only the mask lung view" in card and "black outside the lungs" in card

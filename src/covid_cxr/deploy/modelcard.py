@@ -36,6 +36,22 @@ METRICS = (("roc_auc", "roc_auc", "ROC AUC"), ("accuracy", "accuracy", "accuracy
 
 INTENDED_USE = ("Research on chest X-ray classification methods, teaching, and studying dataset bias and shortcut "
                 "learning in the public COVID-19 chest X-ray collections.")
+
+
+def _lung_lines(meta) -> list[str]:
+    """What the card says about a segmenter the model carries (nothing without one)."""
+    if meta.lungs is None:
+        return []
+    dice = f"held-out Dice {meta.lungs.dice:.3f}" if meta.lungs.dice is not None else "Dice not recorded"
+    return [f"* Lung fields: the model carries a lung segmenter (U-Net, {meta.lungs.size} px, {dice}); an image "
+            "without two plausible lung fields is out of scope whatever the gate says. Dense consolidation can hide "
+            "a lung's border: on the public collections this turned away COVID-19 films several times more often "
+            "than normal ones (docs/lungs.md, benchmarks/bench_lung_scope.py), so send out-of-scope images to a "
+            "person."
+            + (f" The classifier sees only the {meta.preprocess.lung_view} lung view." if meta.preprocess.needs_lungs
+               else "")]
+
+
 def out_of_scope_uses(meta: ModelMeta) -> str:
     """The card's out-of-scope uses: the kinds of image named match what the model was trained on (children are
     named only when no training source had children; otherwise the age caveat says why they still are)."""
@@ -188,7 +204,7 @@ def model_card(meta: ModelMeta, evaluation: dict | None, note: str, name: str, o
               + f"; temperature {meta.temperature:.4g}"
               + (f" ({meta.calibration.status})" if meta.calibration else "") + ".",
               f"* Preprocessing: {spec.describe()}.",
-              f"* Out of scope detection: {gate}.", ""]
+              f"* Out of scope detection: {gate}.", *_lung_lines(meta), ""]
     if meta.calibration and meta.calibration.warnings:
         lines += ["Calibration warnings:", ""] + [f"* {w}" for w in meta.calibration.warnings] + [""]
     lines += ["## Intended use", "", INTENDED_USE, "", "## Out-of-scope uses", "", out_of_scope_uses(meta), ""]
