@@ -175,18 +175,22 @@ def table(results: dict) -> str:
         per_source.append(f"| {name} | " + " | ".join(cells) + " |")
     seeds = ["", "Across seeds (the headline: mean over seeds, interval covering seeds and patients) and estimators:", "",
              "| configuration | pooled AUC per seed | mean | seed SD | 95% interval (seeds + patients) | seed ensemble "
-             "AUC (95% CI) | mean of per-fold AUCs (folds with both classes) |", "|---|---|---|---|---|---|---|"]
+             "AUC (95% CI) | per-fold recalibrated pool per seed; mean (seed SD) | mean of per-fold AUCs (folds with "
+             "both classes) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         a, e = r.get("across_seeds"), r.get("estimators") or {}
         folds = f"{fmt(e.get('mean_of_folds'))} ({', '.join(e.get('folds_with_both_classes') or [])})"
         if not a:
-            seeds.append(f"| {name} | {fmt(r['pooled']['auc'])} | - | - | - | - | {folds} |")
+            seeds.append(f"| {name} | {fmt(r['pooled']['auc'])} | - | - | - | - | "
+                         f"{fmt(e.get('pooled_fold_recalibrated'))} | {folds} |")
             continue
-        ens = a["ensemble"]
+        ens, rec = a["ensemble"], a.get("fold_recalibrated")
+        recs = (f"{', '.join(fmt(v) for v in rec['auc'])}; {fmt(rec['mean'])} ({fmt(rec['seed_sd'])})" if rec
+                else "-")
         seeds.append(f"| {name} | {', '.join(fmt(v) for v in a['pooled_auc'])} | {fmt(a['mean'])} | "
                      f"{fmt(a['seed_sd'])} | {fmt(a['ci95_seeds_and_patients'][0])}-"
                      f"{fmt(a['ci95_seeds_and_patients'][1])} | {fmt(ens['auc'])} ({fmt((ens['ci95'] or [None])[0])}-"
-                     f"{fmt((ens['ci95'] or [None, None])[1])}) | {folds} |")
+                     f"{fmt((ens['ci95'] or [None, None])[1])}) | {recs} | {folds} |")
     return "\n".join(lines + per_source + seeds)
 
 

@@ -283,6 +283,10 @@ def test_seeds_give_a_spread_an_interval_covering_both_and_an_ensemble(two_hospi
     p_lo, p_hi = doc["pooled"]["ci95"]
     assert lo <= seeds["mean"] <= hi and hi - lo >= (p_hi - p_lo) * 0.5  # covers at least the mean patient variance
     assert 0.0 <= seeds["ensemble"]["auc"] <= 1.0
+    rec = seeds["fold_recalibrated"]  # the same spread for the per-fold recalibrated pool
+    assert rec["auc"] == [round(doc["estimators"]["pooled_fold_recalibrated"], 4),
+                          round(second["estimators"]["pooled_fold_recalibrated"], 4)]
+    assert rec["ci95_seeds_and_patients"][0] <= rec["mean"] <= rec["ci95_seeds_and_patients"][1]
     on_disk = json.loads((out / "crossval.json").read_text())
     assert on_disk["across_seeds"] == seeds and on_disk["estimators"]["headline"] == "pooled"
     assert "2 seeds: pooled AUC" in crossval.format_summary(doc)
