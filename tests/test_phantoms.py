@@ -208,3 +208,26 @@ def test_generation_is_fast() -> None:
     # ~0.8 s on a loaded 2-core machine; the bar only catches an accidental slow path (e.g. a per-pixel loop,
     # 100x slower), not load
     assert elapsed < 30.0, f"{elapsed:.2f} s for 40 images"
+
+
+def test_phantoms_can_carry_their_true_lung_masks_where_a_folder_source_finds_them(tmp_path) -> None:
+    import pandas as pd
+
+    from covid_cxr.data import manifest
+    from covid_cxr.data.options import DataConfig
+    from covid_cxr.imaging.lung_masks import check_lungs, mask_from_file_values
+    from covid_cxr.imaging.phantoms import generate_phantoms, make_phantom_with_masks
+
+    plain = generate_phantoms(tmp_path / "plain", 4, size=64, seed=3)
+    with_masks = generate_phantoms(tmp_path / "masked", 4, size=64, seed=3, masks=True)
+    for a, b in zip(plain, with_masks):  # the same images either way
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    first = with_masks[0]
+    mask = mask_from_file_values(np.asarray(Image.open(first.parent / "masks" / first.name)))
+    truth = make_phantom_with_masks("normal", 64, np.random.default_rng([3, 0, 0]))["lung_mask"]
+    assert np.array_equal(mask, truth) and check_lungs(mask).plausible
+    manifest.build(DataConfig(sources=(("folder", str(tmp_path / "masked")),), out=str(tmp_path / "ds"),
+                              test_per_class=1, val_fraction=0.25, train_size=8, workers=1, progress=False,
+                              dedup=False))
+    rows = pd.read_csv(tmp_path / "ds" / "manifest.csv")
+    assert len(rows) == 8 and (rows["mask_path"] == rows["path"].str.replace("/", "/masks/", n=1)).all()

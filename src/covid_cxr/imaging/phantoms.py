@@ -393,13 +393,15 @@ def make_phantom(label: str, size: int, rng: np.random.Generator) -> tuple[np.nd
     return out["image"], out["lesion_mask"]
 
 
-def generate_phantoms(out_dir: Path, n_per_class: int, size: int = 256, seed: int = 0) -> list[Path]:
+def generate_phantoms(out_dir: Path, n_per_class: int, size: int = 256, seed: int = 0,
+                      masks: bool = False) -> list[Path]:
     """Write a folder of synthetic phantom chest X-rays.
 
     Writes ``out_dir/<label>/synthetic-phantom-<label>-<i:04d>.png`` (8-bit
     grayscale PNG) for every label in :data:`LABELS` and ``i`` in
     ``range(n_per_class)``, plus ``out_dir/README.txt`` stating that the images
-    are synthetic phantoms, not real patients, for research/demo use only.
+    are synthetic phantoms, not real patients, for research/demo use only. With ``masks``, each image's true lung
+    fields also go to ``out_dir/<label>/masks/<same name>`` (white = lung), where a folder source finds lung masks.
     Image ``i`` of a label depends only on ``(seed, label, i)``, so the output is
     deterministic for a seed and a larger ``n_per_class`` only adds images.
 
@@ -409,6 +411,7 @@ def generate_phantoms(out_dir: Path, n_per_class: int, size: int = 256, seed: in
         n_per_class: Number of images per label; at least 1.
         size: Side length in pixels; at least 32.
         seed: Random seed (non-negative integer).
+        masks: also write the lung masks (the images are the same either way).
 
     Returns:
         The written image paths, all ``"normal"`` ones first, each label in index order.
@@ -429,9 +432,13 @@ def generate_phantoms(out_dir: Path, n_per_class: int, size: int = 256, seed: in
         label_dir.mkdir(parents=True, exist_ok=True)
         for i in range(int(n_per_class)):
             rng = np.random.default_rng([int(seed), li, i])
-            image, _ = make_phantom(label, int(size), rng)
+            drawn = make_phantom_with_masks(label, int(size), rng)
             path = label_dir / f"synthetic-phantom-{label}-{i:04d}.png"
-            Image.fromarray(image).save(path, format="PNG")
+            Image.fromarray(drawn["image"]).save(path, format="PNG")
+            if masks:
+                (label_dir / "masks").mkdir(exist_ok=True)
+                Image.fromarray(drawn["lung_mask"].astype(np.uint8) * 255).save(label_dir / "masks" / path.name,
+                                                                                format="PNG")
             paths.append(path)
     readme = README_TEXT.format(labels=", ".join(LABELS), seed=int(seed), size=int(size), n=int(n_per_class))
     (out_dir / "README.txt").write_text(readme, encoding="utf-8")
