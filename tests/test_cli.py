@@ -369,7 +369,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
                  "class_distribution.png"):
         assert (out / "run" / "eval-test" / name).is_file(), name
     assert (out / "run" / "report.html").is_file() and (out / "run" / "audit-test" / "audit.json").is_file()
-    assert len(pd.read_csv(out / "predictions.csv")) == 8
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == 8 and "lung_fields" in predictions.columns  # the model carries the segmenter
+    assert (out / "lungs" / "lungs.pt").is_file() and "[3/7] lung segmenter: Dice" in text
     # a second demo into the same folder starts afresh instead of failing
     assert main(["demo", "--out", str(out), "--per-class", "24", "--epochs", "1", "--image-size", "32",
                  "--no-progress"]) == 0

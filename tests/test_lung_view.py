@@ -193,6 +193,12 @@ def test_a_lung_view_needs_a_segmenter_at_training_and_at_prediction(tiny_run) -
 
     with pytest.raises(ConfigError, match="--lung-view crop needs --lungs"):
         TrainConfig(data="d", out="o", lung_view="crop")
+    # the default ('auto'): the lung view measured best out of source when there is a segmenter, else the whole image
+    from covid_cxr.training.options import DEFAULT_LUNG_VIEW
+
+    assert TrainConfig(data="d", out="o").resolved_lung_view == "none"
+    assert TrainConfig(data="d", out="o", lungs="lungs.pt").resolved_lung_view == DEFAULT_LUNG_VIEW != "none"
+    assert TrainConfig(data="d", out="o", lungs="lungs.pt", lung_view="none").resolved_lung_view == "none"
     plain = load_predictor(tiny_run, "torch", "cpu")
     assert plain.lung_masker() is None and plain.pixels([_phantom()[0]])[1] is None
     meta = plain.meta.replace(preprocess=replace(plain.meta.preprocess, lung_view="crop"))

@@ -1,7 +1,8 @@
 """``covid-cxr demo``: the whole pipeline, offline, on synthetic phantoms.
 
-Generates phantom chest X-rays (synthetic, not patients), then runs the same library
-functions as the real workflow: data build -> train (from scratch) -> evaluate -> predict.
+Generates phantom chest X-rays (synthetic, not patients) with their lung masks, then runs the same library
+functions as the real workflow: data build -> lungs train (the lung segmenter) -> train (from scratch, carrying the
+segmenter, on the default lung view) -> evaluate -> predict -> audit and report.
 """
 
 from __future__ import annotations
@@ -60,20 +61,20 @@ def run(cfg: DemoConfig) -> dict:
     from covid_cxr.evaluation import audit, evaluate, report
     from covid_cxr.evaluation.evaluate import format_summary
     from covid_cxr.evaluation.options import AuditConfig, EvalConfig, ReportConfig
-    from covid_cxr.training import train
-    from covid_cxr.training.options import TrainConfig
+    from covid_cxr.training import lungs, train
+    from covid_cxr.training.options import LungsTrainConfig, TrainConfig
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / "DEMO.txt").exists():
         raise CovidCxrError(f"{out} exists and is not a covid-cxr demo folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    for old in (PHANTOM_SOURCE, "dataset", "run"):  # an earlier demo in this folder: start afresh
+    for old in (PHANTOM_SOURCE, "dataset", "lungs", "run"):  # an earlier demo in this folder: start afresh
         shutil.rmtree(out / old, ignore_errors=True)
     atomic_write(out / "DEMO.txt", "covid-cxr demo output on SYNTHETIC phantoms (not patients). " + DISCLAIMER + "\n")
     t0 = time.perf_counter()
     phantoms = out / PHANTOM_SOURCE
-    generate_phantoms(phantoms, cfg.per_class, size=256, seed=cfg.seed)
-    print(f"[1/6] generated {2 * cfg.per_class} SYNTHETIC phantom X-rays in {phantoms}")
+    generate_phantoms(phantoms, cfg.per_class, size=256, seed=cfg.seed, masks=True)
+    print(f"[1/7] generated {2 * cfg.per_class} SYNTHETIC phantom X-rays in {phantoms}, with their lung masks")
     data_cfg = DataConfig(sources=(("folder", str(phantoms)),), out=str(out / "dataset"),
                           test_per_class=max(4, cfg.per_class // 4), val_fraction=0.15, train_size=2 * cfg.per_class,
                           seed=cfg.seed, progress=cfg.progress,
@@ -81,23 +82,27 @@ def run(cfg: DemoConfig) -> dict:
                           # near-duplicate detector (tuned on real radiographs) can mistake for copies.
                           dedup=False)
     built = manifest.build(data_cfg)
-    print("[2/6] " + manifest.format_report(built, data_cfg.out))
+    print("[2/7] " + manifest.format_report(built, data_cfg.out))
+    lungs_cfg = LungsTrainConfig(data=data_cfg.out, out=str(out / "lungs"), image_size=64, epochs=8, width=8,
+                                 seed=cfg.seed)
+    print("[3/7] " + lungs.format_summary(lungs.run(lungs_cfg)))
     train_cfg = TrainConfig(data=data_cfg.out, out=str(out / "run"), epochs=cfg.epochs, image_size=cfg.image_size,
                             batch_size=32, weights="none", lr=2e-3, warmup_epochs=0.5, patience=0, seed=cfg.seed,
-                            progress=cfg.progress)
+                            progress=cfg.progress, lungs=lungs_cfg.out)
     summary = train.run(train_cfg)
-    print(f"[3/6] trained DenseNet-121 from scratch for {summary['epochs_run']} epochs at {cfg.image_size} px")
+    print(f"[4/7] trained DenseNet-121 from scratch for {summary['epochs_run']} epochs at {cfg.image_size} px on "
+          f"the {train_cfg.resolved_lung_view} lung view (the model carries the segmenter)")
     print(train.format_summary(summary))
     result = evaluate.run(EvalConfig(run=train_cfg.out, split="test", bootstrap=500, seed=cfg.seed))
-    print("[4/6] " + format_summary(result))
+    print("[5/7] " + format_summary(result))
     ds = read_dataset(data_cfg.out)
     sample = ds.rows("test")["path"].head(8).tolist()
     pred_out = out / "predictions.csv"
     pred = predict.run(PredictConfig(run=train_cfg.out, inputs=tuple(sample), out=str(pred_out), progress=False))
-    print(f"[5/6] predicted {len(sample)} test phantoms -> {pred_out} ({pred['summary']})")
+    print(f"[6/7] predicted {len(sample)} test phantoms -> {pred_out} ({pred['summary']})")
     audited = audit.run(AuditConfig(run=train_cfg.out, split="test", bootstrap=200, seed=cfg.seed))
     page = report.run(ReportConfig(run=train_cfg.out, split="test"))
-    print("[6/6] shortcut audit: " + " ".join(audited["verdicts"][:2]))
+    print("[7/7] shortcut audit: " + " ".join(audited["verdicts"][:2]))
     print(f"demo finished in {time.perf_counter() - t0:.0f} s. Report: {page}")
     print("These are SYNTHETIC phantoms: the numbers show the pipeline works, not that it detects COVID-19. "
           + DISCLAIMER)

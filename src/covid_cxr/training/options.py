@@ -11,6 +11,11 @@ from covid_cxr.config import (EXPERIMENT_LOGS, Arch, CommandOptions, Intensity, 
 from covid_cxr.errors import ConfigError
 
 
+DEFAULT_LUNG_VIEW = "crop"
+"""What ``--lung-view auto`` gives a model that carries a segmenter: the lung view that scored best out of source over
+three seeds (benchmarks/crossval.md)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainOptions(CommandOptions):
     """How to train a model (shared by ``train`` and ``crossval``)."""
@@ -28,11 +33,12 @@ class TrainOptions(CommandOptions):
     and lungs predict only, too large to carry) for the model to carry: an image
     whose model pixels show no two plausible lung fields (a lateral film, a CT slice, a document) is out of scope, in
     evaluate, predict and serve alike."""
-    lung_view: Literal["none", "crop", "mask"] = "none"
-    """With --lungs, what the classifier sees: 'none' (the whole image), 'crop' (the lung fields' box with a margin,
-    cut before the resize to --image-size) or 'mask' (that crop, black outside the lungs); stored in the model, so
-    evaluate, predict, serve, Grad-CAM and the ONNX export see the same pixels. An image without two plausible lung
-    fields keeps its whole frame and is out of scope."""
+    lung_view: Literal["auto", "none", "crop", "mask"] = "auto"
+    """What the classifier sees: 'none' (the whole image), 'crop' (the lung fields' box with a margin, cut before the
+    resize to --image-size), 'mask' (that crop, black outside the lungs), or 'auto': crop with --lungs, the whole
+    image without (crop scored best on unseen hospitals, benchmarks/crossval.md). Stored in the model, so evaluate,
+    predict, serve, Grad-CAM and the ONNX export see the same pixels. An image without two plausible lung fields
+    keeps its whole frame and is out of scope."""
     weights: str = "imagenet"
     """'imagenet' (torchvision's cached ImageNet weights), 'none' (from scratch) or a state-dict file: a torchvision
     network of --arch, a covid-cxr checkpoint, or a torchxrayvision DenseNet-121 (chest-X-ray-pretrained)."""
@@ -100,6 +106,13 @@ class TrainOptions(CommandOptions):
     logs: tuple[str, ...] = ()
     """Experiment log beside metrics.jsonl: tensorboard (RUN_DIR/tensorboard) or mlflow (when installed); repeatable."""
 
+    @property
+    def resolved_lung_view(self) -> str:
+        """The lung view this run trains with: ``auto`` is :data:`DEFAULT_LUNG_VIEW` with --lungs, else none."""
+        if self.lung_view == "auto":
+            return DEFAULT_LUNG_VIEW if self.lungs else "none"
+        return self.lung_view
+
     def __post_init__(self) -> None:
         check_positive("epochs", self.epochs)
         unknown = sorted(set(self.logs) - set(EXPERIMENT_LOGS))
@@ -107,7 +120,7 @@ class TrainOptions(CommandOptions):
             raise ConfigError(f"--log {', '.join(unknown)} is not supported; use {' or '.join(EXPERIMENT_LOGS)}")
         if not 32 <= self.image_size <= 1024:
             raise ConfigError("--image-size must be between 32 and 1024")
-        if self.lung_view != "none" and not self.lungs:
+        if self.lung_view not in ("none", "auto") and not self.lungs:
             raise ConfigError(f"--lung-view {self.lung_view} needs --lungs LUNGS (the segmenter that finds the lung "
                               "fields: `covid-cxr lungs train`)")
         check_positive("batch_size", self.batch_size)

@@ -219,7 +219,7 @@ def _run(cfg: TrainConfig, rt: Runtime, run_dir: RunDir) -> dict:
     seed_everything(cfg.seed)
     ds = read_dataset(cfg.data, cfg.source_roots)
     labels, positive = ds.labels, ds.info.positive
-    spec = replace(PreprocessSpec.for_size(cfg.image_size, cfg.intensity, input_scale(cfg)), lung_view=cfg.lung_view)
+    spec = replace(PreprocessSpec.for_size(cfg.image_size, cfg.intensity, input_scale(cfg)), lung_view=cfg.resolved_lung_view)
     options = _training_options(cfg, run_dir)
     train_rows = ds.rows(("train", "test", "unused")) if cfg.all_images else ds.rows("train")
     val_rows = ds.rows("val")
