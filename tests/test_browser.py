@@ -78,7 +78,11 @@ def test_page_predicts_and_shows_heatmap(live_url, browser, tiny_run, tmp_path):
     page.goto(live_url + "/")
     banner = page.locator("#banner")
     assert "Research use only — not a diagnostic device" in banner.inner_text()
-    page.wait_for_function("document.getElementById('model-info').textContent.includes('best.pt')")
+    from playwright.sync_api import expect  # the page's CSP forbids eval: wait with locators, not wait_for_function
+
+    # (wait_for_function evaluates its string in the page: it passed only when the model card had already loaded at
+    # the first check, and failed on a loaded machine)
+    expect(page.locator("#model-info")).to_contain_text("best.pt", timeout=30_000)
     info = page.locator("#model-info").inner_text()
     # provenance: what the model was trained on, and that it is synthetic
     assert "32 px input" in info and "synthetic-phantoms" in info and "SYNTHETIC training data" in info
