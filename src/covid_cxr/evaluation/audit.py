@@ -127,7 +127,8 @@ def predicted_lungs(d, cfg) -> tuple[np.ndarray | None, dict]:
     fallback = sum(not m.check.plausible for m in found)
     method = {"method": "predicted", "segmenter": origin, "images": len(found),
               "implausible_used_rectangle": int(fallback), "mean_area": round(float(masks.mean()), 4)}
-    view = d.predictor.meta.preprocess.lung_view
+    predictor = getattr(d, "predictor", None)  # with --lungs only the pixels are needed
+    view = predictor.meta.preprocess.lung_view if predictor is not None else "none"
     if view != "none":
         method["lung_view"] = (f"the model sees the {view!r} lung view (the lung fields' box): these masks were "
                                "found on that view, so the border outside them is the crop's margin")
