@@ -11,7 +11,7 @@ from covid_cxr.config import (EXPERIMENT_LOGS, Arch, CommandOptions, Intensity, 
 from covid_cxr.errors import ConfigError
 
 
-DEFAULT_LUNG_VIEW = "crop"
+DEFAULT_LUNG_VIEW = "mask"
 """What ``--lung-view auto`` gives a model that carries a segmenter: the lung view that scored best out of source over
 three seeds (benchmarks/crossval.md)."""
 
@@ -35,8 +35,8 @@ class TrainOptions(CommandOptions):
     evaluate, predict and serve alike."""
     lung_view: Literal["auto", "none", "crop", "mask"] = "auto"
     """What the classifier sees: 'none' (the whole image), 'crop' (the lung fields' box with a margin, cut before the
-    resize to --image-size), 'mask' (that crop, black outside the lungs), or 'auto': crop with --lungs, the whole
-    image without (crop scored best on unseen hospitals, benchmarks/crossval.md). Stored in the model, so evaluate,
+    resize to --image-size), 'mask' (that crop, black outside the lungs), or 'auto': mask with --lungs, the whole
+    image without (mask scored best on unseen hospitals, benchmarks/crossval.md). Stored in the model, so evaluate,
     predict, serve, Grad-CAM and the ONNX export see the same pixels. An image without two plausible lung fields
     keeps its whole frame and is out of scope."""
     weights: str = "imagenet"
