@@ -142,10 +142,19 @@ def check_lungs(mask: np.ndarray) -> LungCheck:
     return verdict("two lung fields")
 
 
+def cleaned_masks(probabilities: np.ndarray) -> np.ndarray:
+    """(N, L, L) bool: each P(lung) map thresholded at :data:`MASK_THRESHOLD` and cleaned (:func:`clean_mask`),
+    whichever backend computed the maps."""
+    probabilities = np.asarray(probabilities)
+    if not len(probabilities):
+        return np.zeros(probabilities.shape, bool)
+    return np.stack([clean_mask(p >= MASK_THRESHOLD) for p in probabilities])
+
+
 def lung_checks(probabilities: np.ndarray) -> list[LungCheck]:
     """The plausibility verdict of each P(lung) map (thresholded at :data:`MASK_THRESHOLD`, cleaned): what a model
     that carries the segmenter adds to every prediction, whichever backend computed the maps."""
-    return [check_lungs(clean_mask(p >= MASK_THRESHOLD)) for p in probabilities]
+    return [check_lungs(m) for m in cleaned_masks(probabilities)]
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -20,7 +20,7 @@ from torch import nn
 
 from covid_cxr.errors import CheckpointError
 from covid_cxr.imaging.lung_masks import (LUNG_INPUT_SIZE, MASK_THRESHOLD, LungCheck, check_lungs, clean_mask,
-                                          lung_input, resize_mask)
+                                          cleaned_masks, lung_input, resize_mask)
 from covid_cxr.imaging.pixels import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from covid_cxr.model.meta import ModelMeta
 from covid_cxr.model.networks import LungNet, _torch_load
@@ -194,6 +194,4 @@ class TorchLungMasker:
         self.size = int(net.input_size)
 
     def masks(self, images) -> np.ndarray:
-        probs = lung_probabilities(self.net, list(images), self.size, self.device)
-        return np.stack([clean_mask(p >= MASK_THRESHOLD) for p in probs]) if len(probs) else np.zeros(
-            (0, self.size, self.size), bool)
+        return cleaned_masks(lung_probabilities(self.net, list(images), self.size, self.device))

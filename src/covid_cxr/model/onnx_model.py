@@ -14,7 +14,7 @@ import numpy as np
 
 from covid_cxr.errors import CheckpointError, CovidCxrError
 from covid_cxr.files import default_workers, read_json
-from covid_cxr.imaging.lung_masks import MASK_THRESHOLD, clean_mask, lung_checks, lung_input
+from covid_cxr.imaging.lung_masks import cleaned_masks, lung_checks, lung_input
 from covid_cxr.imaging.pixels import LUNG_BATCH, finish
 from covid_cxr.limits import MAX_MODEL_JSON_BYTES, MAX_ONNX_BYTES, MAX_ORT_MEMORY_BYTES
 from covid_cxr.machine import cpu_features, int8_cpu_note
@@ -236,7 +236,7 @@ class OnnxModel:
         for start in range(0, len(images), LUNG_BATCH):
             lung_x = np.stack([lung_input(img, size) for img in images[start:start + LUNG_BATCH]])[:, None]
             probs = dict(zip(self._outputs, self._run(blank, lung_x)))[OUTPUT_LUNGS]
-            out += [clean_mask(p >= MASK_THRESHOLD) for p in probs]
+            out += list(cleaned_masks(probs))
         return np.stack(out) if out else np.zeros((0, size, size), bool)
 
     def lung_masker(self) -> "_OnnxLungMasker":
